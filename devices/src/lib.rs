@@ -1,0 +1,8 @@
+//! Device models for the microVM: the buses that route guest accesses, the
+//! legacy platform devices (serial console, reset and ACPI power ports) and
+//! the signal devices use to end the VM.
+
+pub mod bus;
+pub mod exit;
+pub mod legacy;
+pub mod serial;

@@ -1,0 +1,277 @@
+//! ACPI tables for a hardware-reduced platform: RSDP, XSDT, FADT, DSDT, MADT.
+//!
+//! Hardware-reduced means no PM timer, no GPE blocks and no legacy PIC: the
+//! guest powers off through the FADT sleep control register and resets
+//! through the FADT reset register, both served by `devices::legacy::AcpiPm`.
+//! Linux drops the 8259 PIC on such platforms, so every legacy IRQ we use
+//! must be routed explicitly with an interrupt source override.
+
+use acpi_tables::{aml, fadt, gas, rsdp::Rsdp, sdt::Sdt, xsdt::XSDT, Aml};
+use devices::legacy::{AcpiPm, SERIAL_COM1_BASE, SERIAL_COM1_IRQ};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::memory::layout;
+
+const OEM_ID: [u8; 6] = *b"MICRVM";
+const OEM_TABLE_ID: [u8; 8] = *b"MICROVM ";
+const OEM_REVISION: u32 = 1;
+
+pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+pub const LAPIC_ADDR: u32 = 0xfee0_0000;
+/// Sleep type value of \_S5 that the sleep control register must receive.
+pub const S5_SLEEP_TYPE: u8 = 5;
+
+/// IA-PC boot architecture flags: no VGA, no CMOS RTC (time comes from kvm-clock).
+const IAPC_BOOT_ARCH_NO_VGA: u16 = 1 << 2;
+const IAPC_BOOT_ARCH_NO_CMOS_RTC: u16 = 1 << 5;
+
+const MADT_LOCAL_APIC: u8 = 0;
+const MADT_IO_APIC: u8 = 1;
+const MADT_INTERRUPT_SOURCE_OVERRIDE: u8 = 2;
+const MADT_ENABLED: u32 = 1;
+/// ISA interrupts: edge triggered, active high.
+const MPS_INTI_EDGE_HIGH: u16 = 0b0101;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    #[error("ACPI tables ({size} bytes) do not fit in the reserved area of {room} bytes")]
+    TooLarge { size: usize, room: u64 },
+    #[error("cannot write ACPI tables into guest memory: {0}")]
+    Write(vm_memory::GuestMemoryError),
+}
+
+/// Writes the tables for `vcpus` CPUs into guest memory; returns the RSDP address.
+pub fn write_tables(memory: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, AcpiError> {
+    let mut writer = TableWriter::new(memory);
+    let rsdp_addr = writer.reserve(Rsdp::len());
+    let dsdt = writer.write(&dsdt())?;
+    let fadt = writer.write(&fadt(dsdt))?;
+    let madt = writer.write(&madt(vcpus))?;
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt);
+    xsdt.add_entry(madt);
+    let xsdt = writer.write(&xsdt)?;
+    writer.write_at(rsdp_addr, &Rsdp::new(OEM_ID, xsdt))?;
+    Ok(GuestAddress(rsdp_addr))
+}
+
+/// Lays tables out one after another in the reserved ACPI area.
+struct TableWriter<'a> {
+    memory: &'a GuestMemoryMmap,
+    next: u64,
+}
+
+impl<'a> TableWriter<'a> {
+    fn new(memory: &'a GuestMemoryMmap) -> Self {
+        TableWriter {
+            memory,
+            next: layout::ACPI_START,
+        }
+    }
+
+    fn reserve(&mut self, len: usize) -> u64 {
+        let addr = self.next;
+        // Tables are 8-byte aligned so 64-bit fields are naturally aligned.
+        self.next = (addr + len as u64 + 7) & !7;
+        addr
+    }
+
+    fn write(&mut self, table: &dyn Aml) -> Result<u64, AcpiError> {
+        let bytes = to_bytes(table);
+        let addr = self.reserve(bytes.len());
+        self.write_bytes(addr, &bytes)?;
+        Ok(addr)
+    }
+
+    fn write_at(&mut self, addr: u64, table: &dyn Aml) -> Result<(), AcpiError> {
+        self.write_bytes(addr, &to_bytes(table))
+    }
+
+    fn write_bytes(&self, addr: u64, bytes: &[u8]) -> Result<(), AcpiError> {
+        let room = layout::ACPI_END - layout::ACPI_START;
+        if addr + bytes.len() as u64 > layout::ACPI_END {
+            return Err(AcpiError::TooLarge {
+                size: (addr - layout::ACPI_START) as usize + bytes.len(),
+                room,
+            });
+        }
+        self.memory
+            .write_slice(bytes, GuestAddress(addr))
+            .map_err(AcpiError::Write)
+    }
+}
+
+fn to_bytes(table: &dyn Aml) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    table.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+fn dsdt() -> Sdt {
+    let s5 = aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE]));
+    // COM1, so kernels with ACPI PNP bind the 8250 with its IRQ from here.
+    let com1_io = aml::IO::new(SERIAL_COM1_BASE, SERIAL_COM1_BASE, 1, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, SERIAL_COM1_IRQ);
+    let com1_resources = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &com1_resources);
+    let com1 = aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]);
+    let mut body = Vec::new();
+    s5.to_aml_bytes(&mut body);
+    com1.to_aml_bytes(&mut body);
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    dsdt.append_slice(&body);
+    dsdt
+}
+
+fn io_register(port: u16) -> gas::GAS {
+    gas::GAS::new(
+        gas::AddressSpace::SystemIo,
+        8,
+        0,
+        gas::AccessSize::ByteAccess,
+        u64::from(port),
+    )
+}
+
+fn fadt(dsdt: u64) -> fadt::FADT {
+    let mut builder = fadt::FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt)
+        .flag(fadt::Flags::HwReducedAcpi)
+        .flag(fadt::Flags::ResetRegSup)
+        .flag(fadt::Flags::PwrButton)
+        .flag(fadt::Flags::SlpButton);
+    builder.iapc_boot_arch = (IAPC_BOOT_ARCH_NO_VGA | IAPC_BOOT_ARCH_NO_CMOS_RTC).into();
+    builder.reset_reg = io_register(AcpiPm::RESET_PORT);
+    builder.reset_value = AcpiPm::RESET_VALUE;
+    builder.sleep_control_reg = io_register(AcpiPm::SLEEP_CONTROL_PORT);
+    builder.sleep_status_reg = io_register(AcpiPm::SLEEP_STATUS_PORT);
+    builder.hypervisor_vendor_identity = u64::from_le_bytes(*b"MICROVM ").into();
+    builder.finalize()
+}
+
+/// The MADT, written by hand: the crate's MADT cannot express interrupt
+/// source overrides, which this platform needs (see the module comment).
+fn madt(vcpus: u8) -> Sdt {
+    let mut madt = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    madt.write_u32(36, LAPIC_ADDR);
+    madt.write_u32(40, 0); // no PCAT_COMPAT: there is no 8259 for the guest to use
+    for id in 0..vcpus {
+        let mut entry = vec![MADT_LOCAL_APIC, 8, id, id];
+        entry.extend_from_slice(&MADT_ENABLED.to_le_bytes());
+        madt.append_slice(&entry);
+    }
+    let mut ioapic = vec![MADT_IO_APIC, 12, 0, 0];
+    ioapic.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
+    ioapic.extend_from_slice(&0u32.to_le_bytes()); // GSI base
+    madt.append_slice(&ioapic);
+    madt.append_slice(&interrupt_source_override(SERIAL_COM1_IRQ));
+    madt
+}
+
+/// Routes ISA IRQ `irq` to the IOAPIC pin of the same number, edge/high.
+fn interrupt_source_override(irq: u32) -> Vec<u8> {
+    let mut iso = vec![MADT_INTERRUPT_SOURCE_OVERRIDE, 10, 0, irq as u8];
+    iso.extend_from_slice(&irq.to_le_bytes()); // GSI == ISA IRQ
+    iso.extend_from_slice(&MPS_INTI_EDGE_HIGH.to_le_bytes());
+    iso
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::GuestRam;
+
+    fn checksum_ok(bytes: &[u8]) -> bool {
+        bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)) == 0
+    }
+
+    fn read_table(memory: &GuestMemoryMmap, addr: u64) -> Vec<u8> {
+        let len: u32 = memory.read_obj(GuestAddress(addr + 4)).unwrap();
+        let mut bytes = vec![0u8; len as usize];
+        memory.read_slice(&mut bytes, GuestAddress(addr)).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn tables_chain_from_rsdp_with_valid_checksums() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let rsdp = write_tables(&ram.memory, 4).unwrap();
+        assert_eq!(rsdp.0, layout::ACPI_START);
+        let mut rsdp_bytes = [0u8; 36];
+        ram.memory.read_slice(&mut rsdp_bytes, rsdp).unwrap();
+        assert_eq!(&rsdp_bytes[..8], b"RSD PTR ");
+        assert!(checksum_ok(&rsdp_bytes[..20]) && checksum_ok(&rsdp_bytes));
+        let xsdt_addr = u64::from_le_bytes(rsdp_bytes[24..32].try_into().unwrap());
+        let xsdt = read_table(&ram.memory, xsdt_addr);
+        assert_eq!(&xsdt[..4], b"XSDT");
+        assert!(checksum_ok(&xsdt));
+        let entries: Vec<u64> = xsdt[36..]
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let signatures: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|&a| {
+                let table = read_table(&ram.memory, a);
+                assert!(checksum_ok(&table), "bad checksum at {a:#x}");
+                table[..4].to_vec()
+            })
+            .collect();
+        assert_eq!(signatures, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
+    }
+
+    #[test]
+    fn madt_lists_every_vcpu_the_ioapic_and_the_serial_override() {
+        let madt = madt(3);
+        let bytes = madt.as_slice();
+        assert!(checksum_ok(bytes));
+        let mut lapics = Vec::new();
+        let mut overrides = Vec::new();
+        let mut ioapics = 0;
+        let mut offset = 44;
+        while offset < bytes.len() {
+            let (kind, len) = (bytes[offset], bytes[offset + 1] as usize);
+            match kind {
+                MADT_LOCAL_APIC => lapics.push(bytes[offset + 3]),
+                MADT_IO_APIC => ioapics += 1,
+                MADT_INTERRUPT_SOURCE_OVERRIDE => overrides.push(bytes[offset + 3]),
+                other => panic!("unexpected MADT entry {other}"),
+            }
+            offset += len;
+        }
+        assert_eq!(lapics, vec![0, 1, 2]);
+        assert_eq!(ioapics, 1);
+        assert_eq!(overrides, vec![SERIAL_COM1_IRQ as u8]);
+    }
+
+    #[test]
+    fn fadt_is_hardware_reduced_with_sleep_and_reset_registers() {
+        let bytes = to_bytes(&fadt(0x1234));
+        assert_eq!(&bytes[..4], b"FACP");
+        assert!(checksum_ok(&bytes));
+        let flags = u32::from_le_bytes(bytes[112..116].try_into().unwrap());
+        assert_ne!(flags & fadt::Flags::HwReducedAcpi as u32, 0);
+        assert_ne!(flags & fadt::Flags::ResetRegSup as u32, 0);
+        // X_DSDT at offset 140.
+        assert_eq!(
+            u64::from_le_bytes(bytes[140..148].try_into().unwrap()),
+            0x1234
+        );
+        // SLEEP_CONTROL_REG (GAS at 244): system I/O at our port.
+        assert_eq!(bytes[244], gas::AddressSpace::SystemIo as u8);
+        let port = u64::from_le_bytes(bytes[248..256].try_into().unwrap());
+        assert_eq!(port, u64::from(AcpiPm::SLEEP_CONTROL_PORT));
+    }
+
+    #[test]
+    fn dsdt_declares_s5_and_com1() {
+        let dsdt = dsdt();
+        let bytes = dsdt.as_slice();
+        assert!(checksum_ok(bytes));
+        let find = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        assert!(find(b"_S5_"));
+        assert!(find(b"COM1"));
+    }
+}

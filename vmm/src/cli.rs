@@ -1,0 +1,132 @@
+//! The `microvm` command line, parsed into a `VmmConfig`.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{
+    self, ConfigError, KernelConfig, MemoryConfig, SerialConfig, VmmConfig, DEFAULT_CMDLINE,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "microvm",
+    version,
+    about = "Boot a Linux guest kernel directly on KVM, without firmware."
+)]
+pub struct Cli {
+    /// Guest kernel: an uncompressed vmlinux (ELF, PVH entry preferred) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+
+    /// Initramfs (cpio, optionally compressed) handed to the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u64,
+
+    /// Guest memory: size=SIZE, with K, M or G suffixes (default 512M).
+    #[arg(long, value_name = "size=SIZE", value_parser = config::parse_memory)]
+    pub memory: Option<MemoryConfig>,
+
+    /// Serial console (COM1): stdout, file=PATH or off.
+    #[arg(long, value_name = "stdout|file=PATH|off", default_value = "stdout", value_parser = config::parse_serial)]
+    pub serial: SerialConfig,
+
+    /// Seccomp filters on the VMM and vCPU threads.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = config::parse_on_off, action = clap::ArgAction::Set)]
+    pub seccomp: bool,
+}
+
+impl Cli {
+    /// The configuration, with the vCPU count checked against our own limit
+    /// (KVM's limit is checked once KVM is open).
+    pub fn into_config(self) -> Result<VmmConfig, ConfigError> {
+        let unlimited = config::HostLimits {
+            max_vcpus: u64::from(config::MAX_VCPUS),
+            memory_bytes: u64::MAX,
+        };
+        Ok(VmmConfig {
+            kernel: KernelConfig {
+                path: self.kernel,
+                initramfs: self.initramfs,
+                cmdline: self.cmdline,
+            },
+            vcpus: config::check_vcpus(self.cpus, &unlimited)?,
+            memory: self.memory.unwrap_or_default(),
+            serial: self.serial,
+            seccomp: self.seccomp,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Size;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("microvm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_are_sensible() {
+        let config = parse(&["--kernel", "/k"]).unwrap().into_config().unwrap();
+        assert_eq!(config.vcpus, 1);
+        assert_eq!(config.memory.size, Size(512 << 20));
+        assert_eq!(config.serial, SerialConfig::Stdout);
+        assert!(config.seccomp);
+        assert_eq!(config.kernel.cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn every_option_is_understood() {
+        let config = parse(&[
+            "--kernel",
+            "/k",
+            "--initramfs",
+            "/i",
+            "--cmdline",
+            "console=ttyS0 x=1",
+            "--cpus",
+            "2",
+            "--memory",
+            "size=1G",
+            "--serial",
+            "file=/tmp/s",
+            "--seccomp",
+            "off",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        assert_eq!(config.vcpus, 2);
+        assert_eq!(config.memory.size, Size(1 << 30));
+        assert_eq!(config.kernel.initramfs, Some("/i".into()));
+        assert_eq!(config.serial, SerialConfig::File("/tmp/s".into()));
+        assert!(!config.seccomp);
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        assert!(parse(&[]).is_err(), "--kernel is required");
+        assert!(parse(&["--kernel", "/k", "--bogus"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--memory", "size=12X"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--cpus", "-1"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--seccomp", "maybe"]).is_err());
+        let zero = parse(&["--kernel", "/k", "--cpus", "0"])
+            .unwrap()
+            .into_config();
+        assert_eq!(zero, Err(ConfigError::NoVcpus));
+        let many = parse(&["--kernel", "/k", "--cpus", "100000"])
+            .unwrap()
+            .into_config();
+        assert!(matches!(many, Err(ConfigError::TooManyVcpus { .. })));
+    }
+}

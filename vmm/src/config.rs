@@ -1,0 +1,385 @@
+//! Plain configuration structs for one microVM, and the parsers for the
+//! small option languages the CLI accepts (`size=512M`, `file=PATH`).
+//!
+//! Nothing here touches KVM or the host: a `VmmConfig` is data, validated
+//! against host limits by `VmmConfig::validate` before anything is built.
+
+use std::path::PathBuf;
+
+/// Smallest guest we agree to build: the kernel image alone is loaded at
+/// 16 MiB and a useful guest needs room above it.
+pub const MIN_MEMORY_BYTES: u64 = 64 << 20;
+/// The x86 kernel truncates its command line at COMMAND_LINE_SIZE (2048,
+/// including the trailing NUL); refuse what it would silently cut.
+pub const MAX_CMDLINE_LEN: usize = 2047;
+/// APIC IDs must fit in the 8-bit xAPIC ID of the MADT entries we emit.
+pub const MAX_VCPUS: u8 = 254;
+
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+pub const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("malformed size '{0}': expected a number with an optional K, M or G suffix")]
+    MalformedSize(String),
+    #[error("malformed memory option '{0}': expected size=SIZE")]
+    MalformedMemory(String),
+    #[error("malformed serial option '{0}': expected stdout, off or file=PATH")]
+    MalformedSerial(String),
+    #[error("malformed seccomp option '{0}': expected on or off")]
+    MalformedSeccomp(String),
+    #[error("--cpus must be at least 1")]
+    NoVcpus,
+    #[error("--cpus {requested} is above the limit of {limit} vCPUs")]
+    TooManyVcpus { requested: u64, limit: u64 },
+    #[error("guest memory {requested} is below the minimum of {minimum}")]
+    MemoryTooSmall { requested: Size, minimum: Size },
+    #[error("guest memory {requested} is more than this host has ({host})")]
+    MemoryTooLarge { requested: Size, host: Size },
+    #[error("guest memory {0} is not a multiple of 4 KiB")]
+    MemoryUnaligned(Size),
+    #[error("kernel command line is {len} bytes; the guest kernel accepts at most {max}")]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("cannot read {what} '{path}': {reason}")]
+    UnreadableFile {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+/// A byte count that prints the way users typed it (512M, 2G).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub u64);
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const UNITS: [(u64, &str); 3] = [(1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
+        for (unit, suffix) in UNITS {
+            if self.0 >= unit && self.0.is_multiple_of(unit) {
+                return write!(f, "{}{}", self.0 / unit, suffix);
+            }
+        }
+        write!(f, "{} bytes", self.0)
+    }
+}
+
+/// Parses `512M`, `2G`, `65536K` or a plain byte count.
+pub fn parse_size(text: &str) -> Result<Size, ConfigError> {
+    let malformed = || ConfigError::MalformedSize(text.to_string());
+    let trimmed = text.trim();
+    let (digits, shift) = match trimmed.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&trimmed[..i], 10),
+        Some((i, 'm' | 'M')) => (&trimmed[..i], 20),
+        Some((i, 'g' | 'G')) => (&trimmed[..i], 30),
+        Some(_) => (trimmed, 0),
+        None => return Err(malformed()),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(malformed());
+    }
+    let value: u64 = digits.parse().map_err(|_| malformed())?;
+    value
+        .checked_mul(1u64 << shift)
+        .map(Size)
+        .ok_or_else(malformed)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryConfig {
+    pub size: Size,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            size: Size(DEFAULT_MEMORY_BYTES),
+        }
+    }
+}
+
+/// Parses the `--memory` option: `size=SIZE` (a bare SIZE is accepted too).
+pub fn parse_memory(text: &str) -> Result<MemoryConfig, ConfigError> {
+    let mut config = MemoryConfig::default();
+    let mut saw_size = false;
+    for item in text.split(',') {
+        match item.split_once('=') {
+            Some(("size", value)) if !saw_size => {
+                config.size = parse_size(value)?;
+                saw_size = true;
+            }
+            None if !saw_size && !item.is_empty() => {
+                config.size = parse_size(item)?;
+                saw_size = true;
+            }
+            _ => return Err(ConfigError::MalformedMemory(text.to_string())),
+        }
+    }
+    if !saw_size {
+        return Err(ConfigError::MalformedMemory(text.to_string()));
+    }
+    Ok(config)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum SerialConfig {
+    #[default]
+    Stdout,
+    File(PathBuf),
+    Off,
+}
+
+pub fn parse_serial(text: &str) -> Result<SerialConfig, ConfigError> {
+    match text {
+        "stdout" => Ok(SerialConfig::Stdout),
+        "off" => Ok(SerialConfig::Off),
+        _ => match text.strip_prefix("file=") {
+            Some(path) if !path.is_empty() => Ok(SerialConfig::File(PathBuf::from(path))),
+            _ => Err(ConfigError::MalformedSerial(text.to_string())),
+        },
+    }
+}
+
+pub fn parse_on_off(text: &str) -> Result<bool, ConfigError> {
+    match text {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(ConfigError::MalformedSeccomp(text.to_string())),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelConfig {
+    pub path: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+}
+
+/// Everything needed to build and run one microVM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmmConfig {
+    pub kernel: KernelConfig,
+    pub vcpus: u8,
+    pub memory: MemoryConfig,
+    pub serial: SerialConfig,
+    pub seccomp: bool,
+}
+
+/// What the host offers, gathered once so validation stays a pure function.
+#[derive(Clone, Copy, Debug)]
+pub struct HostLimits {
+    pub max_vcpus: u64,
+    pub memory_bytes: u64,
+}
+
+impl HostLimits {
+    /// Reads the host's memory from /proc/meminfo; the vCPU limit comes
+    /// from KVM and is filled in by the caller.
+    pub fn probe(max_vcpus: u64) -> HostLimits {
+        HostLimits {
+            max_vcpus,
+            memory_bytes: host_memory_bytes().unwrap_or(u64::MAX),
+        }
+    }
+}
+
+fn host_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Checks a requested vCPU count before it is narrowed to the config's type.
+pub fn check_vcpus(requested: u64, limits: &HostLimits) -> Result<u8, ConfigError> {
+    let limit = limits.max_vcpus.min(u64::from(MAX_VCPUS));
+    match requested {
+        0 => Err(ConfigError::NoVcpus),
+        n if n > limit => Err(ConfigError::TooManyVcpus {
+            requested: n,
+            limit,
+        }),
+        n => Ok(n as u8),
+    }
+}
+
+impl VmmConfig {
+    /// Checks everything that can be checked before touching KVM, so bad
+    /// input fails fast with a message naming the culprit.
+    pub fn validate(&self, limits: &HostLimits) -> Result<(), ConfigError> {
+        check_vcpus(u64::from(self.vcpus), limits)?;
+        let size = self.memory.size;
+        if size.0 < MIN_MEMORY_BYTES {
+            return Err(ConfigError::MemoryTooSmall {
+                requested: size,
+                minimum: Size(MIN_MEMORY_BYTES),
+            });
+        }
+        if !size.0.is_multiple_of(4096) {
+            return Err(ConfigError::MemoryUnaligned(size));
+        }
+        if size.0 > limits.memory_bytes {
+            return Err(ConfigError::MemoryTooLarge {
+                requested: size,
+                host: Size(limits.memory_bytes),
+            });
+        }
+        if self.kernel.cmdline.len() > MAX_CMDLINE_LEN {
+            return Err(ConfigError::CmdlineTooLong {
+                len: self.kernel.cmdline.len(),
+                max: MAX_CMDLINE_LEN,
+            });
+        }
+        check_readable("kernel", &self.kernel.path)?;
+        if let Some(initramfs) = &self.kernel.initramfs {
+            check_readable("initramfs", initramfs)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_readable(what: &'static str, path: &std::path::Path) -> Result<(), ConfigError> {
+    let unreadable = |reason: String| ConfigError::UnreadableFile {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let metadata = std::fs::metadata(path).map_err(|e| unreadable(io_reason(&e)))?;
+    if !metadata.is_file() {
+        return Err(unreadable("not a regular file".to_string()));
+    }
+    std::fs::File::open(path).map_err(|e| unreadable(io_reason(&e)))?;
+    Ok(())
+}
+
+/// The OS error text without Rust's "(os error N)" suffix, for one-line messages.
+fn io_reason(error: &std::io::Error) -> String {
+    let text = error.to_string();
+    match text.find(" (os error") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_accept_suffixes_and_plain_bytes() {
+        assert_eq!(parse_size("512M"), Ok(Size(512 << 20)));
+        assert_eq!(parse_size("2g"), Ok(Size(2 << 30)));
+        assert_eq!(parse_size("64K"), Ok(Size(64 << 10)));
+        assert_eq!(parse_size("4096"), Ok(Size(4096)));
+    }
+
+    #[test]
+    fn malformed_sizes_are_refused() {
+        for bad in ["", "M", "12X", "-1M", "1.5G", "99999999999999999999G", " "] {
+            assert!(
+                matches!(parse_size(bad), Err(ConfigError::MalformedSize(_))),
+                "{bad:?} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn memory_option_forms() {
+        assert_eq!(parse_memory("size=1G").unwrap().size, Size(1 << 30));
+        assert_eq!(parse_memory("256M").unwrap().size, Size(256 << 20));
+        assert!(parse_memory("size=").is_err());
+        assert!(parse_memory("bogus=1").is_err());
+        assert!(parse_memory("size=1G,size=2G").is_err());
+        assert!(parse_memory("").is_err());
+    }
+
+    #[test]
+    fn serial_option_forms() {
+        assert_eq!(parse_serial("stdout"), Ok(SerialConfig::Stdout));
+        assert_eq!(parse_serial("off"), Ok(SerialConfig::Off));
+        assert_eq!(
+            parse_serial("file=/tmp/x"),
+            Ok(SerialConfig::File("/tmp/x".into()))
+        );
+        assert!(parse_serial("file=").is_err());
+        assert!(parse_serial("tty").is_err());
+    }
+
+    #[test]
+    fn size_prints_in_largest_whole_unit() {
+        assert_eq!(Size(512 << 20).to_string(), "512M");
+        assert_eq!(Size(3 << 30).to_string(), "3G");
+        assert_eq!(Size(1000).to_string(), "1000 bytes");
+    }
+
+    fn config_with(vcpus: u8, memory: u64, kernel: &str) -> VmmConfig {
+        VmmConfig {
+            kernel: KernelConfig {
+                path: kernel.into(),
+                initramfs: None,
+                cmdline: DEFAULT_CMDLINE.to_string(),
+            },
+            vcpus,
+            memory: MemoryConfig { size: Size(memory) },
+            serial: SerialConfig::Stdout,
+            seccomp: true,
+        }
+    }
+
+    const LIMITS: HostLimits = HostLimits {
+        max_vcpus: 8,
+        memory_bytes: 1 << 30,
+    };
+
+    #[test]
+    fn validation_names_the_bad_input() {
+        // /proc/self/exe is always a readable regular file.
+        let exe = "/proc/self/exe";
+        assert_eq!(
+            config_with(0, 256 << 20, exe).validate(&LIMITS),
+            Err(ConfigError::NoVcpus)
+        );
+        assert!(matches!(
+            config_with(9, 256 << 20, exe).validate(&LIMITS),
+            Err(ConfigError::TooManyVcpus { limit: 8, .. })
+        ));
+        assert!(matches!(
+            config_with(1, 1 << 20, exe).validate(&LIMITS),
+            Err(ConfigError::MemoryTooSmall { .. })
+        ));
+        assert!(matches!(
+            config_with(1, 2 << 30, exe).validate(&LIMITS),
+            Err(ConfigError::MemoryTooLarge { .. })
+        ));
+        assert!(matches!(
+            config_with(1, (256 << 20) + 1, exe).validate(&LIMITS),
+            Err(ConfigError::MemoryUnaligned(_))
+        ));
+        assert!(matches!(
+            config_with(1, 256 << 20, "/nonexistent").validate(&LIMITS),
+            Err(ConfigError::UnreadableFile { what: "kernel", .. })
+        ));
+        assert!(matches!(
+            config_with(1, 256 << 20, "/").validate(&LIMITS),
+            Err(ConfigError::UnreadableFile { .. })
+        ));
+        let mut long = config_with(1, 256 << 20, exe);
+        long.kernel.cmdline = "x".repeat(MAX_CMDLINE_LEN + 1);
+        assert!(matches!(
+            long.validate(&LIMITS),
+            Err(ConfigError::CmdlineTooLong { .. })
+        ));
+        assert_eq!(config_with(2, 256 << 20, exe).validate(&LIMITS), Ok(()));
+    }
+
+    #[test]
+    fn unreadable_file_message_is_one_line() {
+        let error = config_with(1, 256 << 20, "/nonexistent")
+            .validate(&LIMITS)
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "cannot read kernel '/nonexistent': No such file or directory"
+        );
+    }
+}

@@ -1,0 +1,59 @@
+//! `microvm`: the launcher. Parses the command line, runs the VM, and turns
+//! the outcome into an exit status with a one-line reason on failure.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::cli::Cli;
+use vmm::GuestExit;
+
+/// Exit statuses: 0 the guest powered off or reset; 1 the VM failed;
+/// 2 the command line or configuration was refused.
+const EXIT_VM_FAILED: u8 = 1;
+const EXIT_BAD_INPUT: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!(
+                "microvm: {} (see microvm --help)",
+                first_line(&e.to_string())
+            );
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let config = match cli.into_config() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("microvm: {e}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    match vmm::run(&config) {
+        Ok(GuestExit::PowerOff) => ExitCode::SUCCESS,
+        Ok(GuestExit::Reset) => {
+            eprintln!("microvm: guest requested a reset; the microVM ends");
+            ExitCode::SUCCESS
+        }
+        Err(vmm::VmmError::Config(e)) => {
+            eprintln!("microvm: {e}");
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+        Err(e) => {
+            eprintln!("microvm: {e}");
+            ExitCode::from(EXIT_VM_FAILED)
+        }
+    }
+}
+
+/// clap's errors span several lines (usage, tips); keep the one that says what is wrong.
+fn first_line(message: &str) -> &str {
+    let line = message.lines().next().unwrap_or(message);
+    line.strip_prefix("error: ").unwrap_or(line).trim()
+}

@@ -1,0 +1,174 @@
+//! Guest physical memory: where RAM sits in the guest's address space, and
+//! the host memory behind it.
+//!
+//! All RAM comes from one memfd mapped MAP_SHARED. vhost-vdpa devices that map
+//! by virtual address (VDUSE) can only reach file-backed shared memory, and a
+//! single file lets later features (hotplug, hole punching) work on offsets.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+/// 32-bit device MMIO lives in [3 GiB, 4 GiB): IOAPIC, LAPIC and, later, PCI BARs.
+pub const MMIO_HOLE_START: u64 = 3 << 30;
+pub const MMIO_HOLE_END: u64 = 4 << 30;
+
+/// Fixed guest-physical addresses of the boot structures, all in the first
+/// MiB, which the e820 map reports as RAM (below EBDA) or reserved.
+pub mod layout {
+    /// Global descriptor table used to enter protected or long mode.
+    pub const GDT: u64 = 0x500;
+    /// An empty interrupt descriptor table.
+    pub const IDT: u64 = 0x520;
+    /// PVH `hvm_start_info`, followed by its memory map and module list.
+    pub const PVH_START_INFO: u64 = 0x6000;
+    pub const PVH_MODLIST: u64 = 0x6040;
+    pub const PVH_MEMMAP: u64 = 0x6100;
+    /// Linux boot protocol "zero page" (struct boot_params).
+    pub const ZERO_PAGE: u64 = 0x7000;
+    /// Stack for the 64-bit Linux boot entry.
+    pub const BOOT_STACK: u64 = 0x8ff0;
+    /// Identity page tables for the 64-bit entry: PML4, PDPT, 4 PDs (4 GiB).
+    pub const PML4: u64 = 0x9000;
+    pub const PDPT: u64 = 0xa000;
+    pub const PD: u64 = 0xb000;
+    /// Kernel command line (x86 COMMAND_LINE_SIZE is 2048).
+    pub const CMDLINE: u64 = 0x2_0000;
+    pub const CMDLINE_MAX: usize = 0x800;
+    /// Extended BIOS data area onwards is not RAM for the guest.
+    pub const EBDA_START: u64 = 0x9_fc00;
+    /// ACPI tables live here; the RSDP first, where a legacy scan finds it.
+    pub const ACPI_START: u64 = 0xe_0000;
+    pub const ACPI_END: u64 = 0x10_0000;
+    /// Kernels are loaded at or above 1 MiB ("high memory").
+    pub const HIMEM_START: u64 = 0x10_0000;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot create the guest memory file (memfd): {0}")]
+    Memfd(std::io::Error),
+    #[error("cannot size the guest memory file to {size} bytes: {source}")]
+    Resize { size: u64, source: std::io::Error },
+    #[error("cannot map guest memory: {0}")]
+    Map(vm_memory::mmap::FromRangesError),
+}
+
+/// One contiguous range of guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRange {
+    pub start: u64,
+    pub size: u64,
+}
+
+impl RamRange {
+    pub fn end(&self) -> u64 {
+        self.start + self.size
+    }
+}
+
+/// Splits `size` bytes of RAM around the MMIO hole below 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<RamRange> {
+    let low = size.min(MMIO_HOLE_START);
+    let mut ranges = vec![RamRange {
+        start: 0,
+        size: low,
+    }];
+    if size > low {
+        ranges.push(RamRange {
+            start: MMIO_HOLE_END,
+            size: size - low,
+        });
+    }
+    ranges
+}
+
+/// Guest memory and the file behind it.
+pub struct GuestRam {
+    pub memory: GuestMemoryMmap,
+    pub ranges: Vec<RamRange>,
+}
+
+impl GuestRam {
+    /// Creates `size` bytes of guest RAM, backed by one shared memfd.
+    pub fn new(size: u64) -> Result<GuestRam, MemoryError> {
+        let file = create_memfd("microvm-guest-ram")?;
+        file.set_len(size)
+            .map_err(|source| MemoryError::Resize { size, source })?;
+        let ranges = ram_ranges(size);
+        let mut offset = 0;
+        let mut regions = Vec::with_capacity(ranges.len());
+        for range in &ranges {
+            let file = file.try_clone().map_err(MemoryError::Memfd)?;
+            regions.push((
+                GuestAddress(range.start),
+                range.size as usize,
+                Some(FileOffset::new(file, offset)),
+            ));
+            offset += range.size;
+        }
+        let memory = GuestMemoryMmap::from_ranges_with_files(regions).map_err(MemoryError::Map)?;
+        Ok(GuestRam { memory, ranges })
+    }
+
+    /// The highest RAM address below the MMIO hole, exclusive.
+    pub fn low_ram_end(&self) -> u64 {
+        self.ranges[0].end()
+    }
+}
+
+fn create_memfd(name: &str) -> Result<File, MemoryError> {
+    let name = std::ffi::CString::new(name).expect("static name has no NUL");
+    // SAFETY: `name` is a valid NUL-terminated string that outlives the call;
+    // memfd_create has no other memory arguments.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    #[test]
+    fn small_memory_is_one_low_range() {
+        assert_eq!(
+            ram_ranges(512 << 20),
+            vec![RamRange {
+                start: 0,
+                size: 512 << 20
+            }]
+        );
+    }
+
+    #[test]
+    fn large_memory_skips_the_mmio_hole() {
+        let ranges = ram_ranges(5 << 30);
+        assert_eq!(ranges.len(), 2);
+        assert_eq!(ranges[0].end(), MMIO_HOLE_START);
+        assert_eq!(ranges[1].start, MMIO_HOLE_END);
+        assert_eq!(ranges[0].size + ranges[1].size, 5 << 30);
+    }
+
+    #[test]
+    fn guest_ram_is_shared_file_memory() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        ram.memory
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        let value: u32 = ram.memory.read_obj(GuestAddress(0x1000)).unwrap();
+        assert_eq!(value, 0xdead_beef);
+        let region = ram.memory.iter().next().unwrap();
+        assert!(region.file_offset().is_some(), "RAM must be file-backed");
+        assert_eq!(
+            region.flags() & libc::MAP_SHARED,
+            libc::MAP_SHARED,
+            "RAM must be mapped shared"
+        );
+    }
+}

@@ -1,0 +1,266 @@
+//! Seccomp filters, one per thread kind, kept as data: the syscalls each
+//! thread needs once the VM is built. Anything else traps; the SIGSYS
+//! handler names the syscall on stderr and ends the VMM.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// Exit status when a thread makes a syscall outside its filter (128 + SIGSYS).
+pub const SECCOMP_EXIT_STATUS: i32 = 128 + libc::SIGSYS;
+
+const KVM_RUN: u64 = 0xae80;
+const TCGETS: u64 = 0x5401;
+const TCSETS: u64 = 0x5402;
+const TIOCGWINSZ: u64 = 0x5413;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// The VMM thread: event loop, stdin, terminal.
+    Vmm,
+    /// A vCPU thread: KVM_RUN and device emulation.
+    Vcpu,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("cannot build the {0:?} seccomp filter: {1}")]
+    Build(ThreadKind, String),
+    #[error("cannot install the seccomp filter: {0}")]
+    Install(seccompiler::Error),
+    #[error("cannot install the SIGSYS handler: {0}")]
+    Handler(std::io::Error),
+}
+
+/// Syscalls every thread needs: memory, locks, signals, exit, time, I/O on
+/// descriptors it already holds.
+const COMMON: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_close,
+    libc::SYS_futex,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_sched_yield,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_getrandom,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_restart_syscall,
+    // abort() on a panic: raise SIGABRT on ourselves.
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_tgkill,
+];
+
+const VMM_ONLY: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+];
+
+fn ioctl_rules(kind: ThreadKind) -> Vec<u64> {
+    match kind {
+        ThreadKind::Vmm => vec![TCGETS, TCSETS, TIOCGWINSZ],
+        ThreadKind::Vcpu => vec![KVM_RUN],
+    }
+}
+
+/// Compiles the filter for one kind of thread.
+pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    let error = |e: &dyn std::fmt::Display| SeccompError::Build(kind, e.to_string());
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    let extra: &[i64] = match kind {
+        ThreadKind::Vmm => VMM_ONLY,
+        ThreadKind::Vcpu => &[],
+    };
+    for &syscall in COMMON.iter().chain(extra) {
+        rules.insert(syscall, vec![]);
+    }
+    let ioctls = ioctl_rules(kind)
+        .into_iter()
+        .map(|request| {
+            SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
+                .and_then(|condition| SeccompRule::new(vec![condition]))
+                .map_err(|e| error(&e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_ioctl, ioctls);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| error(&e))?;
+    BpfProgram::try_from(filter).map_err(|e| error(&e))
+}
+
+/// Installs `program` on the calling thread only.
+pub fn apply(program: &BpfProgram) -> Result<(), SeccompError> {
+    seccompiler::apply_filter(program).map_err(SeccompError::Install)
+}
+
+/// Offset of `si_syscall` in the SIGSYS siginfo on x86_64: after signo,
+/// errno, code, padding (16 bytes) and the faulting address (8 bytes).
+const SI_SYSCALL_OFFSET: usize = 24;
+
+extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SIGSYS delivered by
+    // seccomp's Trap action; si_syscall is an int at this fixed offset.
+    let syscall = unsafe {
+        std::ptr::read_unaligned((info as *const u8).add(SI_SYSCALL_OFFSET) as *const i32)
+    };
+    // Only async-signal-safe work here: format into a stack buffer, write, exit.
+    let mut message = *b"microvm: seccomp refused syscall           \n";
+    let mut digits = [0u8; 10];
+    let mut n = syscall.unsigned_abs();
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 || len == digits.len() {
+            break;
+        }
+    }
+    let start = b"microvm: seccomp refused syscall ".len();
+    for i in 0..len {
+        message[start + i] = digits[len - 1 - i];
+    }
+    message[start + len] = b'\n';
+    // SAFETY: write(2) and _exit(2) are async-signal-safe and allowed by
+    // every filter; the buffer is valid for the given length.
+    unsafe {
+        libc::write(2, message.as_ptr() as *const libc::c_void, start + len + 1);
+        libc::_exit(SECCOMP_EXIT_STATUS);
+    }
+}
+
+/// Routes SIGSYS to a handler that reports the refused syscall.
+pub fn install_sigsys_handler() -> Result<(), SeccompError> {
+    // SAFETY: a zeroed sigaction is a valid starting point; we fill in the
+    // handler and flags before passing it to sigaction(2), and the handler
+    // is an extern "C" function with the SA_SIGINFO signature.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigsys as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        if libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) != 0 {
+            return Err(SeccompError::Handler(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `body` in a forked child under `kind`'s filter; returns the
+    /// child's wait status and what it wrote to the pipe.
+    fn in_filtered_child(kind: ThreadKind, body: fn(libc::c_int)) -> (libc::c_int, Vec<u8>) {
+        let program = filter(kind).unwrap();
+        let mut fds = [0; 2];
+        // SAFETY: fds has room for the two descriptors pipe(2) returns.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the child only calls async-signal-safe functions (prctl,
+        // seccomp via apply_filter's syscalls, write, socket, _exit) before
+        // exiting; the program was compiled before forking.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: in the child; see above.
+            unsafe {
+                libc::close(fds[0]);
+                if apply(&program).is_err() {
+                    libc::_exit(100);
+                }
+                body(fds[1]);
+                libc::_exit(0);
+            }
+        }
+        // SAFETY: closing our copy of the write end, then waiting for our child.
+        let mut status = 0;
+        unsafe {
+            libc::close(fds[1]);
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+        }
+        let mut output = vec![0u8; 64];
+        // SAFETY: output is a valid buffer of the length given.
+        let n = unsafe { libc::read(fds[0], output.as_mut_ptr() as *mut libc::c_void, 64) };
+        output.truncate(n.max(0) as usize);
+        // SAFETY: closing the read end we own.
+        unsafe { libc::close(fds[0]) };
+        (status, output)
+    }
+
+    fn write_then_open_socket(fd: libc::c_int) {
+        // SAFETY: writing a static buffer to a pipe we own, then a plain
+        // socket(2) call with no pointers.
+        unsafe {
+            libc::write(fd, b"alive".as_ptr() as *const libc::c_void, 5);
+            libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        }
+    }
+
+    fn terminal_ioctl(fd: libc::c_int) {
+        let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid pointer to a winsize; the descriptor is a pipe,
+        // so the kernel answers ENOTTY if the filter lets the call through.
+        unsafe {
+            libc::write(fd, b"alive".as_ptr() as *const libc::c_void, 5);
+            libc::ioctl(fd, libc::TIOCGWINSZ, &mut size);
+        }
+    }
+
+    fn assert_killed_by_sigsys(status: libc::c_int) {
+        assert!(
+            libc::WIFSIGNALED(status),
+            "child was not killed: status {status:#x}"
+        );
+        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+    }
+
+    #[test]
+    fn a_syscall_outside_the_vcpu_filter_is_refused() {
+        let (status, output) = in_filtered_child(ThreadKind::Vcpu, write_then_open_socket);
+        assert_eq!(output, b"alive", "allowed syscalls must still work");
+        assert_killed_by_sigsys(status);
+    }
+
+    #[test]
+    fn a_syscall_outside_the_vmm_filter_is_refused() {
+        let (status, output) = in_filtered_child(ThreadKind::Vmm, write_then_open_socket);
+        assert_eq!(output, b"alive");
+        assert_killed_by_sigsys(status);
+    }
+
+    #[test]
+    fn vcpu_threads_may_not_issue_terminal_ioctls() {
+        let (status, _) = in_filtered_child(ThreadKind::Vcpu, terminal_ioctl);
+        assert_killed_by_sigsys(status);
+    }
+
+    #[test]
+    fn the_vmm_thread_may_query_the_terminal() {
+        let (status, output) = in_filtered_child(ThreadKind::Vmm, terminal_ioctl);
+        assert_eq!(output, b"alive");
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status:#x}"
+        );
+    }
+}

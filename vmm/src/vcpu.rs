@@ -1,0 +1,302 @@
+//! vCPUs: creation and boot-time register state, and the run loop that
+//! serves their exits on a thread of their own.
+
+use std::sync::Arc;
+
+use devices::bus::Bus;
+use devices::exit::{ExitReason, ExitSignal};
+use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestMemoryMmap;
+
+use crate::boot::BootEntry;
+use crate::cpuid::{self, CpuidOptions};
+use crate::regs;
+use crate::vm::Vm;
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+/// MTRRs enabled, default memory type write-back.
+const MTRR_ENABLE_WRITE_BACK: u64 = (1 << 11) | 6;
+
+/// Local APIC LVT registers and delivery modes.
+const APIC_LVT_LINT0: usize = 0x350;
+const APIC_LVT_LINT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {id}: {source}")]
+    Create { id: u8, source: kvm_ioctls::Error },
+    #[error("cannot read KVM's supported CPUID: {0}")]
+    SupportedCpuid(kvm_ioctls::Error),
+    #[error("vCPU {id}: {source}")]
+    Cpuid { id: u8, source: cpuid::CpuidError },
+    #[error("vCPU {id}: cannot set {what}: {source}")]
+    Set {
+        id: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {id}: KVM accepted only {set} of {wanted} boot MSRs")]
+    PartialMsrs { id: u8, set: usize, wanted: usize },
+    #[error("vCPU {id}: {source}")]
+    Regs { id: u8, source: regs::RegsError },
+}
+
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` of `count` and gives it the state every CPU has at
+    /// power-on; only the boot CPU gets the kernel entry state (`boot`).
+    pub fn new(
+        vm: &Vm,
+        memory: &GuestMemoryMmap,
+        id: u8,
+        count: u8,
+        boot: Option<&BootEntry>,
+    ) -> Result<Vcpu, VcpuError> {
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(|source| VcpuError::Create { id, source })?;
+        let set = |what: &'static str| move |source| VcpuError::Set { id, what, source };
+
+        let mut cpuid = vm
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VcpuError::SupportedCpuid)?;
+        let options = CpuidOptions {
+            vcpu_id: id,
+            vcpu_count: count,
+            tsc_deadline: vm.supports_tsc_deadline(),
+        };
+        cpuid::patch(&mut cpuid, options).map_err(|source| VcpuError::Cpuid { id, source })?;
+        fd.set_cpuid2(&cpuid).map_err(set("CPUID"))?;
+
+        set_boot_msrs(&fd, id)?;
+        fd.set_fpu(&regs::boot_fpu()).map_err(set("FPU state"))?;
+        set_lint(&fd).map_err(set("local APIC"))?;
+
+        if let Some(boot) = boot {
+            let sregs = fd.get_sregs().map_err(set("special registers"))?;
+            let sregs = regs::boot_sregs(memory, boot, sregs)
+                .map_err(|source| VcpuError::Regs { id, source })?;
+            fd.set_sregs(&sregs).map_err(set("special registers"))?;
+            fd.set_regs(&regs::boot_regs(boot))
+                .map_err(set("registers"))?;
+        }
+        Ok(Vcpu { id, fd })
+    }
+
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// Runs the vCPU until the VM ends. Device accesses go to the buses;
+    /// anything that ends the VM is reported through `exit`.
+    pub fn run(mut self, io_bus: Arc<Bus>, mmio_bus: Arc<Bus>, exit: ExitSignal) {
+        loop {
+            let reason = match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    io_bus.read(u64::from(port), data);
+                    continue;
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    io_bus.write(u64::from(port), data);
+                    continue;
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    mmio_bus.read(addr, data);
+                    continue;
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    mmio_bus.write(addr, data);
+                    continue;
+                }
+                // With the in-kernel LAPIC, HLT is handled by KVM; an exit
+                // here is spurious, and an interrupt window needs nothing.
+                Ok(VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr) => continue,
+                Ok(VcpuExit::Shutdown) => ExitReason::Reset, // triple fault
+                Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => ExitReason::PowerOff,
+                Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => ExitReason::Reset,
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    ExitReason::Error(format!("vCPU {}: guest system event {kind}", self.id))
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => ExitReason::Error(format!(
+                    "vCPU {}: KVM could not enter the guest (hardware reason {reason:#x} on host CPU {cpu})",
+                    self.id
+                )),
+                Ok(VcpuExit::InternalError) => ExitReason::Error(format!(
+                    "vCPU {}: KVM internal error at rip {}",
+                    self.id,
+                    self.rip()
+                )),
+                Ok(other) => {
+                    let exit = format!("{other:?}");
+                    ExitReason::Error(format!(
+                        "vCPU {}: unhandled exit {exit} at rip {}",
+                        self.id,
+                        self.rip()
+                    ))
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => ExitReason::Error(format!("vCPU {}: KVM_RUN failed: {e}", self.id)),
+            };
+            exit.request(reason);
+            return;
+        }
+    }
+
+    fn rip(&self) -> String {
+        match self.fd.get_regs() {
+            Ok(regs) => format!("{:#x}", regs.rip),
+            Err(_) => "unknown".to_string(),
+        }
+    }
+}
+
+fn set_boot_msrs(fd: &VcpuFd, id: u8) -> Result<(), VcpuError> {
+    let entry = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    let entries = [
+        entry(MSR_IA32_SYSENTER_CS, 0),
+        entry(MSR_IA32_SYSENTER_ESP, 0),
+        entry(MSR_IA32_SYSENTER_EIP, 0),
+        entry(MSR_STAR, 0),
+        entry(MSR_CSTAR, 0),
+        entry(MSR_KERNEL_GS_BASE, 0),
+        entry(MSR_SYSCALL_MASK, 0),
+        entry(MSR_LSTAR, 0),
+        entry(MSR_IA32_TSC, 0),
+        entry(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        entry(MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITE_BACK),
+    ];
+    let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::PartialMsrs {
+        id,
+        set: 0,
+        wanted: entries.len(),
+    })?;
+    let set = fd.set_msrs(&msrs).map_err(|source| VcpuError::Set {
+        id,
+        what: "MSRs",
+        source,
+    })?;
+    if set != entries.len() {
+        return Err(VcpuError::PartialMsrs {
+            id,
+            set,
+            wanted: entries.len(),
+        });
+    }
+    Ok(())
+}
+
+/// LINT0 delivers ExtINT and LINT1 NMI, as firmware leaves them.
+fn set_lint(fd: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
+    let mut lapic = fd.get_lapic()?;
+    for (offset, mode) in [
+        (APIC_LVT_LINT0, APIC_MODE_EXTINT),
+        (APIC_LVT_LINT1, APIC_MODE_NMI),
+    ] {
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i] as u8);
+        let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+        for (i, byte) in value.to_le_bytes().iter().enumerate() {
+            lapic.regs[offset + i] = *byte as _;
+        }
+    }
+    fd.set_lapic(&lapic)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::BootProtocol;
+    use crate::memory::{layout, GuestRam};
+    use devices::bus::BusDevice;
+    use devices::legacy::AcpiPm;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[derive(Default)]
+    struct Recorder(Vec<u8>);
+
+    impl BusDevice for Recorder {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write(&mut self, _offset: u64, data: &[u8]) {
+            self.0.extend_from_slice(data);
+        }
+    }
+
+    /// 32-bit code: write "OK" to port 0x3f8, then S5|SLP_EN to the ACPI
+    /// sleep control register, then halt.
+    const GUEST_CODE: &[u8] = &[
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'O', 0xee, // mov al, 'O'; out dx, al
+        0xb0, b'K', 0xee, // mov al, 'K'; out dx, al
+        0x66, 0xba, 0xc0, 0x03, // mov dx, 0x3c0
+        0xb0, 0x34, 0xee, // mov al, (5 << 2) | 0x20; out dx, al
+        0xf4, // hlt
+    ];
+
+    #[test]
+    fn a_tiny_guest_runs_through_the_pvh_entry_and_powers_off() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let vm = Vm::new(Vm::open_kvm().unwrap()).unwrap();
+        vm.register_memory(&ram).unwrap();
+        let entry = GuestAddress(layout::HIMEM_START);
+        ram.memory.write_slice(GUEST_CODE, entry).unwrap();
+        let boot = BootEntry {
+            entry,
+            protocol: BootProtocol::Pvh {
+                start_info: GuestAddress(layout::PVH_START_INFO),
+            },
+        };
+        let vcpu = Vcpu::new(&vm, &ram.memory, 0, 1, Some(&boot)).unwrap();
+
+        let exit = ExitSignal::new().unwrap();
+        let console = Arc::new(Mutex::new(Recorder::default()));
+        let mut io_bus = Bus::new();
+        io_bus.insert(0x3f8, 8, console.clone()).unwrap();
+        io_bus
+            .insert(
+                u64::from(AcpiPm::BASE),
+                AcpiPm::LEN,
+                Arc::new(Mutex::new(AcpiPm::new(exit.clone(), 5))),
+            )
+            .unwrap();
+        let (io_bus, mmio_bus) = (Arc::new(io_bus), Arc::new(Bus::new()));
+        let signal = exit.clone();
+        std::thread::spawn(move || vcpu.run(io_bus, mmio_bus, signal));
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while exit.reason().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(exit.reason(), Some(ExitReason::PowerOff));
+        assert_eq!(console.lock().unwrap().0, b"OK");
+    }
+}
