@@ -2,7 +2,7 @@
 //! owns the address.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device reachable on a bus. Offsets are relative to the device's base.
 pub trait BusDevice: Send {
@@ -18,12 +18,14 @@ pub enum BusError {
     Empty(u64),
 }
 
-type SharedDevice = Arc<Mutex<dyn BusDevice>>;
+pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
-#[derive(Default, Clone)]
+/// Devices by base address; each entry holds (length, device). The map is
+/// behind a lock so devices (PCI BARs) can move while vCPUs run; the lock is
+/// never held while a device is called, so a device may move itself.
+#[derive(Default)]
 pub struct Bus {
-    /// Keyed by base address; each entry holds (length, device).
-    devices: BTreeMap<u64, (u64, SharedDevice)>,
+    devices: RwLock<BTreeMap<u64, (u64, SharedDevice)>>,
 }
 
 impl Bus {
@@ -31,26 +33,33 @@ impl Bus {
         Bus::default()
     }
 
-    pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
+    pub fn insert(&self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
         let end = base
             .checked_add(len)
             .filter(|_| len > 0)
             .ok_or(BusError::Empty(base))?;
-        let overlaps_previous = self
-            .devices
+        let mut devices = self.devices.write().unwrap_or_else(|p| p.into_inner());
+        let overlaps_previous = devices
             .range(..end)
             .next_back()
             .is_some_and(|(&b, &(l, _))| b + l > base);
         if overlaps_previous {
             return Err(BusError::Overlap { base, end });
         }
-        self.devices.insert(base, (len, device));
+        devices.insert(base, (len, device));
         Ok(())
     }
 
-    fn resolve(&self, addr: u64) -> Option<(u64, &SharedDevice)> {
-        let (&base, (len, device)) = self.devices.range(..=addr).next_back()?;
-        (addr - base < *len).then_some((addr - base, device))
+    /// Removes the device at exactly `base`; returns whether one was there.
+    pub fn remove(&self, base: u64) -> bool {
+        let mut devices = self.devices.write().unwrap_or_else(|p| p.into_inner());
+        devices.remove(&base).is_some()
+    }
+
+    fn resolve(&self, addr: u64) -> Option<(u64, SharedDevice)> {
+        let devices = self.devices.read().unwrap_or_else(|p| p.into_inner());
+        let (&base, (len, device)) = devices.range(..=addr).next_back()?;
+        (addr - base < *len).then(|| (addr - base, device.clone()))
     }
 
     /// Reads from the device at `addr`; unclaimed addresses read as all ones,
@@ -58,7 +67,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr) {
             Some((offset, device)) => {
-                lock(device).read(offset, data);
+                lock(&device).read(offset, data);
                 true
             }
             None => {
@@ -72,7 +81,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr) {
             Some((offset, device)) => {
-                lock(device).write(offset, data);
+                lock(&device).write(offset, data);
                 true
             }
             None => false,
@@ -109,7 +118,7 @@ mod tests {
     #[test]
     fn accesses_reach_the_owning_device_at_its_offset() {
         let device = Arc::new(Mutex::new(Recorder::default()));
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(0x3f8, 8, device.clone()).unwrap();
         let mut data = [0u8; 1];
         assert!(bus.read(0x3fd, &mut data));
@@ -129,7 +138,7 @@ mod tests {
 
     #[test]
     fn overlapping_and_empty_ranges_are_refused() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(0x60, 5, Arc::new(Mutex::new(Recorder::default())))
             .unwrap();
         assert!(matches!(

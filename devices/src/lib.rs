@@ -4,5 +4,7 @@
 
 pub mod bus;
 pub mod exit;
+pub mod interrupt;
 pub mod legacy;
+pub mod pci;
 pub mod serial;

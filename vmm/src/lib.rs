@@ -157,7 +157,7 @@ pub fn run(config: &VmmConfig) -> Result<GuestExit, VmmError> {
 
 /// The platform devices on the port I/O bus.
 fn legacy_io_bus(serial: &Arc<Mutex<SerialDevice>>, exit: &ExitSignal) -> Result<Bus, BusError> {
-    let mut bus = Bus::new();
+    let bus = Bus::new();
     bus.insert(u64::from(SERIAL_COM1_BASE), SERIAL_COM1_LEN, serial.clone())?;
     bus.insert(
         u64::from(I8042::BASE),

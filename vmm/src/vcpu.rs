@@ -279,7 +279,7 @@ mod tests {
 
         let exit = ExitSignal::new().unwrap();
         let console = Arc::new(Mutex::new(Recorder::default()));
-        let mut io_bus = Bus::new();
+        let io_bus = Bus::new();
         io_bus.insert(0x3f8, 8, console.clone()).unwrap();
         io_bus
             .insert(

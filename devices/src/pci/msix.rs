@@ -1,0 +1,312 @@
+//! MSI-X: the capability in config space, and the vector table and pending
+//! bit array that live in a BAR. Every change the guest makes to an entry,
+//! its mask, or the function's enable/mask bits becomes a route update.
+
+use std::sync::Arc;
+
+use crate::interrupt::{MsiMessage, MsiRouter, MsiVector};
+
+pub const CAPABILITY_ID: u8 = 0x11;
+const ENTRY_SIZE: u64 = 16;
+const ENTRY_VECTOR_MASKED: u32 = 1;
+/// Message control bits (upper half of the capability's first dword).
+const CONTROL_ENABLE: u16 = 1 << 15;
+const CONTROL_FUNCTION_MASK: u16 = 1 << 14;
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Entry {
+    address_low: u32,
+    address_high: u32,
+    data: u32,
+    control: u32,
+}
+
+impl Entry {
+    fn masked(&self) -> bool {
+        self.control & ENTRY_VECTOR_MASKED != 0
+    }
+
+    fn message(&self) -> MsiMessage {
+        MsiMessage {
+            address: (u64::from(self.address_high) << 32) | u64::from(self.address_low),
+            data: self.data,
+        }
+    }
+}
+
+pub struct Msix {
+    entries: Vec<Entry>,
+    vectors: Vec<MsiVector>,
+    router: Arc<dyn MsiRouter>,
+    enabled: bool,
+    function_masked: bool,
+    /// Set when an interrupt was requested while its vector was masked.
+    pending: Vec<bool>,
+}
+
+impl Msix {
+    /// A table of one entry per vector, all masked as at reset.
+    pub fn new(vectors: Vec<MsiVector>, router: Arc<dyn MsiRouter>) -> Msix {
+        let count = vectors.len();
+        Msix {
+            entries: vec![
+                Entry {
+                    control: ENTRY_VECTOR_MASKED,
+                    ..Default::default()
+                };
+                count
+            ],
+            vectors,
+            router,
+            enabled: false,
+            function_masked: false,
+            pending: vec![false; count],
+        }
+    }
+
+    pub fn table_size(&self) -> u64 {
+        self.entries.len() as u64 * ENTRY_SIZE
+    }
+
+    pub fn pba_size(&self) -> u64 {
+        (self.entries.len() as u64).div_ceil(64) * 8
+    }
+
+    /// The capability body (after ID and next): message control, table and
+    /// PBA location (BAR index in the low 3 bits). Writable: enable and mask.
+    pub fn capability(&self, bar: u8, table_offset: u32, pba_offset: u32) -> (Vec<u8>, Vec<u8>) {
+        let control = (self.entries.len() as u16).saturating_sub(1);
+        let mut body = control.to_le_bytes().to_vec();
+        body.extend_from_slice(&(table_offset | u32::from(bar)).to_le_bytes());
+        body.extend_from_slice(&(pba_offset | u32::from(bar)).to_le_bytes());
+        let mut writable = vec![0u8; body.len()];
+        writable[1] = ((CONTROL_ENABLE | CONTROL_FUNCTION_MASK) >> 8) as u8;
+        (body, writable)
+    }
+
+    /// Called after the guest wrote the capability's message control.
+    pub fn set_control(&mut self, control: u16) {
+        let enabled = control & CONTROL_ENABLE != 0;
+        let masked = control & CONTROL_FUNCTION_MASK != 0;
+        if enabled != self.enabled || masked != self.function_masked {
+            self.enabled = enabled;
+            self.function_masked = masked;
+            for vector in 0..self.entries.len() {
+                self.update_route(vector);
+            }
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    fn deliverable(&self, vector: usize) -> bool {
+        self.enabled && !self.function_masked && !self.entries[vector].masked()
+    }
+
+    fn update_route(&mut self, vector: usize) {
+        let message = self
+            .deliverable(vector)
+            .then(|| self.entries[vector].message());
+        // A routing failure leaves the vector silent; there is no one to tell
+        // but the guest, which sees a device that does not interrupt.
+        let _ = self.router.route(self.vectors[vector].gsi, message);
+        if message.is_some() && std::mem::take(&mut self.pending[vector]) {
+            let _ = self.vectors[vector].trigger();
+        }
+    }
+
+    pub fn read_table(&self, offset: u64, data: &mut [u8]) {
+        let (index, field) = ((offset / ENTRY_SIZE) as usize, offset % ENTRY_SIZE);
+        let Some(entry) = self.entries.get(index) else {
+            data.fill(0);
+            return;
+        };
+        let words = [
+            entry.address_low,
+            entry.address_high,
+            entry.data,
+            entry.control,
+        ];
+        let mut bytes = [0u8; 16];
+        for (i, word) in words.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&word.to_le_bytes());
+        }
+        let start = field as usize;
+        match bytes.get(start..start + data.len()) {
+            Some(slice) => data.copy_from_slice(slice),
+            None => data.fill(0),
+        }
+    }
+
+    pub fn write_table(&mut self, offset: u64, data: &[u8]) {
+        let (index, field) = (
+            (offset / ENTRY_SIZE) as usize,
+            (offset % ENTRY_SIZE) as usize,
+        );
+        if index >= self.entries.len() || field + data.len() > 16 {
+            return;
+        }
+        let entry = &mut self.entries[index];
+        let mut bytes = [0u8; 16];
+        for (i, word) in [
+            entry.address_low,
+            entry.address_high,
+            entry.data,
+            entry.control,
+        ]
+        .iter()
+        .enumerate()
+        {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&word.to_le_bytes());
+        }
+        bytes[field..field + data.len()].copy_from_slice(data);
+        let word =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let before = *entry;
+        *entry = Entry {
+            address_low: word(0),
+            address_high: word(4),
+            data: word(8),
+            control: word(12) & ENTRY_VECTOR_MASKED,
+        };
+        let changed = before.message() != entry.message() || before.masked() != entry.masked();
+        if changed {
+            self.update_route(index);
+        }
+    }
+
+    pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
+        let mut bits = vec![0u8; self.pba_size() as usize];
+        for (i, pending) in self.pending.iter().enumerate() {
+            if *pending {
+                bits[i / 8] |= 1 << (i % 8);
+            }
+        }
+        let start = offset as usize;
+        match bits.get(start..start + data.len()) {
+            Some(slice) => data.copy_from_slice(slice),
+            None => data.fill(0),
+        }
+    }
+
+    /// Raises `vector`, or marks it pending if the guest masked it.
+    pub fn notify(&mut self, vector: usize) {
+        if vector >= self.vectors.len() {
+            return;
+        }
+        if self.deliverable(vector) {
+            let _ = self.vectors[vector].trigger();
+        } else {
+            self.pending[vector] = true;
+        }
+    }
+
+    /// The irqfd of `vector`, for backends that signal interrupts directly
+    /// (vhost-vdpa's call eventfds).
+    pub fn vector(&self, vector: usize) -> Option<&MsiVector> {
+        self.vectors.get(vector)
+    }
+
+    pub fn vector_count(&self) -> usize {
+        self.vectors.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    #[derive(Default)]
+    struct RecordingRouter(Mutex<Vec<(u32, Option<MsiMessage>)>>);
+
+    impl MsiRouter for RecordingRouter {
+        fn route(&self, gsi: u32, message: Option<MsiMessage>) -> std::io::Result<()> {
+            self.0.lock().unwrap().push((gsi, message));
+            Ok(())
+        }
+    }
+
+    fn msix(count: u32) -> (Msix, Arc<RecordingRouter>) {
+        let router = Arc::new(RecordingRouter::default());
+        let vectors = (0..count)
+            .map(|i| MsiVector {
+                gsi: 24 + i,
+                event: EventFd::new(EFD_NONBLOCK).unwrap(),
+            })
+            .collect();
+        (Msix::new(vectors, router.clone()), router)
+    }
+
+    fn program(msix: &mut Msix, vector: u64, address: u64, data: u32, masked: bool) {
+        let base = vector * ENTRY_SIZE;
+        msix.write_table(base, &(address as u32).to_le_bytes());
+        msix.write_table(base + 4, &((address >> 32) as u32).to_le_bytes());
+        msix.write_table(base + 8, &data.to_le_bytes());
+        msix.write_table(base + 12, &u32::from(masked).to_le_bytes());
+    }
+
+    #[test]
+    fn unmasked_entry_of_an_enabled_function_is_routed() {
+        let (mut msix, router) = msix(2);
+        program(&mut msix, 1, 0xfee0_0000, 0x4041, false);
+        assert!(
+            router.0.lock().unwrap().iter().all(|(_, m)| m.is_none()),
+            "not enabled yet"
+        );
+        msix.set_control(CONTROL_ENABLE);
+        let routes = router.0.lock().unwrap().clone();
+        assert!(routes.contains(&(
+            25,
+            Some(MsiMessage {
+                address: 0xfee0_0000,
+                data: 0x4041
+            })
+        )));
+        assert!(routes.contains(&(24, None)), "vector 0 stays masked");
+    }
+
+    #[test]
+    fn masked_interrupts_become_pending_and_fire_on_unmask() {
+        let (mut msix, _router) = msix(1);
+        msix.set_control(CONTROL_ENABLE);
+        program(&mut msix, 0, 0xfee0_0000, 0x30, true);
+        msix.notify(0);
+        let mut pba = [0u8; 8];
+        msix.read_pba(0, &mut pba);
+        assert_eq!(pba[0], 1);
+        assert!(
+            msix.vectors[0].event.read().is_err(),
+            "nothing delivered while masked"
+        );
+        msix.write_table(12, &0u32.to_le_bytes());
+        assert_eq!(
+            msix.vectors[0].event.read().unwrap(),
+            1,
+            "delivered on unmask"
+        );
+        msix.read_pba(0, &mut pba);
+        assert_eq!(pba[0], 0);
+    }
+
+    #[test]
+    fn table_reads_back_what_was_written() {
+        let (mut msix, _router) = msix(3);
+        program(&mut msix, 2, 0x1_2345_6780, 7, false);
+        let mut data = [0u8; 4];
+        msix.read_table(2 * ENTRY_SIZE + 4, &mut data);
+        assert_eq!(u32::from_le_bytes(data), 1);
+        msix.read_table(2 * ENTRY_SIZE + 8, &mut data);
+        assert_eq!(u32::from_le_bytes(data), 7);
+        let (body, writable) = msix.capability(0, 0x4000, 0x5000);
+        assert_eq!(
+            u16::from_le_bytes([body[0], body[1]]),
+            2,
+            "table size is N-1"
+        );
+        assert_eq!(writable[1], 0xc0);
+    }
+}
