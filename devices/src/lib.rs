@@ -8,3 +8,4 @@ pub mod interrupt;
 pub mod legacy;
 pub mod pci;
 pub mod serial;
+pub mod virtio;

@@ -1,0 +1,81 @@
+//! Virtio devices and their PCI transport.
+//!
+//! A device model implements `VirtioDevice`; `pci::VirtioPciDevice` wraps it
+//! as a virtio 1.x (modern) PCI function: feature negotiation, the status
+//! state machine, queue configuration, notifications and MSI-X interrupts.
+
+pub mod pci;
+
+use std::io;
+
+use vmm_sys_util::eventfd::EventFd;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
+
+pub const STATUS_ACKNOWLEDGE: u8 = 1;
+pub const STATUS_DRIVER: u8 = 2;
+pub const STATUS_DRIVER_OK: u8 = 4;
+pub const STATUS_FEATURES_OK: u8 = 8;
+pub const STATUS_DEVICE_NEEDS_RESET: u8 = 0x40;
+pub const STATUS_FAILED: u8 = 0x80;
+
+/// "No MSI-X vector" in queue_msix_vector / config_msix_vector.
+pub const NO_VECTOR: u16 = 0xffff;
+
+/// Where the driver put one virtqueue, as configured through the transport.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueConfig {
+    pub index: u16,
+    pub size: u16,
+    pub desc: u64,
+    pub driver: u64,
+    pub device: u64,
+}
+
+/// How a device raises interrupts: per queue and for config changes.
+pub trait VirtioInterrupt: Send + Sync {
+    fn signal_queue(&self, queue: u16) -> io::Result<()>;
+    fn signal_config(&self) -> io::Result<()>;
+    /// An eventfd whose writes raise `queue`'s interrupt without the VMM
+    /// (an irqfd), for backends that signal directly, like vhost.
+    fn queue_irqfd(&self, queue: u16) -> Option<EventFd>;
+    /// The same for config-change interrupts.
+    fn config_irqfd(&self) -> Option<EventFd>;
+}
+
+/// Everything a device gets when the driver sets DRIVER_OK.
+pub struct Activation {
+    /// Features both sides agreed on.
+    pub features: u64,
+    /// Enabled queues only.
+    pub queues: Vec<QueueConfig>,
+    /// One eventfd per enabled queue (same order), written on each guest
+    /// notification (KVM ioeventfds).
+    pub kicks: Vec<EventFd>,
+    pub interrupt: std::sync::Arc<dyn VirtioInterrupt>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// A virtio device model, independent of its transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Maximum size of each of the device's queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Features offered to the driver.
+    fn features(&self) -> u64;
+    fn read_config(&mut self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK: start serving the queues.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// The driver reset the device (status 0): stop and forget queue state.
+    fn reset(&mut self);
+    /// Whether `queue` is served in the VMM (its kicks need an exit handled
+    /// here) rather than by an offloaded backend listening on the kick fd.
+    fn queue_notify(&mut self, _queue: u16) {}
+}

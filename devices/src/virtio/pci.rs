@@ -1,0 +1,928 @@
+//! The virtio 1.x PCI transport ("modern" only).
+//!
+//! One 64-bit memory BAR holds, at fixed offsets, the common configuration,
+//! the ISR, the device configuration, the notification area (one 4-byte
+//! slot per queue, each with a KVM ioeventfd) and the MSI-X table and PBA.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::*;
+use crate::interrupt::{MsiRouter, MsiVector};
+use crate::pci::bus::PciDevice;
+use crate::pci::config::{Bar, PciConfiguration, PciIdentity};
+use crate::pci::msix::{self, Msix};
+
+const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
+const VIRTIO_PCI_DEVICE_ID_BASE: u16 = 0x1040;
+const VIRTIO_PCI_SUBSYSTEM_ID: u16 = 0x40;
+const VENDOR_CAPABILITY_ID: u8 = 0x09;
+
+const CAP_COMMON_CFG: u8 = 1;
+const CAP_NOTIFY_CFG: u8 = 2;
+const CAP_ISR_CFG: u8 = 3;
+const CAP_DEVICE_CFG: u8 = 4;
+
+pub const BAR_INDEX: usize = 0;
+pub const BAR_SIZE: u64 = 0x8000;
+const COMMON_OFFSET: u64 = 0x0000;
+const COMMON_LEN: u64 = 0x38;
+const ISR_OFFSET: u64 = 0x1000;
+const ISR_LEN: u64 = 1;
+const DEVICE_OFFSET: u64 = 0x2000;
+const DEVICE_LEN: u64 = 0x1000;
+const NOTIFY_OFFSET: u64 = 0x3000;
+const NOTIFY_MULTIPLIER: u32 = 4;
+const MSIX_TABLE_OFFSET: u64 = 0x4000;
+const MSIX_PBA_OFFSET: u64 = 0x6000;
+
+const ISR_QUEUE: u8 = 1;
+const ISR_CONFIG: u8 = 2;
+
+/// Registers eventfds that KVM signals on guest writes to an address.
+pub trait IoEventRegistry: Send + Sync {
+    fn register(&self, addr: u64, event: &EventFd) -> io::Result<()>;
+    fn unregister(&self, addr: u64, event: &EventFd) -> io::Result<()>;
+}
+
+/// PCI class codes by virtio device type.
+fn class_of(device_type: u32) -> (u8, u8) {
+    match device_type {
+        1 => (0x02, 0x00), // network controller, ethernet
+        _ => (0xff, 0x00), // unassigned class
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct QueueRegisters {
+    size: u16,
+    max_size: u16,
+    msix_vector: u16,
+    enabled: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+/// Interrupts of one virtio-pci function, shared with its device.
+struct PciInterrupt {
+    msix: Arc<Mutex<Msix>>,
+    queue_vectors: Mutex<Vec<u16>>,
+    config_vector: Mutex<u16>,
+    isr: Mutex<u8>,
+}
+
+impl PciInterrupt {
+    fn notify_vector(&self, vector: u16, isr_bit: u8) -> io::Result<()> {
+        *self.isr.lock().unwrap_or_else(|p| p.into_inner()) |= isr_bit;
+        if vector != NO_VECTOR {
+            self.msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .notify(usize::from(vector));
+        }
+        Ok(())
+    }
+
+    fn irqfd(&self, vector: u16) -> Option<EventFd> {
+        if vector == NO_VECTOR {
+            return None;
+        }
+        let msix = self.msix.lock().unwrap_or_else(|p| p.into_inner());
+        msix.vector(usize::from(vector))?.event.try_clone().ok()
+    }
+}
+
+impl VirtioInterrupt for PciInterrupt {
+    fn signal_queue(&self, queue: u16) -> io::Result<()> {
+        let vector = self
+            .queue_vectors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(usize::from(queue))
+            .copied()
+            .unwrap_or(NO_VECTOR);
+        self.notify_vector(vector, ISR_QUEUE)
+    }
+
+    fn signal_config(&self) -> io::Result<()> {
+        let vector = *self.config_vector.lock().unwrap_or_else(|p| p.into_inner());
+        self.notify_vector(vector, ISR_CONFIG)
+    }
+
+    fn queue_irqfd(&self, queue: u16) -> Option<EventFd> {
+        let vector = *self
+            .queue_vectors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(usize::from(queue))?;
+        self.irqfd(vector)
+    }
+
+    fn config_irqfd(&self) -> Option<EventFd> {
+        let vector = *self.config_vector.lock().unwrap_or_else(|p| p.into_inner());
+        self.irqfd(vector)
+    }
+}
+
+/// Statistics the control API reports for a virtio-pci function.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TransportCounters {
+    pub activations: u64,
+    pub resets: u64,
+    pub activation_failures: u64,
+    pub config_interrupts: u64,
+}
+
+pub struct VirtioPciDevice {
+    config: PciConfiguration,
+    device: Box<dyn VirtioDevice>,
+    interrupt: Arc<PciInterrupt>,
+    msix: Arc<Mutex<Msix>>,
+    msix_cap_offset: usize,
+    ioevents: Arc<dyn IoEventRegistry>,
+    notify_events: Vec<EventFd>,
+    notify_base: Option<u64>,
+    queues: Vec<QueueRegisters>,
+    queue_select: u16,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    config_generation: u8,
+    active: bool,
+    counters: TransportCounters,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot set up the PCI function: {0}")]
+    Config(#[from] crate::pci::config::ConfigError),
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(io::Error),
+}
+
+impl VirtioPciDevice {
+    /// Wraps `device` with `vectors` MSI-X vectors (one per queue plus one for
+    /// config changes is what drivers ask for) and a BAR at `bar_addr`.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        vectors: Vec<MsiVector>,
+        router: Arc<dyn MsiRouter>,
+        ioevents: Arc<dyn IoEventRegistry>,
+        bar_addr: u64,
+    ) -> Result<VirtioPciDevice, TransportError> {
+        let device_type = device.device_type();
+        let (class, subclass) = class_of(device_type);
+        let mut config = PciConfiguration::new(PciIdentity {
+            vendor_id: VIRTIO_PCI_VENDOR_ID,
+            device_id: VIRTIO_PCI_DEVICE_ID_BASE + device_type as u16,
+            subsystem_vendor_id: VIRTIO_PCI_VENDOR_ID,
+            subsystem_id: VIRTIO_PCI_SUBSYSTEM_ID,
+            class,
+            subclass,
+            prog_if: 0,
+            revision: 1,
+        });
+        config.add_memory_bar(Bar {
+            index: BAR_INDEX,
+            addr: bar_addr,
+            size: BAR_SIZE,
+            is_64bit: true,
+        })?;
+        let queues: Vec<QueueRegisters> = device
+            .queue_max_sizes()
+            .into_iter()
+            .map(|max| QueueRegisters {
+                size: max,
+                max_size: max,
+                msix_vector: NO_VECTOR,
+                ..Default::default()
+            })
+            .collect();
+        let queue_count = queues.len() as u32;
+        add_virtio_cap(&mut config, CAP_COMMON_CFG, COMMON_OFFSET, COMMON_LEN, None)?;
+        add_virtio_cap(
+            &mut config,
+            CAP_NOTIFY_CFG,
+            NOTIFY_OFFSET,
+            u64::from(queue_count * NOTIFY_MULTIPLIER),
+            Some(NOTIFY_MULTIPLIER),
+        )?;
+        add_virtio_cap(&mut config, CAP_ISR_CFG, ISR_OFFSET, ISR_LEN, None)?;
+        add_virtio_cap(&mut config, CAP_DEVICE_CFG, DEVICE_OFFSET, DEVICE_LEN, None)?;
+        let msix = Msix::new(vectors, router);
+        let (body, writable) = msix.capability(
+            BAR_INDEX as u8,
+            MSIX_TABLE_OFFSET as u32,
+            MSIX_PBA_OFFSET as u32,
+        );
+        let msix_cap_offset = config.add_capability(msix::CAPABILITY_ID, &body, &writable)?;
+        let msix = Arc::new(Mutex::new(msix));
+        let notify_events = (0..queue_count)
+            .map(|_| EventFd::new(EFD_NONBLOCK).map_err(TransportError::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VirtioPciDevice {
+            config,
+            interrupt: Arc::new(PciInterrupt {
+                msix: msix.clone(),
+                queue_vectors: Mutex::new(vec![NO_VECTOR; queues.len()]),
+                config_vector: Mutex::new(NO_VECTOR),
+                isr: Mutex::new(0),
+            }),
+            device,
+            msix,
+            msix_cap_offset,
+            ioevents,
+            notify_events,
+            notify_base: None,
+            queues,
+            queue_select: 0,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            status: 0,
+            config_generation: 0,
+            active: false,
+            counters: TransportCounters::default(),
+        })
+    }
+
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
+    pub fn negotiated_features(&self) -> u64 {
+        self.driver_features
+    }
+
+    pub fn counters(&self) -> TransportCounters {
+        self.counters
+    }
+
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    /// Tells the driver the device configuration changed.
+    pub fn signal_config_change(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.counters.config_interrupts += 1;
+        let _ = self.interrupt.signal_config();
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut QueueRegisters> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    fn read_common(&mut self, offset: u64, data: &mut [u8]) {
+        let queue = self.queues.get(usize::from(self.queue_select)).copied();
+        let value: u64 = match offset {
+            0x00 => u64::from(self.device_feature_select),
+            0x04 => match self.device_feature_select {
+                0 => self.device.features() & 0xffff_ffff,
+                1 => self.device.features() >> 32,
+                _ => 0,
+            },
+            0x08 => u64::from(self.driver_feature_select),
+            0x0c => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            0x10 => u64::from(
+                *self
+                    .interrupt
+                    .config_vector
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            ),
+            0x12 => self.queues.len() as u64,
+            0x14 => u64::from(self.status),
+            0x15 => u64::from(self.config_generation),
+            0x16 => u64::from(self.queue_select),
+            0x18 => queue.map_or(0, |q| u64::from(q.size)),
+            0x1a => queue.map_or(u64::from(NO_VECTOR), |q| u64::from(q.msix_vector)),
+            0x1c => queue.map_or(0, |q| u64::from(q.enabled)),
+            0x1e => u64::from(self.queue_select), // notify offset = queue index
+            0x20 => queue.map_or(0, |q| q.desc),
+            0x24 => queue.map_or(0, |q| q.desc >> 32),
+            0x28 => queue.map_or(0, |q| q.driver),
+            0x2c => queue.map_or(0, |q| q.driver >> 32),
+            0x30 => queue.map_or(0, |q| q.device),
+            0x34 => queue.map_or(0, |q| q.device >> 32),
+            _ => 0,
+        };
+        let bytes = value.to_le_bytes();
+        let len = data.len().min(8);
+        data[..len].copy_from_slice(&bytes[..len]);
+    }
+
+    fn write_common(&mut self, offset: u64, data: &[u8]) {
+        let mut bytes = [0u8; 8];
+        let len = data.len().min(8);
+        bytes[..len].copy_from_slice(&data[..len]);
+        let value = u64::from_le_bytes(bytes);
+        // Queue layout is fixed once the driver is running.
+        let configuring = self.status & STATUS_DRIVER_OK == 0;
+        match offset {
+            0x00 => self.device_feature_select = value as u32,
+            0x08 => self.driver_feature_select = value as u32,
+            0x0c if configuring => match self.driver_feature_select {
+                0 => {
+                    self.driver_features =
+                        (self.driver_features & !0xffff_ffff) | (value & 0xffff_ffff)
+                }
+                1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (value << 32),
+                _ => {}
+            },
+            0x10 => {
+                let vector = self.valid_vector(value as u16);
+                *self
+                    .interrupt
+                    .config_vector
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = vector;
+            }
+            0x14 => self.write_status(value as u8),
+            0x16 => self.queue_select = value as u16,
+            0x18 if configuring => {
+                if let Some(q) = self.selected_queue() {
+                    // Split queues: a power of two no larger than the maximum.
+                    let size = value as u16;
+                    q.size = if size.is_power_of_two() && size <= q.max_size {
+                        size
+                    } else {
+                        q.size
+                    };
+                }
+            }
+            0x1a => {
+                let vector = self.valid_vector(value as u16);
+                let select = usize::from(self.queue_select);
+                if let Some(q) = self.selected_queue() {
+                    q.msix_vector = vector;
+                    let mut vectors = self
+                        .interrupt
+                        .queue_vectors
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    vectors[select] = vector;
+                }
+            }
+            0x1c if configuring => {
+                if let Some(q) = self.selected_queue() {
+                    q.enabled = value == 1;
+                }
+            }
+            0x20 | 0x24 | 0x28 | 0x2c | 0x30 | 0x34 if configuring => {
+                let high = offset % 8 == 4;
+                if let Some(q) = self.selected_queue() {
+                    let field = match offset & !7 {
+                        0x20 => &mut q.desc,
+                        0x28 => &mut q.driver,
+                        _ => &mut q.device,
+                    };
+                    *field = set_half(*field, high && data.len() == 4, value, data.len());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A vector the guest may use: within the table, or NO_VECTOR.
+    fn valid_vector(&self, vector: u16) -> u16 {
+        let count = self
+            .msix
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .vector_count();
+        if usize::from(vector) < count {
+            vector
+        } else {
+            NO_VECTOR
+        }
+    }
+
+    fn write_status(&mut self, status: u8) {
+        if status == 0 {
+            self.reset();
+            return;
+        }
+        let mut status = status;
+        if status & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            // The driver may only accept what was offered; VERSION_1 is mandatory.
+            let offered = self.device.features();
+            if self.driver_features & !offered != 0
+                || self.driver_features & VIRTIO_F_VERSION_1 == 0
+            {
+                status &= !STATUS_FEATURES_OK;
+            }
+        }
+        let newly_ok = status & STATUS_DRIVER_OK != 0 && !self.active;
+        self.status = status;
+        if status & STATUS_FAILED != 0 {
+            if self.active {
+                self.device.reset();
+                self.active = false;
+            }
+            return;
+        }
+        if newly_ok && status & STATUS_FEATURES_OK != 0 {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let mut queues = Vec::new();
+        let mut kicks = Vec::new();
+        for (index, q) in self.queues.iter().enumerate().filter(|(_, q)| q.enabled) {
+            queues.push(QueueConfig {
+                index: index as u16,
+                size: q.size,
+                desc: q.desc,
+                driver: q.driver,
+                device: q.device,
+            });
+            match self.notify_events[index].try_clone() {
+                Ok(kick) => kicks.push(kick),
+                Err(_) => return self.fail_activation(),
+            }
+        }
+        let activation = Activation {
+            features: self.driver_features,
+            queues,
+            kicks,
+            interrupt: self.interrupt.clone(),
+        };
+        match self.device.activate(activation) {
+            Ok(()) => {
+                self.active = true;
+                self.counters.activations += 1;
+            }
+            Err(_) => self.fail_activation(),
+        }
+    }
+
+    /// The device could not start: tell the driver it needs a reset.
+    fn fail_activation(&mut self) {
+        self.counters.activation_failures += 1;
+        self.status |= STATUS_DEVICE_NEEDS_RESET;
+        self.signal_config_change();
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            self.device.reset();
+            self.active = false;
+        }
+        self.counters.resets += 1;
+        self.status = 0;
+        self.driver_features = 0;
+        self.queue_select = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        for q in &mut self.queues {
+            *q = QueueRegisters {
+                size: q.max_size,
+                max_size: q.max_size,
+                msix_vector: NO_VECTOR,
+                ..Default::default()
+            };
+        }
+        *self
+            .interrupt
+            .queue_vectors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = vec![NO_VECTOR; self.queues.len()];
+        *self
+            .interrupt
+            .config_vector
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = NO_VECTOR;
+        *self.interrupt.isr.lock().unwrap_or_else(|p| p.into_inner()) = 0;
+    }
+
+    fn move_notify_events(&mut self, bar_addr: Option<u64>) {
+        if let Some(old) = self.notify_base.take() {
+            for (i, event) in self.notify_events.iter().enumerate() {
+                let _ = self
+                    .ioevents
+                    .unregister(old + i as u64 * u64::from(NOTIFY_MULTIPLIER), event);
+            }
+        }
+        if let Some(bar) = bar_addr {
+            let base = bar + NOTIFY_OFFSET;
+            let mut all = true;
+            for (i, event) in self.notify_events.iter().enumerate() {
+                all &= self
+                    .ioevents
+                    .register(base + i as u64 * u64::from(NOTIFY_MULTIPLIER), event)
+                    .is_ok();
+            }
+            // Without ioeventfds the notify writes exit to us and are forwarded.
+            if all {
+                self.notify_base = Some(base);
+            }
+        }
+    }
+}
+
+/// Updates the 32-bit half (or the whole, for 8-byte writes) of a 64-bit register.
+fn set_half(current: u64, high: bool, value: u64, len: usize) -> u64 {
+    if len == 8 {
+        value
+    } else if high {
+        (current & 0xffff_ffff) | ((value & 0xffff_ffff) << 32)
+    } else {
+        (current & !0xffff_ffff) | (value & 0xffff_ffff)
+    }
+}
+
+fn add_virtio_cap(
+    config: &mut PciConfiguration,
+    cfg_type: u8,
+    offset: u64,
+    length: u64,
+    notify_multiplier: Option<u32>,
+) -> Result<(), crate::pci::config::ConfigError> {
+    // struct virtio_pci_cap after cap_vndr and cap_next.
+    let cap_len: u8 = if notify_multiplier.is_some() { 20 } else { 16 };
+    let mut body = vec![cap_len, cfg_type, BAR_INDEX as u8, 0, 0, 0];
+    body.extend_from_slice(&(offset as u32).to_le_bytes());
+    body.extend_from_slice(&(length as u32).to_le_bytes());
+    if let Some(multiplier) = notify_multiplier {
+        body.extend_from_slice(&multiplier.to_le_bytes());
+    }
+    let writable = vec![0u8; body.len()];
+    config.add_capability(VENDOR_CAPABILITY_ID, &body, &writable)?;
+    Ok(())
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
+    }
+
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
+    }
+
+    fn config_written(&mut self, offset: usize, len: usize) {
+        // Message control is the upper half of the MSI-X capability's first dword.
+        let control = self.msix_cap_offset + 2;
+        if offset <= control + 1 && offset + len > control {
+            let value = self.config.u16_at(control);
+            self.msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_control(value);
+        }
+    }
+
+    fn read_bar(&mut self, _index: usize, offset: u64, data: &mut [u8]) {
+        match offset {
+            o if o < COMMON_OFFSET + COMMON_LEN => self.read_common(o - COMMON_OFFSET, data),
+            o if o == ISR_OFFSET => {
+                // Reading the ISR acknowledges it.
+                let isr = std::mem::take(
+                    &mut *self.interrupt.isr.lock().unwrap_or_else(|p| p.into_inner()),
+                );
+                data.fill(0);
+                data[0] = isr;
+            }
+            o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_LEN).contains(&o) => {
+                self.device.read_config(o - DEVICE_OFFSET, data)
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => self
+                .msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .read_table(o - MSIX_TABLE_OFFSET, data),
+            o if o >= MSIX_PBA_OFFSET => self
+                .msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .read_pba(o - MSIX_PBA_OFFSET, data),
+            _ => data.fill(0),
+        }
+    }
+
+    fn write_bar(&mut self, _index: usize, offset: u64, data: &[u8]) {
+        match offset {
+            o if o < COMMON_OFFSET + COMMON_LEN => self.write_common(o - COMMON_OFFSET, data),
+            o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_LEN).contains(&o) => {
+                self.device.write_config(o - DEVICE_OFFSET, data)
+            }
+            o if (NOTIFY_OFFSET..MSIX_TABLE_OFFSET).contains(&o) => {
+                // Only reached when no ioeventfd caught the write.
+                let queue = ((o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER)) as u16;
+                if let Some(event) = self.notify_events.get(usize::from(queue)) {
+                    let _ = event.write(1);
+                }
+                self.device.queue_notify(queue);
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => self
+                .msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write_table(o - MSIX_TABLE_OFFSET, data),
+            _ => {}
+        }
+    }
+
+    fn bar_mapped(&mut self, index: usize, addr: Option<u64>) {
+        if index == BAR_INDEX {
+            self.move_notify_events(addr);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interrupt::MsiMessage;
+
+    #[derive(Default)]
+    struct Recorded {
+        activations: Vec<(u64, Vec<QueueConfig>, usize)>,
+        resets: u32,
+        notified: Vec<u16>,
+        config_writes: Vec<(u64, Vec<u8>)>,
+    }
+
+    struct FakeDevice {
+        recorded: Arc<Mutex<Recorded>>,
+        fail_activation: bool,
+    }
+
+    const FAKE_FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM | 0b101;
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            1
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![256, 256]
+        }
+        fn features(&self) -> u64 {
+            FAKE_FEATURES
+        }
+        fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(0xa0 + offset as u8);
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.recorded
+                .lock()
+                .unwrap()
+                .config_writes
+                .push((offset, data.to_vec()));
+        }
+        fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+            if self.fail_activation {
+                return Err(ActivateError::Backend("refused".into()));
+            }
+            let irqfd = activation.interrupt.queue_irqfd(0).is_some();
+            self.recorded.lock().unwrap().activations.push((
+                activation.features,
+                activation.queues,
+                activation.kicks.len() + usize::from(irqfd) * 100,
+            ));
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.recorded.lock().unwrap().resets += 1;
+        }
+        fn queue_notify(&mut self, queue: u16) {
+            self.recorded.lock().unwrap().notified.push(queue);
+        }
+    }
+
+    struct NoRouting;
+    impl MsiRouter for NoRouting {
+        fn route(&self, _gsi: u32, _message: Option<MsiMessage>) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct Registry(Mutex<Vec<(bool, u64)>>);
+    impl IoEventRegistry for Registry {
+        fn register(&self, addr: u64, _event: &EventFd) -> io::Result<()> {
+            self.0.lock().unwrap().push((true, addr));
+            Ok(())
+        }
+        fn unregister(&self, addr: u64, _event: &EventFd) -> io::Result<()> {
+            self.0.lock().unwrap().push((false, addr));
+            Ok(())
+        }
+    }
+
+    fn transport(fail_activation: bool) -> (VirtioPciDevice, Arc<Mutex<Recorded>>, Arc<Registry>) {
+        let recorded = Arc::new(Mutex::new(Recorded::default()));
+        let device = FakeDevice {
+            recorded: recorded.clone(),
+            fail_activation,
+        };
+        let vectors = (0..3)
+            .map(|i| MsiVector {
+                gsi: 24 + i,
+                event: EventFd::new(EFD_NONBLOCK).unwrap(),
+            })
+            .collect();
+        let registry = Arc::new(Registry::default());
+        let pci = VirtioPciDevice::new(
+            Box::new(device),
+            vectors,
+            Arc::new(NoRouting),
+            registry.clone(),
+            0x1_0000_0000,
+        )
+        .unwrap();
+        (pci, recorded, registry)
+    }
+
+    fn write(pci: &mut VirtioPciDevice, offset: u64, value: u64, len: usize) {
+        pci.write_bar(0, offset, &value.to_le_bytes()[..len]);
+    }
+
+    fn read(pci: &mut VirtioPciDevice, offset: u64, len: usize) -> u64 {
+        let mut bytes = [0u8; 8];
+        pci.read_bar(0, offset, &mut bytes[..len]);
+        u64::from_le_bytes(bytes)
+    }
+
+    /// What Linux's virtio_pci_modern does, up to DRIVER_OK.
+    fn drive_to_ok(pci: &mut VirtioPciDevice, features: u64) -> u8 {
+        write(pci, 0x14, 0, 1);
+        write(pci, 0x14, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER), 1);
+        write(pci, 0x00, 1, 4);
+        assert_eq!(read(pci, 0x04, 4), FAKE_FEATURES >> 32);
+        write(pci, 0x08, 0, 4);
+        write(pci, 0x0c, features & 0xffff_ffff, 4);
+        write(pci, 0x08, 1, 4);
+        write(pci, 0x0c, features >> 32, 4);
+        write(
+            pci,
+            0x14,
+            u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK),
+            1,
+        );
+        if read(pci, 0x14, 1) as u8 & STATUS_FEATURES_OK == 0 {
+            return read(pci, 0x14, 1) as u8;
+        }
+        write(pci, 0x10, 2, 2); // config vector
+        for queue in 0..2u64 {
+            write(pci, 0x16, queue, 2);
+            assert_eq!(read(pci, 0x18, 2), 256);
+            write(pci, 0x18, 128, 2);
+            write(pci, 0x1a, queue, 2);
+            write(pci, 0x20, 0x10_0000 + queue * 0x1000, 8);
+            write(pci, 0x28, 0x20_0000 + queue * 0x1000, 4);
+            write(pci, 0x2c, 0, 4);
+            write(pci, 0x30, 0x30_0000 + queue * 0x1000, 8);
+            write(pci, 0x1c, 1, 2);
+        }
+        write(
+            pci,
+            0x14,
+            u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK),
+            1,
+        );
+        read(pci, 0x14, 1) as u8
+    }
+
+    #[test]
+    fn a_driver_that_accepts_offered_features_activates_the_device() {
+        let (mut pci, recorded, _) = transport(false);
+        assert_eq!(read(&mut pci, 0x12, 2), 2, "num_queues");
+        let status = drive_to_ok(&mut pci, VIRTIO_F_VERSION_1 | 0b1);
+        assert_ne!(status & STATUS_DRIVER_OK, 0);
+        let recorded = recorded.lock().unwrap();
+        let (features, queues, kicks) = &recorded.activations[0];
+        assert_eq!(*features, VIRTIO_F_VERSION_1 | 0b1);
+        assert_eq!(queues.len(), 2);
+        assert_eq!(
+            queues[1],
+            QueueConfig {
+                index: 1,
+                size: 128,
+                desc: 0x10_1000,
+                driver: 0x20_1000,
+                device: 0x30_1000
+            }
+        );
+        assert_eq!(
+            *kicks,
+            2 + 100,
+            "a kick fd per queue and an irqfd for queue 0"
+        );
+    }
+
+    #[test]
+    fn features_beyond_the_offer_or_without_version_1_are_refused() {
+        let (mut pci, recorded, _) = transport(false);
+        let status = drive_to_ok(&mut pci, VIRTIO_F_VERSION_1 | 0b10);
+        assert_eq!(status & STATUS_FEATURES_OK, 0);
+        let (mut pci, _, _) = transport(false);
+        assert_eq!(drive_to_ok(&mut pci, 0b1) & STATUS_FEATURES_OK, 0);
+        assert!(recorded.lock().unwrap().activations.is_empty());
+    }
+
+    #[test]
+    fn failed_activation_asks_the_driver_for_a_reset() {
+        let (mut pci, _, _) = transport(true);
+        let status = drive_to_ok(&mut pci, VIRTIO_F_VERSION_1);
+        assert_ne!(status & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert_eq!(pci.counters().activation_failures, 1);
+        assert_eq!(read(&mut pci, ISR_OFFSET, 1) as u8 & ISR_CONFIG, ISR_CONFIG);
+        assert_eq!(
+            read(&mut pci, ISR_OFFSET, 1),
+            0,
+            "reading the ISR clears it"
+        );
+    }
+
+    #[test]
+    fn reset_stops_the_device_and_restores_defaults() {
+        let (mut pci, recorded, _) = transport(false);
+        drive_to_ok(&mut pci, VIRTIO_F_VERSION_1);
+        write(&mut pci, 0x14, 0, 1);
+        assert_eq!(recorded.lock().unwrap().resets, 1);
+        assert_eq!(read(&mut pci, 0x14, 1), 0);
+        write(&mut pci, 0x16, 1, 2);
+        assert_eq!(read(&mut pci, 0x18, 2), 256);
+        assert_eq!(read(&mut pci, 0x1c, 2), 0);
+        assert_eq!(read(&mut pci, 0x1a, 2), u64::from(NO_VECTOR));
+        // The device can be brought up again.
+        drive_to_ok(&mut pci, VIRTIO_F_VERSION_1);
+        assert_eq!(recorded.lock().unwrap().activations.len(), 2);
+    }
+
+    #[test]
+    fn queue_layout_is_frozen_after_driver_ok() {
+        let (mut pci, _, _) = transport(false);
+        drive_to_ok(&mut pci, VIRTIO_F_VERSION_1);
+        write(&mut pci, 0x16, 0, 2);
+        write(&mut pci, 0x20, 0xdead_0000, 8);
+        assert_eq!(read(&mut pci, 0x20, 8), 0x10_0000);
+    }
+
+    #[test]
+    fn device_config_and_notifications_reach_the_device() {
+        let (mut pci, recorded, registry) = transport(false);
+        assert_eq!(read(&mut pci, DEVICE_OFFSET + 2, 1), 0xa2);
+        write(&mut pci, DEVICE_OFFSET + 6, 0x55, 1);
+        write(&mut pci, NOTIFY_OFFSET + 4, 1, 2);
+        let recorded = recorded.lock().unwrap();
+        assert_eq!(recorded.config_writes, vec![(6, vec![0x55])]);
+        assert_eq!(recorded.notified, vec![1]);
+        assert_eq!(pci.notify_events[1].read().unwrap(), 1);
+        drop(recorded);
+        pci.bar_mapped(0, Some(0x1_0000_0000));
+        pci.bar_mapped(0, Some(0x2_0000_0000));
+        let events = registry.0.lock().unwrap().clone();
+        assert_eq!(
+            events,
+            vec![
+                (true, 0x1_0000_3000),
+                (true, 0x1_0000_3004),
+                (false, 0x1_0000_3000),
+                (false, 0x1_0000_3004),
+                (true, 0x2_0000_3000),
+                (true, 0x2_0000_3004)
+            ]
+        );
+    }
+
+    #[test]
+    fn capabilities_describe_the_bar_layout() {
+        let (pci, _, _) = transport(false);
+        let config = pci.config();
+        let mut offset = usize::from(config.u16_at(crate::pci::config::CAPABILITIES_POINTER) as u8);
+        let mut found = Vec::new();
+        while offset != 0 {
+            let mut header = [0u8; 4];
+            config.read(offset, &mut header);
+            if header[0] == VENDOR_CAPABILITY_ID {
+                let bar_offset = config.u32_at(offset + 8);
+                found.push((header[3], bar_offset));
+            } else {
+                found.push((header[0], 0));
+            }
+            offset = usize::from(header[1]);
+        }
+        assert_eq!(
+            found,
+            vec![
+                (CAP_COMMON_CFG, 0),
+                (CAP_NOTIFY_CFG, 0x3000),
+                (CAP_ISR_CFG, 0x1000),
+                (CAP_DEVICE_CFG, 0x2000),
+                (msix::CAPABILITY_ID, 0)
+            ]
+        );
+    }
+}
