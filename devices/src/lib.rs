@@ -3,6 +3,7 @@
 //! the signal devices use to end the VM.
 
 pub mod bus;
+pub mod dma;
 pub mod exit;
 pub mod interrupt;
 pub mod legacy;

@@ -1,0 +1,290 @@
+//! Where the engine's IOTLB messages go: the trait, a message type for logs
+//! and errors, and a recording backend for tests (public so tests in other
+//! crates can check what a device would have received).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+
+use super::{inclusive_last, DmaRange};
+
+/// Why a backend refused a message.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// write(2) failed; the device's errno is in the `io::Error`
+    /// (the kernel reports any refused IOTLB message as `EFAULT`).
+    #[error("writing the IOTLB message failed: {0}")]
+    Io(#[source] io::Error),
+    /// The device took only part of the message, so it did not process it.
+    #[error("short write of the IOTLB message: {written} of {expected} bytes")]
+    ShortWrite { written: usize, expected: usize },
+}
+
+impl BackendError {
+    /// The errno behind the failure, when there is one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            BackendError::Io(e) => e.raw_os_error(),
+            BackendError::ShortWrite { .. } => None,
+        }
+    }
+}
+
+/// Receives the engine's IOTLB messages for one device. Each call is one
+/// message; an error means the device did not apply it.
+pub trait IotlbBackend: Send {
+    fn batch_begin(&mut self, asid: u32) -> Result<(), BackendError>;
+    fn update(&mut self, asid: u32, range: &DmaRange) -> Result<(), BackendError>;
+    fn invalidate(&mut self, asid: u32, iova: u64, size: u64) -> Result<(), BackendError>;
+    fn batch_end(&mut self, asid: u32) -> Result<(), BackendError>;
+}
+
+/// One IOTLB message, as sent (or attempted). Used in error reports and by
+/// the recording backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IotlbMessage {
+    BatchBegin { asid: u32 },
+    Update { asid: u32, range: DmaRange },
+    Invalidate { asid: u32, iova: u64, size: u64 },
+    BatchEnd { asid: u32 },
+}
+
+impl IotlbMessage {
+    /// Hands the message to `backend`.
+    pub fn send<B: IotlbBackend + ?Sized>(&self, backend: &mut B) -> Result<(), BackendError> {
+        match *self {
+            IotlbMessage::BatchBegin { asid } => backend.batch_begin(asid),
+            IotlbMessage::Update { asid, ref range } => backend.update(asid, range),
+            IotlbMessage::Invalidate { asid, iova, size } => backend.invalidate(asid, iova, size),
+            IotlbMessage::BatchEnd { asid } => backend.batch_end(asid),
+        }
+    }
+}
+
+impl fmt::Display for IotlbMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IotlbMessage::BatchBegin { asid } => write!(f, "BATCH_BEGIN asid {asid}"),
+            IotlbMessage::Update { asid, range } => write!(
+                f,
+                "UPDATE asid {asid} iova {:#x} size {:#x} uaddr {:#x} perm {:?}",
+                range.iova, range.size, range.host_addr, range.perm
+            ),
+            IotlbMessage::Invalidate { asid, iova, size } => {
+                write!(f, "INVALIDATE asid {asid} iova {iova:#x} size {size:#x}")
+            }
+            IotlbMessage::BatchEnd { asid } => write!(f, "BATCH_END asid {asid}"),
+        }
+    }
+}
+
+/// A backend that records every message and behaves like the kernel's
+/// vhost-vdpa IOTLB: an UPDATE overlapping an existing entry is refused with
+/// `EEXIST`, an INVALIDATE removes every intersecting entry whole, a message
+/// for another ASID inside an open batch is refused with `EINVAL`. Tests can
+/// make the Nth message fail.
+#[derive(Debug, Default)]
+pub struct RecordingBackend {
+    messages: Vec<IotlbMessage>,
+    refused: Vec<IotlbMessage>,
+    fail_countdown: Option<usize>,
+    iotlb: BTreeMap<u32, BTreeMap<u64, DmaRange>>,
+    batch_asid: Option<u32>,
+}
+
+impl RecordingBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The messages the device accepted, in order.
+    pub fn messages(&self) -> &[IotlbMessage] {
+        &self.messages
+    }
+
+    /// Returns the accepted messages and forgets them (the simulated IOTLB is
+    /// kept).
+    pub fn take_messages(&mut self) -> Vec<IotlbMessage> {
+        std::mem::take(&mut self.messages)
+    }
+
+    /// The messages the device refused, in order.
+    pub fn refused(&self) -> &[IotlbMessage] {
+        &self.refused
+    }
+
+    /// Makes the `n`th message from now (1-based) fail with `EFAULT`, the
+    /// errno the kernel reports for a refused IOTLB message.
+    pub fn fail_nth(&mut self, n: usize) {
+        self.fail_countdown = Some(n);
+    }
+
+    /// The entries the simulated device holds for `asid`, sorted by IOVA.
+    pub fn device_iotlb(&self, asid: u32) -> Vec<DmaRange> {
+        self.iotlb
+            .get(&asid)
+            .map(|m| m.values().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether a batch is open on the simulated device.
+    pub fn in_batch(&self) -> bool {
+        self.batch_asid.is_some()
+    }
+
+    fn process(&mut self, msg: IotlbMessage) -> Result<(), BackendError> {
+        let result = self.apply(&msg);
+        match result {
+            Ok(()) => self.messages.push(msg),
+            Err(_) => self.refused.push(msg),
+        }
+        result
+    }
+
+    fn apply(&mut self, msg: &IotlbMessage) -> Result<(), BackendError> {
+        if let Some(n) = self.fail_countdown.as_mut() {
+            *n -= 1;
+            if *n == 0 {
+                self.fail_countdown = None;
+                return Err(errno(libc::EFAULT));
+            }
+        }
+        let asid = match *msg {
+            IotlbMessage::BatchBegin { asid }
+            | IotlbMessage::Update { asid, .. }
+            | IotlbMessage::Invalidate { asid, .. }
+            | IotlbMessage::BatchEnd { asid } => asid,
+        };
+        if self.batch_asid.is_some_and(|b| b != asid) {
+            return Err(errno(libc::EINVAL));
+        }
+        match *msg {
+            IotlbMessage::BatchBegin { asid } => self.batch_asid = Some(asid),
+            IotlbMessage::BatchEnd { .. } => self.batch_asid = None,
+            IotlbMessage::Update { asid, range } => {
+                let last = range.last_iova().ok_or(errno(libc::EINVAL))?;
+                let table = self.iotlb.entry(asid).or_default();
+                if intersecting(table, range.iova, last).next().is_some() {
+                    return Err(errno(libc::EEXIST));
+                }
+                table.insert(range.iova, range);
+            }
+            IotlbMessage::Invalidate { asid, iova, size } => {
+                // The kernel computes `iova + size - 1` unchecked; a size of
+                // zero would wrap, which the engine never sends.
+                let last = inclusive_last(iova, size).ok_or(errno(libc::EINVAL))?;
+                if let Some(table) = self.iotlb.get_mut(&asid) {
+                    let doomed: Vec<u64> = intersecting(table, iova, last).collect();
+                    for key in doomed {
+                        table.remove(&key);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Keys of the entries of `table` that intersect `[start, last]`.
+fn intersecting(
+    table: &BTreeMap<u64, DmaRange>,
+    start: u64,
+    last: u64,
+) -> impl Iterator<Item = u64> + '_ {
+    table
+        .range(..=last)
+        .rev()
+        .take_while(move |(_, r)| r.last_iova().is_some_and(|l| l >= start))
+        .map(|(k, _)| *k)
+}
+
+fn errno(code: i32) -> BackendError {
+    BackendError::Io(io::Error::from_raw_os_error(code))
+}
+
+impl IotlbBackend for RecordingBackend {
+    fn batch_begin(&mut self, asid: u32) -> Result<(), BackendError> {
+        self.process(IotlbMessage::BatchBegin { asid })
+    }
+
+    fn update(&mut self, asid: u32, range: &DmaRange) -> Result<(), BackendError> {
+        self.process(IotlbMessage::Update {
+            asid,
+            range: *range,
+        })
+    }
+
+    fn invalidate(&mut self, asid: u32, iova: u64, size: u64) -> Result<(), BackendError> {
+        self.process(IotlbMessage::Invalidate { asid, iova, size })
+    }
+
+    fn batch_end(&mut self, asid: u32) -> Result<(), BackendError> {
+        self.process(IotlbMessage::BatchEnd { asid })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dma::Perm;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn recording_backend_refuses_overlapping_update_like_the_kernel() {
+        let mut b = RecordingBackend::new();
+        let r = DmaRange::new(0, 4 * MIB, 0x1000_0000, Perm::ReadWrite);
+        b.update(0, &r).unwrap();
+        let overlap = DmaRange::new(2 * MIB, 4 * MIB, 0x2000_0000, Perm::ReadWrite);
+        let err = b.update(0, &overlap).unwrap_err();
+        assert_eq!(err.errno(), Some(libc::EEXIST));
+        assert_eq!(
+            b.refused(),
+            &[IotlbMessage::Update {
+                asid: 0,
+                range: overlap
+            }]
+        );
+        assert_eq!(b.device_iotlb(0), vec![r]);
+    }
+
+    #[test]
+    fn recording_backend_invalidate_removes_intersecting_entries_whole() {
+        let mut b = RecordingBackend::new();
+        let a = DmaRange::new(0, 2 * MIB, 0x1000_0000, Perm::ReadWrite);
+        let c = DmaRange::new(2 * MIB, 2 * MIB, 0x3000_0000, Perm::ReadWrite);
+        let d = DmaRange::new(8 * MIB, 2 * MIB, 0x4000_0000, Perm::ReadWrite);
+        b.update(0, &a).unwrap();
+        b.update(0, &c).unwrap();
+        b.update(0, &d).unwrap();
+        // One byte of `a` and one byte of `c`: both go, `d` stays.
+        b.invalidate(0, 2 * MIB - 1, 2).unwrap();
+        assert_eq!(b.device_iotlb(0), vec![d]);
+    }
+
+    #[test]
+    fn recording_backend_fails_the_nth_message() {
+        let mut b = RecordingBackend::new();
+        b.fail_nth(2);
+        b.batch_begin(1).unwrap();
+        let err = b.invalidate(1, 0, MIB).unwrap_err();
+        assert_eq!(err.errno(), Some(libc::EFAULT));
+        b.batch_end(1).unwrap();
+        assert_eq!(
+            b.messages(),
+            &[
+                IotlbMessage::BatchBegin { asid: 1 },
+                IotlbMessage::BatchEnd { asid: 1 }
+            ]
+        );
+    }
+
+    #[test]
+    fn recording_backend_refuses_other_asid_inside_a_batch() {
+        let mut b = RecordingBackend::new();
+        b.batch_begin(1).unwrap();
+        let err = b.invalidate(2, 0, MIB).unwrap_err();
+        assert_eq!(err.errno(), Some(libc::EINVAL));
+        assert!(b.in_batch());
+    }
+}
