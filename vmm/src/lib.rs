@@ -112,6 +112,11 @@ pub fn run(config: &VmmConfig) -> Result<GuestExit, VmmError> {
 
     let mut event_manager =
         EventManager::<Subscriber>::new().map_err(|e| VmmError::EventLoop(e.to_string()))?;
+    // The exit eventfd is watched like any other source so the loop wakes
+    // at once; the reason itself is kept by the signal.
+    event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
+        fd: exit.event_fd().try_clone().map_err(VmmError::EventFd)?,
+    })));
     let _raw_terminal = if config.serial == SerialConfig::Stdout {
         let terminal = console::RawTerminal::enter();
         if terminal.is_some() {
@@ -145,6 +150,7 @@ pub fn run(config: &VmmConfig) -> Result<GuestExit, VmmError> {
         seccomp::apply(vmm_filter)?;
     }
 
+    // Nothing past this point may need a syscall outside the filters.
     // `ram` and `vm` stay alive here until the guest is done.
     let reason = wait_for_exit(&mut event_manager, &exit)?;
     drop((ram, vm));
@@ -177,12 +183,6 @@ fn wait_for_exit(
     event_manager: &mut EventManager<Subscriber>,
     exit: &ExitSignal,
 ) -> Result<ExitReason, VmmError> {
-    // The exit eventfd is watched like any other source so the loop wakes
-    // at once; the reason itself is kept by the signal.
-    let watcher = Arc::new(Mutex::new(ExitWatcher {
-        fd: exit.event_fd().try_clone().map_err(VmmError::EventFd)?,
-    }));
-    event_manager.add_subscriber(watcher);
     loop {
         if let Some(reason) = exit.reason() {
             return Ok(reason);

@@ -21,10 +21,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!(
-                "microvm: {} (see microvm --help)",
-                first_line(&e.to_string())
-            );
+            eprintln!("microvm: {} (see microvm --help)", one_line(&e.to_string()));
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
@@ -52,8 +49,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// clap's errors span several lines (usage, tips); keep the one that says what is wrong.
-fn first_line(message: &str) -> &str {
-    let line = message.lines().next().unwrap_or(message);
-    line.strip_prefix("error: ").unwrap_or(line).trim()
+/// clap's errors span several lines (what is wrong, then usage and tips);
+/// keep what is wrong, on one line.
+fn one_line(message: &str) -> String {
+    let text = message.strip_prefix("error: ").unwrap_or(message);
+    text.lines()
+        .take_while(|line| !line.is_empty() && !line.starts_with("Usage:"))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
