@@ -1,0 +1,150 @@
+//! vduse-net: a virtio-net device in userspace, attached to the kernel's vdpa bus through
+//! VDUSE and bound to vhost_vdpa, so a VMM can drive it through /dev/vhost-vdpa-N.
+//!
+//! Modules: `vduse` (UAPI structs, ioctls, request codec), `netlink` (generic netlink,
+//! vdpa commands), `iotlb` (IOVA -> mapping table, dump), `net` (virtio-net queues and
+//! frames), `tap` (TAP back end), `device` (request handling and datapath glue), `app`
+//! (life cycle and event loop).
+
+mod app;
+mod device;
+mod iotlb;
+mod net;
+mod netlink;
+mod tap;
+mod vduse;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use app::{BackendConfig, Config};
+
+/// The default MAC: locally administered, QEMU's prefix.
+const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+const USAGE: &str =
+    "usage: vduse-net --name NAME [--mac MAC] (--tap IFNAME | --loopback) [--iotlb-dump PATH]";
+
+/// Writes `vduse-net: <msg>` to stderr; never panics.
+pub fn log(msg: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "vduse-net: {msg}");
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Cli {
+    Run(Config),
+    Help,
+}
+
+fn parse_args(args: &[String]) -> Result<Cli, String> {
+    let mut name = None;
+    let mut mac = None;
+    let mut backend = None;
+    let mut dump = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |flag: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match a.as_str() {
+            "-h" | "--help" => return Ok(Cli::Help),
+            "--name" => name = Some(value("--name")?),
+            "--mac" => {
+                let v = value("--mac")?;
+                mac = Some(net::parse_mac(&v).ok_or_else(|| format!("bad MAC address {v:?}"))?);
+            }
+            "--tap" => {
+                if backend.is_some() {
+                    return Err("give exactly one of --tap and --loopback".into());
+                }
+                backend = Some(BackendConfig::Tap(value("--tap")?));
+            }
+            "--loopback" => {
+                if backend.is_some() {
+                    return Err("give exactly one of --tap and --loopback".into());
+                }
+                backend = Some(BackendConfig::Loopback);
+            }
+            "--iotlb-dump" => dump = Some(PathBuf::from(value("--iotlb-dump")?)),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    let name: String = name.ok_or("--name is required")?;
+    if name.is_empty() || name.len() >= vduse::NAME_MAX || name.contains(['/', '\0']) {
+        return Err(format!("bad device name {name:?}"));
+    }
+    Ok(Cli::Run(Config {
+        name,
+        mac: mac.unwrap_or(DEFAULT_MAC),
+        backend: backend.ok_or("one of --tap IFNAME or --loopback is required")?,
+        iotlb_dump: dump,
+    }))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cfg = match parse_args(&args) {
+        Ok(Cli::Run(cfg)) => cfg,
+        Ok(Cli::Help) => {
+            let _ = writeln!(std::io::stdout(), "{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            log(&e);
+            log(USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    match app::run(cfg) {
+        Ok(()) => {
+            log("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            log(&e.to_string());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn cli() {
+        assert_eq!(
+            parse_args(&args("--name net0 --loopback --iotlb-dump /tmp/d")),
+            Ok(Cli::Run(Config {
+                name: "net0".into(),
+                mac: DEFAULT_MAC,
+                backend: BackendConfig::Loopback,
+                iotlb_dump: Some("/tmp/d".into()),
+            }))
+        );
+        assert_eq!(
+            parse_args(&args("--tap tap0 --name n --mac 02:00:00:00:00:01")),
+            Ok(Cli::Run(Config {
+                name: "n".into(),
+                mac: [2, 0, 0, 0, 0, 1],
+                backend: BackendConfig::Tap("tap0".into()),
+                iotlb_dump: None,
+            }))
+        );
+        assert_eq!(parse_args(&args("--help")), Ok(Cli::Help));
+        assert!(parse_args(&args("--name n")).is_err());
+        assert!(parse_args(&args("--loopback")).is_err());
+        assert!(parse_args(&args("--name n --loopback --tap t")).is_err());
+        assert!(parse_args(&args("--name n --loopback --mac zz")).is_err());
+        assert!(parse_args(&args("--name a/b --loopback")).is_err());
+        assert!(parse_args(&args("--name n --loopback --bogus")).is_err());
+        assert!(parse_args(&args("--name")).is_err());
+    }
+}
