@@ -1,1 +1,291 @@
+//! Harness for the end-to-end tests.
+//!
+//! Booting a test host costs tens of seconds, so a test file declares all
+//! its scenarios up front; the first test to ask runs them all in one test
+//! host, and every test then asserts on its own scenario's framed output.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where the tools and assets are.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives inside the repository")
+        .to_path_buf()
+}
+
+/// The built assets, as `tools/testbed paths --json` reports them.
+pub struct Assets {
+    pub bin_dir: PathBuf,
+    pub guest_kernel_release: String,
+}
+
+impl Assets {
+    pub fn load() -> Assets {
+        let output = Command::new(repo_root().join("tools/testbed"))
+            .args(["paths", "--json"])
+            .output()
+            .expect("cannot run tools/testbed");
+        assert!(
+            output.status.success(),
+            "assets are missing; run tools/testbed assets (or tools/test):\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let paths: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("tools/testbed paths --json is JSON");
+        let field = |key: &str| {
+            paths[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("tools/testbed paths --json has no '{key}'"))
+                .to_string()
+        };
+        Assets {
+            bin_dir: PathBuf::from(field("static_bin_dir")),
+            guest_kernel_release: field("guest_kernel_release"),
+        }
+    }
+
+    pub fn binary(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
+    }
+}
+
+/// One piece of shell run inside the test host, with its output framed.
+pub struct Scenario {
+    pub name: &'static str,
+    pub script: String,
+}
+
+/// What one scenario printed and how it ended.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub stdout: String,
+    pub stderr: String,
+    pub status: Option<i32>,
+}
+
+impl Outcome {
+    /// The value of `key=` on the guest's `microvm-guest: ready` line.
+    pub fn ready_field(&self, key: &str) -> Option<String> {
+        let line = self
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("microvm-guest: ready "))?;
+        line.split_whitespace()
+            .find_map(|word| word.strip_prefix(&format!("{key}=")))
+            .map(str::to_string)
+    }
+
+    pub fn cmd_exit(&self) -> Option<i32> {
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("microvm-guest: cmd-exit="))
+            .and_then(|s| s.trim().parse().ok())
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "status: {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs every scenario in one test host and returns their outcomes by name,
+/// plus the test host's whole output for diagnostics.
+pub fn run_in_test_host(
+    scenarios: &[Scenario],
+    timeout_secs: u32,
+) -> (HashMap<String, Outcome>, String) {
+    let mut script = String::from(
+        "set +e\n\
+         scenario() {\n\
+           echo \"@@begin $1\"\n\
+           sh -c \"$2\" >/tmp/scenario.out 2>/tmp/scenario.err </dev/null\n\
+           rc=$?\n\
+           echo \"@@stdout $1\"; cat /tmp/scenario.out\n\
+           echo \"@@stderr $1\"; cat /tmp/scenario.err\n\
+           echo \"@@end $1 rc=$rc\"\n\
+         }\n",
+    );
+    for scenario in scenarios {
+        script.push_str(&format!(
+            "scenario {} {}\n",
+            scenario.name,
+            shell_quote(&scenario.script)
+        ));
+    }
+    let output = Command::new(repo_root().join("tools/testbed"))
+        .args([
+            "run",
+            "--host",
+            "auto",
+            "--timeout",
+            &timeout_secs.to_string(),
+            "--",
+        ])
+        .args(["sh", "-c", &script])
+        .output()
+        .expect("cannot run tools/testbed");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let log = format!(
+        "tools/testbed exited with {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status.code(),
+        stdout,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (parse_framed(&stdout), log)
+}
+
+fn parse_framed(stdout: &str) -> HashMap<String, Outcome> {
+    enum Part {
+        None,
+        Stdout,
+        Stderr,
+    }
+    let mut outcomes: HashMap<String, Outcome> = HashMap::new();
+    let mut current: Option<String> = None;
+    let mut part = Part::None;
+    for line in stdout.lines() {
+        if let Some(name) = line.strip_prefix("@@begin ") {
+            current = Some(name.to_string());
+            outcomes.insert(name.to_string(), Outcome::default());
+            part = Part::None;
+        } else if line.starts_with("@@stdout ") {
+            part = Part::Stdout;
+        } else if line.starts_with("@@stderr ") {
+            part = Part::Stderr;
+        } else if let Some(rest) = line.strip_prefix("@@end ") {
+            if let Some((name, rc)) = rest.split_once(" rc=") {
+                if let Some(outcome) = outcomes.get_mut(name) {
+                    outcome.status = rc.trim().parse().ok();
+                }
+            }
+            current = None;
+            part = Part::None;
+        } else if let Some(outcome) = current.as_ref().and_then(|n| outcomes.get_mut(n)) {
+            let target = match part {
+                Part::Stdout => &mut outcome.stdout,
+                Part::Stderr => &mut outcome.stderr,
+                Part::None => continue,
+            };
+            target.push_str(line);
+            target.push('\n');
+        }
+    }
+    outcomes
+}
+
+/// Quotes `text` for a POSIX shell.
+pub fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// Standard base64, as the guest's `microvm.cmd=` expects.
+pub fn base64(input: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A `microvm` invocation against the guest assets of the test host.
+pub struct MicrovmRun {
+    pub kernel_var: &'static str,
+    pub cpus: u32,
+    pub memory: &'static str,
+    pub cmdline_extra: String,
+    pub guest_cmd: Option<String>,
+    pub extra_args: String,
+}
+
+impl MicrovmRun {
+    pub fn new(cpus: u32, memory: &'static str) -> MicrovmRun {
+        MicrovmRun {
+            kernel_var: "MICROVM_GUEST_KERNEL",
+            cpus,
+            memory,
+            cmdline_extra: String::new(),
+            guest_cmd: None,
+            extra_args: String::new(),
+        }
+    }
+
+    pub fn script(&self) -> String {
+        let mut cmdline = String::from("console=ttyS0 reboot=k panic=1");
+        if !self.cmdline_extra.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&self.cmdline_extra);
+        }
+        if let Some(cmd) = &self.guest_cmd {
+            cmdline.push_str(&format!(" microvm.cmd={}", base64(cmd.as_bytes())));
+        }
+        format!(
+            "microvm --kernel \"${}\" --initramfs \"$MICROVM_GUEST_INITRAMFS\" --cpus {} --memory size={} --cmdline {} {}",
+            self.kernel_var,
+            self.cpus,
+            self.memory,
+            shell_quote(&cmdline),
+            self.extra_args
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_standard_alphabet_and_padding() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"echo hi; exit 7"), "ZWNobyBoaTsgZXhpdCA3");
+    }
+
+    #[test]
+    fn framed_output_is_split_per_scenario() {
+        let out = "noise\n@@begin a\n@@stdout a\nline1\n@@stderr a\nerr\n@@end a rc=3\n@@begin b\n@@stdout b\n@@stderr b\n@@end b rc=0\n";
+        let outcomes = parse_framed(out);
+        assert_eq!(outcomes["a"].stdout, "line1\n");
+        assert_eq!(outcomes["a"].stderr, "err\n");
+        assert_eq!(outcomes["a"].status, Some(3));
+        assert_eq!(outcomes["b"].status, Some(0));
+    }
+
+    #[test]
+    fn shell_quote_survives_single_quotes() {
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn ready_fields_are_parsed() {
+        let outcome = Outcome {
+            stdout: "x\nmicrovm-guest: ready cpus=2 mem_total_kib=480000 kernel=6.12.1\nmicrovm-guest: cmd-exit=7\n".into(),
+            ..Default::default()
+        };
+        assert_eq!(outcome.ready_field("cpus").as_deref(), Some("2"));
+        assert_eq!(outcome.ready_field("kernel").as_deref(), Some("6.12.1"));
+        assert_eq!(outcome.cmd_exit(), Some(7));
+    }
+}

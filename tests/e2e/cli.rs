@@ -1,0 +1,161 @@
+//! Bad input to the shipped `microvm` binary: each case must end with a
+//! non-zero status and exactly one line on stderr, never a panic. These run
+//! on this machine directly; no guest boots.
+
+use std::io::Write;
+use std::process::Command;
+
+use e2e::Assets;
+
+fn refuse(args: &[&str], expect_in_message: &str) {
+    let microvm = Assets::load().binary("microvm");
+    let output = Command::new(&microvm)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", microvm.display()));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let code = output.status.code();
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "{args:?}: expected a non-zero exit, got {code:?}; stderr: {stderr}"
+    );
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "{args:?}: stderr must be one line: {stderr:?}"
+    );
+    assert!(stderr.starts_with("microvm: "), "{args:?}: {stderr:?}");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr:?}");
+    assert!(
+        stderr.contains(expect_in_message),
+        "{args:?}: expected {expect_in_message:?} in {stderr:?}"
+    );
+}
+
+/// A readable file, removed on drop, that is certainly no kernel.
+struct NotAKernel(std::path::PathBuf);
+
+impl NotAKernel {
+    fn new() -> NotAKernel {
+        let path = std::env::temp_dir().join(format!(
+            "microvm-e2e-not-a-kernel-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let mut file = std::fs::File::create(&path).expect("create temp file");
+        file.write_all(b"#!/bin/sh\necho this is not a kernel\n")
+            .expect("write temp file");
+        NotAKernel(path)
+    }
+
+    fn as_str(&self) -> &str {
+        self.0.to_str().expect("temp paths are UTF-8")
+    }
+}
+
+impl Drop for NotAKernel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn missing_kernel() {
+    refuse(
+        &["--kernel", "/nonexistent"],
+        "cannot read kernel '/nonexistent'",
+    );
+}
+
+#[test]
+fn kernel_that_is_a_directory() {
+    refuse(&["--kernel", "/"], "not a regular file");
+}
+
+#[test]
+fn file_that_is_not_a_kernel() {
+    let file = NotAKernel::new();
+    refuse(&["--kernel", file.as_str()], "is not a Linux kernel");
+}
+
+#[test]
+fn missing_initramfs() {
+    let file = NotAKernel::new();
+    refuse(
+        &["--kernel", file.as_str(), "--initramfs", "/nonexistent.img"],
+        "cannot read initramfs",
+    );
+}
+
+#[test]
+fn memory_too_small() {
+    let file = NotAKernel::new();
+    refuse(
+        &["--kernel", file.as_str(), "--memory", "size=1M"],
+        "below the minimum",
+    );
+}
+
+#[test]
+fn memory_larger_than_the_host() {
+    let file = NotAKernel::new();
+    refuse(
+        &["--kernel", file.as_str(), "--memory", "size=100000G"],
+        "more than this host has",
+    );
+}
+
+#[test]
+fn malformed_memory_size() {
+    refuse(
+        &["--kernel", "/nonexistent", "--memory", "size=12Q"],
+        "malformed size '12Q'",
+    );
+}
+
+#[test]
+fn zero_cpus() {
+    refuse(
+        &["--kernel", "/nonexistent", "--cpus", "0"],
+        "--cpus must be at least 1",
+    );
+}
+
+#[test]
+fn more_cpus_than_allowed() {
+    refuse(
+        &["--kernel", "/nonexistent", "--cpus", "4096"],
+        "above the limit",
+    );
+}
+
+#[test]
+fn unknown_option() {
+    refuse(
+        &["--kernel", "/nonexistent", "--frobnicate"],
+        "--frobnicate",
+    );
+}
+
+#[test]
+fn missing_required_kernel() {
+    refuse(&["--cpus", "1"], "--kernel");
+}
+
+#[test]
+fn malformed_serial() {
+    refuse(
+        &["--kernel", "/nonexistent", "--serial", "tty"],
+        "malformed serial option",
+    );
+}
+
+#[test]
+fn command_line_too_long() {
+    let file = NotAKernel::new();
+    let long = "x".repeat(3000);
+    refuse(
+        &["--kernel", file.as_str(), "--cmdline", &long],
+        "accepts at most 2047",
+    );
+}
