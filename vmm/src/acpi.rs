@@ -6,11 +6,11 @@
 //! Linux drops the 8259 PIC on such platforms, so every legacy IRQ we use
 //! must be routed explicitly with an interrupt source override.
 
-use acpi_tables::{aml, fadt, gas, rsdp::Rsdp, sdt::Sdt, xsdt::XSDT, Aml};
+use acpi_tables::{aml, fadt, gas, mcfg::MCFG, rsdp::Rsdp, sdt::Sdt, xsdt::XSDT, Aml};
 use devices::legacy::{AcpiPm, SERIAL_COM1_BASE, SERIAL_COM1_IRQ};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::memory::layout;
+use crate::memory::{layout, pci_layout};
 
 const OEM_ID: [u8; 6] = *b"MICRVM";
 const OEM_TABLE_ID: [u8; 8] = *b"MICROVM ";
@@ -47,9 +47,11 @@ pub fn write_tables(memory: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress,
     let dsdt = writer.write(&dsdt())?;
     let fadt = writer.write(&fadt(dsdt))?;
     let madt = writer.write(&madt(vcpus))?;
+    let mcfg = writer.write(&mcfg())?;
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt);
     xsdt.add_entry(madt);
+    xsdt.add_entry(mcfg);
     let xsdt = writer.write(&xsdt)?;
     writer.write_at(rsdp_addr, &Rsdp::new(OEM_ID, xsdt))?;
     Ok(GuestAddress(rsdp_addr))
@@ -120,9 +122,50 @@ fn dsdt() -> Sdt {
     let mut body = Vec::new();
     s5.to_aml_bytes(&mut body);
     com1.to_aml_bytes(&mut body);
+    pci_host_bridge(&mut body);
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     dsdt.append_slice(&body);
     dsdt
+}
+
+/// PCI0: segment 0, bus 0, config through 0xCF8 (and ECAM via MCFG), and
+/// the two BAR windows the VMM allocates from.
+fn pci_host_bridge(body: &mut Vec<u8>) {
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let config_io = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let mem32 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        pci_layout::MEM32_START as u32,
+        (pci_layout::MEM32_START + pci_layout::MEM32_SIZE - 1) as u32,
+        None,
+    );
+    let mem64 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::PreFetchable,
+        true,
+        pci_layout::MEM64_START,
+        pci_layout::MEM64_START + pci_layout::MEM64_SIZE - 1,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&bus, &config_io, &mem32, &mem64]);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
+    )
+    .to_aml_bytes(body);
+}
+
+fn mcfg() -> MCFG {
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(pci_layout::ECAM_START, 0, 0, 0);
+    mcfg
 }
 
 fn io_register(port: u16) -> gas::GAS {
@@ -219,7 +262,10 @@ mod tests {
                 table[..4].to_vec()
             })
             .collect();
-        assert_eq!(signatures, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
+        assert_eq!(
+            signatures,
+            vec![b"FACP".to_vec(), b"APIC".to_vec(), b"MCFG".to_vec()]
+        );
     }
 
     #[test]
@@ -273,5 +319,6 @@ mod tests {
         let find = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
         assert!(find(b"_S5_"));
         assert!(find(b"COM1"));
+        assert!(find(b"PCI0"));
     }
 }

@@ -15,7 +15,7 @@ use linux_loader::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_st
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::config::KernelConfig;
-use crate::memory::{layout, GuestRam, MMIO_HOLE_END};
+use crate::memory::{layout, pci_layout, GuestRam, MMIO_HOLE_END};
 
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
@@ -258,6 +258,12 @@ fn e820_map(ram: &GuestRam) -> Vec<E820Entry> {
             addr: layout::HIMEM_START,
             size: ram.low_ram_end() - layout::HIMEM_START,
             kind: E820_RAM,
+        },
+        // Linux uses ECAM only where the firmware reserved it.
+        E820Entry {
+            addr: pci_layout::ECAM_START,
+            size: pci_layout::ECAM_SIZE,
+            kind: E820_RESERVED,
         },
     ];
     for range in ram.ranges.iter().filter(|r| r.start >= MMIO_HOLE_END) {

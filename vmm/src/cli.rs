@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::config::{
-    self, ConfigError, KernelConfig, MemoryConfig, SerialConfig, VmmConfig, DEFAULT_CMDLINE,
+    self, ConfigError, KernelConfig, MemoryConfig, NetConfig, SerialConfig, VmmConfig,
+    DEFAULT_CMDLINE,
 };
 
 #[derive(Debug, Parser)]
@@ -39,6 +40,14 @@ pub struct Cli {
     #[arg(long, value_name = "stdout|file=PATH|off", default_value = "stdout", value_parser = config::parse_serial)]
     pub serial: SerialConfig,
 
+    /// A virtio-net device backed by a vhost-vdpa device (repeatable).
+    #[arg(long, value_name = "vdpa=PATH[,mac=MAC][,queues=N]", value_parser = config::parse_net)]
+    pub net: Vec<NetConfig>,
+
+    /// Serve the control API (HTTP/1.1, JSON) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
     /// Seccomp filters on the VMM and vCPU threads.
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = config::parse_on_off, action = clap::ArgAction::Set)]
     pub seccomp: bool,
@@ -62,6 +71,8 @@ impl Cli {
             memory: self.memory.unwrap_or_default(),
             serial: self.serial,
             seccomp: self.seccomp,
+            net: self.net,
+            api_socket: self.api_socket,
         })
     }
 }

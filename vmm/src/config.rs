@@ -26,6 +26,10 @@ pub enum ConfigError {
     MalformedMemory(String),
     #[error("malformed serial option '{0}': expected stdout, off or file=PATH")]
     MalformedSerial(String),
+    #[error("malformed net option '{0}': expected vdpa=PATH[,mac=MAC][,queues=N]")]
+    MalformedNet(String),
+    #[error("malformed MAC address '{0}': expected six hex bytes like 52:54:00:12:34:56")]
+    MalformedMac(String),
     #[error("malformed seccomp option '{0}': expected on or off")]
     MalformedSeccomp(String),
     #[error("--cpus must be at least 1")]
@@ -148,6 +152,54 @@ pub fn parse_on_off(text: &str) -> Result<bool, ConfigError> {
     }
 }
 
+/// A virtio-net device whose data path is a vhost-vdpa device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub vdpa_path: PathBuf,
+    pub mac: Option<[u8; 6]>,
+    pub queue_pairs: u16,
+}
+
+/// Parses `--net vdpa=PATH[,mac=MAC][,queues=N]`.
+pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
+    let malformed = || ConfigError::MalformedNet(text.to_string());
+    let mut path = None;
+    let mut mac = None;
+    let mut queue_pairs = 1;
+    for item in text.split(',') {
+        match item.split_once('=') {
+            Some(("vdpa", p)) if !p.is_empty() && path.is_none() => path = Some(PathBuf::from(p)),
+            Some(("mac", m)) if mac.is_none() => mac = Some(parse_mac(m)?),
+            Some(("queues", n)) => {
+                queue_pairs = n.parse().ok().filter(|&n| n > 0).ok_or_else(malformed)?
+            }
+            _ => return Err(malformed()),
+        }
+    }
+    Ok(NetConfig {
+        vdpa_path: path.ok_or_else(malformed)?,
+        mac,
+        queue_pairs,
+    })
+}
+
+pub fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
+    let malformed = || ConfigError::MalformedMac(text.to_string());
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts
+            .next()
+            .filter(|p| p.len() == 2)
+            .ok_or_else(malformed)?;
+        *byte = u8::from_str_radix(part, 16).map_err(|_| malformed())?;
+    }
+    if parts.next().is_some() {
+        return Err(malformed());
+    }
+    Ok(mac)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelConfig {
     pub path: PathBuf,
@@ -163,6 +215,8 @@ pub struct VmmConfig {
     pub memory: MemoryConfig,
     pub serial: SerialConfig,
     pub seccomp: bool,
+    pub net: Vec<NetConfig>,
+    pub api_socket: Option<PathBuf>,
 }
 
 /// What the host offers, gathered once so validation stays a pure function.
@@ -306,6 +360,31 @@ mod tests {
     }
 
     #[test]
+    fn net_option_forms() {
+        let net = parse_net("vdpa=/dev/vhost-vdpa-0,mac=52:54:00:ab:cd:ef,queues=1").unwrap();
+        assert_eq!(net.vdpa_path, PathBuf::from("/dev/vhost-vdpa-0"));
+        assert_eq!(net.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
+        assert_eq!(net.queue_pairs, 1);
+        assert_eq!(parse_net("vdpa=/dev/x").unwrap().mac, None);
+        for bad in [
+            "",
+            "vdpa=",
+            "tap=tap0",
+            "vdpa=/a,vdpa=/b",
+            "vdpa=/a,queues=0",
+            "vdpa=/a,mac=1:2:3",
+        ] {
+            assert!(parse_net(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(matches!(
+            parse_mac("52:54:00:ab:cd"),
+            Err(ConfigError::MalformedMac(_))
+        ));
+        assert!(parse_mac("52:54:00:ab:cd:ef:00").is_err());
+        assert!(parse_mac("52:54:00:ab:cd:gg").is_err());
+    }
+
+    #[test]
     fn size_prints_in_largest_whole_unit() {
         assert_eq!(Size(512 << 20).to_string(), "512M");
         assert_eq!(Size(3 << 30).to_string(), "3G");
@@ -323,6 +402,8 @@ mod tests {
             memory: MemoryConfig { size: Size(memory) },
             serial: SerialConfig::Stdout,
             seccomp: true,
+            net: vec![],
+            api_socket: None,
         }
     }
 

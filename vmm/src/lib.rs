@@ -10,7 +10,10 @@ pub mod cli;
 pub mod config;
 pub mod console;
 pub mod cpuid;
+pub mod interrupts;
 pub mod memory;
+pub mod net;
+pub mod pci;
 pub mod regs;
 pub mod seccomp;
 pub mod vcpu;
@@ -26,7 +29,10 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use config::{ConfigError, HostLimits, SerialConfig, VmmConfig};
+use interrupts::{KvmIoEvents, KvmMsiRouter};
 use memory::GuestRam;
+use net::PciWiring;
+use pci::PciSegment;
 use seccomp::ThreadKind;
 use vcpu::Vcpu;
 use vm::Vm;
@@ -49,6 +55,12 @@ pub enum VmmError {
     Console(#[from] console::ConsoleError),
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error(transparent)]
+    Interrupts(#[from] interrupts::InterruptError),
+    #[error(transparent)]
+    Pci(#[from] pci::PciSetupError),
+    #[error(transparent)]
+    Net(#[from] net::NetError),
     #[error("cannot place a device on the I/O bus: {0}")]
     Bus(#[from] BusError),
     #[error("cannot create an event descriptor: {0}")]
@@ -90,8 +102,27 @@ pub fn run(config: &VmmConfig) -> Result<GuestExit, VmmError> {
         serial_irq,
         console::serial_output(&config.serial)?,
     )));
-    let io_bus = Arc::new(legacy_io_bus(&serial, &exit)?);
+    let io_bus = legacy_io_bus(&serial, &exit)?;
     let mmio_bus = Arc::new(Bus::new());
+    let mut segment = PciSegment::new(&io_bus, &mmio_bus)?;
+    let router = KvmMsiRouter::new(vm.fd.clone())?;
+    let ioevents = KvmIoEvents::new(vm.fd.clone());
+    let shared_memory = Arc::new(ram.memory.clone());
+    let mut nets = Vec::with_capacity(config.net.len());
+    for net_config in &config.net {
+        let wiring = PciWiring {
+            segment: &mut segment,
+            router: &router,
+            ioevents: &ioevents,
+        };
+        nets.push(net::add_vdpa_net(
+            net_config,
+            &ram,
+            shared_memory.clone(),
+            wiring,
+        )?);
+    }
+    let io_bus = Arc::new(io_bus);
 
     let vcpus = (0..config.vcpus)
         .map(|id| {
@@ -153,7 +184,7 @@ pub fn run(config: &VmmConfig) -> Result<GuestExit, VmmError> {
     // Nothing past this point may need a syscall outside the filters.
     // `ram` and `vm` stay alive here until the guest is done.
     let reason = wait_for_exit(&mut event_manager, &exit)?;
-    drop((ram, vm));
+    drop((nets, ram, vm));
     match reason {
         ExitReason::PowerOff => Ok(GuestExit::PowerOff),
         ExitReason::Reset => Ok(GuestExit::Reset),

@@ -8,11 +8,27 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use devices::dma::{DmaRange, Perm};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-/// 32-bit device MMIO lives in [3 GiB, 4 GiB): IOAPIC, LAPIC and, later, PCI BARs.
+/// 32-bit device MMIO lives in [3 GiB, 4 GiB): PCI BARs and ECAM, IOAPIC, LAPIC.
 pub const MMIO_HOLE_START: u64 = 3 << 30;
 pub const MMIO_HOLE_END: u64 = 4 << 30;
+
+/// Where PCI lives in the guest's physical address space.
+pub mod pci_layout {
+    /// Window for 32-bit BARs, at the start of the MMIO hole.
+    pub const MEM32_START: u64 = super::MMIO_HOLE_START;
+    pub const MEM32_SIZE: u64 = 512 << 20;
+    /// ECAM for bus 0 (reserved in the e820 map, described by MCFG).
+    pub const ECAM_START: u64 = 0xe000_0000;
+    pub const ECAM_SIZE: u64 = devices::pci::bus::ECAM_SIZE;
+    /// Window for 64-bit BARs: 256 GiB up, far above any RAM or hotplug
+    /// area this VMM places, and below the 40 physical address bits that
+    /// even emulated CPUs offer.
+    pub const MEM64_START: u64 = 256 << 30;
+    pub const MEM64_SIZE: u64 = 64 << 30;
+}
 
 /// Fixed guest-physical addresses of the boot structures, all in the first
 /// MiB, which the e820 map reports as RAM (below EBDA) or reserved.
@@ -112,6 +128,22 @@ impl GuestRam {
         Ok(GuestRam { memory, ranges })
     }
 
+    /// Every RAM region as the device sees it without a vIOMMU: IOVA is the
+    /// guest physical address, reaching the VMM's mapping of it.
+    pub fn dma_ranges(&self) -> Vec<DmaRange> {
+        self.memory
+            .iter()
+            .map(|region| {
+                DmaRange::new(
+                    region.start_addr().0,
+                    region.len(),
+                    region.as_ptr() as u64,
+                    Perm::ReadWrite,
+                )
+            })
+            .collect()
+    }
+
     /// The highest RAM address below the MMIO hole, exclusive.
     pub fn low_ram_end(&self) -> u64 {
         self.ranges[0].end()
@@ -133,7 +165,7 @@ fn create_memfd(name: &str) -> Result<File, MemoryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    use vm_memory::Bytes;
 
     #[test]
     fn small_memory_is_one_low_range() {

@@ -12,7 +12,37 @@ use seccompiler::{
 /// Exit status when a thread makes a syscall outside its filter (128 + SIGSYS).
 pub const SECCOMP_EXIT_STATUS: i32 = 128 + libc::SIGSYS;
 
-const KVM_RUN: u64 = 0xae80;
+/// `_IOC(dir, type, nr, size)` from include/uapi/asm-generic/ioctl.h.
+const fn ioc(dir: u64, kind: u64, nr: u64, size: u64) -> u64 {
+    (dir << 30) | (size << 16) | (kind << 8) | nr
+}
+const IOC_NONE: u64 = 0;
+const IOC_WRITE: u64 = 1;
+const IOC_READ: u64 = 2;
+const KVMIO: u64 = 0xae;
+const VHOST_VIRTIO: u64 = 0xaf;
+
+const KVM_RUN: u64 = ioc(IOC_NONE, KVMIO, 0x80, 0);
+/// struct kvm_irq_routing (header; entries follow).
+const KVM_SET_GSI_ROUTING: u64 = ioc(IOC_WRITE, KVMIO, 0x6a, 8);
+/// struct kvm_ioeventfd.
+const KVM_IOEVENTFD: u64 = ioc(IOC_WRITE, KVMIO, 0x79, 64);
+const VHOST_GET_FEATURES: u64 = ioc(IOC_READ, VHOST_VIRTIO, 0x00, 8);
+const VHOST_SET_FEATURES: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x00, 8);
+/// struct vhost_vring_state, vhost_vring_addr, vhost_vring_file.
+const VHOST_SET_VRING_NUM: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x10, 8);
+const VHOST_SET_VRING_ADDR: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x11, 40);
+const VHOST_SET_VRING_BASE: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x12, 8);
+const VHOST_GET_VRING_BASE: u64 = ioc(IOC_READ | IOC_WRITE, VHOST_VIRTIO, 0x12, 8);
+const VHOST_SET_VRING_KICK: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x20, 8);
+const VHOST_SET_VRING_CALL: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x21, 8);
+const VHOST_VDPA_GET_STATUS: u64 = ioc(IOC_READ, VHOST_VIRTIO, 0x71, 1);
+const VHOST_VDPA_SET_STATUS: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x72, 1);
+/// struct vhost_vdpa_config header.
+const VHOST_VDPA_GET_CONFIG: u64 = ioc(IOC_READ, VHOST_VIRTIO, 0x73, 8);
+const VHOST_VDPA_SET_CONFIG: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x74, 8);
+const VHOST_VDPA_SET_VRING_ENABLE: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x75, 8);
+const VHOST_VDPA_SET_CONFIG_CALL: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x77, 4);
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
 const TIOCGWINSZ: u64 = 0x5413;
@@ -71,11 +101,44 @@ const VMM_ONLY: &[i64] = &[
     libc::SYS_epoll_ctl,
 ];
 
+/// vCPU threads run device emulation: a guest write can reprogram MSI-X
+/// routes, move a BAR (its ioeventfds), or start and reset a vhost-vdpa
+/// device.
 fn ioctl_rules(kind: ThreadKind) -> Vec<u64> {
     match kind {
         ThreadKind::Vmm => vec![TCGETS, TCSETS, TIOCGWINSZ],
-        ThreadKind::Vcpu => vec![KVM_RUN],
+        ThreadKind::Vcpu => vec![
+            KVM_RUN,
+            KVM_SET_GSI_ROUTING,
+            KVM_IOEVENTFD,
+            VHOST_GET_FEATURES,
+            VHOST_SET_FEATURES,
+            VHOST_SET_VRING_NUM,
+            VHOST_SET_VRING_ADDR,
+            VHOST_SET_VRING_BASE,
+            VHOST_GET_VRING_BASE,
+            VHOST_SET_VRING_KICK,
+            VHOST_SET_VRING_CALL,
+            VHOST_VDPA_GET_STATUS,
+            VHOST_VDPA_SET_STATUS,
+            VHOST_VDPA_GET_CONFIG,
+            VHOST_VDPA_SET_CONFIG,
+            VHOST_VDPA_SET_VRING_ENABLE,
+            VHOST_VDPA_SET_CONFIG_CALL,
+        ],
     }
+}
+
+/// fcntl only to duplicate descriptors (EventFd::try_clone hands a device
+/// its kick and call fds when the guest starts it).
+fn fcntl_rules() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    let dup = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::F_DUPFD_CLOEXEC as u64,
+    )?;
+    Ok(vec![SeccompRule::new(vec![dup])?])
 }
 
 /// Compiles the filter for one kind of thread.
@@ -98,6 +161,9 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_ioctl, ioctls);
+    if kind == ThreadKind::Vcpu {
+        rules.insert(libc::SYS_fcntl, fcntl_rules().map_err(|e| error(&e))?);
+    }
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Trap,
@@ -252,6 +318,17 @@ mod tests {
     fn vcpu_threads_may_not_issue_terminal_ioctls() {
         let (status, _) = in_filtered_child(ThreadKind::Vcpu, terminal_ioctl);
         assert_killed_by_sigsys(status);
+    }
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_encoding() {
+        // Values as the kernel headers compute them (checked with a C build).
+        assert_eq!(KVM_RUN, 0xae80);
+        assert_eq!(KVM_SET_GSI_ROUTING, 0x4008_ae6a);
+        assert_eq!(KVM_IOEVENTFD, 0x4040_ae79);
+        assert_eq!(VHOST_GET_VRING_BASE, 0xc008_af12);
+        assert_eq!(VHOST_VDPA_SET_STATUS, 0x4001_af72);
+        assert_eq!(VHOST_VDPA_SET_CONFIG_CALL, 0x4004_af77);
     }
 
     #[test]

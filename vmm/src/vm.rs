@@ -1,6 +1,8 @@
 //! The KVM virtual machine: its file descriptors, in-kernel interrupt
 //! controllers and the guest memory slots.
 
+use std::sync::Arc;
+
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -32,7 +34,9 @@ pub enum VmError {
 
 pub struct Vm {
     pub kvm: Kvm,
-    pub fd: VmFd,
+    /// Shared with the interrupt router and ioeventfd registry, which vCPU
+    /// threads use when the guest reprograms devices.
+    pub fd: Arc<VmFd>,
 }
 
 impl Vm {
@@ -50,7 +54,10 @@ impl Vm {
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         fd.set_tss_address(KVM_TSS_ADDRESS).map_err(VmError::Tss)?;
         fd.create_irq_chip().map_err(VmError::IrqChip)?;
-        Ok(Vm { kvm, fd })
+        Ok(Vm {
+            kvm,
+            fd: Arc::new(fd),
+        })
     }
 
     /// Largest vCPU count KVM accepts for one VM.

@@ -381,6 +381,52 @@ impl<B: IotlbBackend> DmaMapper<B> {
         Ok(report)
     }
 
+    /// Re-sends every entry of `asid`: each is invalidated, then updated,
+    /// in one batch. For a device that may have dropped its mappings (a
+    /// reset without VHOST_BACKEND_F_IOTLB_PERSIST lets a parent clean
+    /// them); the engine's own state does not change.
+    pub fn replay(&mut self, asid: u32) -> Result<CommitReport, DmaError> {
+        let entries = self.mappings(asid);
+        if entries.is_empty() {
+            return Ok(CommitReport::default());
+        }
+        let mut messages = Vec::with_capacity(2 * entries.len() + 2);
+        if self.batching {
+            messages.push(IotlbMessage::BatchBegin { asid });
+        }
+        messages.extend(entries.iter().map(|e| IotlbMessage::Invalidate {
+            asid,
+            iova: e.iova,
+            size: e.size,
+        }));
+        messages.extend(
+            entries
+                .iter()
+                .map(|&range| IotlbMessage::Update { asid, range }),
+        );
+        for (i, &message) in messages.iter().enumerate() {
+            if let Err(source) = self.send(message) {
+                // Close a batch we opened; the device's state is unknown now.
+                if self.batching && i > 0 {
+                    let _ = self.send(IotlbMessage::BatchEnd { asid });
+                }
+                return Err(DmaError::Backend { message, source });
+            }
+        }
+        if self.batching {
+            let end = IotlbMessage::BatchEnd { asid };
+            self.send(end).map_err(|source| DmaError::Backend {
+                message: end,
+                source,
+            })?;
+        }
+        Ok(CommitReport {
+            updates: count(entries.len()),
+            invalidates: count(entries.len()),
+            batched: self.batching,
+        })
+    }
+
     /// Computes the diff; refuses the transaction before anything is sent.
     fn plan(&self, txn: &Transaction) -> Result<Plan, DmaError> {
         let empty = SegMap::new();

@@ -830,3 +830,32 @@ fn random_transactions_match_a_page_model() {
         }
     }
 }
+
+#[test]
+fn replay_re_sends_every_entry_in_one_batch_and_keeps_the_state() {
+    let mut m = mapper(true);
+    boot(&mut m);
+    let before = m.mappings(ASID);
+    let report = m.replay(ASID).unwrap();
+    assert_eq!((report.updates, report.invalidates), (2, 2));
+    assert_eq!(
+        m.backend_mut().take_messages(),
+        vec![
+            BEGIN,
+            inv(0, 3 * GIB),
+            inv(4 * GIB, GIB),
+            upd(0, 3 * GIB, HOST_LOW),
+            upd(4 * GIB, GIB, HOST_HIGH),
+            END
+        ]
+    );
+    assert_eq!(m.mappings(ASID), before);
+    assert_in_sync(&m);
+}
+
+#[test]
+fn replay_of_nothing_sends_nothing() {
+    let mut m = mapper(true);
+    assert_eq!(m.replay(ASID).unwrap(), CommitReport::default());
+    assert!(m.backend_mut().take_messages().is_empty());
+}

@@ -5,6 +5,7 @@
 //! state machine, queue configuration, notifications and MSI-X interrupts.
 
 pub mod pci;
+pub mod vdpa_net;
 
 use std::io;
 

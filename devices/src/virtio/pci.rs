@@ -136,9 +136,9 @@ pub struct TransportCounters {
     pub config_interrupts: u64,
 }
 
-pub struct VirtioPciDevice {
+pub struct VirtioPciDevice<D: VirtioDevice> {
     config: PciConfiguration,
-    device: Box<dyn VirtioDevice>,
+    device: D,
     interrupt: Arc<PciInterrupt>,
     msix: Arc<Mutex<Msix>>,
     msix_cap_offset: usize,
@@ -164,16 +164,16 @@ pub enum TransportError {
     EventFd(io::Error),
 }
 
-impl VirtioPciDevice {
+impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// Wraps `device` with `vectors` MSI-X vectors (one per queue plus one for
     /// config changes is what drivers ask for) and a BAR at `bar_addr`.
     pub fn new(
-        device: Box<dyn VirtioDevice>,
+        device: D,
         vectors: Vec<MsiVector>,
         router: Arc<dyn MsiRouter>,
         ioevents: Arc<dyn IoEventRegistry>,
         bar_addr: u64,
-    ) -> Result<VirtioPciDevice, TransportError> {
+    ) -> Result<VirtioPciDevice<D>, TransportError> {
         let device_type = device.device_type();
         let (class, subclass) = class_of(device_type);
         let mut config = PciConfiguration::new(PciIdentity {
@@ -262,8 +262,8 @@ impl VirtioPciDevice {
         self.counters
     }
 
-    pub fn device(&self) -> &dyn VirtioDevice {
-        self.device.as_ref()
+    pub fn device(&self) -> &D {
+        &self.device
     }
 
     /// Tells the driver the device configuration changed.
@@ -561,7 +561,7 @@ fn add_virtio_cap(
     Ok(())
 }
 
-impl PciDevice for VirtioPciDevice {
+impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
     fn config(&self) -> &PciConfiguration {
         &self.config
     }
@@ -720,7 +720,13 @@ mod tests {
         }
     }
 
-    fn transport(fail_activation: bool) -> (VirtioPciDevice, Arc<Mutex<Recorded>>, Arc<Registry>) {
+    fn transport(
+        fail_activation: bool,
+    ) -> (
+        VirtioPciDevice<FakeDevice>,
+        Arc<Mutex<Recorded>>,
+        Arc<Registry>,
+    ) {
         let recorded = Arc::new(Mutex::new(Recorded::default()));
         let device = FakeDevice {
             recorded: recorded.clone(),
@@ -734,7 +740,7 @@ mod tests {
             .collect();
         let registry = Arc::new(Registry::default());
         let pci = VirtioPciDevice::new(
-            Box::new(device),
+            device,
             vectors,
             Arc::new(NoRouting),
             registry.clone(),
@@ -744,18 +750,18 @@ mod tests {
         (pci, recorded, registry)
     }
 
-    fn write(pci: &mut VirtioPciDevice, offset: u64, value: u64, len: usize) {
+    fn write(pci: &mut VirtioPciDevice<FakeDevice>, offset: u64, value: u64, len: usize) {
         pci.write_bar(0, offset, &value.to_le_bytes()[..len]);
     }
 
-    fn read(pci: &mut VirtioPciDevice, offset: u64, len: usize) -> u64 {
+    fn read(pci: &mut VirtioPciDevice<FakeDevice>, offset: u64, len: usize) -> u64 {
         let mut bytes = [0u8; 8];
         pci.read_bar(0, offset, &mut bytes[..len]);
         u64::from_le_bytes(bytes)
     }
 
     /// What Linux's virtio_pci_modern does, up to DRIVER_OK.
-    fn drive_to_ok(pci: &mut VirtioPciDevice, features: u64) -> u8 {
+    fn drive_to_ok(pci: &mut VirtioPciDevice<FakeDevice>, features: u64) -> u8 {
         write(pci, 0x14, 0, 1);
         write(pci, 0x14, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER), 1);
         write(pci, 0x00, 1, 4);

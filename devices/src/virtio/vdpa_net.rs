@@ -1,0 +1,475 @@
+//! virtio-net whose data path is a vDPA device, reached through the kernel's
+//! vhost-vdpa (/dev/vhost-vdpa-N).
+//!
+//! The VMM only negotiates and configures: queue notifications go from KVM
+//! ioeventfds straight to the device (kick fds), interrupts from the device
+//! straight to KVM irqfds (call fds), and what memory the device may reach is
+//! decided by the DMA-mapping engine, which this device owns and shares with
+//! whoever changes guest memory.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vhost::vdpa::VhostVdpa;
+use vhost::vhost_kern::vdpa::VhostKernVdpa;
+use vhost::vhost_kern::VhostKernFeatures;
+use vhost::{VhostBackend, VringConfigData};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::*;
+use crate::dma::{DmaCounters, DmaError, DmaMapper, DmaRange, VhostVdpaIotlb};
+
+pub const VIRTIO_ID_NET: u32 = 1;
+
+const VHOST_BACKEND_F_IOTLB_MSG_V2: u64 = 1 << 0x1;
+const VHOST_BACKEND_F_IOTLB_BATCH: u64 = 1 << 0x2;
+const VHOST_BACKEND_F_IOTLB_PERSIST: u64 = 1 << 0x8;
+
+const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+const VIRTIO_NET_F_MTU: u64 = 1 << 3;
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << 9;
+const VIRTIO_NET_F_GUEST_UFO: u64 = 1 << 10;
+const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+const VIRTIO_NET_F_HOST_ECN: u64 = 1 << 13;
+const VIRTIO_NET_F_HOST_UFO: u64 = 1 << 14;
+const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// Features the guest may see when the device offers them. Anything else
+/// (packed rings, features this VMM does not understand) stays hidden.
+/// ACCESS_PLATFORM is never offered to the guest here: without a vIOMMU the
+/// device's IOVA is the guest physical address, so the VMM acks it towards
+/// the device on the guest's behalf.
+const GUEST_VISIBLE_FEATURES: u64 = VIRTIO_F_VERSION_1
+    | VIRTIO_NET_F_CSUM
+    | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_MTU
+    | VIRTIO_NET_F_MAC
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_NET_F_GUEST_ECN
+    | VIRTIO_NET_F_GUEST_UFO
+    | VIRTIO_NET_F_HOST_TSO4
+    | VIRTIO_NET_F_HOST_TSO6
+    | VIRTIO_NET_F_HOST_ECN
+    | VIRTIO_NET_F_HOST_UFO
+    | VIRTIO_NET_F_MRG_RXBUF
+    | VIRTIO_NET_F_STATUS
+    | VIRTIO_RING_F_INDIRECT_DESC
+    | VIRTIO_RING_F_EVENT_IDX;
+
+/// Offset of `mac` and `max_virtqueue_pairs` in struct virtio_net_config.
+const CONFIG_MAC: u64 = 0;
+const CONFIG_MAX_VQ_PAIRS: u64 = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VdpaError {
+    #[error("cannot open '{path}': {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("'{0}' is not a vhost-vdpa device")]
+    NotVhostVdpa(PathBuf),
+    #[error("'{path}' is a vDPA device of virtio type {id}, not a network device (type 1)")]
+    NotNet { path: PathBuf, id: u32 },
+    #[error("vhost-vdpa device '{path}' does not offer {what}, which this VMM needs")]
+    Missing { path: PathBuf, what: &'static str },
+    #[error("vhost-vdpa device '{path}': {what} failed: {source}")]
+    Ioctl {
+        path: PathBuf,
+        what: &'static str,
+        source: vhost::Error,
+    },
+    #[error("{requested} queue pairs requested for '{path}' (it offers {offered}); this VMM drives one pair: multiqueue needs the control queue, not modelled yet")]
+    Queues {
+        path: PathBuf,
+        requested: u16,
+        offered: u16,
+    },
+    #[error("cannot duplicate the vhost-vdpa descriptor: {0}")]
+    Dup(std::io::Error),
+    #[error("cannot map guest memory for '{path}': {source}")]
+    Map { path: PathBuf, source: DmaError },
+}
+
+#[derive(Clone, Debug)]
+pub struct VdpaNetConfig {
+    pub path: PathBuf,
+    pub mac: Option<[u8; 6]>,
+    pub queue_pairs: u16,
+}
+
+/// What was negotiated with the kernel, for `info`.
+#[derive(Clone, Debug)]
+pub struct VdpaNetInfo {
+    pub path: PathBuf,
+    pub device_features: u64,
+    pub guest_features: u64,
+    pub backend_features: u64,
+    pub iova_first: u64,
+    pub iova_last: u64,
+    pub queue_max_size: u16,
+    pub queues: u16,
+    pub status: u8,
+    pub mappings: Vec<DmaRange>,
+}
+
+/// Per-queue state the device reports: where the ring is and how far the
+/// device has consumed the avail ring (VHOST_GET_VRING_BASE).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QueueReport {
+    pub index: u16,
+    pub size: u16,
+    pub last_avail_idx: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct VdpaNetCounters {
+    pub dma: DmaCounters,
+    pub activations: u64,
+    pub resets: u64,
+    pub iotlb_replays: u64,
+    pub queues: Vec<QueueReport>,
+}
+
+type Mapper = DmaMapper<VhostVdpaIotlb>;
+
+pub struct VdpaNet {
+    path: PathBuf,
+    vhost: VhostKernVdpa<Arc<GuestMemoryMmap>>,
+    mapper: Arc<Mutex<Mapper>>,
+    device_features: u64,
+    backend_features: u64,
+    iova_first: u64,
+    iova_last: u64,
+    config_size: u32,
+    queue_max_size: u16,
+    queue_count: u16,
+    mac: Option<[u8; 6]>,
+    active: Vec<QueueConfig>,
+    activations: u64,
+    resets: u64,
+    iotlb_replays: u64,
+    /// Stand-in call fd for queues the guest left without a vector.
+    no_interrupt: EventFd,
+}
+
+impl VdpaNet {
+    /// Opens and claims the device, checks it is a vhost-vdpa net device
+    /// and negotiates the backend features.
+    pub fn open(
+        config: &VdpaNetConfig,
+        memory: Arc<GuestMemoryMmap>,
+    ) -> Result<VdpaNet, VdpaError> {
+        let path = config.path.clone();
+        let text = path.to_string_lossy().into_owned();
+        let ioctl = |what: &'static str| {
+            let path = path.clone();
+            move |source| VdpaError::Ioctl { path, what, source }
+        };
+        let mut vhost = VhostKernVdpa::new(&text, memory).map_err(|e| match e {
+            vhost::Error::VhostOpen(source) => VdpaError::Open {
+                path: path.clone(),
+                source,
+            },
+            _ => VdpaError::NotVhostVdpa(path.clone()),
+        })?;
+        // Anything that is not a vhost device refuses its first vhost ioctl.
+        vhost
+            .set_owner()
+            .map_err(|_| VdpaError::NotVhostVdpa(path.clone()))?;
+        let id = vhost
+            .get_device_id()
+            .map_err(|_| VdpaError::NotVhostVdpa(path.clone()))?;
+        if id != VIRTIO_ID_NET {
+            return Err(VdpaError::NotNet { path, id });
+        }
+        let device_features = vhost.get_features().map_err(ioctl("VHOST_GET_FEATURES"))?;
+        if device_features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(VdpaError::Missing {
+                path,
+                what: "VIRTIO_F_VERSION_1",
+            });
+        }
+        let offered_backend = vhost
+            .get_backend_features()
+            .map_err(ioctl("VHOST_GET_BACKEND_FEATURES"))?;
+        if offered_backend & VHOST_BACKEND_F_IOTLB_MSG_V2 == 0 {
+            return Err(VdpaError::Missing {
+                path,
+                what: "VHOST_BACKEND_F_IOTLB_MSG_V2",
+            });
+        }
+        let backend_features = offered_backend
+            & (VHOST_BACKEND_F_IOTLB_MSG_V2
+                | VHOST_BACKEND_F_IOTLB_BATCH
+                | VHOST_BACKEND_F_IOTLB_PERSIST);
+        vhost
+            .set_backend_features(backend_features)
+            .map_err(ioctl("VHOST_SET_BACKEND_FEATURES"))?;
+        vhost.set_backend_features_acked(backend_features);
+        let range = vhost
+            .get_iova_range()
+            .map_err(ioctl("VHOST_VDPA_GET_IOVA_RANGE"))?;
+        let config_size = vhost
+            .get_config_size()
+            .map_err(ioctl("VHOST_VDPA_GET_CONFIG_SIZE"))?;
+        let queue_max_size = vhost
+            .get_vring_num()
+            .map_err(ioctl("VHOST_VDPA_GET_VRING_NUM"))?;
+
+        let offered_pairs = if device_features & VIRTIO_NET_F_MQ != 0
+            && device_features & VIRTIO_NET_F_CTRL_VQ != 0
+        {
+            let mut pairs = [0u8; 2];
+            vhost
+                .get_config(CONFIG_MAX_VQ_PAIRS as u32, &mut pairs)
+                .map_err(ioctl("VHOST_VDPA_GET_CONFIG"))?;
+            u16::from_le_bytes(pairs).max(1)
+        } else {
+            1
+        };
+        // Multiqueue also needs the control queue, which this VMM does not
+        // model yet: refuse rather than pretend.
+        if config.queue_pairs != 1 {
+            return Err(VdpaError::Queues {
+                path,
+                requested: config.queue_pairs,
+                offered: offered_pairs,
+            });
+        }
+
+        // The engine writes IOTLB messages on its own descriptor.
+        // SAFETY: dup(2) on a descriptor we own; the result is checked and
+        // owned by the File from here on.
+        let fd = unsafe { libc::dup(vhost.as_raw_fd()) };
+        if fd < 0 {
+            return Err(VdpaError::Dup(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let iotlb_file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let batching = backend_features & VHOST_BACKEND_F_IOTLB_BATCH != 0;
+        let mapper = DmaMapper::new(
+            VhostVdpaIotlb::new(iotlb_file),
+            range.first..=range.last,
+            batching,
+        );
+        Ok(VdpaNet {
+            path,
+            vhost,
+            mapper: Arc::new(Mutex::new(mapper)),
+            device_features,
+            backend_features,
+            iova_first: range.first,
+            iova_last: range.last,
+            config_size,
+            queue_max_size,
+            queue_count: 2 * config.queue_pairs,
+            mac: config.mac,
+            active: Vec::new(),
+            activations: 0,
+            resets: 0,
+            iotlb_replays: 0,
+            no_interrupt: EventFd::new(EFD_NONBLOCK).map_err(VdpaError::Dup)?,
+        })
+    }
+
+    /// The engine that decides what this device may reach; memory changes
+    /// are committed to it as transactions.
+    pub fn mapper(&self) -> Arc<Mutex<DmaMapper<VhostVdpaIotlb>>> {
+        self.mapper.clone()
+    }
+
+    /// How many queues the guest will see.
+    pub fn queue_max_sizes_len(&self) -> usize {
+        usize::from(self.queue_count)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock_mapper(&self) -> MutexGuard<'_, Mapper> {
+        self.mapper.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn info(&self, guest_features: u64) -> VdpaNetInfo {
+        VdpaNetInfo {
+            path: self.path.clone(),
+            device_features: self.device_features,
+            guest_features,
+            backend_features: self.backend_features,
+            iova_first: self.iova_first,
+            iova_last: self.iova_last,
+            queue_max_size: self.queue_max_size,
+            queues: self.queue_count,
+            status: self.vhost.get_status().unwrap_or(0),
+            mappings: self.lock_mapper().mappings(0),
+        }
+    }
+
+    pub fn counters(&self) -> VdpaNetCounters {
+        let queues = self
+            .active
+            .iter()
+            .map(|q| QueueReport {
+                index: q.index,
+                size: q.size,
+                last_avail_idx: self.vhost.get_vring_base(usize::from(q.index)).ok(),
+            })
+            .collect();
+        VdpaNetCounters {
+            dma: self.lock_mapper().counters(),
+            activations: self.activations,
+            resets: self.resets,
+            iotlb_replays: self.iotlb_replays,
+            queues,
+        }
+    }
+
+    fn start(&mut self, activation: &Activation) -> Result<(), String> {
+        let fail = |what: &str, e: vhost::Error| format!("{}: {what}: {e}", self.path.display());
+        let base = STATUS_ACKNOWLEDGE | STATUS_DRIVER;
+        self.vhost
+            .set_status(base)
+            .map_err(|e| fail("set status", e))?;
+        let platform = self.device_features & VIRTIO_F_ACCESS_PLATFORM;
+        self.vhost
+            .set_features(activation.features | platform)
+            .map_err(|e| fail("VHOST_SET_FEATURES", e))?;
+        self.vhost
+            .set_status(base | STATUS_FEATURES_OK)
+            .map_err(|e| fail("set FEATURES_OK", e))?;
+        let status = self.vhost.get_status().map_err(|e| fail("get status", e))?;
+        if status & STATUS_FEATURES_OK == 0 {
+            return Err(format!(
+                "{}: the device refused the features",
+                self.path.display()
+            ));
+        }
+        for (queue, kick) in activation.queues.iter().zip(&activation.kicks) {
+            let index = usize::from(queue.index);
+            let ring = VringConfigData {
+                queue_max_size: self.queue_max_size,
+                queue_size: queue.size,
+                flags: 0,
+                desc_table_addr: queue.desc,
+                used_ring_addr: queue.device,
+                avail_ring_addr: queue.driver,
+                log_addr: None,
+            };
+            self.vhost
+                .set_vring_num(index, queue.size)
+                .map_err(|e| fail("VHOST_SET_VRING_NUM", e))?;
+            self.vhost
+                .set_vring_addr(index, &ring)
+                .map_err(|e| fail("VHOST_SET_VRING_ADDR", e))?;
+            self.vhost
+                .set_vring_base(index, 0)
+                .map_err(|e| fail("VHOST_SET_VRING_BASE", e))?;
+            self.vhost
+                .set_vring_kick(index, kick)
+                .map_err(|e| fail("VHOST_SET_VRING_KICK", e))?;
+            let call = activation.interrupt.queue_irqfd(queue.index);
+            self.vhost
+                .set_vring_call(index, call.as_ref().unwrap_or(&self.no_interrupt))
+                .map_err(|e| fail("VHOST_SET_VRING_CALL", e))?;
+        }
+        if let Some(config_call) = activation.interrupt.config_irqfd() {
+            self.vhost
+                .set_config_call(&config_call)
+                .map_err(|e| fail("VHOST_VDPA_SET_CONFIG_CALL", e))?;
+        }
+        for queue in &activation.queues {
+            self.vhost
+                .set_vring_enable(usize::from(queue.index), true)
+                .map_err(|e| fail("VHOST_VDPA_SET_VRING_ENABLE", e))?;
+        }
+        self.vhost
+            .set_status(base | STATUS_FEATURES_OK | STATUS_DRIVER_OK)
+            .map_err(|e| fail("set DRIVER_OK", e))?;
+        self.active = activation.queues.clone();
+        Ok(())
+    }
+}
+
+impl VirtioDevice for VdpaNet {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![self.queue_max_size; usize::from(self.queue_count)]
+    }
+
+    fn features(&self) -> u64 {
+        let mac = if self.mac.is_some() {
+            VIRTIO_NET_F_MAC
+        } else {
+            0
+        };
+        (self.device_features & GUEST_VISIBLE_FEATURES) | mac
+    }
+
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let end = offset + data.len() as u64;
+        if end <= u64::from(self.config_size) {
+            // A failed read leaves zeros; the guest sees an odd config, not a crash.
+            let _ = self.vhost.get_config(offset as u32, data);
+        }
+        if let Some(mac) = self.mac {
+            for (i, byte) in data.iter_mut().enumerate() {
+                let at = offset + i as u64;
+                if (CONFIG_MAC..CONFIG_MAC + 6).contains(&at) {
+                    *byte = mac[(at - CONFIG_MAC) as usize];
+                }
+            }
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        if offset + data.len() as u64 <= u64::from(self.config_size) {
+            let _ = self.vhost.set_config(offset as u32, data);
+        }
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        match self.start(&activation) {
+            Ok(()) => {
+                self.activations += 1;
+                Ok(())
+            }
+            Err(message) => {
+                let _ = self.vhost.set_status(0);
+                Err(ActivateError::Backend(message))
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        let _ = self.vhost.set_status(0);
+        self.active.clear();
+        self.resets += 1;
+        // Without IOTLB_PERSIST a parent may drop its mappings on reset
+        // (VDPA_RESET_F_CLEAN_MAP); put back exactly what the engine holds.
+        if self.backend_features & VHOST_BACKEND_F_IOTLB_PERSIST == 0
+            && self.lock_mapper().replay(0).is_ok()
+        {
+            self.iotlb_replays += 1;
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Bring-up of virtio-net devices backed by vhost-vdpa: open and negotiate
+//! with the kernel, map the guest's RAM for the device as one transaction,
+//! and plug the device into the PCI segment.
+
+use std::sync::{Arc, Mutex};
+
+use devices::dma::{CommitReport, DmaError, DmaMapper, VhostVdpaIotlb};
+use devices::virtio::pci::{TransportError, VirtioPciDevice, BAR_SIZE};
+use devices::virtio::vdpa_net::{VdpaError, VdpaNet, VdpaNetConfig};
+use vm_memory::GuestMemoryMmap;
+
+use crate::config::NetConfig;
+use crate::interrupts::{InterruptError, KvmIoEvents, KvmMsiRouter};
+use crate::memory::GuestRam;
+use crate::pci::{PciSegment, PciSetupError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Vdpa(#[from] VdpaError),
+    #[error("cannot map guest memory for {path}: {source}")]
+    Map { path: String, source: DmaError },
+    #[error(transparent)]
+    Interrupts(#[from] InterruptError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Pci(#[from] PciSetupError),
+}
+
+pub type NetPciDevice = VirtioPciDevice<VdpaNet>;
+
+/// A running vDPA net device, as the control API sees it.
+pub struct NetHandle {
+    pub config: NetConfig,
+    pub slot: u8,
+    pub pci: Arc<Mutex<NetPciDevice>>,
+    pub mapper: Arc<Mutex<DmaMapper<VhostVdpaIotlb>>>,
+    pub boot_mapping: CommitReport,
+}
+
+/// Wiring shared by every PCI device.
+pub struct PciWiring<'a> {
+    pub segment: &'a mut PciSegment,
+    pub router: &'a Arc<KvmMsiRouter>,
+    pub ioevents: &'a Arc<KvmIoEvents>,
+}
+
+pub fn add_vdpa_net(
+    config: &NetConfig,
+    ram: &GuestRam,
+    memory: Arc<GuestMemoryMmap>,
+    wiring: PciWiring<'_>,
+) -> Result<NetHandle, NetError> {
+    let device = VdpaNet::open(
+        &VdpaNetConfig {
+            path: config.vdpa_path.clone(),
+            mac: config.mac,
+            queue_pairs: config.queue_pairs,
+        },
+        memory,
+    )?;
+    let mapper = device.mapper();
+    let boot_mapping = map_guest_ram(&mapper, ram).map_err(|source| NetError::Map {
+        path: config.vdpa_path.display().to_string(),
+        source,
+    })?;
+    // One vector per queue, one for configuration changes.
+    let vectors = wiring
+        .router
+        .allocate_vectors(device.queue_max_sizes_len() + 1)?;
+    let bar = wiring.segment.allocate_mem64(BAR_SIZE)?;
+    let pci = Arc::new(Mutex::new(VirtioPciDevice::new(
+        device,
+        vectors,
+        wiring.router.clone(),
+        wiring.ioevents.clone(),
+        bar,
+    )?));
+    let slot = wiring.segment.add_device(pci.clone())?;
+    Ok(NetHandle {
+        config: config.clone(),
+        slot,
+        pci,
+        mapper,
+        boot_mapping,
+    })
+}
+
+/// Boot memory reaches the device as one transaction: one batch.
+fn map_guest_ram(
+    mapper: &Mutex<DmaMapper<VhostVdpaIotlb>>,
+    ram: &GuestRam,
+) -> Result<CommitReport, DmaError> {
+    let mut mapper = mapper.lock().unwrap_or_else(|p| p.into_inner());
+    let mut transaction = mapper.begin(0);
+    for range in ram.dma_ranges() {
+        transaction.add(range);
+    }
+    mapper.commit(transaction)
+}
