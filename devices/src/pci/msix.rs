@@ -42,6 +42,8 @@ pub struct Msix {
     function_masked: bool,
     /// Set when an interrupt was requested while its vector was masked.
     pending: Vec<bool>,
+    /// Whether each vector currently has a route.
+    routed: Vec<bool>,
 }
 
 impl Msix {
@@ -61,6 +63,7 @@ impl Msix {
             enabled: false,
             function_masked: false,
             pending: vec![false; count],
+            routed: vec![false; count],
         }
     }
 
@@ -112,7 +115,15 @@ impl Msix {
         // A routing failure leaves the vector silent; there is no one to tell
         // but the guest, which sees a device that does not interrupt.
         let _ = self.router.route(self.vectors[vector].gsi, message);
-        if message.is_some() && std::mem::take(&mut self.pending[vector]) {
+        let was_routed = std::mem::replace(&mut self.routed[vector], message.is_some());
+        let pending = std::mem::take(&mut self.pending[vector]);
+        // Backends like vhost signal the irqfd directly, so an interrupt
+        // raised while the vector had no route was dropped by KVM and the
+        // VMM cannot know. Linux masks a vector to move it (typically on its
+        // first interrupt): fire once on every unmask, as the pending bit
+        // would have, rather than lose one. Virtio drivers treat a spurious
+        // interrupt as a no-op.
+        if message.is_some() && (pending || !was_routed) {
             let _ = self.vectors[vector].trigger();
         }
     }
@@ -290,6 +301,26 @@ mod tests {
         );
         msix.read_pba(0, &mut pba);
         assert_eq!(pba[0], 0);
+    }
+
+    #[test]
+    fn unmasking_fires_once_because_an_irqfd_interrupt_may_have_been_dropped() {
+        let (mut msix, _router) = msix(1);
+        msix.set_control(CONTROL_ENABLE);
+        program(&mut msix, 0, 0xfee0_0000, 0x30, false);
+        assert_eq!(msix.vectors[0].event.read().unwrap(), 1, "first route");
+        // Linux moves a vector: mask, rewrite, unmask.
+        msix.write_table(12, &1u32.to_le_bytes());
+        msix.write_table(8, &0x31u32.to_le_bytes());
+        assert!(
+            msix.vectors[0].event.read().is_err(),
+            "nothing while masked"
+        );
+        msix.write_table(12, &0u32.to_le_bytes());
+        assert_eq!(msix.vectors[0].event.read().unwrap(), 1, "fired on unmask");
+        // A rewrite that keeps the vector routed does not fire.
+        msix.write_table(0, &0xfee0_1000u32.to_le_bytes());
+        assert!(msix.vectors[0].event.read().is_err());
     }
 
     #[test]
