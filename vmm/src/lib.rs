@@ -5,6 +5,7 @@
 //! validate → memory → VM → ACPI → kernel → devices → vCPUs → run.
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod config;
@@ -61,6 +62,8 @@ pub enum VmmError {
     Pci(#[from] pci::PciSetupError),
     #[error(transparent)]
     Net(#[from] net::NetError),
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
     #[error("cannot place a device on the I/O bus: {0}")]
     Bus(#[from] BusError),
     #[error("cannot create an event descriptor: {0}")]
@@ -140,6 +143,20 @@ pub fn run(config: &VmmConfig) -> Result<GuestExit, VmmError> {
     } else {
         None
     };
+    let api_state = Arc::new(api::ApiState {
+        vcpus: config.vcpus,
+        memory_bytes: config.memory.size.0,
+        ram: ram.ranges.clone(),
+        nets,
+    });
+    if let Some(path) = &config.api_socket {
+        let listener = api::bind(path)?;
+        let filter = match config.seccomp {
+            true => Some(seccomp::filter(ThreadKind::Api)?),
+            false => None,
+        };
+        api::spawn(listener, api_state.clone(), filter)?;
+    }
 
     let mut event_manager =
         EventManager::<Subscriber>::new().map_err(|e| VmmError::EventLoop(e.to_string()))?;
@@ -184,7 +201,7 @@ pub fn run(config: &VmmConfig) -> Result<GuestExit, VmmError> {
     // Nothing past this point may need a syscall outside the filters.
     // `ram` and `vm` stay alive here until the guest is done.
     let reason = wait_for_exit(&mut event_manager, &exit)?;
-    drop((nets, ram, vm));
+    drop((api_state, ram, vm));
     match reason {
         ExitReason::PowerOff => Ok(GuestExit::PowerOff),
         ExitReason::Reset => Ok(GuestExit::Reset),

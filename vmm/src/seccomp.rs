@@ -53,6 +53,8 @@ pub enum ThreadKind {
     Vmm,
     /// A vCPU thread: KVM_RUN and device emulation.
     Vcpu,
+    /// The control API thread: accepts clients, reads device state.
+    Api,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +97,13 @@ const COMMON: &[i64] = &[
     libc::SYS_tgkill,
 ];
 
+const API_ONLY: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_setsockopt,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+];
+
 const VMM_ONLY: &[i64] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
@@ -107,6 +116,7 @@ const VMM_ONLY: &[i64] = &[
 fn ioctl_rules(kind: ThreadKind) -> Vec<u64> {
     match kind {
         ThreadKind::Vmm => vec![TCGETS, TCSETS, TIOCGWINSZ],
+        ThreadKind::Api => vec![VHOST_GET_VRING_BASE, VHOST_VDPA_GET_STATUS],
         ThreadKind::Vcpu => vec![
             KVM_RUN,
             KVM_SET_GSI_ROUTING,
@@ -147,6 +157,7 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let extra: &[i64] = match kind {
         ThreadKind::Vmm => VMM_ONLY,
+        ThreadKind::Api => API_ONLY,
         ThreadKind::Vcpu => &[],
     };
     for &syscall in COMMON.iter().chain(extra) {

@@ -1,0 +1,246 @@
+//! The vhost-vdpa network path end to end, in the test host: a real VDUSE
+//! device (vduse-net on a TAP), the kernel's vhost-vdpa, our VMM and the
+//! guest's virtio-net driver. One test-host boot serves every check.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use e2e::{base64, Outcome, Scenario};
+use serde_json::Value;
+
+const GUEST_IP: &str = "192.0.2.2";
+const HOST_IP: &str = "192.0.2.1";
+const DEVICE_MAC: &str = "52:54:00:12:34:56";
+
+/// What the guest runs: ping, wait for the host to look, reset the device
+/// through driver unbind/bind, ping again, wait again.
+fn guest_script() -> String {
+    format!(
+        "up() {{ ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0; }}
+up
+echo guest-mac=$(cat /sys/class/net/eth0/address)
+ping -c 20 -W 2 {HOST_IP}
+echo phase1-done
+nc -l -p 5000 >/dev/null
+echo 0000:00:01.0 > /sys/bus/pci/drivers/virtio-pci/unbind
+echo 0000:00:01.0 > /sys/bus/pci/drivers/virtio-pci/bind
+sleep 1
+up
+ping -c 5 -W 2 {HOST_IP}
+echo phase2-done
+nc -l -p 5000 >/dev/null
+"
+    )
+}
+
+/// The host side: device, VMM, and a look at the device and the API at
+/// each phase. Sections are printed as `@@section name`.
+fn host_script() -> String {
+    let cmd = base64(guest_script().as_bytes());
+    format!(
+        r#"vduse-net --name net0 --tap tap0 --iotlb-dump /tmp/iotlb >/tmp/vduse.out 2>/tmp/vduse.err &
+VD=$!
+i=0; until grep -q ready /tmp/vduse.out 2>/dev/null; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
+echo "@@section vduse-ready"; cat /tmp/vduse.out
+ip addr add {HOST_IP}/24 dev tap0
+microvm --kernel "$MICROVM_GUEST_KERNEL" --initramfs "$MICROVM_GUEST_INITRAMFS" --cpus 2 --memory size=512M \
+  --net vdpa=/dev/vhost-vdpa-0 --api-socket /tmp/api.sock \
+  --cmdline "console=ttyS0 reboot=k panic=1 quiet microvm.cmd={cmd}" >/tmp/console.log 2>/tmp/microvm.err &
+MV=$!
+wait_for() {{ i=0; until grep -q "$1" /tmp/console.log; do i=$((i+1)); if [ $i -gt 900 ] || ! kill -0 $MV 2>/dev/null; then return 1; fi; sleep 0.2; done; }}
+wait_for phase1-done
+echo "@@section counters-1"; microvm-ctl --socket /tmp/api.sock counters
+echo "@@section info-1"; microvm-ctl --socket /tmp/api.sock info
+echo "@@section iotlb-1"; cat /tmp/iotlb
+kill -USR1 $VD; sleep 0.5
+echo "@@section vduse-stats-1"; grep "stats iotlb_updates" /tmp/vduse.err | tail -1
+echo "@@section bad-request"; printf 'BOGUS\r\n\r\n' | microvm-ctl --socket /tmp/api.sock send-raw
+echo; echo "@@section unknown-path"; printf 'GET /nope HTTP/1.1\r\n\r\n' | microvm-ctl --socket /tmp/api.sock send-raw
+echo
+echo go | nc {GUEST_IP} 5000
+wait_for phase2-done
+echo "@@section counters-2"; microvm-ctl --socket /tmp/api.sock counters
+echo "@@section iotlb-2"; cat /tmp/iotlb
+echo go | nc {GUEST_IP} 5000
+wait $MV; echo "@@section microvm-exit"; echo $?
+echo "@@section microvm-stderr"; cat /tmp/microvm.err
+echo "@@section console"; cat /tmp/console.log
+echo "@@section not-vdpa"
+microvm --kernel "$MICROVM_GUEST_KERNEL" --net vdpa=/dev/null 2>&1; echo "exit=$?"
+microvm --kernel "$MICROVM_GUEST_KERNEL" --net vdpa=/dev/vhost-vdpa-99 2>&1; echo "exit=$?"
+kill $VD; wait $VD
+echo "@@section vduse-log"; cat /tmp/vduse.err
+"#
+    )
+}
+
+struct Run {
+    sections: HashMap<String, String>,
+    raw: Outcome,
+}
+
+fn run() -> &'static Run {
+    static RUN: OnceLock<Run> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let scenario = Scenario {
+            name: "vdpa_net",
+            script: host_script(),
+        };
+        let (outcomes, log) = e2e::run_in_test_host(&[scenario], 1500);
+        eprintln!("{log}");
+        let raw = outcomes
+            .get("vdpa_net")
+            .cloned()
+            .unwrap_or_else(|| panic!("scenario did not run:\n{log}"));
+        let mut sections = HashMap::new();
+        let mut current: Option<(String, String)> = None;
+        for line in raw.stdout.lines() {
+            if let Some(name) = line.strip_prefix("@@section ") {
+                if let Some((name, text)) = current.take() {
+                    sections.insert(name, text);
+                }
+                current = Some((name.trim().to_string(), String::new()));
+            } else if let Some((_, text)) = current.as_mut() {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        if let Some((name, text)) = current {
+            sections.insert(name, text);
+        }
+        Run { sections, raw }
+    })
+}
+
+fn section(name: &str) -> &'static str {
+    let run = run();
+    run.sections
+        .get(name)
+        .map(String::as_str)
+        .unwrap_or_else(|| panic!("no section {name}\n{}", run.raw))
+}
+
+fn json(name: &str) -> Value {
+    serde_json::from_str(section(name))
+        .unwrap_or_else(|e| panic!("section {name} is not JSON ({e}):\n{}", section(name)))
+}
+
+fn ping_summary(console: &str, transmitted: u32) -> &str {
+    console
+        .lines()
+        .find(|l| l.starts_with(&format!("{transmitted} packets transmitted")))
+        .unwrap_or_else(|| panic!("no ping summary for {transmitted} packets:\n{console}"))
+}
+
+#[test]
+fn guest_pings_the_test_host_through_the_vdpa_device_without_loss() {
+    let console = section("console");
+    assert!(
+        section("vduse-ready").contains("ready at /dev/vhost-vdpa-0"),
+        "{}",
+        run().raw
+    );
+    let summary = ping_summary(console, 20);
+    assert!(
+        summary.contains("20 packets received, 0% packet loss"),
+        "{summary}"
+    );
+    assert_eq!(
+        section("microvm-exit").trim(),
+        "0",
+        "{}",
+        section("microvm-stderr")
+    );
+}
+
+#[test]
+fn guest_mac_comes_from_the_device_config_space() {
+    assert!(
+        section("console").contains(&format!("guest-mac={DEVICE_MAC}")),
+        "{}",
+        section("console")
+    );
+}
+
+#[test]
+fn boot_memory_reaches_the_device_in_one_batch() {
+    let counters = json("counters-1");
+    let net = &counters["devices"][0];
+    let begin = net["batch_begin"].as_u64().unwrap();
+    assert!(begin >= 1, "{counters}");
+    assert_eq!(net["batch_end"], net["batch_begin"], "{counters}");
+    assert!(net["iotlb_update"].as_u64().unwrap() >= 1, "{counters}");
+    assert_eq!(
+        net["boot_mapping"]["updates"], 1,
+        "512 MiB of RAM is one host-contiguous range"
+    );
+    assert_eq!(net["boot_mapping"]["batched"], true);
+    assert_eq!(net["bytes_mapped"], 512u64 << 20);
+    // While the guest ran, the device had rebuilt its IOTLB exactly once:
+    // the boot mapping, one batch. (It rebuilds again when the VMM exits
+    // and the kernel unmaps everything.)
+    let stats = section("vduse-stats-1");
+    assert!(stats.contains("iotlb_updates=1 "), "{stats}");
+}
+
+#[test]
+fn the_device_iotlb_is_exactly_guest_ram() {
+    assert_eq!(section("iotlb-1").trim(), "0x0 0x1fffffff rw");
+    let info = json("info-1");
+    let iotlb = &info["devices"][0]["iotlb"];
+    assert_eq!(iotlb.as_array().map(Vec::len), Some(1), "{info}");
+    assert_eq!(iotlb[0]["iova"], "0x0");
+    assert_eq!(iotlb[0]["size"], 512u64 << 20);
+    assert_eq!(info["memory"]["regions"][0]["size"], 512u64 << 20);
+    assert_eq!(info["devices"][0]["path"], "/dev/vhost-vdpa-0");
+}
+
+#[test]
+fn the_api_answers_bad_requests_with_http_errors_and_keeps_running() {
+    assert!(
+        section("bad-request").starts_with("HTTP/1.1 400"),
+        "{}",
+        section("bad-request")
+    );
+    assert!(section("bad-request").contains("\"error\""));
+    assert!(
+        section("unknown-path").starts_with("HTTP/1.1 404"),
+        "{}",
+        section("unknown-path")
+    );
+    // ... and the VM went on to its second phase.
+    assert!(
+        section("console").contains("phase2-done"),
+        "{}",
+        section("console")
+    );
+}
+
+#[test]
+fn after_a_device_reset_the_guest_pings_again() {
+    let summary = ping_summary(section("console"), 5);
+    assert!(
+        summary.contains("5 packets received, 0% packet loss"),
+        "{summary}"
+    );
+    let counters = json("counters-2");
+    let net = &counters["devices"][0];
+    assert_eq!(net["activations"], 2, "{counters}");
+    assert!(net["resets"].as_u64().unwrap() >= 1, "{counters}");
+    assert_eq!(
+        section("iotlb-2").trim(),
+        "0x0 0x1fffffff rw",
+        "the mapping survived the reset"
+    );
+}
+
+#[test]
+fn a_path_that_is_not_a_vhost_vdpa_net_device_is_refused() {
+    let text = section("not-vdpa");
+    assert!(
+        text.contains("'/dev/null' is not a vhost-vdpa device"),
+        "{text}"
+    );
+    assert!(text.contains("cannot open '/dev/vhost-vdpa-99'"), "{text}");
+    assert_eq!(text.matches("exit=1").count(), 2, "{text}");
+}
