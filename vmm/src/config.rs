@@ -22,7 +22,7 @@ pub const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
 pub enum ConfigError {
     #[error("malformed size '{0}': expected a number with an optional K, M or G suffix")]
     MalformedSize(String),
-    #[error("malformed memory option '{0}': expected size=SIZE")]
+    #[error("malformed memory option '{0}': expected size=SIZE[,hotplug=MAX][,block=BLOCK]")]
     MalformedMemory(String),
     #[error("malformed serial option '{0}': expected stdout, off or file=PATH")]
     MalformedSerial(String),
@@ -42,6 +42,16 @@ pub enum ConfigError {
     MemoryTooLarge { requested: Size, host: Size },
     #[error("guest memory {0} is not a multiple of 4 KiB")]
     MemoryUnaligned(Size),
+    #[error("hotplug block size {0} must be a power of two of at least 2M")]
+    BadHotplugBlock(Size),
+    #[error("hotplug size {size} is not a multiple of the block size {block}")]
+    HotplugUnaligned { size: Size, block: Size },
+    #[error("guest memory {boot} plus hotplug {hotplug} is more than this host has ({host})")]
+    HotplugTooLarge {
+        boot: Size,
+        hotplug: Size,
+        host: Size,
+    },
     #[error("kernel command line is {len} bytes; the guest kernel accepts at most {max}")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("cannot read {what} '{path}': {reason}")]
@@ -89,15 +99,24 @@ pub fn parse_size(text: &str) -> Result<Size, ConfigError> {
         .ok_or_else(malformed)
 }
 
+/// Guest-visible block size of hotplug memory when none is given: the
+/// smallest the Linux virtio-mem driver accepts (a pageblock).
+pub const DEFAULT_HOTPLUG_BLOCK: u64 = 2 << 20;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemoryConfig {
     pub size: Size,
+    /// Room for memory plugged at run time (virtio-mem), if any.
+    pub hotplug: Option<Size>,
+    pub block: Size,
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
         MemoryConfig {
             size: Size(DEFAULT_MEMORY_BYTES),
+            hotplug: None,
+            block: Size(DEFAULT_HOTPLUG_BLOCK),
         }
     }
 }
@@ -112,6 +131,10 @@ pub fn parse_memory(text: &str) -> Result<MemoryConfig, ConfigError> {
                 config.size = parse_size(value)?;
                 saw_size = true;
             }
+            Some(("hotplug", value)) if config.hotplug.is_none() => {
+                config.hotplug = Some(parse_size(value)?);
+            }
+            Some(("block", value)) => config.block = parse_size(value)?,
             None if !saw_size && !item.is_empty() => {
                 config.size = parse_size(item)?;
                 saw_size = true;
@@ -278,6 +301,25 @@ impl VmmConfig {
                 host: Size(limits.memory_bytes),
             });
         }
+        if let Some(hotplug) = self.memory.hotplug {
+            let block = self.memory.block;
+            if !block.0.is_power_of_two() || block.0 < DEFAULT_HOTPLUG_BLOCK {
+                return Err(ConfigError::BadHotplugBlock(block));
+            }
+            if hotplug.0 == 0 || !hotplug.0.is_multiple_of(block.0) {
+                return Err(ConfigError::HotplugUnaligned {
+                    size: hotplug,
+                    block,
+                });
+            }
+            if size.0.saturating_add(hotplug.0) > limits.memory_bytes {
+                return Err(ConfigError::HotplugTooLarge {
+                    boot: size,
+                    hotplug,
+                    host: Size(limits.memory_bytes),
+                });
+            }
+        }
         if self.kernel.cmdline.len() > MAX_CMDLINE_LEN {
             return Err(ConfigError::CmdlineTooLong {
                 len: self.kernel.cmdline.len(),
@@ -341,6 +383,15 @@ mod tests {
     fn memory_option_forms() {
         assert_eq!(parse_memory("size=1G").unwrap().size, Size(1 << 30));
         assert_eq!(parse_memory("256M").unwrap().size, Size(256 << 20));
+        let hotplug = parse_memory("size=512M,hotplug=2G,block=4M").unwrap();
+        assert_eq!(hotplug.hotplug, Some(Size(2 << 30)));
+        assert_eq!(hotplug.block, Size(4 << 20));
+        assert_eq!(
+            parse_memory("size=512M,hotplug=1G").unwrap().block,
+            Size(2 << 20)
+        );
+        assert!(parse_memory("size=512M,hotplug=1G,hotplug=2G").is_err());
+        assert!(parse_memory("size=512M,hotplug=x").is_err());
         assert!(parse_memory("size=").is_err());
         assert!(parse_memory("bogus=1").is_err());
         assert!(parse_memory("size=1G,size=2G").is_err());
@@ -399,7 +450,10 @@ mod tests {
                 cmdline: DEFAULT_CMDLINE.to_string(),
             },
             vcpus,
-            memory: MemoryConfig { size: Size(memory) },
+            memory: MemoryConfig {
+                size: Size(memory),
+                ..Default::default()
+            },
             serial: SerialConfig::Stdout,
             seccomp: true,
             net: vec![],
@@ -451,6 +505,25 @@ mod tests {
             Err(ConfigError::CmdlineTooLong { .. })
         ));
         assert_eq!(config_with(2, 256 << 20, exe).validate(&LIMITS), Ok(()));
+        let mut hotplug = config_with(1, 256 << 20, exe);
+        hotplug.memory.hotplug = Some(Size(3 << 20));
+        assert!(matches!(
+            hotplug.validate(&LIMITS),
+            Err(ConfigError::HotplugUnaligned { .. })
+        ));
+        hotplug.memory.hotplug = Some(Size(1 << 30));
+        assert!(matches!(
+            hotplug.validate(&LIMITS),
+            Err(ConfigError::HotplugTooLarge { .. })
+        ));
+        hotplug.memory.hotplug = Some(Size(256 << 20));
+        hotplug.memory.block = Size(1 << 20);
+        assert!(matches!(
+            hotplug.validate(&LIMITS),
+            Err(ConfigError::BadHotplugBlock(_))
+        ));
+        hotplug.memory.block = Size(2 << 20);
+        assert_eq!(hotplug.validate(&LIMITS), Ok(()));
     }
 
     #[test]

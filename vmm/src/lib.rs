@@ -11,7 +11,9 @@ pub mod cli;
 pub mod config;
 pub mod console;
 pub mod cpuid;
+pub mod hotplug;
 pub mod interrupts;
+pub mod mem;
 pub mod memory;
 pub mod net;
 pub mod pci;
@@ -63,6 +65,8 @@ pub enum VmmError {
     #[error(transparent)]
     Net(#[from] net::NetError),
     #[error(transparent)]
+    Hotplug(#[from] mem::MemError),
+    #[error(transparent)]
     Api(#[from] api::ApiError),
     #[error("cannot place a device on the I/O bus: {0}")]
     Bus(#[from] BusError),
@@ -92,7 +96,11 @@ pub fn run(config: &VmmConfig) -> Result<GuestExit, VmmError> {
     let kvm = Vm::open_kvm()?;
     config.validate(&HostLimits::probe(Vm::max_vcpus(&kvm)))?;
 
-    let ram = GuestRam::new(config.memory.size.0)?;
+    let hotplug = config
+        .memory
+        .hotplug
+        .map(|size| (size.0, config.memory.block.0));
+    let ram = GuestRam::with_hotplug(config.memory.size.0, hotplug)?;
     let vm = Vm::new(kvm)?;
     vm.register_memory(&ram)?;
     let rsdp = acpi::write_tables(&ram.memory, config.vcpus)?;
@@ -125,6 +133,23 @@ pub fn run(config: &VmmConfig) -> Result<GuestExit, VmmError> {
             wiring,
         )?);
     }
+    let hotplug = match &ram.hotplug {
+        Some(region) => {
+            let wiring = PciWiring {
+                segment: &mut segment,
+                router: &router,
+                ioevents: &ioevents,
+            };
+            Some(mem::add_virtio_mem(
+                region,
+                &nets,
+                shared_memory.clone(),
+                config.seccomp,
+                wiring,
+            )?)
+        }
+        None => None,
+    };
     let io_bus = Arc::new(io_bus);
 
     let vcpus = (0..config.vcpus)
@@ -148,6 +173,7 @@ pub fn run(config: &VmmConfig) -> Result<GuestExit, VmmError> {
         memory_bytes: config.memory.size.0,
         ram: ram.ranges.clone(),
         nets,
+        hotplug,
     });
     if let Some(path) = &config.api_socket {
         let listener = api::bind(path)?;

@@ -9,7 +9,12 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 
 use devices::dma::{DmaRange, Perm};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use std::sync::Arc;
+
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 /// 32-bit device MMIO lives in [3 GiB, 4 GiB): PCI BARs and ECAM, IOAPIC, LAPIC.
 pub const MMIO_HOLE_START: u64 = 3 << 30;
@@ -100,13 +105,68 @@ pub fn ram_ranges(size: u64) -> Vec<RamRange> {
     ranges
 }
 
-/// Guest memory and the file behind it.
+/// Guest-physical room for memory plugged at run time, with its own memfd
+/// so that unplugged blocks can be released (hole punched).
+pub struct HotplugRegion {
+    pub addr: u64,
+    pub size: u64,
+    pub block_size: u64,
+    pub file: File,
+    /// The VMM's mapping of the region's first byte.
+    pub host_addr: u64,
+}
+
+/// Hotplug regions start on a 1 GiB boundary above all boot RAM.
+const HOTPLUG_ALIGN: u64 = 1 << 30;
+
+/// Guest memory and the files behind it.
 pub struct GuestRam {
     pub memory: GuestMemoryMmap,
+    /// Boot RAM only (the e820 map and the boot DMA mapping).
     pub ranges: Vec<RamRange>,
+    pub hotplug: Option<HotplugRegion>,
 }
 
 impl GuestRam {
+    /// Creates `size` bytes of guest RAM, backed by one shared memfd, and,
+    /// with `hotplug` = (size, block), an empty region for virtio-mem.
+    pub fn with_hotplug(size: u64, hotplug: Option<(u64, u64)>) -> Result<GuestRam, MemoryError> {
+        let mut ram = GuestRam::new(size)?;
+        let Some((hotplug_size, block_size)) = hotplug else {
+            return Ok(ram);
+        };
+        let top = ram.ranges.iter().map(RamRange::end).max().unwrap_or(0);
+        let addr = top.max(MMIO_HOLE_END).next_multiple_of(HOTPLUG_ALIGN);
+        let file = create_memfd("microvm-hotplug-ram")?;
+        file.set_len(hotplug_size)
+            .map_err(|source| MemoryError::Resize {
+                size: hotplug_size,
+                source,
+            })?;
+        let region = GuestRegionMmap::from_range(
+            GuestAddress(addr),
+            hotplug_size as usize,
+            Some(FileOffset::new(
+                file.try_clone().map_err(MemoryError::Memfd)?,
+                0,
+            )),
+        )
+        .map_err(MemoryError::Map)?;
+        let host_addr = region.as_ptr() as u64;
+        ram.memory = ram
+            .memory
+            .insert_region(Arc::new(region))
+            .map_err(|e| MemoryError::Map(e.into()))?;
+        ram.hotplug = Some(HotplugRegion {
+            addr,
+            size: hotplug_size,
+            block_size,
+            file,
+            host_addr,
+        });
+        Ok(ram)
+    }
+
     /// Creates `size` bytes of guest RAM, backed by one shared memfd.
     pub fn new(size: u64) -> Result<GuestRam, MemoryError> {
         let file = create_memfd("microvm-guest-ram")?;
@@ -125,14 +185,20 @@ impl GuestRam {
             offset += range.size;
         }
         let memory = GuestMemoryMmap::from_ranges_with_files(regions).map_err(MemoryError::Map)?;
-        Ok(GuestRam { memory, ranges })
+        Ok(GuestRam {
+            memory,
+            ranges,
+            hotplug: None,
+        })
     }
 
     /// Every RAM region as the device sees it without a vIOMMU: IOVA is the
     /// guest physical address, reaching the VMM's mapping of it.
+    /// Boot RAM only: hotplug memory is mapped block by block as plugged.
     pub fn dma_ranges(&self) -> Vec<DmaRange> {
         self.memory
             .iter()
+            .filter(|region| self.ranges.iter().any(|r| r.start == region.start_addr().0))
             .map(|region| {
                 DmaRange::new(
                     region.start_addr().0,

@@ -1,13 +1,21 @@
 //! What the API answers, built from the VM's live state.
 
 use std::sync::MutexGuard;
+use std::time::{Duration, Instant};
 
 use devices::dma::{DmaRange, Perm};
 use serde_json::{json, Value};
 
 use super::http::{Request, Response};
+use crate::config::parse_size;
+use crate::mem::MemHandle;
 use crate::memory::RamRange;
 use crate::net::{NetHandle, NetPciDevice};
+use devices::virtio::mem::ResizeError;
+
+/// How long PUT /memory waits for the guest by default.
+const DEFAULT_RESIZE_TIMEOUT: Duration = Duration::from_secs(60);
+const RESIZE_POLL: Duration = Duration::from_millis(10);
 
 /// Everything the API may look at; shared with the running VM.
 pub struct ApiState {
@@ -15,13 +23,15 @@ pub struct ApiState {
     pub memory_bytes: u64,
     pub ram: Vec<RamRange>,
     pub nets: Vec<NetHandle>,
+    pub hotplug: Option<MemHandle>,
 }
 
 pub fn handle(state: &ApiState, request: &Request) -> Response {
     match (request.method.as_str(), request.path.as_str()) {
         ("GET", "/info") => Response::json(200, &info(state)),
         ("GET", "/counters") => Response::json(200, &counters(state)),
-        (_, "/info" | "/counters") => Response::error(
+        ("PUT", "/memory") => resize(state, &request.body),
+        (_, "/info" | "/counters" | "/memory") => Response::error(
             405,
             format!("{} is not allowed on {}", request.method, request.path),
         ),
@@ -86,9 +96,149 @@ fn info(state: &ApiState) -> Value {
         .collect();
     json!({
         "vcpus": state.vcpus,
-        "memory": { "size": state.memory_bytes, "regions": regions },
+        "memory": { "size": state.memory_bytes, "regions": regions, "hotplug": hotplug_info(state) },
         "devices": devices,
     })
+}
+
+fn hotplug_info(state: &ApiState) -> Value {
+    let Some(hotplug) = &state.hotplug else {
+        return Value::Null;
+    };
+    let mem = hotplug.state.lock().unwrap_or_else(|p| p.into_inner());
+    json!({
+        "region": { "guest_addr": hex(hotplug.region.addr), "size": hotplug.region.size },
+        "block_size": hotplug.region.block_size,
+        "pci_address": format!("0000:00:{:02x}.0", hotplug.slot),
+        "driver_active": mem.driver_active,
+        "requested_size": mem.requested_size,
+        "plugged_size": mem.plugged_size(),
+        "plugged": ranges(&mem.plugged_ranges()),
+    })
+}
+
+fn hotplug_counters(state: &ApiState) -> Value {
+    let Some(hotplug) = &state.hotplug else {
+        return Value::Null;
+    };
+    let requests: Vec<Value> = {
+        let mem = hotplug.state.lock().unwrap_or_else(|p| p.into_inner());
+        mem.history
+            .iter()
+            .map(|r| json!({ "kind": r.kind, "ranges": ranges(&r.ranges), "result": r.result, "micros": r.micros }))
+            .collect()
+    };
+    let transactions: Vec<Value> = hotplug.backend.history().iter().map(transaction).collect();
+    json!({ "guest_requests": requests, "transactions": transactions })
+}
+
+/// One guest request as the devices saw it: what changed, what each was
+/// sent, and how long from the request to its END message.
+fn transaction(t: &crate::hotplug::TransactionRecord) -> Value {
+    let (added, removed) = match t.kind {
+        "plug" => (ranges(&t.ranges), vec![]),
+        _ => (vec![], ranges(&t.ranges)),
+    };
+    let devices: Vec<Value> = t
+        .devices
+        .iter()
+        .map(|d| {
+            let sent = d.updates + d.invalidates;
+            let brackets = if d.batched && sent > 0 { 2 } else { 0 };
+            json!({
+                "id": d.device,
+                "iotlb_update": d.updates,
+                "iotlb_invalidate": d.invalidates,
+                "batched": d.batched,
+                "messages": sent + brackets,
+                "micros_to_end": d.micros_to_end,
+            })
+        })
+        .collect();
+    json!({
+        "sequence": t.sequence,
+        "kind": t.kind,
+        "ranges_added": added,
+        "ranges_removed": removed,
+        "error": t.error,
+        "devices": devices,
+    })
+}
+
+fn ranges(list: &[(u64, u64)]) -> Vec<Value> {
+    list.iter()
+        .map(|&(addr, size)| json!({ "guest_addr": hex(addr), "size": size }))
+        .collect()
+}
+
+/// PUT /memory {"requested_size": SIZE[, "timeout_ms": N]}: asks the guest to
+/// plug or unplug until SIZE of hotplug memory is plugged, and waits for it.
+fn resize(state: &ApiState, body: &[u8]) -> Response {
+    let Some(hotplug) = &state.hotplug else {
+        return Response::error(
+            409,
+            "this VM has no hotplug memory (start it with --memory size=SIZE,hotplug=MAX)",
+        );
+    };
+    let request: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return Response::error(400, format!("body is not JSON: {e}")),
+    };
+    let size = match &request["requested_size"] {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => parse_size(s).ok().map(|s| s.0),
+        _ => None,
+    };
+    let Some(size) = size else {
+        return Response::error(
+            400,
+            "requested_size must be a byte count or a size like \"512M\"",
+        );
+    };
+    let timeout = request["timeout_ms"]
+        .as_u64()
+        .map_or(DEFAULT_RESIZE_TIMEOUT, Duration::from_millis);
+    let started = Instant::now();
+    let first = hotplug.backend.history().last().map_or(0, |t| t.sequence) + 1;
+    {
+        let mut pci = hotplug.pci.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = pci.device().request_size(size) {
+            let status = match e {
+                ResizeError::Pending { .. } | ResizeError::NoDriver => 409,
+                _ => 400,
+            };
+            return Response::error(status, e);
+        }
+        pci.signal_config_change();
+    }
+    let plugged = loop {
+        let plugged = hotplug
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .plugged_size();
+        if plugged == size || started.elapsed() >= timeout {
+            break plugged;
+        }
+        std::thread::sleep(RESIZE_POLL);
+    };
+    let transactions: Vec<Value> = hotplug
+        .backend
+        .history()
+        .iter()
+        .filter(|t| t.sequence >= first)
+        .map(transaction)
+        .collect();
+    Response::json(
+        200,
+        &json!({
+            "requested_size": size,
+            "plugged_size": plugged,
+            "done": plugged == size,
+            "elapsed_ms": started.elapsed().as_millis() as u64,
+            "transactions": transactions,
+        }),
+    )
 }
 
 fn counters(state: &ApiState) -> Value {
@@ -132,5 +282,5 @@ fn counters(state: &ApiState) -> Value {
             })
         })
         .collect();
-    json!({ "devices": devices })
+    json!({ "devices": devices, "memory_hotplug": hotplug_counters(state) })
 }

@@ -29,6 +29,15 @@ enum Command {
     Info,
     /// Per-device counters: IOTLB messages and batches, queues, interrupts.
     Counters,
+    /// Set the hotplug memory the guest should have plugged (0 unplugs all)
+    /// and wait until it has, or the timeout passes.
+    MemoryResize {
+        /// Total plugged hotplug memory, e.g. 512M or 2G.
+        size: String,
+        /// Seconds to wait for the guest.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// Send the bytes on stdin as the request and print the raw answer
     /// (for debugging API clients).
     SendRaw,
@@ -50,8 +59,16 @@ fn exchange(socket: &PathBuf, request: &[u8]) -> Result<String, String> {
     Ok(raw)
 }
 
-fn request(socket: &PathBuf, method: &str, path: &str) -> Result<(u16, String), String> {
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: microvm\r\nContent-Length: 0\r\n\r\n");
+fn request(
+    socket: &PathBuf,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String), String> {
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: microvm\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     let raw = exchange(socket, request.as_bytes())?;
     let (head, body) = raw
         .split_once("\r\n\r\n")
@@ -82,9 +99,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let path = match cli.command {
-        Command::Info => "/info",
-        Command::Counters => "/counters",
+    let (method, path, body) = match cli.command {
+        Command::Info => ("GET", "/info", String::new()),
+        Command::Counters => ("GET", "/counters", String::new()),
+        Command::MemoryResize { size, timeout } => (
+            "PUT",
+            "/memory",
+            serde_json::json!({ "requested_size": size, "timeout_ms": timeout * 1000 }).to_string(),
+        ),
         Command::SendRaw => {
             let mut request = Vec::new();
             if let Err(e) = std::io::stdin().read_to_end(&mut request) {
@@ -103,13 +125,22 @@ fn main() -> ExitCode {
             };
         }
     };
-    match request(&cli.socket, "GET", path) {
+    match request(&cli.socket, method, path, &body) {
         Ok((200, body)) => {
+            let incomplete = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .is_some_and(|v| v["done"] == false);
             let pretty = serde_json::from_str::<serde_json::Value>(&body)
                 .ok()
                 .and_then(|v| serde_json::to_string_pretty(&v).ok())
                 .unwrap_or(body);
             println!("{pretty}");
+            if incomplete {
+                eprintln!(
+                    "microvm-ctl: the guest did not reach the requested size before the timeout"
+                );
+                return ExitCode::FAILURE;
+            }
             ExitCode::SUCCESS
         }
         Ok((status, body)) => {

@@ -1,0 +1,713 @@
+//! virtio-mem: memory the guest plugs and unplugs in device blocks, within
+//! a region the VMM reserved, to follow the size the host requests.
+//!
+//! The device keeps which blocks are plugged and answers the driver's
+//! requests (PLUG, UNPLUG, UNPLUG_ALL, STATE). What plugging means for the
+//! host — mapping the memory for vDPA devices, releasing it afterwards —
+//! is the `HotplugBackend`'s: one guest request is one call, so one
+//! transaction for the DMA-mapping engine.
+
+use std::io;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::*;
+
+pub const VIRTIO_ID_MEM: u32 = 24;
+const QUEUE_SIZE: u16 = 128;
+
+const REQ_PLUG: u16 = 0;
+const REQ_UNPLUG: u16 = 1;
+const REQ_UNPLUG_ALL: u16 = 2;
+const REQ_STATE: u16 = 3;
+const RESP_ACK: u16 = 0;
+const RESP_NACK: u16 = 1;
+const RESP_ERROR: u16 = 3;
+const STATE_PLUGGED: u16 = 0;
+const STATE_UNPLUGGED: u16 = 1;
+const STATE_MIXED: u16 = 2;
+/// struct virtio_mem_req and struct virtio_mem_resp.
+const REQ_SIZE: usize = 24;
+const RESP_SIZE: u32 = 10;
+
+/// Offsets in struct virtio_mem_config.
+const CFG_BLOCK_SIZE: usize = 0;
+const CFG_ADDR: usize = 16;
+const CFG_REGION_SIZE: usize = 24;
+const CFG_USABLE_REGION_SIZE: usize = 32;
+const CFG_PLUGGED_SIZE: usize = 40;
+const CFG_REQUESTED_SIZE: usize = 48;
+const CFG_LEN: usize = 56;
+
+/// What plugging and unplugging mean on the host side.
+pub trait HotplugBackend: Send + Sync {
+    /// Makes the ranges (guest address, size) usable; an error fails the
+    /// guest's request and must leave nothing half done.
+    fn plug(&self, ranges: &[(u64, u64)]) -> Result<(), String>;
+    /// Takes the ranges away; an error fails the guest's request.
+    fn unplug(&self, ranges: &[(u64, u64)]) -> Result<(), String>;
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResizeError {
+    #[error("size {size:#x} is not a multiple of the block size {block:#x}")]
+    Unaligned { size: u64, block: u64 },
+    #[error("size {size:#x} exceeds the hotplug region of {max:#x}")]
+    TooLarge { size: u64, max: u64 },
+    #[error("a resize to {pending:#x} is still pending (plugged {plugged:#x})")]
+    Pending { pending: u64, plugged: u64 },
+    #[error("the guest has not started its virtio-mem driver")]
+    NoDriver,
+}
+
+/// The region's geometry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemRegion {
+    pub addr: u64,
+    pub size: u64,
+    pub block_size: u64,
+}
+
+/// One guest request as the device handled it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestRecord {
+    pub kind: &'static str,
+    pub ranges: Vec<(u64, u64)>,
+    pub result: &'static str,
+    pub micros: u64,
+}
+
+#[derive(Debug)]
+pub struct MemState {
+    pub region: MemRegion,
+    plugged: Vec<bool>,
+    pub requested_size: u64,
+    pub driver_active: bool,
+    pub history: Vec<RequestRecord>,
+}
+
+/// How many records `history` keeps.
+const HISTORY_LEN: usize = 64;
+
+impl MemState {
+    pub fn new(region: MemRegion) -> MemState {
+        MemState {
+            region,
+            plugged: vec![false; (region.size / region.block_size) as usize],
+            requested_size: 0,
+            driver_active: false,
+            history: Vec::new(),
+        }
+    }
+
+    pub fn plugged_size(&self) -> u64 {
+        self.plugged.iter().filter(|p| **p).count() as u64 * self.region.block_size
+    }
+
+    /// Plugged blocks as maximal contiguous ranges (guest address, size).
+    pub fn plugged_ranges(&self) -> Vec<(u64, u64)> {
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let block = self.region.block_size;
+        for (i, _) in self.plugged.iter().enumerate().filter(|(_, p)| **p) {
+            let addr = self.region.addr + i as u64 * block;
+            match ranges.last_mut() {
+                Some((start, size)) if *start + *size == addr => *size += block,
+                _ => ranges.push((addr, block)),
+            }
+        }
+        ranges
+    }
+
+    /// Block indices of [addr, addr + n blocks), if aligned and inside.
+    fn blocks(&self, addr: u64, nb_blocks: u16) -> Option<std::ops::Range<usize>> {
+        let region = self.region;
+        let offset = addr.checked_sub(region.addr)?;
+        if nb_blocks == 0 || offset % region.block_size != 0 {
+            return None;
+        }
+        let first = (offset / region.block_size) as usize;
+        let end = first.checked_add(usize::from(nb_blocks))?;
+        (end <= self.plugged.len()).then_some(first..end)
+    }
+
+    fn record(&mut self, record: RequestRecord) {
+        if self.history.len() == HISTORY_LEN {
+            self.history.remove(0);
+        }
+        self.history.push(record);
+    }
+}
+
+/// Handles one request; returns (response type, state) for the driver.
+fn handle_request(
+    state: &mut MemState,
+    backend: &dyn HotplugBackend,
+    request: &[u8; REQ_SIZE],
+) -> (u16, u16) {
+    let started = Instant::now();
+    let kind = u16::from_le_bytes([request[0], request[1]]);
+    let addr = u64::from_le_bytes(request[8..16].try_into().unwrap_or([0; 8]));
+    let nb_blocks = u16::from_le_bytes([request[16], request[17]]);
+    let block = state.region.block_size;
+    let (name, ranges, response, device_state) = match kind {
+        REQ_PLUG | REQ_UNPLUG => {
+            let plug = kind == REQ_PLUG;
+            let name = if plug { "plug" } else { "unplug" };
+            let Some(blocks) = state.blocks(addr, nb_blocks) else {
+                return finish(state, name, vec![], RESP_ERROR, 0, started);
+            };
+            let ranges = vec![(addr, u64::from(nb_blocks) * block)];
+            // PLUG needs every block unplugged, UNPLUG every block plugged.
+            if state.plugged[blocks.clone()].contains(&plug) {
+                return finish(state, name, ranges, RESP_ERROR, 0, started);
+            }
+            if plug && state.plugged_size() + u64::from(nb_blocks) * block > state.requested_size {
+                return finish(state, name, ranges, RESP_NACK, 0, started);
+            }
+            let result = if plug {
+                backend.plug(&ranges)
+            } else {
+                backend.unplug(&ranges)
+            };
+            if result.is_err() {
+                return finish(state, name, ranges, RESP_ERROR, 0, started);
+            }
+            state.plugged[blocks].fill(plug);
+            (name, ranges, RESP_ACK, 0)
+        }
+        REQ_UNPLUG_ALL => {
+            let ranges = state.plugged_ranges();
+            if !ranges.is_empty() && backend.unplug(&ranges).is_err() {
+                return finish(state, "unplug_all", ranges, RESP_ERROR, 0, started);
+            }
+            state.plugged.fill(false);
+            ("unplug_all", ranges, RESP_ACK, 0)
+        }
+        REQ_STATE => {
+            let Some(blocks) = state.blocks(addr, nb_blocks) else {
+                return (RESP_ERROR, 0);
+            };
+            let slice = &state.plugged[blocks];
+            let device_state = if slice.iter().all(|p| *p) {
+                STATE_PLUGGED
+            } else if slice.iter().all(|p| !*p) {
+                STATE_UNPLUGGED
+            } else {
+                STATE_MIXED
+            };
+            return (RESP_ACK, device_state);
+        }
+        _ => return finish(state, "unknown", vec![], RESP_ERROR, 0, started),
+    };
+    finish(state, name, ranges, response, device_state, started)
+}
+
+fn finish(
+    state: &mut MemState,
+    kind: &'static str,
+    ranges: Vec<(u64, u64)>,
+    response: u16,
+    device_state: u16,
+    started: Instant,
+) -> (u16, u16) {
+    state.record(RequestRecord {
+        kind,
+        ranges,
+        result: match response {
+            RESP_ACK => "ack",
+            RESP_NACK => "nack",
+            _ => "error",
+        },
+        micros: started.elapsed().as_micros() as u64,
+    });
+    (response, device_state)
+}
+
+/// What the device tells its worker thread.
+enum Command {
+    Serve {
+        queue: Queue,
+        kick: EventFd,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    },
+    Stop,
+}
+
+pub struct VirtioMem {
+    state: Arc<Mutex<MemState>>,
+    commands: Sender<Command>,
+    /// Wakes the worker when a command is queued.
+    wake: EventFd,
+}
+
+impl VirtioMem {
+    /// Creates the device and its worker thread ("virtio-mem"). The worker
+    /// is started here, not when the guest starts the driver: that happens
+    /// on a vCPU thread, whose seccomp filter does not allow creating
+    /// threads. `on_start` runs first on the worker (to install its filter).
+    pub fn new(
+        region: MemRegion,
+        backend: Arc<dyn HotplugBackend>,
+        memory: Arc<GuestMemoryMmap>,
+        on_start: Box<dyn FnOnce() -> Result<(), String> + Send>,
+    ) -> io::Result<VirtioMem> {
+        let state = Arc::new(Mutex::new(MemState::new(region)));
+        let (commands, receiver) = channel();
+        let wake = EventFd::new(EFD_NONBLOCK)?;
+        let worker_wake = wake.try_clone()?;
+        let worker_state = state.clone();
+        std::thread::Builder::new()
+            .name("virtio-mem".into())
+            .spawn(move || {
+                if let Err(e) = on_start() {
+                    eprintln!("microvm: virtio-mem disabled: {e}");
+                    return;
+                }
+                worker(receiver, worker_wake, memory, worker_state, backend)
+            })?;
+        Ok(VirtioMem {
+            state,
+            commands,
+            wake,
+        })
+    }
+
+    /// Shared with the control API.
+    pub fn state(&self) -> Arc<Mutex<MemState>> {
+        self.state.clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MemState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the size the guest should plug; the caller signals the config
+    /// change to the driver.
+    pub fn request_size(&self, size: u64) -> Result<(), ResizeError> {
+        let mut state = self.lock();
+        let region = state.region;
+        if !size.is_multiple_of(region.block_size) {
+            return Err(ResizeError::Unaligned {
+                size,
+                block: region.block_size,
+            });
+        }
+        if size > region.size {
+            return Err(ResizeError::TooLarge {
+                size,
+                max: region.size,
+            });
+        }
+        if !state.driver_active {
+            return Err(ResizeError::NoDriver);
+        }
+        let plugged = state.plugged_size();
+        if state.requested_size != plugged && state.requested_size != size {
+            return Err(ResizeError::Pending {
+                pending: state.requested_size,
+                plugged,
+            });
+        }
+        state.requested_size = size;
+        Ok(())
+    }
+
+    fn send(&self, command: Command) {
+        // The worker only stops with the process; a send cannot fail before.
+        let _ = self.commands.send(command);
+        let _ = self.wake.write(1);
+    }
+}
+
+/// Waits for readability of `fds`; false if polling failed.
+fn wait_readable(fds: &mut [libc::pollfd]) -> bool {
+    loop {
+        // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd
+        // structs, and its length is passed along.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if ready >= 0 {
+            return true;
+        }
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
+}
+
+fn pollfd(fd: &EventFd) -> libc::pollfd {
+    libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+/// The worker: idle until the driver starts, then serves the request queue
+/// on each kick, until told to stop (reset) or to serve anew.
+fn worker(
+    commands: Receiver<Command>,
+    wake: EventFd,
+    memory: Arc<GuestMemoryMmap>,
+    state: Arc<Mutex<MemState>>,
+    backend: Arc<dyn HotplugBackend>,
+) {
+    let mut serving: Option<(Queue, EventFd, Arc<dyn VirtioInterrupt>)> = None;
+    loop {
+        let mut fds = vec![pollfd(&wake)];
+        if let Some((_, kick, _)) = &serving {
+            fds.push(pollfd(kick));
+        }
+        if !wait_readable(&mut fds) {
+            return;
+        }
+        if fds[0].revents != 0 {
+            let _ = wake.read();
+            while let Ok(command) = commands.try_recv() {
+                serving = match command {
+                    Command::Serve {
+                        queue,
+                        kick,
+                        interrupt,
+                    } => Some((queue, kick, interrupt)),
+                    Command::Stop => None,
+                };
+            }
+        }
+        if let Some((queue, kick, interrupt)) = serving.as_mut() {
+            if fds.get(1).is_some_and(|f| f.revents != 0) || fds[0].revents != 0 {
+                let _ = kick.read();
+                serve_queue(queue, &memory, &state, backend.as_ref(), interrupt.as_ref());
+            }
+        }
+    }
+}
+
+fn serve_queue(
+    queue: &mut Queue,
+    memory: &GuestMemoryMmap,
+    state: &Mutex<MemState>,
+    backend: &dyn HotplugBackend,
+    interrupt: &dyn VirtioInterrupt,
+) {
+    {
+        let mut served = false;
+        while let Some(chain) = queue.pop_descriptor_chain(memory) {
+            let head = chain.head_index();
+            let mut request = [0u8; REQ_SIZE];
+            let mut response_addr = None;
+            let mut have_request = false;
+            for descriptor in chain {
+                if descriptor.is_write_only() {
+                    if descriptor.len() >= RESP_SIZE {
+                        response_addr.get_or_insert(descriptor.addr());
+                    }
+                } else if !have_request && descriptor.len() as usize >= REQ_SIZE {
+                    have_request = memory.read_slice(&mut request, descriptor.addr()).is_ok();
+                }
+            }
+            let mut written = 0;
+            if let (true, Some(addr)) = (have_request, response_addr) {
+                let (response, device_state) = {
+                    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                    handle_request(&mut state, backend, &request)
+                };
+                let mut bytes = [0u8; RESP_SIZE as usize];
+                bytes[0..2].copy_from_slice(&response.to_le_bytes());
+                bytes[8..10].copy_from_slice(&device_state.to_le_bytes());
+                if memory.write_slice(&bytes, addr).is_ok() {
+                    written = RESP_SIZE;
+                }
+            }
+            let _ = queue.add_used(memory, head, written);
+            served = true;
+        }
+        if served {
+            let _ = interrupt.signal_queue(0);
+        }
+    }
+}
+
+impl VirtioDevice for VirtioMem {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_MEM
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        let state = self.lock();
+        let mut config = [0u8; CFG_LEN];
+        let mut put =
+            |at: usize, value: u64| config[at..at + 8].copy_from_slice(&value.to_le_bytes());
+        put(CFG_BLOCK_SIZE, state.region.block_size);
+        put(CFG_ADDR, state.region.addr);
+        put(CFG_REGION_SIZE, state.region.size);
+        put(CFG_USABLE_REGION_SIZE, state.region.size);
+        put(CFG_PLUGGED_SIZE, state.plugged_size());
+        put(CFG_REQUESTED_SIZE, state.requested_size);
+        let start = offset as usize;
+        match config.get(start..start + data.len()) {
+            Some(bytes) => data.copy_from_slice(bytes),
+            None => data.fill(0),
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The configuration is read-only for the driver.
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let (Some(config), Some(kick)) = (
+            activation.queues.first(),
+            activation.kicks.into_iter().next(),
+        ) else {
+            return Err(ActivateError::Backend(
+                "virtio-mem: the request queue is not enabled".into(),
+            ));
+        };
+        let mut queue =
+            Queue::new(QUEUE_SIZE).map_err(|e| ActivateError::Backend(e.to_string()))?;
+        queue
+            .try_set_size(config.size)
+            .and_then(|_| queue.try_set_desc_table_address(GuestAddress(config.desc)))
+            .and_then(|_| queue.try_set_avail_ring_address(GuestAddress(config.driver)))
+            .and_then(|_| queue.try_set_used_ring_address(GuestAddress(config.device)))
+            .map_err(|e| ActivateError::Backend(format!("virtio-mem queue: {e}")))?;
+        queue.set_ready(true);
+        self.send(Command::Serve {
+            queue,
+            kick,
+            interrupt: activation.interrupt,
+        });
+        self.lock().driver_active = true;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.send(Command::Stop);
+        // Plugged memory stays plugged across a driver reset; the driver
+        // finds it with STATE or releases it with UNPLUG_ALL.
+        self.lock().driver_active = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (plug?, ranges) per backend call.
+    type Call = (bool, Vec<(u64, u64)>);
+
+    #[derive(Default)]
+    struct RecordingBackend {
+        calls: Mutex<Vec<Call>>,
+        fail: Mutex<bool>,
+    }
+
+    impl HotplugBackend for RecordingBackend {
+        fn plug(&self, ranges: &[(u64, u64)]) -> Result<(), String> {
+            self.calls.lock().unwrap().push((true, ranges.to_vec()));
+            if *self.fail.lock().unwrap() {
+                return Err("refused".into());
+            }
+            Ok(())
+        }
+        fn unplug(&self, ranges: &[(u64, u64)]) -> Result<(), String> {
+            self.calls.lock().unwrap().push((false, ranges.to_vec()));
+            Ok(())
+        }
+    }
+
+    const BASE: u64 = 4 << 30;
+    const BLOCK: u64 = 2 << 20;
+
+    fn state() -> MemState {
+        let mut state = MemState::new(MemRegion {
+            addr: BASE,
+            size: 64 * BLOCK,
+            block_size: BLOCK,
+        });
+        state.requested_size = 16 * BLOCK;
+        state
+    }
+
+    fn req(kind: u16, addr: u64, nb_blocks: u16) -> [u8; REQ_SIZE] {
+        let mut r = [0u8; REQ_SIZE];
+        r[0..2].copy_from_slice(&kind.to_le_bytes());
+        r[8..16].copy_from_slice(&addr.to_le_bytes());
+        r[16..18].copy_from_slice(&nb_blocks.to_le_bytes());
+        r
+    }
+
+    #[test]
+    fn plug_and_unplug_change_state_and_call_the_backend_once_each() {
+        let backend = RecordingBackend::default();
+        let mut s = state();
+        assert_eq!(
+            handle_request(&mut s, &backend, &req(REQ_PLUG, BASE, 8)),
+            (RESP_ACK, 0)
+        );
+        assert_eq!(s.plugged_size(), 8 * BLOCK);
+        assert_eq!(
+            handle_request(&mut s, &backend, &req(REQ_UNPLUG, BASE + 2 * BLOCK, 2)),
+            (RESP_ACK, 0)
+        );
+        assert_eq!(
+            s.plugged_ranges(),
+            vec![(BASE, 2 * BLOCK), (BASE + 4 * BLOCK, 4 * BLOCK)]
+        );
+        assert_eq!(
+            *backend.calls.lock().unwrap(),
+            vec![
+                (true, vec![(BASE, 8 * BLOCK)]),
+                (false, vec![(BASE + 2 * BLOCK, 2 * BLOCK)])
+            ]
+        );
+        assert_eq!(s.history.len(), 2);
+        assert_eq!(s.history[0].kind, "plug");
+    }
+
+    #[test]
+    fn invalid_requests_get_errors_and_change_nothing() {
+        let backend = RecordingBackend::default();
+        let mut s = state();
+        let error = (RESP_ERROR, 0);
+        assert_eq!(
+            handle_request(&mut s, &backend, &req(REQ_PLUG, BASE + 1, 1)),
+            error,
+            "unaligned"
+        );
+        assert_eq!(
+            handle_request(&mut s, &backend, &req(REQ_PLUG, BASE - BLOCK, 1)),
+            error,
+            "below"
+        );
+        assert_eq!(
+            handle_request(&mut s, &backend, &req(REQ_PLUG, BASE + 63 * BLOCK, 2)),
+            error,
+            "beyond"
+        );
+        assert_eq!(
+            handle_request(&mut s, &backend, &req(REQ_PLUG, BASE, 0)),
+            error,
+            "empty"
+        );
+        assert_eq!(
+            handle_request(&mut s, &backend, &req(REQ_UNPLUG, BASE, 1)),
+            error,
+            "not plugged"
+        );
+        assert_eq!(
+            handle_request(&mut s, &backend, &req(9, BASE, 1)),
+            error,
+            "unknown type"
+        );
+        handle_request(&mut s, &backend, &req(REQ_PLUG, BASE, 1));
+        assert_eq!(
+            handle_request(&mut s, &backend, &req(REQ_PLUG, BASE, 2)),
+            error,
+            "already plugged"
+        );
+        assert_eq!(backend.calls.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn plugging_beyond_the_requested_size_is_nacked() {
+        let backend = RecordingBackend::default();
+        let mut s = state();
+        assert_eq!(
+            handle_request(&mut s, &backend, &req(REQ_PLUG, BASE, 17)),
+            (RESP_NACK, 0)
+        );
+        assert_eq!(s.plugged_size(), 0);
+    }
+
+    #[test]
+    fn a_refused_backend_fails_the_request_and_leaves_blocks_unplugged() {
+        let backend = RecordingBackend::default();
+        *backend.fail.lock().unwrap() = true;
+        let mut s = state();
+        assert_eq!(
+            handle_request(&mut s, &backend, &req(REQ_PLUG, BASE, 4)),
+            (RESP_ERROR, 0)
+        );
+        assert_eq!(s.plugged_size(), 0);
+        assert_eq!(s.history[0].result, "error");
+    }
+
+    #[test]
+    fn unplug_all_and_state() {
+        let backend = RecordingBackend::default();
+        let mut s = state();
+        handle_request(&mut s, &backend, &req(REQ_PLUG, BASE, 2));
+        handle_request(&mut s, &backend, &req(REQ_PLUG, BASE + 4 * BLOCK, 2));
+        assert_eq!(
+            handle_request(&mut s, &backend, &req(REQ_STATE, BASE, 2)),
+            (RESP_ACK, STATE_PLUGGED)
+        );
+        assert_eq!(
+            handle_request(&mut s, &backend, &req(REQ_STATE, BASE, 4)),
+            (RESP_ACK, STATE_MIXED)
+        );
+        assert_eq!(
+            handle_request(&mut s, &backend, &req(REQ_STATE, BASE + 2 * BLOCK, 2)),
+            (RESP_ACK, STATE_UNPLUGGED)
+        );
+        assert_eq!(
+            handle_request(&mut s, &backend, &req(REQ_UNPLUG_ALL, 0, 0)),
+            (RESP_ACK, 0)
+        );
+        assert_eq!(s.plugged_size(), 0);
+        assert_eq!(
+            backend.calls.lock().unwrap().last().unwrap(),
+            &(
+                false,
+                vec![(BASE, 2 * BLOCK), (BASE + 4 * BLOCK, 2 * BLOCK)]
+            )
+        );
+    }
+
+    #[test]
+    fn resize_requests_are_checked() {
+        let memory = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let region = MemRegion {
+            addr: BASE,
+            size: 64 * BLOCK,
+            block_size: BLOCK,
+        };
+        let device = VirtioMem::new(
+            region,
+            Arc::new(RecordingBackend::default()),
+            memory,
+            Box::new(|| Ok(())),
+        )
+        .unwrap();
+        assert_eq!(device.request_size(4 * BLOCK), Err(ResizeError::NoDriver));
+        device.lock().driver_active = true;
+        assert!(matches!(
+            device.request_size(BLOCK + 1),
+            Err(ResizeError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            device.request_size(65 * BLOCK),
+            Err(ResizeError::TooLarge { .. })
+        ));
+        device.request_size(4 * BLOCK).unwrap();
+        assert!(matches!(
+            device.request_size(8 * BLOCK),
+            Err(ResizeError::Pending { .. })
+        ));
+        device.request_size(4 * BLOCK).unwrap();
+    }
+}

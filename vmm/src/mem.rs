@@ -1,0 +1,97 @@
+//! Bring-up of the virtio-mem device over the hotplug region, with the
+//! backend that turns each guest request into DMA transactions.
+
+use std::sync::{Arc, Mutex};
+
+use devices::virtio::mem::{MemRegion, MemState, VirtioMem};
+use devices::virtio::pci::{TransportError, VirtioPciDevice, BAR_SIZE};
+use vm_memory::GuestMemoryMmap;
+
+use crate::hotplug::DmaHotplug;
+use crate::interrupts::InterruptError;
+use crate::memory::HotplugRegion;
+use crate::net::{NetHandle, PciWiring};
+use crate::pci::PciSetupError;
+use crate::seccomp::{self, ThreadKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemError {
+    #[error("cannot duplicate the hotplug memory file: {0}")]
+    File(std::io::Error),
+    #[error("cannot start the virtio-mem device: {0}")]
+    Worker(std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error(transparent)]
+    Interrupts(#[from] InterruptError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Pci(#[from] PciSetupError),
+}
+
+pub type MemPciDevice = VirtioPciDevice<VirtioMem>;
+
+/// The running virtio-mem device, as the control API sees it.
+pub struct MemHandle {
+    pub region: MemRegion,
+    pub slot: u8,
+    pub pci: Arc<Mutex<MemPciDevice>>,
+    pub state: Arc<Mutex<MemState>>,
+    pub backend: Arc<DmaHotplug>,
+}
+
+pub fn add_virtio_mem(
+    region: &HotplugRegion,
+    nets: &[NetHandle],
+    memory: Arc<GuestMemoryMmap>,
+    use_seccomp: bool,
+    wiring: PciWiring<'_>,
+) -> Result<MemHandle, MemError> {
+    let mappers = nets
+        .iter()
+        .enumerate()
+        .map(|(i, net)| (format!("net{i}"), net.mapper.clone()))
+        .collect();
+    let file = region.file.try_clone().map_err(MemError::File)?;
+    let backend = Arc::new(DmaHotplug::new(
+        region.addr,
+        region.host_addr,
+        file,
+        mappers,
+    ));
+    let geometry = MemRegion {
+        addr: region.addr,
+        size: region.size,
+        block_size: region.block_size,
+    };
+    let filter = match use_seccomp {
+        true => Some(seccomp::filter(ThreadKind::Hotplug)?),
+        false => None,
+    };
+    let install = Box::new(move || match filter {
+        Some(filter) => seccomp::apply(&filter).map_err(|e| e.to_string()),
+        None => Ok(()),
+    });
+    let device =
+        VirtioMem::new(geometry, backend.clone(), memory, install).map_err(MemError::Worker)?;
+    let state = device.state();
+    // One vector for the request queue, one for configuration changes.
+    let vectors = wiring.router.allocate_vectors(2)?;
+    let bar = wiring.segment.allocate_mem64(BAR_SIZE)?;
+    let pci = Arc::new(Mutex::new(VirtioPciDevice::new(
+        device,
+        vectors,
+        wiring.router.clone(),
+        wiring.ioevents.clone(),
+        bar,
+    )?));
+    let slot = wiring.segment.add_device(pci.clone())?;
+    Ok(MemHandle {
+        region: geometry,
+        slot,
+        pci,
+        state,
+        backend,
+    })
+}
