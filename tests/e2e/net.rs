@@ -92,22 +92,7 @@ fn run() -> &'static Run {
             .get("vdpa_net")
             .cloned()
             .unwrap_or_else(|| panic!("scenario did not run:\n{log}"));
-        let mut sections = HashMap::new();
-        let mut current: Option<(String, String)> = None;
-        for line in raw.stdout.lines() {
-            if let Some(name) = line.strip_prefix("@@section ") {
-                if let Some((name, text)) = current.take() {
-                    sections.insert(name, text);
-                }
-                current = Some((name.trim().to_string(), String::new()));
-            } else if let Some((_, text)) = current.as_mut() {
-                text.push_str(line);
-                text.push('\n');
-            }
-        }
-        if let Some((name, text)) = current {
-            sections.insert(name, text);
-        }
+        let sections = e2e::sections(&raw.stdout);
         Run { sections, raw }
     })
 }

@@ -181,6 +181,27 @@ fn parse_framed(stdout: &str) -> HashMap<String, Outcome> {
     outcomes
 }
 
+/// Splits a scenario's output into `@@section NAME` sections.
+pub fn sections(stdout: &str) -> HashMap<String, String> {
+    let mut sections = HashMap::new();
+    let mut current: Option<(String, String)> = None;
+    for line in stdout.lines() {
+        if let Some(name) = line.strip_prefix("@@section ") {
+            if let Some((name, text)) = current.take() {
+                sections.insert(name, text);
+            }
+            current = Some((name.trim().to_string(), String::new()));
+        } else if let Some((_, text)) = current.as_mut() {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    if let Some((name, text)) = current {
+        sections.insert(name, text);
+    }
+    sections
+}
+
 /// Quotes `text` for a POSIX shell.
 pub fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
@@ -271,6 +292,13 @@ mod tests {
         assert_eq!(outcomes["a"].stderr, "err\n");
         assert_eq!(outcomes["a"].status, Some(3));
         assert_eq!(outcomes["b"].status, Some(0));
+    }
+
+    #[test]
+    fn sections_split_on_markers_only() {
+        let s = sections("noise\n@@section a\nx\n--- not a marker\n@@section b\ny\n");
+        assert_eq!(s["a"], "x\n--- not a marker\n");
+        assert_eq!(s["b"], "y\n");
     }
 
     #[test]

@@ -80,6 +80,8 @@ const COMMON: &[i64] = &[
     libc::SYS_mmap,
     libc::SYS_munmap,
     libc::SYS_mremap,
+    // glibc grows a thread's malloc arena with mprotect.
+    libc::SYS_mprotect,
     libc::SYS_madvise,
     libc::SYS_brk,
     libc::SYS_rt_sigreturn,

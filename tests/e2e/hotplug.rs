@@ -1,0 +1,265 @@
+//! Memory hotplug with a vDPA device attached, in the test host: the guest
+//! (512 MiB, hotplug up to 2 GiB) is resized to 256M, 1G, 2G, 512M and 0
+//! through the control API while it pings the test host through vduse-net.
+//! After each step: the guest's MemTotal, the IOTLB the device holds, and
+//! the messages each guest request cost.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use e2e::{base64, Outcome, Scenario};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const BOOT: u64 = 512 * MIB;
+/// (argument to memory-resize, bytes)
+const STEPS: [(&str, u64); 5] = [
+    ("256M", 256 * MIB),
+    ("1G", GIB),
+    ("2G", 2 * GIB),
+    ("512M", 512 * MIB),
+    ("0", 0),
+];
+
+fn guest_script() -> String {
+    "ip link set eth0 up && ip addr add 192.0.2.2/24 dev eth0
+ping 192.0.2.1 >/tmp/ping.log 2>&1 &
+PING=$!
+(while true; do echo \"memtotal=$(sed -n 's/^MemTotal: *\\([0-9]*\\).*/\\1/p' /proc/meminfo)\"; sleep 0.5; done) &
+echo guest-ready
+nc -l -p 5000 >/dev/null
+kill -INT $PING; sleep 1
+tail -3 /tmp/ping.log
+echo guest-done
+"
+    .to_string()
+}
+
+fn host_script() -> String {
+    let cmd = base64(guest_script().as_bytes());
+    let steps: Vec<String> = STEPS
+        .iter()
+        .map(|(arg, bytes)| format!("{arg}:{}", bytes / 1024))
+        .collect();
+    format!(
+        r#"vduse-net --name net0 --tap tap0 --iotlb-dump /tmp/iotlb >/tmp/vduse.out 2>/tmp/vduse.err &
+VD=$!
+i=0; until grep -q ready /tmp/vduse.out 2>/dev/null; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
+ip addr add 192.0.2.1/24 dev tap0
+microvm --kernel "$MICROVM_GUEST_KERNEL" --initramfs "$MICROVM_GUEST_INITRAMFS" --cpus 2 \
+  --memory size=512M,hotplug=2G --net vdpa=/dev/vhost-vdpa-0 --api-socket /tmp/api.sock \
+  --cmdline "console=ttyS0 reboot=k panic=1 quiet microvm.cmd={cmd}" >/tmp/console.log 2>/tmp/microvm.err &
+MV=$!
+i=0; until grep -q memtotal= /tmp/console.log; do i=$((i+1)); if [ $i -gt 900 ] || ! kill -0 $MV 2>/dev/null; then break; fi; sleep 0.2; done
+memtotal() {{ grep memtotal= /tmp/console.log | tail -1 | cut -d= -f2; }}
+base=$(memtotal)
+echo "@@section base"; echo $base
+for step in {steps}; do
+  s=${{step%%:*}}; kib=${{step##*:}}
+  echo "@@section resize-$s"; microvm-ctl --socket /tmp/api.sock memory-resize $s --timeout 120
+  i=0; until [ "$(memtotal)" = "$((base + kib))" ] || [ $i -gt 150 ]; do sleep 0.2; i=$((i+1)); done
+  echo "@@section memtotal-$s"; memtotal
+  echo "@@section info-$s"; microvm-ctl --socket /tmp/api.sock info
+  echo "@@section iotlb-$s"; cat /tmp/iotlb
+done
+echo "@@section counters"; microvm-ctl --socket /tmp/api.sock counters
+echo "@@section refused"
+microvm-ctl --socket /tmp/api.sock memory-resize 3M 2>&1; echo "exit=$?"
+microvm-ctl --socket /tmp/api.sock memory-resize 4G 2>&1; echo "exit=$?"
+echo go | nc 192.0.2.2 5000
+wait $MV; echo "@@section exit"; echo $?
+echo "@@section stderr"; cat /tmp/microvm.err
+echo "@@section console"; grep -v memtotal= /tmp/console.log
+kill $VD
+"#,
+        steps = steps.join(" ")
+    )
+}
+
+struct Run {
+    sections: HashMap<String, String>,
+    raw: Outcome,
+}
+
+fn run() -> &'static Run {
+    static RUN: OnceLock<Run> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let scenario = Scenario {
+            name: "hotplug",
+            script: host_script(),
+        };
+        let (outcomes, log) = e2e::run_in_test_host(&[scenario], 1500);
+        eprintln!("{log}");
+        let raw = outcomes
+            .get("hotplug")
+            .cloned()
+            .unwrap_or_else(|| panic!("scenario did not run:\n{log}"));
+        Run {
+            sections: e2e::sections(&raw.stdout),
+            raw,
+        }
+    })
+}
+
+fn section(name: &str) -> &'static str {
+    let run = run();
+    run.sections
+        .get(name)
+        .map(String::as_str)
+        .unwrap_or_else(|| panic!("no section {name}\n{}", run.raw))
+}
+
+fn json(name: &str) -> Value {
+    serde_json::from_str(section(name))
+        .unwrap_or_else(|e| panic!("{name} is not JSON ({e}):\n{}", section(name)))
+}
+
+fn hex(text: &str) -> u64 {
+    u64::from_str_radix(text.trim_start_matches("0x"), 16)
+        .unwrap_or_else(|_| panic!("not hex: {text}"))
+}
+
+/// Merges adjacent [start, end) ranges.
+fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (start, end) in ranges {
+        match out.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => out.push((start, end)),
+        }
+    }
+    out
+}
+
+/// The device's IOTLB from vduse-net's dump, as [start, end) ranges.
+fn dump_ranges(dump: &str) -> Vec<(u64, u64)> {
+    dump.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(fields.get(2), Some(&"rw"), "{line}");
+            (hex(fields[0]), hex(fields[1]) + 1)
+        })
+        .collect()
+}
+
+#[test]
+fn every_resize_completes_and_the_guest_memtotal_follows() {
+    let base: u64 = section("base").trim().parse().expect("base MemTotal");
+    for (arg, bytes) in STEPS {
+        let resize = json(&format!("resize-{arg}"));
+        assert_eq!(resize["done"], true, "resize to {arg}: {resize}");
+        assert_eq!(resize["plugged_size"], bytes, "{resize}");
+        let memtotal: u64 = section(&format!("memtotal-{arg}")).trim().parse().unwrap();
+        assert_eq!(
+            memtotal,
+            base + bytes / 1024,
+            "MemTotal after resize to {arg}"
+        );
+    }
+}
+
+#[test]
+fn after_every_step_the_device_iotlb_is_boot_memory_plus_the_plugged_blocks() {
+    for (arg, bytes) in STEPS {
+        let info = json(&format!("info-{arg}"));
+        let hotplug = &info["memory"]["hotplug"];
+        assert_eq!(hotplug["plugged_size"], bytes, "{info}");
+        let mut expected = vec![(0, BOOT)];
+        for range in hotplug["plugged"].as_array().unwrap() {
+            let start = hex(range["guest_addr"].as_str().unwrap());
+            expected.push((start, start + range["size"].as_u64().unwrap()));
+        }
+        let total: u64 = expected.iter().map(|(s, e)| e - s).sum();
+        assert_eq!(total, BOOT + bytes);
+        assert_eq!(
+            merged(dump_ranges(section(&format!("iotlb-{arg}")))),
+            merged(expected),
+            "device IOTLB after resize to {arg}"
+        );
+        // The engine's own view agrees with the device.
+        let engine: Vec<(u64, u64)> = info["devices"][0]["iotlb"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let start = hex(m["iova"].as_str().unwrap());
+                (start, start + m["size"].as_u64().unwrap())
+            })
+            .collect();
+        assert_eq!(
+            merged(engine),
+            merged(dump_ranges(section(&format!("iotlb-{arg}"))))
+        );
+    }
+}
+
+#[test]
+fn each_guest_request_is_one_batch_with_one_message_per_changed_range() {
+    let counters = json("counters");
+    let transactions = counters["memory_hotplug"]["transactions"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(!transactions.is_empty(), "{counters}");
+    for t in &transactions {
+        assert!(t["error"].is_null(), "{t}");
+        let device = &t["devices"][0];
+        assert_eq!(device["batched"], true, "{t}");
+        let (updates, invalidates) = (
+            device["iotlb_update"].as_u64().unwrap(),
+            device["iotlb_invalidate"].as_u64().unwrap(),
+        );
+        assert_eq!(
+            device["messages"].as_u64().unwrap(),
+            updates + invalidates + 2,
+            "one BEGIN/END pair: {t}"
+        );
+        match t["kind"].as_str().unwrap() {
+            // The guest plugs and unplugs whole 128 MiB memory blocks here,
+            // one contiguous range per request.
+            "plug" => assert_eq!(
+                (updates, invalidates),
+                (t["ranges_added"].as_array().unwrap().len() as u64, 0),
+                "{t}"
+            ),
+            _ => assert_eq!(
+                (updates, invalidates),
+                (0, t["ranges_removed"].as_array().unwrap().len() as u64),
+                "{t}"
+            ),
+        }
+    }
+    // Overall: the boot batch plus one batch per guest request, all closed.
+    let net = &counters["devices"][0];
+    assert_eq!(net["batch_begin"], net["batch_end"]);
+    assert_eq!(
+        net["batch_begin"].as_u64().unwrap(),
+        1 + transactions.len() as u64,
+        "{counters}"
+    );
+}
+
+#[test]
+fn a_ping_running_through_the_whole_sequence_loses_nothing() {
+    let console = section("console");
+    let summary = console
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary:\n{console}"));
+    assert!(summary.contains(" 0% packet loss"), "{summary}");
+    assert_eq!(section("exit").trim(), "0", "{}", section("stderr"));
+}
+
+#[test]
+fn resizes_the_device_cannot_honour_are_refused() {
+    let text = section("refused");
+    assert!(
+        text.contains("is not a multiple of the block size"),
+        "{text}"
+    );
+    assert!(text.contains("exceeds the hotplug region"), "{text}");
+    assert_eq!(text.matches("exit=1").count(), 2, "{text}");
+}
