@@ -4,10 +4,9 @@
 //! After each step: the guest's MemTotal, the IOTLB the device holds, and
 //! the messages each guest request cost.
 
-use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use e2e::{base64, Outcome, Scenario};
+use e2e::{base64, SectionedRun};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -77,42 +76,17 @@ kill $VD
     )
 }
 
-struct Run {
-    sections: HashMap<String, String>,
-    raw: Outcome,
-}
-
-fn run() -> &'static Run {
-    static RUN: OnceLock<Run> = OnceLock::new();
-    RUN.get_or_init(|| {
-        let scenario = Scenario {
-            name: "hotplug",
-            script: host_script(),
-        };
-        let (outcomes, log) = e2e::run_in_test_host(&[scenario], 1500);
-        eprintln!("{log}");
-        let raw = outcomes
-            .get("hotplug")
-            .cloned()
-            .unwrap_or_else(|| panic!("scenario did not run:\n{log}"));
-        Run {
-            sections: e2e::sections(&raw.stdout),
-            raw,
-        }
-    })
+fn run() -> &'static SectionedRun {
+    static RUN: OnceLock<SectionedRun> = OnceLock::new();
+    RUN.get_or_init(|| SectionedRun::in_test_host("hotplug", host_script()))
 }
 
 fn section(name: &str) -> &'static str {
-    let run = run();
-    run.sections
-        .get(name)
-        .map(String::as_str)
-        .unwrap_or_else(|| panic!("no section {name}\n{}", run.raw))
+    run().section(name)
 }
 
 fn json(name: &str) -> Value {
-    serde_json::from_str(section(name))
-        .unwrap_or_else(|e| panic!("{name} is not JSON ({e}):\n{}", section(name)))
+    run().json(name)
 }
 
 fn hex(text: &str) -> u64 {

@@ -2,10 +2,9 @@
 //! device (vduse-net on a TAP), the kernel's vhost-vdpa, our VMM and the
 //! guest's virtio-net driver. One test-host boot serves every check.
 
-use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use e2e::{base64, Outcome, Scenario};
+use e2e::{base64, SectionedRun};
 use serde_json::Value;
 
 const GUEST_IP: &str = "192.0.2.2";
@@ -74,40 +73,17 @@ echo "@@section vduse-log"; cat /tmp/vduse.err
     )
 }
 
-struct Run {
-    sections: HashMap<String, String>,
-    raw: Outcome,
-}
-
-fn run() -> &'static Run {
-    static RUN: OnceLock<Run> = OnceLock::new();
-    RUN.get_or_init(|| {
-        let scenario = Scenario {
-            name: "vdpa_net",
-            script: host_script(),
-        };
-        let (outcomes, log) = e2e::run_in_test_host(&[scenario], 1500);
-        eprintln!("{log}");
-        let raw = outcomes
-            .get("vdpa_net")
-            .cloned()
-            .unwrap_or_else(|| panic!("scenario did not run:\n{log}"));
-        let sections = e2e::sections(&raw.stdout);
-        Run { sections, raw }
-    })
+fn run() -> &'static SectionedRun {
+    static RUN: OnceLock<SectionedRun> = OnceLock::new();
+    RUN.get_or_init(|| SectionedRun::in_test_host("vdpa_net", host_script()))
 }
 
 fn section(name: &str) -> &'static str {
-    let run = run();
-    run.sections
-        .get(name)
-        .map(String::as_str)
-        .unwrap_or_else(|| panic!("no section {name}\n{}", run.raw))
+    run().section(name)
 }
 
 fn json(name: &str) -> Value {
-    serde_json::from_str(section(name))
-        .unwrap_or_else(|e| panic!("section {name} is not JSON ({e}):\n{}", section(name)))
+    run().json(name)
 }
 
 fn ping_summary(console: &str, transmitted: u32) -> &str {

@@ -181,6 +181,40 @@ fn parse_framed(stdout: &str) -> HashMap<String, Outcome> {
     outcomes
 }
 
+/// One scenario run in its own test host whose output is split into
+/// `@@section NAME` sections, for tests that check one long story.
+pub struct SectionedRun {
+    pub sections: HashMap<String, String>,
+    pub raw: Outcome,
+}
+
+impl SectionedRun {
+    pub fn in_test_host(name: &'static str, script: String) -> SectionedRun {
+        let (outcomes, log) = run_in_test_host(&[Scenario { name, script }], 1500);
+        eprintln!("{log}");
+        let raw = outcomes
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| panic!("scenario {name} did not run:\n{log}"));
+        SectionedRun {
+            sections: sections(&raw.stdout),
+            raw,
+        }
+    }
+
+    pub fn section(&self, name: &str) -> &str {
+        self.sections
+            .get(name)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("no section {name}\n{}", self.raw))
+    }
+
+    pub fn json(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(self.section(name))
+            .unwrap_or_else(|e| panic!("section {name} is not JSON ({e}):\n{}", self.section(name)))
+    }
+}
+
 /// Splits a scenario's output into `@@section NAME` sections.
 pub fn sections(stdout: &str) -> HashMap<String, String> {
     let mut sections = HashMap::new();
