@@ -30,6 +30,21 @@ echo guest-ready
 nc -l -p 5000 >/dev/null
 kill -INT $PING; sleep 1
 tail -3 /tmp/ping.log
+# Buffers in hot-plugged memory. Kernel socket buffers never come from
+# ZONE_MOVABLE, so new memory joins ZONE_NORMAL for this phase; the
+# allocator hands out newly onlined pages last, so boot memory is filled
+# before the plug (leaving room to online it) and what it still has free
+# is filled after; then the host pings with large packets.
+echo online_kernel > /sys/devices/system/memory/auto_online_blocks
+mkdir -p /fill && mount -t tmpfs -o size=100% tmpfs /fill
+free_kib() { sed -n 's/^MemFree: *\\([0-9]*\\).*/\\1/p' /proc/meminfo; }
+dd if=/dev/zero of=/fill/boot bs=1M count=$(( ($(free_kib) - 32768) / 1024 )) 2>/dev/null
+left=$(free_kib)
+echo fill-done
+nc -l -p 5000 >/dev/null
+dd if=/dev/zero of=/fill/rest bs=1M count=$(( left / 1024 + 16 )) 2>/dev/null
+echo rest-done
+nc -l -p 5000 >/dev/null
 echo guest-done
 "
     .to_string()
@@ -63,10 +78,19 @@ for step in {steps}; do
   echo "@@section iotlb-$s"; cat /tmp/iotlb
 done
 echo "@@section counters"; microvm-ctl --socket /tmp/api.sock counters
+echo go | nc 192.0.2.2 5000
+i=0; until grep -q fill-done /tmp/console.log; do i=$((i+1)); [ $i -gt 600 ] && break; sleep 0.2; done
+echo "@@section buffers-resize"; microvm-ctl --socket /tmp/api.sock memory-resize 512M --timeout 120
+until echo go | nc 192.0.2.2 5000 2>/dev/null; do sleep 0.2; done
+i=0; until grep -q rest-done /tmp/console.log; do i=$((i+1)); [ $i -gt 600 ] && break; sleep 0.2; done
+echo "@@section buffers-ping"; ping -c 300 -i 0.05 -s 1400 192.0.2.2 | tail -2
+kill -USR1 $VD; sleep 1
+echo "@@section buffers-info"; microvm-ctl --socket /tmp/api.sock info
+echo "@@section buffers-stats"; grep "stats iotlb_updates" /tmp/vduse.err | tail -1
 echo "@@section refused"
 microvm-ctl --socket /tmp/api.sock memory-resize 3M 2>&1; echo "exit=$?"
 microvm-ctl --socket /tmp/api.sock memory-resize 4G 2>&1; echo "exit=$?"
-echo go | nc 192.0.2.2 5000
+until echo go | nc 192.0.2.2 5000 2>/dev/null; do sleep 0.2; done
 wait $MV; echo "@@section exit"; echo $?
 echo "@@section stderr"; cat /tmp/microvm.err
 echo "@@section console"; grep -v memtotal= /tmp/console.log
@@ -236,4 +260,58 @@ fn resizes_the_device_cannot_honour_are_refused() {
     );
     assert!(text.contains("exceeds the hotplug region"), "{text}");
     assert_eq!(text.matches("exit=1").count(), 2, "{text}");
+}
+
+#[test]
+fn network_buffers_placed_in_hot_plugged_memory_work() {
+    let resize = json("buffers-resize");
+    assert_eq!(resize["done"], true, "{resize}");
+    let ping = section("buffers-ping");
+    assert!(
+        ping.contains("300 packets received, 0% packet loss"),
+        "{ping}"
+    );
+    let info = json("buffers-info");
+    let plugged: Vec<(u64, u64)> = info["memory"]["hotplug"]["plugged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let start = hex(r["guest_addr"].as_str().unwrap());
+            (start, start + r["size"].as_u64().unwrap())
+        })
+        .collect();
+    assert!(!plugged.is_empty(), "{info}");
+    // vduse-net counts, per IOTLB entry, the buffers it read (tx) and wrote
+    // (rx): "ranges=[first-last:txN,rxM ...]".
+    let stats = section("buffers-stats");
+    let ranges = stats
+        .split("ranges=[")
+        .nth(1)
+        .and_then(|r| r.split(']').next())
+        .unwrap_or_else(|| panic!("no per-range statistics: {stats}"));
+    let used_in_plugged: u64 = ranges
+        .split_whitespace()
+        .filter_map(|entry| {
+            let (span, uses) = entry.split_once(':')?;
+            let (first, _) = span.split_once('-')?;
+            let first = hex(first);
+            plugged
+                .iter()
+                .any(|&(s, e)| (s..e).contains(&first))
+                .then(|| {
+                    uses.split(',')
+                        .filter_map(|u| {
+                            u.trim_start_matches(|c: char| c.is_alphabetic())
+                                .parse::<u64>()
+                                .ok()
+                        })
+                        .sum::<u64>()
+                })
+        })
+        .sum();
+    assert!(
+        used_in_plugged > 0,
+        "no buffer came from plugged memory: {stats}"
+    );
 }
