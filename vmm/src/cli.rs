@@ -77,6 +77,18 @@ impl Cli {
     }
 }
 
+/// clap's errors span several lines (what is wrong, then usage and tips);
+/// keeps what is wrong, on one line, for both binaries.
+pub fn one_line_error(error: &clap::Error) -> String {
+    let message = error.to_string();
+    let text = message.strip_prefix("error: ").unwrap_or(&message);
+    text.lines()
+        .take_while(|line| !line.is_empty() && !line.starts_with("Usage:"))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,10 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("microvm: {} (see microvm --help)", one_line(&e.to_string()));
+            eprintln!(
+                "microvm: {} (see microvm --help)",
+                vmm::cli::one_line_error(&e)
+            );
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
@@ -47,15 +50,4 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_VM_FAILED)
         }
     }
-}
-
-/// clap's errors span several lines (what is wrong, then usage and tips);
-/// keep what is wrong, on one line.
-fn one_line(message: &str) -> String {
-    let text = message.strip_prefix("error: ").unwrap_or(message);
-    text.lines()
-        .take_while(|line| !line.is_empty() && !line.starts_with("Usage:"))
-        .map(str::trim)
-        .collect::<Vec<_>>()
-        .join(" ")
 }

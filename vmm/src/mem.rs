@@ -4,14 +4,13 @@
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::mem::{MemRegion, MemState, VirtioMem};
-use devices::virtio::pci::{TransportError, VirtioPciDevice, BAR_SIZE};
+use devices::virtio::pci::VirtioPciDevice;
 use vm_memory::GuestMemoryMmap;
 
 use crate::hotplug::DmaHotplug;
-use crate::interrupts::InterruptError;
 use crate::memory::HotplugRegion;
-use crate::net::{NetHandle, PciWiring};
-use crate::pci::PciSetupError;
+use crate::net::NetHandle;
+use crate::pci::{plug_virtio, PciWiring, PlugError, Plugged};
 use crate::seccomp::{self, ThreadKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -23,11 +22,7 @@ pub enum MemError {
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
     #[error(transparent)]
-    Interrupts(#[from] InterruptError),
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-    #[error(transparent)]
-    Pci(#[from] PciSetupError),
+    Plug(#[from] PlugError),
 }
 
 pub type MemPciDevice = VirtioPciDevice<VirtioMem>;
@@ -77,16 +72,7 @@ pub fn add_virtio_mem(
         VirtioMem::new(geometry, backend.clone(), memory, install).map_err(MemError::Worker)?;
     let state = device.state();
     // One vector for the request queue, one for configuration changes.
-    let vectors = wiring.router.allocate_vectors(2)?;
-    let bar = wiring.segment.allocate_mem64(BAR_SIZE)?;
-    let pci = Arc::new(Mutex::new(VirtioPciDevice::new(
-        device,
-        vectors,
-        wiring.router.clone(),
-        wiring.ioevents.clone(),
-        bar,
-    )?));
-    let slot = wiring.segment.add_device(pci.clone())?;
+    let Plugged { pci, slot } = plug_virtio(device, 2, wiring)?;
     Ok(MemHandle {
         region: geometry,
         slot,

@@ -5,14 +5,13 @@
 use std::sync::{Arc, Mutex};
 
 use devices::dma::{CommitReport, DmaError, DmaMapper, VhostVdpaIotlb};
-use devices::virtio::pci::{TransportError, VirtioPciDevice, BAR_SIZE};
+use devices::virtio::pci::VirtioPciDevice;
 use devices::virtio::vdpa_net::{VdpaError, VdpaNet, VdpaNetConfig};
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::NetConfig;
-use crate::interrupts::{InterruptError, KvmIoEvents, KvmMsiRouter};
 use crate::memory::GuestRam;
-use crate::pci::{PciSegment, PciSetupError};
+use crate::pci::{plug_virtio, PciWiring, PlugError, Plugged};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -21,11 +20,7 @@ pub enum NetError {
     #[error("cannot map guest memory for {path}: {source}")]
     Map { path: String, source: DmaError },
     #[error(transparent)]
-    Interrupts(#[from] InterruptError),
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-    #[error(transparent)]
-    Pci(#[from] PciSetupError),
+    Plug(#[from] PlugError),
 }
 
 pub type NetPciDevice = VirtioPciDevice<VdpaNet>;
@@ -37,13 +32,6 @@ pub struct NetHandle {
     pub pci: Arc<Mutex<NetPciDevice>>,
     pub mapper: Arc<Mutex<DmaMapper<VhostVdpaIotlb>>>,
     pub boot_mapping: CommitReport,
-}
-
-/// Wiring shared by every PCI device.
-pub struct PciWiring<'a> {
-    pub segment: &'a mut PciSegment,
-    pub router: &'a Arc<KvmMsiRouter>,
-    pub ioevents: &'a Arc<KvmIoEvents>,
 }
 
 pub fn add_vdpa_net(
@@ -66,18 +54,8 @@ pub fn add_vdpa_net(
         source,
     })?;
     // One vector per queue, one for configuration changes.
-    let vectors = wiring
-        .router
-        .allocate_vectors(device.queue_max_sizes_len() + 1)?;
-    let bar = wiring.segment.allocate_mem64(BAR_SIZE)?;
-    let pci = Arc::new(Mutex::new(VirtioPciDevice::new(
-        device,
-        vectors,
-        wiring.router.clone(),
-        wiring.ioevents.clone(),
-        bar,
-    )?));
-    let slot = wiring.segment.add_device(pci.clone())?;
+    let vectors = device.queue_max_sizes_len() + 1;
+    let Plugged { pci, slot } = plug_virtio(device, vectors, wiring)?;
     Ok(NetHandle {
         config: config.clone(),
         slot,

@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex};
 use devices::bus::{Bus, BusError};
 use devices::pci::bus::{PciError, CONFIG_IO_BASE, CONFIG_IO_LEN};
 use devices::pci::{PciBus, PciConfigIo, PciConfigMmio, SharedPciBus, SharedPciDevice};
+use devices::virtio::pci::{TransportError, VirtioPciDevice, BAR_SIZE};
+use devices::virtio::VirtioDevice;
 
+use crate::interrupts::{InterruptError, KvmIoEvents, KvmMsiRouter};
 use crate::memory::pci_layout;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +62,49 @@ impl PciSegment {
         let mut bus = self.bus.lock().unwrap_or_else(|p| p.into_inner());
         Ok(bus.add_device(device)?)
     }
+}
+
+/// Wiring shared by every PCI device.
+pub struct PciWiring<'a> {
+    pub segment: &'a mut PciSegment,
+    pub router: &'a Arc<KvmMsiRouter>,
+    pub ioevents: &'a Arc<KvmIoEvents>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlugError {
+    #[error(transparent)]
+    Interrupts(#[from] InterruptError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Pci(#[from] PciSetupError),
+}
+
+/// A virtio-pci function on the segment.
+pub struct Plugged<D: VirtioDevice> {
+    pub pci: Arc<Mutex<VirtioPciDevice<D>>>,
+    pub slot: u8,
+}
+
+/// Wraps `device` as a virtio-pci function with `vectors` MSI-X vectors
+/// and plugs it into the segment.
+pub fn plug_virtio<D: VirtioDevice + 'static>(
+    device: D,
+    vectors: usize,
+    wiring: PciWiring<'_>,
+) -> Result<Plugged<D>, PlugError> {
+    let vectors = wiring.router.allocate_vectors(vectors)?;
+    let bar = wiring.segment.allocate_mem64(BAR_SIZE)?;
+    let pci = Arc::new(Mutex::new(VirtioPciDevice::new(
+        device,
+        vectors,
+        wiring.router.clone(),
+        wiring.ioevents.clone(),
+        bar,
+    )?));
+    let slot = wiring.segment.add_device(pci.clone())?;
+    Ok(Plugged { pci, slot })
 }
 
 #[cfg(test)]

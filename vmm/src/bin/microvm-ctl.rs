@@ -89,13 +89,10 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            let message = e.to_string();
-            let first = message
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim_start_matches("error: ");
-            eprintln!("microvm-ctl: {first} (see microvm-ctl --help)");
+            eprintln!(
+                "microvm-ctl: {} (see microvm-ctl --help)",
+                vmm::cli::one_line_error(&e)
+            );
             return ExitCode::from(2);
         }
     };
