@@ -93,7 +93,12 @@ pub fn run(config: &VmmConfig) -> Result<GuestExit, VmmError> {
     // Files, sizes and counts first, so bad input never waits on KVM.
     config.validate(&HostLimits::probe(u64::from(config::MAX_VCPUS)))?;
     let kvm = Vm::open_kvm()?;
-    config.validate(&HostLimits::probe(Vm::max_vcpus(&kvm)))?;
+    // Only the vCPU count depends on KVM; the rest was checked above.
+    let kvm_limits = HostLimits {
+        max_vcpus: Vm::max_vcpus(&kvm),
+        memory_bytes: u64::MAX,
+    };
+    config::check_vcpus(u64::from(config.vcpus), &kvm_limits)?;
 
     let hotplug = config
         .memory

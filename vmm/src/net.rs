@@ -27,7 +27,6 @@ pub type NetPciDevice = VirtioPciDevice<VdpaNet>;
 
 /// A running vDPA net device, as the control API sees it.
 pub struct NetHandle {
-    pub config: NetConfig,
     pub slot: u8,
     pub pci: Arc<Mutex<NetPciDevice>>,
     pub mapper: Arc<Mutex<DmaMapper<VhostVdpaIotlb>>>,
@@ -57,7 +56,6 @@ pub fn add_vdpa_net(
     let vectors = device.queue_max_sizes_len() + 1;
     let Plugged { pci, slot } = plug_virtio(device, vectors, wiring)?;
     Ok(NetHandle {
-        config: config.clone(),
         slot,
         pci,
         mapper,

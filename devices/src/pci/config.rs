@@ -95,10 +95,6 @@ impl PciConfiguration {
         config
     }
 
-    pub fn identity_vendor(&self) -> u16 {
-        self.u16_at(VENDOR_ID)
-    }
-
     /// Declares a memory BAR at `addr` of `size` bytes (a power of two).
     pub fn add_memory_bar(&mut self, bar: Bar) -> Result<(), ConfigError> {
         let span = if bar.is_64bit { 2 } else { 1 };
@@ -255,7 +251,7 @@ mod tests {
         let mut config = PciConfiguration::new(identity());
         assert_eq!(read_u32(&config, 0), 0x1041_1af4);
         config.write(VENDOR_ID, &[0, 0]);
-        assert_eq!(config.identity_vendor(), 0x1af4);
+        assert_eq!(config.u16_at(VENDOR_ID), 0x1af4);
         config.write(COMMAND, &COMMAND_MEMORY_SPACE.to_le_bytes());
         assert!(config.memory_enabled());
     }

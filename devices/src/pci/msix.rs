@@ -100,10 +100,6 @@ impl Msix {
         }
     }
 
-    pub fn enabled(&self) -> bool {
-        self.enabled
-    }
-
     fn deliverable(&self, vector: usize) -> bool {
         self.enabled && !self.function_masked && !self.entries[vector].masked()
     }

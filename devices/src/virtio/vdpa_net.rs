@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost::vdpa::VhostVdpa;
@@ -296,10 +296,6 @@ impl VdpaNet {
     /// How many queues the guest will see.
     pub fn queue_max_sizes_len(&self) -> usize {
         usize::from(self.queue_count)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn lock_mapper(&self) -> MutexGuard<'_, Mapper> {
