@@ -77,6 +77,25 @@ impl Cli {
     }
 }
 
+/// Exit status of the binaries when the command line or configuration is refused.
+pub const EXIT_BAD_INPUT: u8 = 2;
+
+/// Parses the process arguments; on --help or --version prints and exits 0,
+/// on bad input prints one line naming the program and exits 2.
+pub fn parse_or_exit<C: Parser>(program: &str) -> Result<C, std::process::ExitCode> {
+    match C::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            Err(std::process::ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{program}: {} (see {program} --help)", one_line_error(&e));
+            Err(std::process::ExitCode::from(EXIT_BAD_INPUT))
+        }
+    }
+}
+
 /// clap's errors span several lines (what is wrong, then usage and tips);
 /// keeps what is wrong, on one line, for both binaries.
 pub fn one_line_error(error: &clap::Error) -> String {

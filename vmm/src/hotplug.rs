@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use devices::dma::{DmaMapper, DmaRange, Perm, VhostVdpaIotlb};
+use devices::dma::{CommitReport, DmaError, DmaMapper, DmaRange, Perm, VhostVdpaIotlb};
 use devices::virtio::mem::HotplugBackend;
 
 type Mapper = Arc<Mutex<DmaMapper<VhostVdpaIotlb>>>;
@@ -108,19 +108,7 @@ impl DmaHotplug {
         let started = Instant::now();
         let mut done: Vec<DeviceTransaction> = Vec::new();
         for (index, (id, mapper)) in self.mappers.iter().enumerate() {
-            let result = {
-                let mut mapper = lock(mapper);
-                let mut transaction = mapper.begin(0);
-                for &range in ranges {
-                    if plug {
-                        transaction.add(self.dma_range(range));
-                    } else {
-                        transaction.remove(range.0, range.1);
-                    }
-                }
-                mapper.commit(transaction)
-            };
-            match result {
+            match self.commit(mapper, plug, ranges) {
                 Ok(report) => done.push(DeviceTransaction {
                     device: id.clone(),
                     updates: report.updates,
@@ -140,20 +128,30 @@ impl DmaHotplug {
         Ok(())
     }
 
+    /// One transaction on one device: map `ranges` (`add`) or unmap them.
+    fn commit(
+        &self,
+        mapper: &Mapper,
+        add: bool,
+        ranges: &[(u64, u64)],
+    ) -> Result<CommitReport, DmaError> {
+        let mut mapper = lock(mapper);
+        let mut transaction = mapper.begin(0);
+        for &range in ranges {
+            if add {
+                transaction.add(self.dma_range(range));
+            } else {
+                transaction.remove(range.0, range.1);
+            }
+        }
+        mapper.commit(transaction)
+    }
+
     fn undo(&self, plugged: bool, ranges: &[(u64, u64)], mappers: &[(String, Mapper)]) {
         for (_, mapper) in mappers {
-            let mut mapper = lock(mapper);
-            let mut transaction = mapper.begin(0);
-            for &range in ranges {
-                if plugged {
-                    transaction.remove(range.0, range.1);
-                } else {
-                    transaction.add(self.dma_range(range));
-                }
-            }
             // If even this fails the engine has restored its own state and
             // the device needs a reset; the guest's request fails either way.
-            let _ = mapper.commit(transaction);
+            let _ = self.commit(mapper, !plugged, ranges);
         }
     }
 

@@ -3,30 +3,17 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use vmm::cli::Cli;
+use vmm::cli::{Cli, EXIT_BAD_INPUT};
 use vmm::GuestExit;
 
 /// Exit statuses: 0 the guest powered off or reset; 1 the VM failed;
 /// 2 the command line or configuration was refused.
 const EXIT_VM_FAILED: u8 = 1;
-const EXIT_BAD_INPUT: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match vmm::cli::parse_or_exit::<Cli>("microvm") {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            // --help and --version
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!(
-                "microvm: {} (see microvm --help)",
-                vmm::cli::one_line_error(&e)
-            );
-            return ExitCode::from(EXIT_BAD_INPUT);
-        }
+        Err(code) => return code,
     };
     let config = match cli.into_config() {
         Ok(config) => config,

@@ -64,11 +64,8 @@ fn net_id(index: usize) -> String {
 }
 
 fn info(state: &ApiState) -> Value {
-    let regions: Vec<Value> = state
-        .ram
-        .iter()
-        .map(|r| json!({ "guest_addr": hex(r.start), "size": r.size }))
-        .collect();
+    let ram: Vec<(u64, u64)> = state.ram.iter().map(|r| (r.start, r.size)).collect();
+    let regions = ranges(&ram);
     let devices: Vec<Value> = state
         .nets
         .iter()

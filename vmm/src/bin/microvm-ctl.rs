@@ -82,19 +82,9 @@ fn request(
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match vmm::cli::parse_or_exit::<Cli>("microvm-ctl") {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!(
-                "microvm-ctl: {} (see microvm-ctl --help)",
-                vmm::cli::one_line_error(&e)
-            );
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let (method, path, body) = match cli.command {
         Command::Info => ("GET", "/info", String::new()),
