@@ -4,23 +4,13 @@
 //! Bring-up is a sequence of small steps with explicit inputs:
 //! validate → memory → VM → ACPI → kernel → devices → vCPUs → run.
 
-pub mod acpi;
 pub mod api;
 pub mod boot;
-pub mod cli;
 pub mod config;
 pub mod console;
-pub mod cpuid;
-pub mod hotplug;
-pub mod interrupts;
-pub mod mem;
-pub mod memory;
-pub mod net;
-pub mod pci;
-pub mod regs;
+pub mod device_manager;
 pub mod seccomp;
-pub mod vcpu;
-pub mod vm;
+pub mod vstate;
 
 use std::sync::{Arc, Mutex};
 
@@ -31,13 +21,15 @@ use devices::serial::SerialDevice;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use boot::{acpi, loader as boot_loader};
 use config::{ConfigError, HostLimits, SerialConfig, VmmConfig};
-use interrupts::{KvmIoEvents, KvmMsiRouter};
-use memory::GuestRam;
+use device_manager::{net, pci, virtio_mem as mem};
 use pci::{PciSegment, PciWiring};
 use seccomp::ThreadKind;
-use vcpu::Vcpu;
-use vm::Vm;
+use vstate::interrupts::{self, KvmIoEvents, KvmMsiRouter};
+use vstate::memory::{self, GuestRam};
+use vstate::vcpu::{self, Vcpu};
+use vstate::vm::{self, Vm};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -50,7 +42,7 @@ pub enum VmmError {
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
-    Boot(#[from] boot::BootError),
+    Boot(#[from] boot_loader::BootError),
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
     #[error(transparent)]
@@ -108,7 +100,7 @@ pub fn run(config: &VmmConfig) -> Result<GuestExit, VmmError> {
     let vm = Vm::new(kvm)?;
     vm.register_memory(&ram)?;
     let rsdp = acpi::write_tables(&ram.memory, config.vcpus)?;
-    let boot_entry = boot::load(&ram, &config.kernel, rsdp)?;
+    let boot_entry = boot_loader::load(&ram, &config.kernel, rsdp)?;
 
     let exit = ExitSignal::new().map_err(VmmError::EventFd)?;
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use vmm::cli::{Cli, EXIT_BAD_INPUT};
+use vmm::config::cli::{Cli, EXIT_BAD_INPUT};
 use vmm::GuestExit;
 
 /// Exit statuses: 0 the guest powered off or reset; 1 the VM failed;
@@ -11,7 +11,7 @@ use vmm::GuestExit;
 const EXIT_VM_FAILED: u8 = 1;
 
 fn main() -> ExitCode {
-    let cli = match vmm::cli::parse_or_exit::<Cli>("microvm") {
+    let cli = match vmm::config::cli::parse_or_exit::<Cli>("microvm") {
         Ok(cli) => cli,
         Err(code) => return code,
     };

@@ -8,9 +8,9 @@ use serde_json::{json, Value};
 
 use super::http::{Request, Response};
 use crate::config::parse_size;
-use crate::mem::MemHandle;
-use crate::memory::RamRange;
-use crate::net::{NetHandle, NetPciDevice};
+use crate::device_manager::net::{NetHandle, NetPciDevice};
+use crate::device_manager::virtio_mem::MemHandle;
+use crate::vstate::memory::RamRange;
 use devices::virtio::mem::ResizeError;
 
 /// How long PUT /memory waits for the guest by default.
@@ -131,7 +131,7 @@ fn hotplug_counters(state: &ApiState) -> Value {
 
 /// One guest request as the devices saw it: what changed, what each was
 /// sent, and how long from the request to its END message.
-fn transaction(t: &crate::hotplug::TransactionRecord) -> Value {
+fn transaction(t: &crate::device_manager::memory_hotplug::TransactionRecord) -> Value {
     let (added, removed) = match t.kind {
         "plug" => (ranges(&t.ranges), vec![]),
         _ => (vec![], ranges(&t.ranges)),

@@ -82,7 +82,7 @@ fn request(
 }
 
 fn main() -> ExitCode {
-    let cli = match vmm::cli::parse_or_exit::<Cli>("microvm-ctl") {
+    let cli = match vmm::config::cli::parse_or_exit::<Cli>("microvm-ctl") {
         Ok(cli) => cli,
         Err(code) => return code,
     };

@@ -8,7 +8,7 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::memory::GuestRam;
+use crate::vstate::memory::GuestRam;
 
 /// KVM needs three pages for the TSS of real-mode emulation on Intel; put
 /// them just below the BIOS area at the top of the 32-bit space.

@@ -7,11 +7,11 @@ use devices::virtio::mem::{MemRegion, MemState, VirtioMem};
 use devices::virtio::pci::VirtioPciDevice;
 use vm_memory::GuestMemoryMmap;
 
-use crate::hotplug::DmaHotplug;
-use crate::memory::HotplugRegion;
-use crate::net::NetHandle;
-use crate::pci::{plug_virtio, PciWiring, PlugError, Plugged};
+use crate::device_manager::memory_hotplug::DmaHotplug;
+use crate::device_manager::net::NetHandle;
+use crate::device_manager::pci::{plug_virtio, PciWiring, PlugError, Plugged};
 use crate::seccomp::{self, ThreadKind};
+use crate::vstate::memory::HotplugRegion;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemError {

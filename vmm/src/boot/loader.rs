@@ -15,7 +15,7 @@ use linux_loader::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_st
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::config::KernelConfig;
-use crate::memory::{layout, pci_layout, GuestRam, MMIO_HOLE_END};
+use crate::vstate::memory::{layout, pci_layout, GuestRam, MMIO_HOLE_END};
 
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;

@@ -5,8 +5,8 @@
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
-use crate::boot::{BootEntry, BootProtocol};
-use crate::memory::layout;
+use crate::boot::loader::{BootEntry, BootProtocol};
+use crate::vstate::memory::layout;
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_ET: u64 = 1 << 4;
@@ -178,7 +178,7 @@ pub fn boot_fpu() -> kvm_fpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::GuestRam;
+    use crate::vstate::memory::GuestRam;
 
     #[test]
     fn gdt_entries_decode_to_flat_segments() {

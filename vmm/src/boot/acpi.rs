@@ -10,7 +10,7 @@ use acpi_tables::{aml, fadt, gas, mcfg::MCFG, rsdp::Rsdp, sdt::Sdt, xsdt::XSDT, 
 use devices::legacy::{AcpiPm, SERIAL_COM1_BASE, SERIAL_COM1_IRQ};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::memory::{layout, pci_layout};
+use crate::vstate::memory::{layout, pci_layout};
 
 const OEM_ID: [u8; 6] = *b"MICRVM";
 const OEM_TABLE_ID: [u8; 8] = *b"MICROVM ";
@@ -224,7 +224,7 @@ fn interrupt_source_override(irq: u32) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::GuestRam;
+    use crate::vstate::memory::GuestRam;
 
     fn checksum_ok(bytes: &[u8]) -> bool {
         bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)) == 0

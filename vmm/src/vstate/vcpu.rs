@@ -9,10 +9,10 @@ use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
-use crate::boot::BootEntry;
-use crate::cpuid::{self, CpuidOptions};
-use crate::regs;
-use crate::vm::Vm;
+use crate::boot::loader::BootEntry;
+use crate::vstate::cpuid::{self, CpuidOptions};
+use crate::vstate::regs;
+use crate::vstate::vm::Vm;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
@@ -231,8 +231,8 @@ fn set_lint(fd: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::boot::BootProtocol;
-    use crate::memory::{layout, GuestRam};
+    use crate::boot::loader::BootProtocol;
+    use crate::vstate::memory::{layout, GuestRam};
     use devices::bus::BusDevice;
     use devices::legacy::AcpiPm;
     use std::sync::Mutex;

@@ -10,8 +10,8 @@ use devices::virtio::vdpa_net::{VdpaError, VdpaNet, VdpaNetConfig};
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::NetConfig;
-use crate::memory::GuestRam;
-use crate::pci::{plug_virtio, PciWiring, PlugError, Plugged};
+use crate::device_manager::pci::{plug_virtio, PciWiring, PlugError, Plugged};
+use crate::vstate::memory::GuestRam;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {

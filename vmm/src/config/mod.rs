@@ -4,6 +4,8 @@
 //! Nothing here touches KVM or the host: a `VmmConfig` is data, validated
 //! against host limits by `VmmConfig::validate` before anything is built.
 
+pub mod cli;
+
 use std::path::PathBuf;
 
 /// Smallest guest we agree to build: the kernel image alone is loaded at

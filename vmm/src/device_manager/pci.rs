@@ -9,8 +9,8 @@ use devices::pci::{PciBus, PciConfigIo, PciConfigMmio, SharedPciBus, SharedPciDe
 use devices::virtio::pci::{TransportError, VirtioPciDevice, BAR_SIZE};
 use devices::virtio::VirtioDevice;
 
-use crate::interrupts::{InterruptError, KvmIoEvents, KvmMsiRouter};
-use crate::memory::pci_layout;
+use crate::vstate::interrupts::{InterruptError, KvmIoEvents, KvmMsiRouter};
+use crate::vstate::memory::pci_layout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PciSetupError {

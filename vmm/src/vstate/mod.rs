@@ -1,0 +1,9 @@
+//! The VM's hardware state on KVM: the VM and its memory slots, vCPUs with
+//! their registers and CPUID, guest memory, and interrupt routing.
+
+pub mod cpuid;
+pub mod interrupts;
+pub mod memory;
+pub mod regs;
+pub mod vcpu;
+pub mod vm;
