@@ -29,6 +29,15 @@ struct RunningQueue {
     kick: EventFd,
 }
 
+/// A queue the driver had not enabled at DRIVER_OK. Newer VMMs (QEMU 10) enable the
+/// vrings after DRIVER_OK, and VDUSE does not tell the device when a vring becomes
+/// ready (it only flips the flag VDUSE_VQ_GET_INFO reports), so the queue gets its kick
+/// eventfd now and is re-read when a kick arrives: VDUSE forwards kicks only to ready
+/// queues, so the first kick means the driver has enabled it.
+struct WaitingQueue {
+    kick: EventFd,
+}
+
 pub struct Server {
     dev: Device,
     iotlb: Iotlb,
@@ -36,6 +45,7 @@ pub struct Server {
     iotlb_updates: u64,
     status: u8,
     queues: [Option<RunningQueue>; NUM_QUEUES as usize],
+    waiting: [Option<WaitingQueue>; NUM_QUEUES as usize],
     saved_avail: [u16; NUM_QUEUES as usize],
     backend: Backend,
     pending_rx: VecDeque<Vec<u8>>,
@@ -60,6 +70,7 @@ impl Server {
             iotlb_updates: 0,
             status: 0,
             queues: [None, None],
+            waiting: [None, None],
             saved_avail: [0; NUM_QUEUES as usize],
             backend,
             pending_rx: VecDeque::new(),
@@ -77,13 +88,19 @@ impl Server {
         self.dev.as_raw_fd()
     }
 
-    /// The kick eventfds of the running queues, with their queue index.
+    /// The kick eventfds of the running and the waiting queues, with their queue index.
     pub fn kick_fds(&self) -> Vec<(u16, RawFd)> {
-        self.queues
+        let running = self
+            .queues
             .iter()
             .enumerate()
-            .filter_map(|(i, q)| q.as_ref().map(|q| (i as u16, q.kick.as_raw_fd())))
-            .collect()
+            .filter_map(|(i, q)| q.as_ref().map(|q| (i as u16, q.kick.as_raw_fd())));
+        let waiting = self
+            .waiting
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| w.as_ref().map(|w| (i as u16, w.kick.as_raw_fd())));
+        running.chain(waiting).collect()
     }
 
     /// The tap fd when the server wants to read from it: always while the queues are
@@ -179,51 +196,79 @@ impl Server {
 
     fn start_queues(&mut self) -> Result<(), VduseError> {
         for i in 0..NUM_QUEUES {
-            let info = self.dev.vq_get_info(u32::from(i))?;
-            if info.ready == 0 {
-                log(&format!(
-                    "queue {i} ({}) not ready; not served",
-                    queue_name(i)
-                ));
-                continue;
-            }
-            let num = u16::try_from(info.num).unwrap_or(0);
-            let q = match NetQueue::new(
-                num,
-                info.desc_addr,
-                info.driver_addr,
-                info.device_addr,
-                info.state[0],
-            ) {
-                Ok(q) => q,
-                Err(e) => {
-                    log(&format!(
-                        "queue {i} ({}): invalid parameters (num {}): {e}",
-                        queue_name(i),
-                        info.num
-                    ));
-                    continue;
-                }
-            };
             let kick = EventFd::new(EFD_NONBLOCK).map_err(|source| VduseError::Ioctl {
                 what: "eventfd",
                 source,
             })?;
             self.dev
                 .vq_setup_kickfd(u32::from(i), Some(kick.as_raw_fd()))?;
-            log(&format!(
-                "queue {i} ({}) started: num {} desc {:#x} driver {:#x} device {:#x} avail {}",
-                queue_name(i),
-                info.num,
-                info.desc_addr,
-                info.driver_addr,
-                info.device_addr,
-                info.state[0]
-            ));
-            self.queues[i as usize] = Some(RunningQueue { q, kick });
+            if !self.try_start(i, kick)? {
+                log(&format!(
+                    "queue {i} ({}) not ready at DRIVER_OK; served once the driver enables it",
+                    queue_name(i)
+                ));
+            }
         }
         self.serve_all();
         Ok(())
+    }
+
+    /// Reads queue `i`'s state and starts it if the driver has enabled it; otherwise
+    /// keeps `kick` and waits. Returns whether the queue runs.
+    fn try_start(&mut self, i: u16, kick: EventFd) -> Result<bool, VduseError> {
+        let info = self.dev.vq_get_info(u32::from(i))?;
+        if info.ready == 0 {
+            self.waiting[i as usize] = Some(WaitingQueue { kick });
+            return Ok(false);
+        }
+        let num = u16::try_from(info.num).unwrap_or(0);
+        let q = match NetQueue::new(
+            num,
+            info.desc_addr,
+            info.driver_addr,
+            info.device_addr,
+            info.state[0],
+        ) {
+            Ok(q) => q,
+            Err(e) => {
+                log(&format!(
+                    "queue {i} ({}): invalid parameters (num {}): {e}; not served",
+                    queue_name(i),
+                    info.num
+                ));
+                let _ = self.dev.vq_setup_kickfd(u32::from(i), None);
+                return Ok(false);
+            }
+        };
+        log(&format!(
+            "queue {i} ({}) started: num {} desc {:#x} driver {:#x} device {:#x} avail {}",
+            queue_name(i),
+            info.num,
+            info.desc_addr,
+            info.driver_addr,
+            info.device_addr,
+            info.state[0]
+        ));
+        self.queues[i as usize] = Some(RunningQueue { q, kick });
+        Ok(true)
+    }
+
+    /// Re-reads every waiting queue; starts those the driver has enabled since.
+    fn start_waiting(&mut self) {
+        for i in 0..NUM_QUEUES {
+            let Some(w) = self.waiting[i as usize].take() else {
+                continue;
+            };
+            let _ = w.kick.read();
+            match self.try_start(i, w.kick) {
+                Ok(true) => log(&format!(
+                    "queue {i} ({}) enabled after DRIVER_OK",
+                    queue_name(i)
+                )),
+                Ok(false) => {}
+                Err(e) => self.error_once(format!("queue {i}: {e}")),
+            }
+        }
     }
 
     fn stop_queues(&mut self) {
@@ -234,6 +279,8 @@ impl Server {
                 // deassign is harmless.
                 let _ = self.dev.vq_setup_kickfd(u32::from(i), None);
                 log(&format!("queue {i} ({}) stopped", queue_name(i)));
+            } else if self.waiting[i as usize].take().is_some() {
+                let _ = self.dev.vq_setup_kickfd(u32::from(i), None);
             }
         }
         self.pending_rx.clear();
@@ -295,8 +342,11 @@ impl Server {
 
     /// A kick eventfd fired.
     pub fn on_kick(&mut self, index: u16) {
-        if let Some(rq) = &self.queues[index as usize] {
+        if let Some(rq) = self.queues.get(usize::from(index)).and_then(Option::as_ref) {
             let _ = rq.kick.read();
+        }
+        if self.waiting.iter().any(Option::is_some) {
+            self.start_waiting();
         }
         if index == TX_QUEUE {
             self.serve_tx();
@@ -382,6 +432,9 @@ impl Server {
 
     /// The tap is readable.
     pub fn on_tap(&mut self) {
+        if self.waiting[RX_QUEUE as usize].is_some() {
+            self.start_waiting();
+        }
         let mut buf = vec![0u8; 65536];
         for _ in 0..64 {
             let running = self.queues[RX_QUEUE as usize].is_some();
