@@ -102,6 +102,17 @@ pub fn run_in_test_host(
     scenarios: &[Scenario],
     timeout_secs: u32,
 ) -> (HashMap<String, Outcome>, String) {
+    run_in_test_host_with_peers(scenarios, timeout_secs, &[])
+}
+
+/// As `run_in_test_host`, with QEMU peers carried in (`tools/testbed run
+/// --peers`): each is `/opt/peers/NAME/qemu` in the test host. Peers exist
+/// only in the emulated test host.
+pub fn run_in_test_host_with_peers(
+    scenarios: &[Scenario],
+    timeout_secs: u32,
+    peers: &[&str],
+) -> (HashMap<String, Outcome>, String) {
     let mut script = String::from(
         "set +e\n\
          scenario() {\n\
@@ -120,15 +131,15 @@ pub fn run_in_test_host(
             shell_quote(&scenario.script)
         ));
     }
-    let output = Command::new(repo_root().join("tools/testbed"))
-        .args([
-            "run",
-            "--host",
-            "auto",
-            "--timeout",
-            &timeout_secs.to_string(),
-            "--",
-        ])
+    let mut command = Command::new(repo_root().join("tools/testbed"));
+    command.args(["run", "--timeout", &timeout_secs.to_string()]);
+    if peers.is_empty() {
+        command.args(["--host", "auto"]);
+    } else {
+        command.args(["--host", "emulated", "--peers", &peers.join(",")]);
+    }
+    let output = command
+        .arg("--")
         .args(["sh", "-c", &script])
         .output()
         .expect("cannot run tools/testbed");
@@ -190,7 +201,17 @@ pub struct SectionedRun {
 
 impl SectionedRun {
     pub fn in_test_host(name: &'static str, script: String) -> SectionedRun {
-        let (outcomes, log) = run_in_test_host(&[Scenario { name, script }], 1500);
+        SectionedRun::in_test_host_with_peers(name, script, &[])
+    }
+
+    /// As `in_test_host`, with QEMU peers carried in.
+    pub fn in_test_host_with_peers(
+        name: &'static str,
+        script: String,
+        peers: &[&str],
+    ) -> SectionedRun {
+        let (outcomes, log) =
+            run_in_test_host_with_peers(&[Scenario { name, script }], 1500, peers);
         eprintln!("{log}");
         let raw = outcomes
             .get(name)

@@ -1,0 +1,204 @@
+"""tools/bench compare: every scenario for this project and each QEMU peer,
+each run in a fresh test host, VMMs alternating; JSON lines out (one per run,
+one summary per scenario) and docs/comparison.md rewritten from them."""
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+
+from . import scenarios, stats, testhost, vmms
+from .testhost import REPO, TESTBED, log
+
+SCENARIOS = ["boot", "hotplug", "viommu"]
+BOOT_MEMORY_MIB = 256
+BOOT_CPUS = 1
+
+
+def iotlb_batch_switch_exists():
+    """Whether this tree's VMM has `--net vdpa=PATH,iotlb-batch=off`."""
+    r = subprocess.run(["grep", "-rlq", "iotlb-batch", str(REPO / "vmm" / "src")],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return r.returncode == 0
+
+
+def machine_info():
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M)
+            cpu = m.group(1) if m else ""
+        with open("/proc/meminfo") as f:
+            mem_kib = int(re.search(r"MemTotal:\s*(\d+)", f.read()).group(1))
+    except (OSError, AttributeError):
+        mem_kib = 0
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kib / (1 << 20), 1),
+            "kernel": platform.release()}
+
+
+def meta(args, peers_info):
+    paths = json.loads(subprocess.run([str(TESTBED), "paths", "--json"], stdout=subprocess.PIPE,
+                                      text=True, check=True).stdout)
+    rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                         stdout=subprocess.PIPE, text=True).stdout.strip()
+    return {
+        "type": "meta",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "tools/bench compare " + " ".join(args.argv),
+        "runs": args.runs,
+        "scenarios": args.scenarios,
+        "machine": machine_info(),
+        "test_host": {"kind": "emulated (QEMU TCG, nested SVM)", "vcpus": 1, "memory_mib": 4096,
+                      "kernel": paths.get("host_kernel_release")},
+        "guest": {"kernel": paths.get("guest_kernel_release"), "vcpus": BOOT_CPUS},
+        "versions": {"microvm": rev, **{p: i["version"] for p, i in peers_info.items()}},
+        "peer_packages": {p: i["packages"] for p, i in peers_info.items()},
+        "qemu_machine": {"boot": {p: {"machine": vmms.MACHINES[vmms.BOOT_MACHINE[p]],
+                                      "why": vmms.BOOT_MACHINE_WHY[p]} for p in args.peers},
+                         "hotplug": {"machine": vmms.MACHINES["pc"],
+                                     "why": "DIMM hotplug needs ACPI memory hotplug: pc has it, microvm not"}},
+    }
+
+
+def emit(record, out):
+    line = json.dumps(record)
+    print(line, flush=True)
+    out.write(line + "\n")
+    out.flush()
+
+
+def raw_log(args, scenario, vmm, n):
+    """Where the raw test-host output of one run is kept (next to --json-out)."""
+    d = os.path.join(os.path.dirname(os.path.abspath(args.json_out)), "raw")
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f"{scenario}-{vmm.id}-{n}.log")
+    if os.path.exists(path):
+        os.unlink(path)
+    return path
+
+
+def run_boot(vmm, args, n):
+    script, command = scenarios.boot_script(vmm, BOOT_MEMORY_MIB, BOOT_CPUS)
+    run = testhost.run(script, peers=[vmm.peer] if vmm.is_qemu else [], timeout=600,
+                       retries=args.retries, keep=raw_log(args, "boot", vmm, n))
+    record = {"command": command, "retries": run.retries, "lost": run.lost}
+    try:
+        record["metrics"] = scenarios.parse_boot(run)[0]
+        record["ok"] = True
+    except scenarios.ScenarioError as e:
+        record.update(ok=False, error=str(e))
+    return record
+
+
+def run_hotplug(vmm, args, n):
+    script, commands = scenarios.hotplug_script(vmm)
+    run = testhost.run(script, peers=[vmm.peer] if vmm.is_qemu else [], timeout=900,
+                       retries=args.retries, keep=raw_log(args, "hotplug", vmm, n))
+    record = {"command": commands["hotplug"], "commands": commands, "retries": run.retries,
+              "lost": run.lost}
+    if vmm.is_qemu:
+        record["variant"] = "DIMM (pc-dimm, memory-backend-memfd share=on, device_add over QMP)"
+    try:
+        record["metrics"], record["notes"] = scenarios.parse_hotplug(run, vmm)
+        record["ok"] = True
+    except scenarios.ScenarioError as e:
+        record.update(ok=False, error=str(e))
+        if vmm.is_qemu and run.section("virtio-mem-stderr") is not None:
+            record["notes"] = {"virtio_mem": (run.section("virtio-mem-stderr") or "").strip()[-300:]}
+    return record
+
+
+METRICS = {"boot": scenarios.BOOT_METRICS, "hotplug": scenarios.HOTPLUG_METRICS}
+
+
+def summary(scenario, rows, records, notes):
+    """One summary record: per metric and VMM median/min/max, ratios of each
+    project row to each peer, failures with their reasons, retries."""
+    by_vmm = {vmm.id: [r for r in records if r["vmm"] == vmm.id] for vmm in rows}
+    metrics = {}
+    for key, label, unit in METRICS[scenario]:
+        metrics[key] = {"label": label, "unit": unit, "values": {}}
+        for vmm in rows:
+            s = stats.summarize([r["metrics"].get(key) for r in by_vmm[vmm.id] if r["ok"]])
+            metrics[key]["values"][vmm.id] = s
+        metrics[key]["ratios"] = {}
+        for mine in [v for v in rows if not v.is_qemu]:
+            for peer in [v for v in rows if v.is_qemu]:
+                metrics[key]["ratios"][f"{mine.id}/{peer.id}"] = stats.ratio(
+                    metrics[key]["values"][mine.id], metrics[key]["values"][peer.id])
+    failures = {v.id: [r["error"] for r in by_vmm[v.id] if not r["ok"]] for v in rows}
+    return {
+        "type": "summary", "scenario": scenario,
+        "vmms": {v.id: v.label for v in rows},
+        "metrics": metrics,
+        "completed": {v.id: sum(1 for r in by_vmm[v.id] if r["ok"]) for v in rows},
+        "failures": {k: v for k, v in failures.items() if v},
+        "retries": {v.id: sum(r["retries"] for r in by_vmm[v.id]) for v in rows},
+        "commands": {v.id: (by_vmm[v.id][0]["commands"] if by_vmm[v.id] and "commands" in by_vmm[v.id][0]
+                            else by_vmm[v.id][0]["command"] if by_vmm[v.id] else None) for v in rows},
+        "notes": notes,
+    }
+
+
+def compare(args):
+    peers = [vmms.PEERS[p] for p in args.peers]
+    if not args.no_assets:
+        subprocess.run([str(TESTBED), "assets"], check=True)
+    peers_info = json.loads(subprocess.run([str(TESTBED), "peers", "--json"] + args.peers,
+                                           stdout=subprocess.PIPE, text=True, check=True).stdout) \
+        if args.peers else {}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+    records_all = []
+    with open(args.json_out, "w") as out:
+        m = meta(args, peers_info)
+        emit(m, out)
+        records_all.append(m)
+        for scenario in args.scenarios:
+            notes = {}
+            if scenario == "viommu":
+                rows = [vmms.PROJECT, vmms.PROJECT_UNBATCHED] + [p for p in peers if p.id == "qemu10"]
+                s = {"type": "summary", "scenario": "viommu", "vmms": {v.id: v.label for v in rows},
+                     "not_run": scenarios.VIOMMU_PENDING, "metrics": {}, "notes": {}}
+                emit(s, out)
+                records_all.append(s)
+                continue
+            rows = [vmms.PROJECT] + peers
+            if scenario == "hotplug":
+                if iotlb_batch_switch_exists():
+                    rows.insert(1, vmms.PROJECT_UNBATCHED)
+                else:
+                    notes["project-unbatched"] = ("no row: this tree's VMM has no "
+                                                  "`--net vdpa=PATH,iotlb-batch=off` switch yet")
+            runner = {"boot": run_boot, "hotplug": run_hotplug}[scenario]
+            records = []
+            for n in range(args.runs):
+                # Alternate the order so no VMM always runs first or last.
+                order = rows[n % len(rows):] + rows[:n % len(rows)]
+                for vmm in order:
+                    log(f"{scenario}: run {n + 1}/{args.runs}, {vmm.label}")
+                    record = {"type": "run", "scenario": scenario, "vmm": vmm.id, "label": vmm.label,
+                              "run": n, **runner(vmm, args, n)}
+                    if not record["ok"]:
+                        log(f"{scenario}: {vmm.label} run {n + 1} failed: {record['error']}")
+                    emit(record, out)
+                    records.append(record)
+                    records_all.append(record)
+            for r in records:
+                for k, v in (r.get("notes") or {}).items():
+                    notes.setdefault(r["vmm"], {}).setdefault(k, v)
+            s = summary(scenario, rows, records, notes)
+            emit(s, out)
+            records_all.append(s)
+    if not args.no_docs:
+        from . import report
+        report.write(records_all, args.docs)
+        log(f"wrote {args.docs}/comparison.md and {args.docs}/comparison.png")
+    return 0
+
+
+def load(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,220 @@
+"""docs/comparison.md and its plot, written from the JSON records of
+tools/bench compare (the same records it prints)."""
+
+import os
+
+COLORS = {"project": "#1f77b4", "project-unbatched": "#9ecae1", "qemu10": "#d62728", "qemu72": "#ff9896"}
+
+
+def _fmt(s, unit):
+    if not s:
+        return "—"
+    if s["min"] == s["max"]:
+        return f"{s['median']:g}"
+    return f"{s['median']:g} ({s['min']:g}–{s['max']:g})"
+
+
+def _ratio(r):
+    return "—" if r is None else f"{r:.2f}×"
+
+
+def _table(summary):
+    vmms = summary["vmms"]
+    ratio_keys = []
+    for m in summary["metrics"].values():
+        for k in m["ratios"]:
+            if k not in ratio_keys:
+                ratio_keys.append(k)
+
+    def ratio_head(k):
+        mine, peer = k.split("/")
+        return f"{vmms[mine]} / {vmms[peer]}"
+    head = ["metric"] + list(vmms.values()) + [ratio_head(k) for k in ratio_keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, m in summary["metrics"].items():
+        label = f"{m['label']} [{m['unit']}]"
+        cells = [_fmt(m["values"].get(v), m["unit"]) for v in vmms]
+        cells += [_ratio(m["ratios"].get(k)) for k in ratio_keys]
+        lines.append("| " + " | ".join([label] + cells) + " |")
+    return "\n".join(lines)
+
+
+def _commands(summary, runs):
+    out = []
+    for vid, label in summary["vmms"].items():
+        cmd = summary.get("commands", {}).get(vid)
+        if not cmd:
+            continue
+        out.append(f"{label}:\n")
+        if isinstance(cmd, dict):
+            for step, text in cmd.items():
+                out.append(f"```sh\n# {step}\n{text}\n```\n")
+        else:
+            out.append(f"```sh\n{cmd}\n```\n")
+    return "\n".join(out)
+
+
+def _notes(summary):
+    lines = []
+    for vid, n in (summary.get("notes") or {}).items():
+        label = summary["vmms"].get(vid, vid)
+        if isinstance(n, dict):
+            for k, v in n.items():
+                lines.append(f"- {label}, {k}: {v}")
+        else:
+            lines.append(f"- {label}: {n}")
+    for vid, errors in (summary.get("failures") or {}).items():
+        for e in sorted(set(errors)):
+            lines.append(f"- {summary['vmms'][vid]}: {errors.count(e)} run(s) did not complete: {e}")
+    retries = {v: n for v, n in (summary.get("retries") or {}).items() if n}
+    for vid, n in retries.items():
+        lines.append(f"- {summary['vmms'][vid]}: {n} run(s) retried after the test host was lost")
+    completed = summary.get("completed") or {}
+    for vid, n in completed.items():
+        lines.append(f"- {summary['vmms'][vid]}: {n} run(s) completed")
+    return "\n".join(lines)
+
+
+def plot(summaries, path):
+    """Boot time and rebuilds/messages at ready; per hotplug step rebuilds and time."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = []
+    boot = summaries.get("boot")
+    hot = summaries.get("hotplug")
+    if boot:
+        panels += [("boot", ["ready_ms"], "boot: VMM start to guest ready", "ms"),
+                   ("boot", ["device_iotlb_rebuilds", "iotlb_messages"],
+                    "boot: device IOTLB rebuilds and IOTLB messages at ready", "count")]
+    if hot:
+        steps = [k[:-len("_rebuilds")] for k in hot["metrics"] if k.endswith("_rebuilds")]
+        panels += [("hotplug", [f"{s}_rebuilds" for s in steps], "hotplug: device IOTLB rebuilds per step", "count"),
+                   ("hotplug", [f"{s}_ms" for s in steps], "hotplug: time to complete each step", "ms")]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.3 * len(panels)), squeeze=False)
+    for ax, (scenario, keys, title, unit) in zip(axes[:, 0], panels):
+        s = summaries[scenario]
+        vids = list(s["vmms"])
+        width = 0.8 / len(vids)
+        for i, vid in enumerate(vids):
+            xs, med, lo, hi = [], [], [], []
+            for j, key in enumerate(keys):
+                v = s["metrics"][key]["values"].get(vid)
+                if not v:
+                    continue
+                xs.append(j + (i - (len(vids) - 1) / 2) * width)
+                med.append(v["median"])
+                lo.append(v["median"] - v["min"])
+                hi.append(v["max"] - v["median"])
+            bars = ax.bar(xs, med, width, yerr=[lo, hi], capsize=3, label=s["vmms"][vid],
+                          color=COLORS.get(vid, "#888888"))
+            ax.bar_label(bars, labels=[f"{m:g}" for m in med], fontsize=7, padding=2)
+            # A VMM with no figure for a bar (refused, not completed) is marked so.
+            for j, key in enumerate(keys):
+                if not s["metrics"][key]["values"].get(vid):
+                    ax.text(j + (i - (len(vids) - 1) / 2) * width, 0, "n/a", ha="center",
+                            va="bottom", fontsize=7, rotation=90)
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels([s["metrics"][k]["label"].split(":")[0] if scenario == "hotplug"
+                            else s["metrics"][k]["label"] for k in keys], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(unit)
+        ax.margins(y=0.15)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.text(0.01, 0.002, "bars: median; whiskers: min–max over the runs", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def render(records, image_name="comparison.png"):
+    meta = next((r for r in records if r.get("type") == "meta"), {})
+    summaries = {r["scenario"]: r for r in records if r.get("type") == "summary"}
+    runs = [r for r in records if r.get("type") == "run"]
+    m = meta.get("machine", {})
+    out = ["# microvm compared with QEMU", "",
+           f"Generated by `{meta.get('command', 'tools/bench compare')}` on {meta.get('date', '?')}; "
+           "do not edit by hand: the command rewrites this page and its plot. Every run boots a fresh "
+           "emulated test host (QEMU TCG with nested SVM, see ../README.md), so the absolute figures are "
+           "nested-virtualisation figures: compare the columns with each other, not with bare metal.", "",
+           "Every VMM boots the same guest (kernel and initramfs), with the same vCPUs and memory, and "
+           "the same vDPA device: vduse-net behind the kernel's vhost-vdpa at /dev/vhost-vdpa-0. Device "
+           "IOTLB rebuilds are counted by vduse-net (each is one VDUSE_UPDATE_IOTLB request, i.e. VDUSE "
+           "rebuilding its whole IOTLB); IOTLB messages are this project's `counters` and, for QEMU, its "
+           "trace events for each vhost_msg_v2 written to the vhost-vdpa fd (vhost_vdpa_dma_map, "
+           "vhost_vdpa_dma_unmap, vhost_vdpa_listener_begin_batch, vhost_vdpa_listener_commit). "
+           "Cells are median (min–max); ratios are this project's median over the peer's; below 1 "
+           "means this project needs less.", "",
+           "## Set-up", "",
+           f"- machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('memory_gib', '?')} GiB, "
+           f"Linux {m.get('kernel', '?')}",
+           f"- test host: {meta.get('test_host', {}).get('kind', '?')}, "
+           f"{meta.get('test_host', {}).get('vcpus', '?')} vCPU, {meta.get('test_host', {}).get('memory_mib', '?')} MiB, "
+           f"Linux {meta.get('test_host', {}).get('kernel', '?')}",
+           f"- guest: Linux {meta.get('guest', {}).get('kernel', '?')}, {meta.get('guest', {}).get('vcpus', '?')} vCPU",
+           f"- runs per VMM and scenario: {meta.get('runs', '?')}, each in a fresh test host, VMMs alternating",
+           ""]
+    out.append("Versions:")
+    out.append("")
+    for k, v in (meta.get("versions") or {}).items():
+        pk = (meta.get("peer_packages") or {}).get(k)
+        extra = ""
+        if pk:
+            extra = " — Debian packages " + ", ".join(
+                f"{p} {i['version']} ({i['suite']})" for p, i in sorted(pk.items()))
+        out.append(f"- {k}: {v}{extra}")
+    out.append("")
+    qm = meta.get("qemu_machine") or {}
+    if qm:
+        out.append("QEMU machine types:")
+        out.append("")
+        for peer, info in (qm.get("boot") or {}).items():
+            out.append(f"- boot, {peer}: `-M {info['machine']}` — {info['why']}")
+        if qm.get("hotplug"):
+            out.append(f"- hotplug: `-M {qm['hotplug']['machine']}` — {qm['hotplug']['why']}")
+        out.append("")
+    if any(k in summaries for k in ("boot", "hotplug")):
+        out += [f"![boot and hotplug: times and device IOTLB rebuilds]({image_name})", ""]
+    for name in ("boot", "hotplug", "viommu"):
+        s = summaries.get(name)
+        if not s:
+            continue
+        out += [f"## {name}", ""]
+        if name == "boot":
+            out += ["VMM start to the guest's `microvm-guest: ready` line (timed by microvm-boot-timer, "
+                    "which also reads the VMM's memory there); at that line the guest has probed the "
+                    "virtio-net device and its memory is mapped for the vDPA device.", ""]
+        if name == "hotplug":
+            out += ["The same sequence for every VMM, on a guest of 256 MiB: plug 128 MiB, plug 256 MiB "
+                    "more, unplug all. This project: virtio-mem (`microvm-ctl memory-resize`, which "
+                    "returns when the guest has plugged or unplugged). QEMU: virtio-mem first (it is "
+                    "refused next to vhost-vdpa, see the notes), then its best alternative: DIMMs "
+                    "(`object-add` memory-backend-memfd share=on + `device_add pc-dimm` over QMP; "
+                    "`device_del` to unplug). Every step is timed by the same meter (microvm-time "
+                    "around the client). Counts are per step; ranges are what the device maps after it.", ""]
+        if s.get("not_run"):
+            out += [s["not_run"], ""]
+            continue
+        out += [_table(s), ""]
+        notes = _notes(s)
+        if notes:
+            out += ["Notes:", "", notes, ""]
+        out += ["Command lines (exactly as run in the test host):", "", _commands(s, runs), ""]
+    out += ["## Raw data", "", "`tools/bench compare` prints one JSON line per run and one summary per "
+            "scenario (also kept in `--json-out`); `tools/bench report --input FILE` rewrites this page "
+            "from such a file.", ""]
+    return "\n".join(out), summaries
+
+
+def write(records, docs_dir):
+    os.makedirs(docs_dir, exist_ok=True)
+    text, summaries = render(records)
+    plotted = plot(summaries, os.path.join(docs_dir, "comparison.png"))
+    if not plotted:
+        text = text.replace("![boot and hotplug: times and device IOTLB rebuilds](comparison.png)\n", "")
+    with open(os.path.join(docs_dir, "comparison.md"), "w") as f:
+        f.write(text)

@@ -1,0 +1,288 @@
+"""The scenarios every VMM runs in the test host: a shell script per run, and
+a parser from its `@@section` output to the run's metrics. tools/bench boot
+and tools/bench compare share them."""
+
+import json
+
+from . import vmms
+from .vmms import Vmm
+
+READY = "microvm-guest: ready"
+
+
+class ScenarioError(Exception):
+    """A run that did not complete; the message says why."""
+
+
+def _quoted_heredoc(section, text):
+    """Prints `text` verbatim under `@@section section`."""
+    return f"echo '@@section {section}'\ncat <<'@@END_OF_TEXT'\n{text}\n@@END_OF_TEXT\n"
+
+
+VDUSE_START = """vduse-net --name net0 --loopback --iotlb-dump /tmp/iotlb >/tmp/vduse.out 2>/tmp/vduse.err &
+VD=$!
+i=0; until grep -q ready /tmp/vduse.out 2>/dev/null; do i=$((i+1)); [ $i -gt 200 ] && break; sleep 0.1; done
+echo '@@section vduse-ready'; cat /tmp/vduse.out
+"""
+# Each IOTLB rebuild reaches vduse-net as one VDUSE_UPDATE_IOTLB request,
+# which it logs as "iotlb update #N [first,last]".
+REBUILDS = "grep -cE 'iotlb update #[0-9]+ \\[' /tmp/vduse.err"
+RANGES = "grep -c '^0x' /tmp/iotlb"
+VDUSE_STOP = """kill $VD; wait $VD
+echo '@@section vduse-log'; grep -v '^vduse-net:   iotlb 0x' /tmp/vduse.err | tail -40
+"""
+
+
+# ---------------------------------------------------------------- boot
+
+BOOT_GUEST_CMD = "sleep 2"   # keeps the guest up while counters are read at ready
+
+
+def boot_argv(vmm: Vmm, memory_mib, cpus, net=True):
+    if vmm.is_qemu:
+        return vmms.qemu_argv(vmm, vmms.BOOT_MACHINE[vmm.peer], memory_mib, cpus, BOOT_GUEST_CMD)
+    return vmms.project_argv(vmm, memory_mib, cpus, BOOT_GUEST_CMD if net else None, net=net, api=net)
+
+
+def boot_script(vmm: Vmm, memory_mib, cpus, runs=1, net=True):
+    """The guest boots `runs` times under microvm-boot-timer; at the ready
+    line the device's rebuilds and the VMM's IOTLB messages are read."""
+    argv = boot_argv(vmm, memory_mib, cpus, net)
+    hook = "n=$BOOT_TIMER_RUN\n"
+    if net:
+        hook += f"{REBUILDS} > /tmp/ready.$n.rebuilds\n"
+        hook += vmms.message_snapshot(vmm, "/tmp/ready.$n.messages") + "\n"
+    guest_ram = " ".join(f"--guest-ram {name}" for name in vmms.GUEST_RAM_MEMFDS)
+    script = VDUSE_START if net else ""
+    script += f"cat > /tmp/on-ready.sh <<'@@END_OF_HOOK'\n{hook}@@END_OF_HOOK\n"
+    script += _quoted_heredoc("command", vmms.shell(argv))
+    script += (f"microvm-boot-timer --runs {runs} {guest_ram} --on-ready 'sh /tmp/on-ready.sh' -- "
+               f"{vmms.shell(argv)} >/tmp/timer.json 2>/tmp/vmm.err\n")
+    script += "echo '@@section timer'; cat /tmp/timer.json\n"
+    if net:
+        script += (f"for n in $(seq 0 {runs - 1}); do echo \"@@section rebuilds-$n\"; cat /tmp/ready.$n.rebuilds; "
+                   "echo \"@@section messages-$n\"; cat /tmp/ready.$n.messages; done\n")
+    script += "echo '@@section vmm-stderr'; tail -30 /tmp/vmm.err\n"
+    if net:
+        script += VDUSE_STOP
+    return script, vmms.shell(argv)
+
+
+def _tail(text, lines=12):
+    return "\n".join((text or "").strip().splitlines()[-lines:])
+
+
+def parse_boot(run, runs=1, net=True):
+    """[metrics per boot] of a boot_script run; ScenarioError if any failed."""
+    timer = [json.loads(l) for l in (run.section("timer") or "").splitlines() if l.startswith("{")]
+    if len(timer) != runs:
+        raise ScenarioError(f"{len(timer)} of {runs} boots reported (test host exit {run.status}); "
+                            f"VMM stderr: {_tail(run.section('vmm-stderr'))}")
+    out = []
+    for n, t in enumerate(timer):
+        if t["ready_ms"] is None or t["exit_status"] != 0:
+            raise ScenarioError(f"boot {n}: ready line {'seen' if t['ready_ms'] else 'never seen'}, "
+                                f"exit status {t['exit_status']}; VMM stderr: {_tail(run.section('vmm-stderr'))}")
+        m = {
+            "ready_ms": t["ready_ms"],
+            "exit_ms": t["exit_ms"],
+            "peak_rss_kib": t["peak_hwm_kib"],
+            "peak_rss_outside_guest_ram_kib": t["peak_rss_private_kib"],
+            "rss_at_ready_kib": t["rss_at_ready_kib"],
+            "rss_anon_at_ready_kib": t["rss_anon_at_ready_kib"],
+        }
+        if net:
+            try:
+                m["device_iotlb_rebuilds"] = int(run.section(f"rebuilds-{n}").strip())
+                messages = vmms.parse_messages(run.section(f"messages-{n}"))
+            except (ValueError, KeyError, AttributeError, json.JSONDecodeError) as e:
+                raise ScenarioError(f"boot {n}: counters at ready unreadable ({e}): "
+                                    f"{run.section(f'messages-{n}')!r}")
+            m["iotlb_messages"] = messages.pop("total")
+            m["iotlb_messages_by_kind"] = messages
+        out.append(m)
+    return out
+
+
+BOOT_METRICS = [
+    # (key, label, unit, lower is better)
+    ("ready_ms", "VMM start to guest ready", "ms"),
+    ("peak_rss_kib", "peak RSS (VmHWM, guest RAM touched included)", "KiB"),
+    ("peak_rss_outside_guest_ram_kib", "peak RSS outside guest RAM", "KiB"),
+    ("rss_anon_at_ready_kib", "RssAnon at ready (the VMM's own memory)", "KiB"),
+    ("device_iotlb_rebuilds", "device IOTLB rebuilds at ready (vduse-net)", "count"),
+    ("iotlb_messages", "IOTLB messages at ready", "count"),
+]
+
+
+# ---------------------------------------------------------------- hotplug
+
+HOTPLUG_BOOT_MIB = 256
+HOTPLUG_MAX_MIB = 1024
+MIB = 1 << 20
+# (name, what, the project's memory-resize argument, QEMU's QMP steps)
+HOTPLUG_STEPS = [
+    ("plug1", "plug 128 MiB", "128M", [
+        {"execute": "object-add", "arguments": {"qom-type": "memory-backend-memfd", "id": "dimm1mem",
+                                                "size": 128 * MIB, "share": True}},
+        {"execute": "device_add", "arguments": {"driver": "pc-dimm", "id": "dimm1", "memdev": "dimm1mem"}},
+    ]),
+    ("plug2", "plug 256 MiB more", "384M", [
+        {"execute": "object-add", "arguments": {"qom-type": "memory-backend-memfd", "id": "dimm2mem",
+                                                "size": 256 * MIB, "share": True}},
+        {"execute": "device_add", "arguments": {"driver": "pc-dimm", "id": "dimm2", "memdev": "dimm2mem"}},
+    ]),
+    ("unplug", "unplug all 384 MiB", "0", [
+        {"execute": "device_del", "arguments": {"id": "dimm2"}},
+        {"execute": "device_del", "arguments": {"id": "dimm1"}},
+        "event:DEVICE_DELETED",
+        "event:DEVICE_DELETED",
+    ]),
+]
+HOTPLUG_GUEST_CMD = "sleep 3600"
+QMP_TIMEOUT = 15
+
+
+def _wait_ready(log):
+    return (f"i=0; until grep -q '{READY}' {log} 2>/dev/null; do i=$((i+1)); "
+            f"if [ $i -gt 1500 ] || ! kill -0 $MV 2>/dev/null; then break; fi; sleep 0.2; done\n"
+            f"echo '@@section ready'; grep -c '{READY}' {log}\n")
+
+
+def _snapshot(vmm, n):
+    return (f"echo '@@section rebuilds-{n}'; {REBUILDS}\n"
+            f"echo '@@section ranges-{n}'; {RANGES}\n"
+            f"{vmms.message_snapshot(vmm, '/tmp/messages')}\n"
+            f"echo '@@section messages-{n}'; cat /tmp/messages\n")
+
+
+def hotplug_argv(vmm, virtio_mem=False):
+    if not vmm.is_qemu:
+        return vmms.project_argv(vmm, HOTPLUG_BOOT_MIB, 1, HOTPLUG_GUEST_CMD, hotplug_mib=HOTPLUG_MAX_MIB)
+    extra = []
+    if virtio_mem:
+        extra = ["-object", f"memory-backend-memfd,id=vmem0mem,size={HOTPLUG_MAX_MIB}M,share=on",
+                 "-device", "virtio-mem-pci,id=vmem0,memdev=vmem0mem,block-size=2M,requested-size=0"]
+    return vmms.qemu_argv(vmm, "pc", HOTPLUG_BOOT_MIB, 1, HOTPLUG_GUEST_CMD,
+                          maxmem_mib=HOTPLUG_BOOT_MIB + 2 * HOTPLUG_MAX_MIB, extra=extra)
+
+
+def hotplug_script(vmm: Vmm):
+    """The same plug/plug/unplug sequence: virtio-mem for this project; for
+    QEMU first virtio-mem (expected to be refused next to vhost-vdpa), then
+    DIMMs, its best alternative. After each step: the device's rebuilds, the
+    ranges it maps, the VMM's messages; each step timed by microvm-time."""
+    commands = {}
+    script = VDUSE_START
+    if vmm.is_qemu:
+        vmem = vmms.shell(hotplug_argv(vmm, virtio_mem=True))
+        commands["virtio-mem"] = vmem
+        script += _quoted_heredoc("virtio-mem-command", vmem)
+        script += f"timeout 60 {vmem} >/dev/null 2>/tmp/vmem.err; st=$?; echo '@@section virtio-mem-status'; echo $st\n"
+        script += "echo '@@section virtio-mem-stderr'; cat /tmp/vmem.err\n"
+        script += f"rm -f {vmms.QEMU_TRACE_LOG} {vmms.QMP_SOCKET}\n"
+    argv = vmms.shell(hotplug_argv(vmm))
+    commands["hotplug"] = argv
+    script += _quoted_heredoc("command", argv)
+    script += f"{argv} >/tmp/console.log 2>/tmp/vmm.err &\nMV=$!\n"
+    script += _wait_ready("/tmp/console.log")
+    script += _snapshot(vmm, 0)
+    for n, (name, _what, size, qmp_steps) in enumerate(HOTPLUG_STEPS, 1):
+        if vmm.is_qemu:
+            args = " ".join(vmms.shlex.quote(s if isinstance(s, str) else json.dumps(s)) for s in qmp_steps)
+            client = f"microvm-qmp --socket {vmms.QMP_SOCKET} --timeout {QMP_TIMEOUT} {args}"
+        else:
+            client = f"microvm-ctl --socket {vmms.API_SOCKET} memory-resize {size} --timeout 120"
+        commands[name] = client
+        script += f"microvm-time --out /tmp/time.{n} -- {client} >/tmp/reply.{n} 2>&1\n"
+        script += f"echo '@@section time-{n}'; cat /tmp/time.{n}\necho '@@section reply-{n}'; cat /tmp/reply.{n}\n"
+        script += _snapshot(vmm, n)
+    if vmm.is_qemu:
+        script += f"microvm-qmp --socket {vmms.QMP_SOCKET} '{{\"execute\":\"quit\"}}' >/dev/null 2>&1\n"
+    script += "kill $MV 2>/dev/null; wait $MV\n"
+    script += "echo '@@section vmm-stderr'; tail -30 /tmp/vmm.err\n"
+    script += "echo '@@section console-tail'; tail -15 /tmp/console.log\n"
+    script += VDUSE_STOP
+    return script, commands
+
+
+def parse_hotplug(run, vmm: Vmm):
+    """(metrics, notes): per step its time, and the device's rebuilds and the
+    VMM's messages during it, plus the ranges mapped after it."""
+    notes = {}
+    if vmm.is_qemu:
+        status = (run.section("virtio-mem-status") or "").strip()
+        stderr = (run.section("virtio-mem-stderr") or "").strip()
+        if status in ("124", "137", "143"):
+            notes["virtio_mem"] = "accepted: QEMU started with virtio-mem-pci next to vhost-vdpa (not measured)"
+        else:
+            notes["virtio_mem"] = f"refused (exit {status}): {_tail(stderr, 3)}"
+    if (run.section("ready") or "").strip() in ("", "0"):
+        raise ScenarioError(f"the guest never printed its ready line (test host exit {run.status}); "
+                            f"VMM stderr: {_tail(run.section('vmm-stderr'))}")
+
+    def snap(n):
+        try:
+            return (int(run.section(f"rebuilds-{n}").strip()), int(run.section(f"ranges-{n}").strip()),
+                    vmms.parse_messages(run.section(f"messages-{n}"))["total"])
+        except (ValueError, KeyError, AttributeError, json.JSONDecodeError) as e:
+            raise ScenarioError(f"counters after step {n} unreadable ({e})")
+
+    metrics = {}
+    before = snap(0)
+    metrics["ranges_at_ready"] = before[1]
+    for n, (name, _what, _size, _qmp) in enumerate(HOTPLUG_STEPS, 1):
+        after = snap(n)
+        try:
+            timing = json.loads(run.section(f"time-{n}"))
+        except (TypeError, json.JSONDecodeError):
+            raise ScenarioError(f"step {name} was not timed")
+        reply = (run.section(f"reply-{n}") or "").strip()
+        done, why = _step_completed(vmm, reply, timing)
+        metrics[f"{name}_ms"] = timing["wall_ms"] if done else None
+        metrics[f"{name}_rebuilds"] = after[0] - before[0]
+        metrics[f"{name}_ranges"] = after[1]
+        metrics[f"{name}_messages"] = after[2] - before[2]
+        if not done:
+            notes[name] = why
+        before = after
+    return metrics, notes
+
+
+def _step_completed(vmm, reply, timing):
+    if not vmm.is_qemu:
+        if timing["status"] == 0:
+            return True, None
+        return False, f"memory-resize failed: {_tail(reply, 3)}"
+    for line in reply.splitlines():
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError:
+            return False, f"QMP client: {line}"
+        if "reply" in msg and "error" in msg["reply"]:
+            return False, f"QMP error: {msg['reply']['error'].get('desc')}"
+        if msg.get("timeout"):
+            return False, (f"no {msg['event']} within {QMP_TIMEOUT} s: the guest did not release the "
+                           "DIMM (the project's guest kernel has no ACPI memory hotplug driver; "
+                           "it is built for virtio-mem)")
+    if timing["status"] != 0:
+        return False, f"QMP client failed: {_tail(reply, 3)}"
+    return True, None
+
+
+HOTPLUG_METRICS = [("ranges_at_ready", "device map ranges at ready", "count")] + [
+    m for name, what, _s, _q in HOTPLUG_STEPS for m in (
+        (f"{name}_ms", f"{what}: time to complete", "ms"),
+        (f"{name}_rebuilds", f"{what}: device IOTLB rebuilds", "count"),
+        (f"{name}_messages", f"{what}: IOTLB messages", "count"),
+        (f"{name}_ranges", f"{what}: device map ranges after", "count"),
+    )]
+
+
+# ---------------------------------------------------------------- viommu
+
+VIOMMU_PENDING = ("not run: the project's virtio-iommu is being built (the lead's vIOMMU work); "
+                  "when it lands, fill in viommu_script()/parse_viommu() here: the same guest "
+                  "workload behind virtio-iommu (lazy and strict), device rebuilds per second, "
+                  "requests per batch, throughput, for microvm (batched and iotlb-batch=off) and "
+                  "QEMU 10 (q35 + virtio-iommu-pci + vhost-vdpa)")

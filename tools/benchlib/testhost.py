@@ -1,0 +1,69 @@
+"""Runs one shell script in a fresh test host (tools/testbed run) and splits
+its output into `@@section NAME` sections; retries a run that lost the test
+host (it did not come up, or it reset: TCG's nested SVM has done that)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+TESTBED = REPO / "tools" / "testbed"
+
+# tools/testbed's exit codes for a test host that was lost, not a failing command.
+LOST = {101: "the test host did not come up", 104: "the test host reset or QEMU died"}
+
+
+def log(message):
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+class Run:
+    def __init__(self, stdout, status, retries, lost):
+        self.stdout = stdout
+        self.status = status
+        self.retries = retries
+        self.lost = lost          # reasons of the lost attempts, in order
+        self.sections = sections(stdout)
+
+    def section(self, name, default=None):
+        return self.sections.get(name, default)
+
+
+def run(script, peers=(), timeout=900, host="emulated", retries=2, memory=None, keep=None):
+    """Runs `script` with `sh -c` in a fresh test host; up to `retries` more
+    attempts while the test host is lost. `keep`: a file for the raw output of
+    every attempt, for diagnosis."""
+    lost = []
+    while True:
+        cmd = [str(TESTBED), "run", "--host", host, "--timeout", str(timeout)]
+        if peers:
+            cmd += ["--peers", ",".join(peers)]
+        if memory:
+            cmd += ["--memory", str(memory)]
+        result = subprocess.run(cmd + ["--", "sh", "-c", script], stdout=subprocess.PIPE,
+                                text=True, errors="replace")
+        if keep:
+            with open(keep, "a") as f:
+                f.write(f"=== attempt {len(lost) + 1}: tools/testbed exit {result.returncode}\n{result.stdout}")
+        if result.returncode in LOST and len(lost) < retries:
+            lost.append(LOST[result.returncode])
+            log(f"{LOST[result.returncode]} (attempt {len(lost)}); retrying in a fresh test host")
+            continue
+        if result.returncode in LOST:
+            lost.append(LOST[result.returncode])
+        return Run(result.stdout, result.returncode, len(lost) - (1 if result.returncode in LOST else 0), lost)
+
+
+def sections(stdout):
+    """{name: text} of the `@@section NAME` markers (as tests/src/lib.rs)."""
+    out, name, text = {}, None, []
+    for line in stdout.splitlines():
+        if line.startswith("@@section "):
+            if name is not None:
+                out[name] = "\n".join(text) + ("\n" if text else "")
+            name, text = line[len("@@section "):].strip(), []
+        elif name is not None:
+            text.append(line)
+    if name is not None:
+        out[name] = "\n".join(text) + ("\n" if text else "")
+    return out

@@ -1,0 +1,136 @@
+"""The VMMs compared and the exact command lines they run in the test host.
+
+Every VMM boots the same guest (the project's kernel and initramfs, as the
+test host holds them), with the same vCPUs and memory, and the same vDPA
+device: vduse-net at /dev/vhost-vdpa-0. Guest RAM is a shared memfd for all
+of them (VDUSE is a VA device and needs file-backed shared memory)."""
+
+import base64
+import shlex
+from dataclasses import dataclass
+from typing import Optional
+
+GUEST = "/opt/microvm/guest"
+KERNEL = GUEST + "/vmlinux"
+INITRD = GUEST + "/initramfs.img"
+BASE_CMDLINE = "console=ttyS0 reboot=k panic=1 quiet"
+VDPA = "/dev/vhost-vdpa-0"
+API_SOCKET = "/tmp/api.sock"
+QMP_SOCKET = "/tmp/qmp.sock"
+QEMU_TRACE_LOG = "/tmp/qemu-trace.log"
+# QEMU's trace events for the vhost_msg_v2 records it writes to the vhost-vdpa
+# fd (hw/virtio/vhost-vdpa.c): one event per write.
+QEMU_IOTLB_EVENTS = {
+    "vhost_vdpa_dma_map": "iotlb_update",
+    "vhost_vdpa_dma_unmap": "iotlb_invalidate",
+    "vhost_vdpa_listener_begin_batch": "batch_begin",
+    "vhost_vdpa_listener_commit": "batch_end",
+}
+# memfd names of guest RAM, left out of "RSS outside guest RAM".
+GUEST_RAM_MEMFDS = ["microvm-guest-ram", "memory-backend-memfd"]
+
+
+@dataclass(frozen=True)
+class Vmm:
+    id: str                     # project, project-unbatched, qemu10, qemu72
+    label: str
+    peer: Optional[str] = None  # tools/testbed peer carried in, for QEMU
+    iotlb_batch: bool = True
+
+    @property
+    def is_qemu(self):
+        return self.peer is not None
+
+
+PROJECT = Vmm("project", "microvm")
+PROJECT_UNBATCHED = Vmm("project-unbatched", "microvm, iotlb-batch=off", iotlb_batch=False)
+PEERS = {
+    "qemu10": Vmm("qemu10", "QEMU 10.0", peer="qemu10"),
+    "qemu72": Vmm("qemu72", "QEMU 7.2", peer="qemu72"),
+}
+
+# The machine type each peer boots with: microvm where it carries the PCI
+# vhost-vdpa device and the guest boots on it, else pc (q35 has reset the
+# emulated test host in earlier tries).
+BOOT_MACHINE = {"qemu72": "microvm", "qemu10": "pc"}
+BOOT_MACHINE_WHY = {
+    "qemu72": "microvm,pcie=on,acpi=on: boots the guest with the PCI vhost-vdpa device",
+    "qemu10": ("pc: with -M microvm,pcie=on,acpi=on the guest hangs right after "
+               "'ACPI: Core revision 20240827' (no progress in 90 s, in the test host); with "
+               "acpi=off it boots but cannot discover the PCIe host bridge, so the vhost-vdpa "
+               "device would be missing. q35 has reset the emulated test host before; pc boots."),
+}
+
+
+def guest_cmdline(guest_cmd):
+    return BASE_CMDLINE + " microvm.cmd=" + base64.b64encode(guest_cmd.encode()).decode()
+
+
+def project_argv(vmm, memory_mib, cpus, guest_cmd=None, hotplug_mib=None, net=True, api=True):
+    memory = f"size={memory_mib}M" + (f",hotplug={hotplug_mib}M" if hotplug_mib else "")
+    argv = ["microvm", "--kernel", KERNEL, "--initramfs", INITRD, "--cpus", str(cpus),
+            "--memory", memory]
+    if net:
+        argv += ["--net", f"vdpa={VDPA}" + ("" if vmm.iotlb_batch else ",iotlb-batch=off")]
+    if api:
+        argv += ["--api-socket", API_SOCKET]
+    cmdline = guest_cmdline(guest_cmd) if guest_cmd is not None else BASE_CMDLINE
+    return argv + ["--cmdline", cmdline, "--serial", "stdout"]
+
+
+# microvm carries the PCI vhost-vdpa device with pcie=on (a GPEX host bridge);
+# DIMM hotplug needs ACPI memory hotplug, which microvm lacks: pc has it.
+MACHINES = {
+    "microvm": "microvm,pcie=on,acpi=on,memory-backend=mem0",
+    "pc": "pc,memory-backend=mem0",
+}
+
+
+def qemu_argv(vmm, machine, memory_mib, cpus, guest_cmd, maxmem_mib=None, extra=()):
+    memory = f"{memory_mib}M" + (f",slots=4,maxmem={maxmem_mib}M" if maxmem_mib else "")
+    argv = [f"/opt/peers/{vmm.peer}/qemu", "-M", MACHINES[machine], "-accel", "kvm",
+            "-cpu", "host", "-smp", str(cpus), "-m", memory,
+            "-object", f"memory-backend-memfd,id=mem0,size={memory_mib}M,share=on",
+            "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+            "-no-reboot", "-kernel", KERNEL, "-initrd", INITRD, "-append", guest_cmdline(guest_cmd),
+            "-netdev", f"vhost-vdpa,id=n0,vhostdev={VDPA}",
+            "-device", "virtio-net-pci,netdev=n0,romfile=",
+            "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off", "-D", QEMU_TRACE_LOG]
+    for event in QEMU_IOTLB_EVENTS:
+        argv += ["-trace", event]
+    return argv + list(extra)
+
+
+def shell(argv):
+    return shlex.join(argv)
+
+
+def message_snapshot(vmm, path):
+    """Shell that writes the IOTLB messages the VMM has sent so far to `path`:
+    this project's `counters` (read with parse_messages); for QEMU one JSON
+    object counted from its trace events (one event per write to the
+    vhost-vdpa fd)."""
+    if not vmm.is_qemu:
+        return f"microvm-ctl --socket {API_SOCKET} counters > {path}"
+    parts = [f"\\\"{key}\\\":$(cat {QEMU_TRACE_LOG} 2>/dev/null | grep -c '{event} ')"
+             for event, key in QEMU_IOTLB_EVENTS.items()]
+    return f"echo \"{{{','.join(parts)}}}\" > {path}"
+
+
+MESSAGE_KEYS = ("iotlb_update", "iotlb_invalidate", "batch_begin", "batch_end")
+
+
+def parse_messages(text):
+    """{iotlb_update, iotlb_invalidate, batch_begin, batch_end, total} from a
+    message_snapshot file (either form)."""
+    import json
+    # The first JSON value: whatever follows it (a shell's job notice) is not ours.
+    data, _end = json.JSONDecoder().raw_decode(text.lstrip())
+    if "devices" in data:
+        devices = data["devices"]
+        if len(devices) != 1:
+            raise ValueError(f"expected one vDPA device in counters, got {len(devices)}")
+        data = devices[0]
+    counts = {k: int(data[k]) for k in MESSAGE_KEYS}
+    counts["total"] = sum(counts.values())
+    return counts
