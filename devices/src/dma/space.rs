@@ -405,17 +405,19 @@ impl DmaSpaces {
     /// Applies `plan` to every space and device it touches, all or nothing;
     /// each affected device gets exactly one transaction.
     pub fn commit(&mut self, plan: Plan) -> Result<Vec<DeviceReport>, SpaceError> {
-        let result = self.try_commit(&plan);
-        let (devices, error) = match &result {
-            Ok(reports) => (reports.clone(), None),
-            Err((reports, e)) => (reports.clone(), Some(e.to_string())),
-        };
-        self.record(&plan, devices, error);
-        result.map_err(|(_, e)| e)
+        let mut reports = Vec::new();
+        let result = self.try_commit(&plan, &mut reports);
+        let error = result.as_ref().err().map(ToString::to_string);
+        self.record(&plan, reports.clone(), error);
+        result.map(|()| reports)
     }
 
-    fn try_commit(&mut self, plan: &Plan) -> Result<Vec<DeviceReport>, Failure> {
-        let fail = |e| (Vec::new(), e);
+    /// Fills `reports` with the devices it reached, even when it fails.
+    fn try_commit(
+        &mut self,
+        plan: &Plan,
+        reports: &mut Vec<DeviceReport>,
+    ) -> Result<(), SpaceError> {
         // Every check first, so a bad plan sends nothing.
         let mut tables: BTreeMap<SpaceId, SegMap> = BTreeMap::new();
         for (space, change) in &plan.changes {
@@ -423,20 +425,18 @@ impl DmaSpaces {
                 Some(table) => table,
                 None => {
                     let current = self.spaces.get(space).ok_or(SpaceError::NoSpace(*space));
-                    tables
-                        .entry(*space)
-                        .or_insert(current.map_err(fail)?.clone())
+                    tables.entry(*space).or_insert(current?.clone())
                 }
             };
-            apply_ops(table, &change.ops).map_err(|e| fail(SpaceError::Invalid(e)))?;
+            apply_ops(table, &change.ops).map_err(SpaceError::Invalid)?;
         }
         for (device, target) in &plan.moves {
             if !self.devices.contains_key(device) {
-                return Err(fail(SpaceError::NoDevice(device.clone())));
+                return Err(SpaceError::NoDevice(device.clone()));
             }
             if let Some(space) = target {
                 if !self.spaces.contains_key(space) {
-                    return Err(fail(SpaceError::NoSpace(*space)));
+                    return Err(SpaceError::NoSpace(*space));
                 }
             }
         }
@@ -473,7 +473,6 @@ impl DmaSpaces {
             }
         }
 
-        let mut reports = Vec::with_capacity(work.len());
         for (index, (id, attached, change)) in work.iter().enumerate() {
             match lock(&attached.device).commit_change(change) {
                 Ok(report) => reports.push(DeviceReport {
@@ -495,7 +494,7 @@ impl DmaSpaces {
                         source,
                         restore_failed,
                     };
-                    return Err((reports, error));
+                    return Err(error);
                 }
             }
         }
@@ -506,7 +505,7 @@ impl DmaSpaces {
                 attached.space = *target;
             }
         }
-        Ok(reports)
+        Ok(())
     }
 
     /// Puts back what `attached` held before this plan: its space as it
@@ -539,9 +538,6 @@ impl DmaSpaces {
         });
     }
 }
-
-/// What a failed commit reports: the devices it had reached, and why.
-type Failure = (Vec<DeviceReport>, SpaceError);
 
 fn micros_since(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
