@@ -62,7 +62,7 @@ pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
     let mmio_bus = Arc::new(Bus::new());
     let devices = build_devices(config, &vm, &ram, &io_bus, &mmio_bus)?;
 
-    let rsdp = acpi::write_tables(&ram.memory, config.vcpus)?;
+    let rsdp = acpi::write_tables(&ram.memory, config.vcpus, &devices.acpi_tables())?;
     let boot_entry = loader::load(&ram, &config.kernel, rsdp)?;
     let vcpus = (0..config.vcpus)
         .map(|id| {

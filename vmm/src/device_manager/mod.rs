@@ -129,6 +129,11 @@ impl DeviceManager {
         &self.ram
     }
 
+    /// ACPI tables that describe the devices (none yet without a vIOMMU).
+    pub fn acpi_tables(&self) -> Vec<Vec<u8>> {
+        Vec::new()
+    }
+
     /// The narrow handle the control API gets.
     pub fn api_view(&self, summary: VmSummary) -> ApiView {
         ApiView::new(
