@@ -49,6 +49,9 @@ pub struct MemoryStatus {
     pub plugged_size: u64,
     pub plugged: Vec<(u64, u64)>,
     pub requests: Vec<RequestRecord>,
+    /// Unplugs whose memory the host could not take back (the unplug
+    /// itself stood).
+    pub release_failures: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

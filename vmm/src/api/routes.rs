@@ -93,6 +93,7 @@ fn hotplug_info(state: &ApiState) -> Value {
         "requested_size": memory.requested_size,
         "plugged_size": memory.plugged_size,
         "plugged": ranges(&memory.plugged),
+        "release_failures": memory.release_failures,
     })
 }
 

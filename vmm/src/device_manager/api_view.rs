@@ -89,6 +89,7 @@ impl VmControl for ApiView {
             plugged_size: state.plugged_size(),
             plugged: state.plugged_ranges(),
             requests: state.history.clone(),
+            release_failures: view.backend.release_failures(),
         })
     }
 

@@ -35,6 +35,7 @@ pub struct MemHandle {
     pub slot: u8,
     pub pci: Arc<Mutex<MemPciDevice>>,
     pub state: Arc<Mutex<MemState>>,
+    pub backend: Arc<DmaHotplug>,
 }
 
 /// `ram` must have a hotplug region (the caller checks).
@@ -63,7 +64,8 @@ pub fn add_virtio_mem(
         Some(filter) => seccomp::apply(&filter).map_err(|e| e.to_string()),
         None => Ok(()),
     });
-    let device = VirtioMem::new(geometry, backend, memory, install).map_err(MemError::Worker)?;
+    let device =
+        VirtioMem::new(geometry, backend.clone(), memory, install).map_err(MemError::Worker)?;
     let state = device.state();
     // One vector for the request queue, one for configuration changes.
     let Plugged { pci, slot } = plug_virtio(device, 2, wiring)?;
@@ -72,5 +74,6 @@ pub fn add_virtio_mem(
         slot,
         pci,
         state,
+        backend,
     })
 }
