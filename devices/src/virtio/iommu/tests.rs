@@ -1204,3 +1204,20 @@ fn the_device_offers_its_features_and_config_and_places_endpoints() {
         Err(IommuError::DuplicateEndpoint(EP0))
     ));
 }
+
+#[test]
+fn detaching_with_bypass_on_returns_the_endpoint_to_identity() {
+    let mut f = fixture(true);
+    let setup = f.drain(&[attach(1, EP0, 0), map_pages(1, 1, 1, 0x1000, RW)]);
+    assert_eq!(setup, vec![OK, OK]);
+    f.take(0);
+    assert_eq!(f.drain(&[detach(1, EP0)]), vec![OK]);
+    assert_one_batch(&f.take(0));
+    assert_eq!(f.space_of(0), Some(SpaceId::IDENTITY));
+    assert_eq!(f.held_merged(0), identity_ram());
+    assert_eq!(
+        f.drain(&[detach(1, EP0)]),
+        vec![Some(S_INVAL)],
+        "the domain is gone"
+    );
+}
