@@ -228,8 +228,9 @@ pub enum SpaceError {
     )]
     Device {
         device: String,
+        /// Boxed: the engine's error is large and refusals are rare.
         #[source]
-        source: DmaError,
+        source: Box<DmaError>,
         restore_failed: Vec<String>,
     },
 }
@@ -245,7 +246,8 @@ impl SpaceError {
     /// The engine's error behind a refusal, when a device refused.
     pub fn dma_error(&self) -> Option<&DmaError> {
         match self {
-            SpaceError::Invalid(e) | SpaceError::Device { source: e, .. } => Some(e),
+            SpaceError::Invalid(e) => Some(e),
+            SpaceError::Device { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -491,7 +493,7 @@ impl DmaSpaces {
                         .collect();
                     let error = SpaceError::Device {
                         device: (*id).clone(),
-                        source,
+                        source: Box::new(source),
                         restore_failed,
                     };
                     return Err(error);

@@ -40,8 +40,14 @@ pub enum AcpiError {
     Write(vm_memory::GuestMemoryError),
 }
 
-/// Writes the tables for `vcpus` CPUs into guest memory; returns the RSDP address.
-pub fn write_tables(memory: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, AcpiError> {
+/// Writes the tables for `vcpus` CPUs into guest memory, followed by
+/// `device_tables` (whole tables the device manager built to describe its
+/// devices, such as the VIOT); returns the RSDP address.
+pub fn write_tables(
+    memory: &GuestMemoryMmap,
+    vcpus: u8,
+    device_tables: &[Vec<u8>],
+) -> Result<GuestAddress, AcpiError> {
     let mut writer = TableWriter::new(memory);
     let rsdp_addr = writer.reserve(Rsdp::len());
     let dsdt = writer.write(&dsdt())?;
@@ -52,6 +58,11 @@ pub fn write_tables(memory: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress,
     xsdt.add_entry(fadt);
     xsdt.add_entry(madt);
     xsdt.add_entry(mcfg);
+    for table in device_tables {
+        let addr = writer.reserve(table.len());
+        writer.write_bytes(addr, table)?;
+        xsdt.add_entry(addr);
+    }
     let xsdt = writer.write(&xsdt)?;
     writer.write_at(rsdp_addr, &Rsdp::new(OEM_ID, xsdt))?;
     Ok(GuestAddress(rsdp_addr))
@@ -287,7 +298,7 @@ mod tests {
     #[test]
     fn tables_chain_from_rsdp_with_valid_checksums() {
         let ram = GuestRam::new(64 << 20).unwrap();
-        let rsdp = write_tables(&ram.memory, 4).unwrap();
+        let rsdp = write_tables(&ram.memory, 4, &[]).unwrap();
         assert_eq!(rsdp.0, layout::ACPI_START);
         let mut rsdp_bytes = [0u8; 36];
         ram.memory.read_slice(&mut rsdp_bytes, rsdp).unwrap();
