@@ -236,7 +236,8 @@ const VIOT_VIRTIO_IOMMU_PCI_LEN: u16 = 16;
 /// `endpoints` (BDFs on segment 0). Each endpoint gets a one-function PCI
 /// range node whose endpoint ID is its BDF, the ID the guest then uses in
 /// ATTACH and PROBE. Written by hand: the crate's VIOT says revision 1.
-pub fn viot(iommu_bdf: u16, endpoints: &[u16]) -> Sdt {
+/// The bytes go to `write_tables` as one of the device tables.
+pub fn viot(iommu_bdf: u16, endpoints: &[u16]) -> Vec<u8> {
     let mut viot = Sdt::new(
         *b"VIOT",
         VIOT_HEADER_LEN,
@@ -268,7 +269,7 @@ pub fn viot(iommu_bdf: u16, endpoints: &[u16]) -> Sdt {
         range.extend_from_slice(&[0; 6]);
         viot.append_slice(&range);
     }
-    viot
+    viot.as_slice().to_vec()
 }
 
 /// Routes ISA IRQ `irq` to the IOAPIC pin of the same number, edge/high.
@@ -375,6 +376,17 @@ mod tests {
         let (iommu, ep0, ep1) = (3 << 3, 2 << 3, (5 << 3) | 1);
         let viot = viot(iommu, &[ep0, ep1]);
         let b = viot.as_slice();
+        // It chains from the XSDT like any device table.
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let rsdp = write_tables(&ram.memory, 1, std::slice::from_ref(&viot)).unwrap();
+        let mut rsdp_bytes = [0u8; 36];
+        ram.memory.read_slice(&mut rsdp_bytes, rsdp).unwrap();
+        let xsdt = read_table(
+            &ram.memory,
+            u64::from_le_bytes(rsdp_bytes[24..32].try_into().unwrap()),
+        );
+        let last = u64::from_le_bytes(xsdt[xsdt.len() - 8..].try_into().unwrap());
+        assert_eq!(read_table(&ram.memory, last), viot);
         let u16_at = |at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
         let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
         assert_eq!(&b[..4], b"VIOT");

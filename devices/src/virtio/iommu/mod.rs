@@ -164,17 +164,17 @@ impl IommuHandle {
     }
 
     /// Memory unplug hook. Call it with the spaces locked, BEFORE removing
-    /// [gpa, gpa + size) from the identity space and releasing it: every
-    /// domain mapping that reaches that memory is removed from the devices
-    /// (one plan, kind Unplug) and from the IOMMU's model. Returns how many
-    /// mappings went. On an error nothing changed and the memory must stay.
-    pub fn unmap_guest_range(
+    /// `ranges` (gpa, size) from the identity space and releasing them:
+    /// every domain mapping that reaches that memory is removed from the
+    /// devices (one plan, kind Unplug) and from the IOMMU's model. Returns
+    /// how many mappings went. On an error nothing changed and the memory
+    /// must stay.
+    pub fn unmap_guest_ranges(
         &self,
         spaces: &mut DmaSpaces,
-        gpa: u64,
-        size: u64,
+        ranges: &[(u64, u64)],
     ) -> Result<usize, SpaceError> {
-        self.lock().unmap_guest_range(spaces, gpa, size)
+        self.lock().unmap_guest_ranges(spaces, ranges)
     }
 }
 
@@ -350,18 +350,21 @@ impl VirtioDevice for VirtioIommu {
             position.and_then(|p| activation.queues.get(p)).copied(),
             position.and_then(|p| activation.kicks.into_iter().nth(p)),
         ) else {
-            return Err(ActivateError::Backend(
-                "virtio-iommu: the request queue is not enabled".into(),
-            ));
+            return Err(ActivateError::QueueNotEnabled {
+                index: REQUEST_QUEUE,
+            });
         };
-        let mut queue =
-            Queue::new(QUEUE_SIZE).map_err(|e| ActivateError::Backend(e.to_string()))?;
+        let queue_error = |source| ActivateError::Queue {
+            index: REQUEST_QUEUE,
+            source,
+        };
+        let mut queue = Queue::new(QUEUE_SIZE).map_err(queue_error)?;
         queue
             .try_set_size(config.size)
             .and_then(|_| queue.try_set_desc_table_address(GuestAddress(config.desc)))
             .and_then(|_| queue.try_set_avail_ring_address(GuestAddress(config.driver)))
             .and_then(|_| queue.try_set_used_ring_address(GuestAddress(config.device)))
-            .map_err(|e| ActivateError::Backend(format!("virtio-iommu queue: {e}")))?;
+            .map_err(queue_error)?;
         queue.set_ready(true);
         let features = activation.features;
         self.handle.lock().set_acked(

@@ -336,21 +336,23 @@ impl IommuState {
         result.map(|_| ())
     }
 
-    /// Memory hotplug: guest RAM [gpa, gpa + size) is about to be released.
-    /// Every domain mapping that reaches any of it is removed, from the
-    /// model and from the devices, in one plan (kind Unplug), before the
-    /// caller removes the range from the identity space and releases it.
-    /// Returns how many mappings went; on a refusal nothing changed and the
-    /// memory must not be released.
-    pub fn unmap_guest_range(
+    /// Memory hotplug: guest RAM `ranges` (gpa, size) is about to be
+    /// released. Every domain mapping that reaches any of it is removed,
+    /// from the model and from the devices, in one plan (kind Unplug),
+    /// before the caller removes the ranges from the identity space and
+    /// releases them. Returns how many mappings went; on a refusal nothing
+    /// changed and the memory must not be released.
+    pub fn unmap_guest_ranges(
         &mut self,
         spaces: &mut DmaSpaces,
-        gpa: u64,
-        size: u64,
+        ranges: &[(u64, u64)],
     ) -> Result<usize, SpaceError> {
         let mut model = self.domains.clone();
         let mut plan = Plan::new(ChangeKind::Unplug);
-        let dropped = model.drop_guest_range(gpa, size, &mut plan);
+        let dropped: usize = ranges
+            .iter()
+            .map(|&(gpa, size)| model.drop_guest_range(gpa, size, &mut plan))
+            .sum();
         if dropped == 0 {
             return Ok(0);
         }

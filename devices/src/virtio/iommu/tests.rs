@@ -784,7 +784,7 @@ fn memory_hotplug_reaches_identity_endpoints_and_unplug_drops_domain_mappings_fi
     // Unplug: the IOMMU drops the domain mappings into it first ...
     let dropped = f
         .state
-        .unmap_guest_range(&mut f.spaces, PLUG_BASE, PLUG_SIZE)
+        .unmap_guest_ranges(&mut f.spaces, &[(PLUG_BASE, PLUG_SIZE)])
         .unwrap();
     assert_eq!(dropped, 1);
     assert_eq!(
@@ -816,7 +816,7 @@ fn memory_hotplug_reaches_identity_endpoints_and_unplug_drops_domain_mappings_fi
     let records = f.spaces.history().len();
     assert_eq!(
         f.state
-            .unmap_guest_range(&mut f.spaces, PLUG_BASE, PLUG_SIZE)
+            .unmap_guest_ranges(&mut f.spaces, &[(PLUG_BASE, PLUG_SIZE)])
             .unwrap(),
         0
     );
@@ -832,7 +832,7 @@ fn an_unplug_a_device_refuses_changes_nothing() {
     f.devices[0].lock().unwrap().backend_mut().fail_nth(2);
     let error = f
         .state
-        .unmap_guest_range(&mut f.spaces, PLUG_BASE, PAGE)
+        .unmap_guest_ranges(&mut f.spaces, &[(PLUG_BASE, PAGE)])
         .unwrap_err();
     assert!(matches!(error.dma_error(), Some(DmaError::Backend { .. })));
     assert_eq!(f.mapping_count(1), 1);
@@ -1219,5 +1219,35 @@ fn detaching_with_bypass_on_returns_the_endpoint_to_identity() {
         f.drain(&[detach(1, EP0)]),
         vec![Some(S_INVAL)],
         "the domain is gone"
+    );
+}
+
+#[test]
+fn an_unplug_of_several_ranges_is_one_plan() {
+    let mut f = fixture(false);
+    let setup = f.drain(&[
+        attach(1, EP0, 0),
+        map_pages(1, 1, 1, PLUG_BASE, RW),
+        map_pages(1, 2, 1, PLUG_BASE + 2 * MIB, MAP_F_READ),
+        map_pages(1, 3, 1, PLUG_BASE + 4 * MIB, RW),
+    ]);
+    assert_eq!(setup, vec![OK; 4]);
+    f.take(0);
+    let records = f.spaces.history().len();
+    let ranges = [(PLUG_BASE, 2 * MIB), (PLUG_BASE + 4 * MIB, 2 * MIB)];
+    assert_eq!(
+        f.state.unmap_guest_ranges(&mut f.spaces, &ranges).unwrap(),
+        2
+    );
+    assert_one_batch(&f.take(0));
+    assert_eq!(f.spaces.history().len(), records + 1);
+    assert_eq!(
+        f.held(0),
+        vec![DmaRange::new(
+            2 * PAGE,
+            PAGE,
+            PLUG_HOST + 2 * MIB,
+            Perm::ReadOnly
+        )]
     );
 }
