@@ -7,7 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeInclusive;
 
-use crate::dma::{Change, DmaSpaces, GuestTranslate, Perm, Plan, SpaceId, TranslateError};
+use crate::dma::{
+    Change, ChangeKind, DmaSpaces, GuestTranslate, Perm, Plan, SpaceId, TranslateError,
+};
 
 use super::request::*;
 
@@ -225,12 +227,21 @@ impl Domains {
         }
     }
 
-    /// Changes the global bypass bit: unattached endpoints move.
-    pub fn set_bypass(&mut self, bypass: bool, plan: &mut Plan) {
-        self.bypass = bypass;
-        for endpoint in self.endpoints.values().filter(|e| e.domain.is_none()) {
-            plan.attach(&endpoint.device, self.unattached_space());
+    /// Moves every endpoint's device that is not where the model says
+    /// (and only those, so a change that moves nothing sends nothing).
+    pub fn place_changed(&self, spaces: &DmaSpaces, plan: &mut Plan) {
+        for endpoint in self.endpoints.values() {
+            let target = self.space_of(endpoint);
+            if spaces.space_of(&endpoint.device).ok() != Some(target) {
+                plan.attach(&endpoint.device, target);
+            }
         }
+    }
+
+    /// Changes the global bypass bit (unattached endpoints move: see
+    /// [`Domains::place_changed`]).
+    pub fn set_bypass(&mut self, bypass: bool) {
+        self.bypass = bypass;
     }
 
     /// Device reset: no endpoint is attached to a domain any more, and
@@ -244,7 +255,9 @@ impl Domains {
         for endpoint in self.endpoints.values_mut() {
             endpoint.domain = None;
         }
-        self.place_all(&mut pending.plan);
+        let mut plan = std::mem::replace(&mut pending.plan, Plan::new(ChangeKind::Iommu));
+        self.place_changed(pending.spaces, &mut plan);
+        pending.plan = plan;
     }
 
     /// Handles one request against this model.

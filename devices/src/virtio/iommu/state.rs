@@ -301,12 +301,14 @@ impl IommuState {
     /// plan. If a device refuses, the bit keeps its old value (what the
     /// devices still do).
     pub fn set_bypass(&mut self, spaces: &mut DmaSpaces, bypass: bool) -> Result<(), SpaceError> {
-        if bypass == self.domains.bypass() {
-            return Ok(());
-        }
         let mut model = self.domains.clone();
         let mut plan = Plan::new(ChangeKind::Iommu);
-        model.set_bypass(bypass, &mut plan);
+        model.set_bypass(bypass);
+        model.place_changed(spaces, &mut plan);
+        if plan.is_empty() {
+            self.domains = model;
+            return Ok(());
+        }
         self.count(spaces.commit(plan))?;
         self.domains = model;
         Ok(())
@@ -321,6 +323,11 @@ impl IommuState {
         let mut pending = Pending::new(spaces, Plan::new(ChangeKind::Iommu));
         model.reset(&mut pending);
         let plan = std::mem::replace(&mut pending.plan, Plan::new(ChangeKind::Iommu));
+        if plan.is_empty() {
+            self.domains = model;
+            pending.committed();
+            return Ok(());
+        }
         let result = pending.spaces().commit(plan);
         self.domains = model;
         let result = self.count(result);

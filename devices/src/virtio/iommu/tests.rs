@@ -1251,3 +1251,25 @@ fn an_unplug_of_several_ranges_is_one_plan() {
         )]
     );
 }
+
+#[test]
+fn a_reset_or_bypass_write_that_moves_nothing_sends_nothing() {
+    // The guest's virtio core resets the device before the driver starts.
+    let mut f = fixture(true);
+    let records = f.spaces.history().len();
+    f.state.reset(&mut f.spaces).unwrap();
+    f.state.set_bypass(&mut f.spaces, true).unwrap();
+    assert_eq!(f.spaces.history().len(), records);
+    assert!(f.take(0).is_empty() && f.take(1).is_empty());
+    // With one endpoint in a domain, only its device moves back.
+    assert_eq!(f.drain(&[attach(1, EP0, 0)]), vec![OK]);
+    f.take(0);
+    f.state.reset(&mut f.spaces).unwrap();
+    assert_one_batch(&f.take(0));
+    assert!(f.take(1).is_empty());
+    let last = f.spaces.history().pop().unwrap();
+    assert_eq!(
+        last.moves,
+        vec![("net0".to_string(), Some(SpaceId::IDENTITY))]
+    );
+}
