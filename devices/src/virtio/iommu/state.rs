@@ -58,6 +58,15 @@ impl IommuCounters {
             .sum()
     }
 
+    /// Request type → status name → requests, for a JSON view.
+    pub fn requests_by_type(&self) -> BTreeMap<&'static str, BTreeMap<&'static str, u64>> {
+        let mut nested: BTreeMap<&'static str, BTreeMap<&'static str, u64>> = BTreeMap::new();
+        for ((kind, status), n) in &self.requests {
+            nested.entry(kind).or_default().insert(status, *n);
+        }
+        nested
+    }
+
     fn note_reports(&mut self, reports: &[DeviceReport]) {
         self.plans_committed += 1;
         for report in reports.iter().filter(|r| r.messages() > 0) {

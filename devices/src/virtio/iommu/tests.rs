@@ -904,6 +904,10 @@ fn counters_and_snapshot() {
     assert_eq!(counters.count(RequestKind::Map, "ok"), 1);
     assert_eq!(counters.count(RequestKind::Map, "inval"), 1);
     assert_eq!(counters.total(RequestKind::Unmap), 1);
+    let nested = counters.requests_by_type();
+    assert_eq!(nested["map"]["ok"], 1);
+    assert_eq!(nested["map"]["inval"], 1);
+    assert_eq!(nested["unmap"].len(), 1);
     // Placement at creation (2 devices), then two drains on net1.
     assert_eq!(counters.plans_committed, 3);
     assert_eq!(counters.device_batches.get("net1"), Some(&3));
