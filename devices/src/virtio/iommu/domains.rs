@@ -83,6 +83,10 @@ pub struct Limits {
     pub domain_range: RangeInclusive<u32>,
     /// Ranges (inclusive) the guest must not map: the MSI window.
     pub reserved: Vec<RangeInclusive<u64>>,
+    /// Most mappings all domains may hold together: each costs VMM memory
+    /// (here, in the address space and in each device's engine), so a
+    /// guest cannot map page by page without bound.
+    pub max_mappings: usize,
     pub map_unmap: bool,
     pub bypass_config: bool,
     pub probe: bool,
@@ -420,7 +424,7 @@ impl Domains {
         if map.flags & MAP_F_MMIO != 0 || map.flags & !(MAP_F_READ | MAP_F_WRITE) != 0 {
             return Err(S_INVAL);
         }
-        let Some(target) = self.domains.get_mut(&domain) else {
+        let Some(target) = self.domains.get(&domain) else {
             return Err(S_NOENT);
         };
         if target.kind == DomainKind::Identity || map.virt_end < map.virt_start {
@@ -462,6 +466,13 @@ impl Domains {
         if overlaps {
             return Err(S_INVAL);
         }
+        let held: usize = self.domains.values().map(|d| d.mappings.len()).sum();
+        if held >= limits.max_mappings {
+            return Err(S_NOMEM);
+        }
+        let Some(target) = self.domains.get_mut(&domain) else {
+            return Err(S_NOENT);
+        };
         let ranges = translate
             .translate(map.virt_start, map.phys_start, size, perm)
             .map_err(|e| match e {

@@ -59,6 +59,9 @@ pub const MSI_WINDOW: RangeInclusive<u64> = 0xfee0_0000..=0xfeef_ffff;
 /// descriptors without indirect descriptors): bounds one drain.
 const QUEUE_SIZE: u16 = 1024;
 const REQUEST_QUEUE: u16 = 0;
+/// Most mappings the guest may hold at once over all domains (a busy
+/// Linux net device in lazy mode holds thousands).
+const MAX_MAPPINGS: usize = 1 << 18;
 /// Bytes of PROBE properties: room for the one RESV_MEM property and more.
 const PROBE_SIZE: u32 = 128;
 
@@ -133,6 +136,7 @@ fn limits(config: &IommuConfig) -> Result<Limits, IommuError> {
         input_range: first..=last,
         domain_range: domains,
         reserved: vec![MSI_WINDOW],
+        max_mappings: MAX_MAPPINGS,
         map_unmap: true,
         bypass_config: true,
         probe: true,

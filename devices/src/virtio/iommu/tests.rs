@@ -91,6 +91,7 @@ fn limits() -> Limits {
         input_range: 0..=(1 << 48) - 1,
         domain_range: 1..=64,
         reserved: vec![MSI_WINDOW],
+        max_mappings: 8,
         map_unmap: true,
         bypass_config: true,
         probe: true,
@@ -1276,4 +1277,21 @@ fn a_reset_or_bypass_write_that_moves_nothing_sends_nothing() {
         last.moves,
         vec![("net0".to_string(), Some(SpaceId::IDENTITY))]
     );
+}
+
+#[test]
+fn mappings_beyond_the_limit_get_s_nomem() {
+    let mut f = fixture(false);
+    let mut requests = vec![attach(1, EP0, 0), attach(2, EP1, 0)];
+    for page in 0..5 {
+        requests.push(map_pages(1, page, 1, 0x1000, RW));
+        requests.push(map_pages(2, page, 1, 0x1000, RW));
+    }
+    let statuses = f.drain(&requests);
+    assert_eq!(&statuses[..10], &[OK; 10], "8 mappings over both domains");
+    assert_eq!(&statuses[10..], &[Some(S_NOMEM); 2]);
+    assert_eq!(f.mapping_count(1) + f.mapping_count(2), 8);
+    // Unmapping frees room.
+    let statuses = f.drain(&[unmap_pages(1, 0, 1), map_pages(2, 9, 1, 0x1000, RW)]);
+    assert_eq!(statuses, vec![OK, OK]);
 }
