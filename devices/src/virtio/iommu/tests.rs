@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use vm_memory::{Bytes, GuestAddress};
+
 use super::domains::Limits;
 use super::request::encode::*;
 use super::request::*;
@@ -1024,6 +1026,38 @@ mod queue {
             self.sent.push((read, write, writable));
         }
 
+        /// Queues a chain of readable then writable (address, length)
+        /// descriptors as given, for malformed layouts.
+        pub fn push_chain(&mut self, readable: &[(u64, u32)], writable: &[(u64, u32)]) {
+            let mut head = None;
+            let count = readable.len() + writable.len();
+            for (n, (&(addr, len), write)) in readable
+                .iter()
+                .map(|r| (r, false))
+                .chain(writable.iter().map(|w| (w, true)))
+                .enumerate()
+            {
+                let next = if n + 1 < count { F_NEXT } else { 0 };
+                let flags = next | if write { F_WRITE } else { 0 };
+                let index = self.descriptor(addr, len, flags);
+                head.get_or_insert(index);
+            }
+            let slot = GuestAddress(AVAIL + 4 + 2 * u64::from(self.avail % SIZE));
+            self.memory.write_obj(head.unwrap(), slot).unwrap();
+            self.avail += 1;
+            self.memory
+                .write_obj(self.avail, GuestAddress(AVAIL + 2))
+                .unwrap();
+        }
+
+        pub fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut bytes = vec![0u8; len];
+            self.memory
+                .read_slice(&mut bytes, GuestAddress(addr))
+                .unwrap();
+            bytes
+        }
+
         pub fn used_idx(&self) -> u16 {
             self.memory.read_obj(GuestAddress(USED + 2)).unwrap()
         }
@@ -1294,4 +1328,119 @@ fn mappings_beyond_the_limit_get_s_nomem() {
     // Unmapping frees room.
     let statuses = f.drain(&[unmap_pages(1, 0, 1), map_pages(2, 9, 1, 0x1000, RW)]);
     assert_eq!(statuses, vec![OK, OK]);
+}
+
+#[test]
+fn malformed_chains_are_answered_where_possible_and_never_panic() {
+    let f = fixture(false);
+    let mut driver = queue::Driver::new();
+    let mut queue = driver.queue();
+    let base = queue::BUFFERS;
+    // 1: a PROBE whose writable part is split over two descriptors.
+    let probe_request = probe(EP0, PROBE_SIZE);
+    driver
+        .memory
+        .write_slice(&probe_request.head, GuestAddress(base))
+        .unwrap();
+    driver.push_chain(&[(base, 72)], &[(base + 0x100, 100), (base + 0x200, 32)]);
+    // 2: a request whose readable part lies outside guest memory.
+    driver.push_chain(&[(1 << 40, 20)], &[(base + 0x300, 4)]);
+    // 3: no room for a status.
+    driver.push_chain(&[(base, 20)], &[(base + 0x340, 2)]);
+    // 4: a readable part that claims 256 MiB (past guest memory); only
+    // the request's size is read.
+    driver.push_chain(&[(base, 1 << 28)], &[(base + 0x380, 4)]);
+    let context = Context {
+        memory: driver.memory.clone(),
+        spaces: f.spaces.shared(),
+        translate: Arc::new(FakeRam),
+        state: Arc::new(Mutex::new(f.state)),
+    };
+    let interrupt = CountingInterrupt::default();
+    serve_queue(&mut queue, &context, &interrupt);
+    assert_eq!(driver.used_idx(), 4);
+    let used: Vec<(u32, u32)> = (0..4).map(|i| driver.used(i)).collect();
+    assert_eq!(used, vec![(0, PROBE_SIZE + 4), (3, 4), (5, 0), (7, 4)]);
+    let mut probe = driver.read(base + 0x100, 100);
+    probe.extend(driver.read(base + 0x200, 32));
+    assert_eq!(&probe[0..2], &PROBE_T_RESV_MEM.to_le_bytes());
+    assert_eq!(&probe[PROBE_SIZE as usize..], &[S_OK, 0, 0, 0]);
+    assert_eq!(driver.read(base + 0x300, 4), vec![S_INVAL, 0, 0, 0]);
+    assert_eq!(driver.read(base + 0x340, 2), vec![0, 0], "untouched");
+    assert_eq!(driver.read(base + 0x380, 4), vec![S_INVAL, 0, 0, 0]);
+}
+
+#[test]
+fn the_worker_serves_kicks_after_activation_and_resets() {
+    let spaces = DmaSpaces::new().shared();
+    let recorder: Recorder = Arc::new(Mutex::new(DmaMapper::new(
+        RecordingBackend::new(),
+        0..=(1 << 48) - 1,
+        true,
+    )));
+    let shared: SharedDmaDevice = recorder.clone();
+    spaces.lock().unwrap().register("net0", shared).unwrap();
+    let mut driver = queue::Driver::new();
+    let config = IommuConfig {
+        endpoints: vec![IommuEndpoint {
+            id: EP0,
+            device: "net0".into(),
+        }],
+        input_range: 0..=(1 << 48) - 1,
+        domain_range: 1..=255,
+        bypass: true,
+    };
+    let mut device = VirtioIommu::new(
+        config,
+        spaces.clone(),
+        Arc::new(FakeRam),
+        driver.memory.clone(),
+        Box::new(|| Ok(())),
+    )
+    .unwrap();
+    assert_eq!(
+        spaces.lock().unwrap().space_of("net0").unwrap(),
+        Some(SpaceId::IDENTITY)
+    );
+    let kick = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    let interrupt = Arc::new(CountingInterrupt::default());
+    device
+        .activate(Activation {
+            features: device.features(),
+            queues: vec![QueueConfig {
+                index: 0,
+                size: queue::SIZE,
+                desc: queue::DESC,
+                driver: queue::AVAIL,
+                device: queue::USED,
+            }],
+            kicks: vec![kick.try_clone().unwrap()],
+            interrupt: interrupt.clone(),
+        })
+        .unwrap();
+    driver.push(&attach(1, EP0, 0));
+    driver.push(&map_pages(1, 1, 1, 0x1000, RW));
+    kick.write(1).unwrap();
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    };
+    wait("requests served", &|| driver.used_idx() == 2);
+    assert_eq!(driver.writable(1), vec![S_OK, 0, 0, 0]);
+    assert_eq!(
+        recorder.lock().unwrap().backend().device_iotlb(DEVICE_ASID),
+        vec![rw(PAGE, PAGE, LOW_HOST + 0x1000)]
+    );
+    assert_eq!(device.handle().counters().drains, 1);
+    assert_eq!(device.handle().snapshot().domains.len(), 1);
+
+    // Reset: the domain goes, the endpoint is back in bypass.
+    device.reset();
+    wait("reset applied", &|| {
+        spaces.lock().unwrap().space_of("net0").unwrap() == Some(SpaceId::IDENTITY)
+    });
+    assert!(device.handle().snapshot().domains.is_empty());
 }
