@@ -34,9 +34,6 @@ pub struct Server {
     iotlb: Iotlb,
     dump: Option<PathBuf>,
     iotlb_updates: u64,
-    /// The most entries, and bytes, the IOTLB held after any update.
-    iotlb_entries_max: usize,
-    iotlb_bytes_max: u64,
     status: u8,
     queues: [Option<RunningQueue>; NUM_QUEUES as usize],
     saved_avail: [u16; NUM_QUEUES as usize],
@@ -44,6 +41,9 @@ pub struct Server {
     pending_rx: VecDeque<Vec<u8>>,
     stats: Stats,
     last_error: Option<String>,
+    /// The most entries, and bytes, the IOTLB held after any update.
+    iotlb_entries_max: usize,
+    iotlb_bytes_max: u64,
 }
 
 fn queue_name(i: u16) -> &'static str {
@@ -61,8 +61,6 @@ impl Server {
             iotlb: Iotlb::new(),
             dump,
             iotlb_updates: 0,
-            iotlb_entries_max: 0,
-            iotlb_bytes_max: 0,
             status: 0,
             queues: [None, None],
             saved_avail: [0; NUM_QUEUES as usize],
@@ -70,6 +68,8 @@ impl Server {
             pending_rx: VecDeque::new(),
             stats: Stats::default(),
             last_error: None,
+            iotlb_entries_max: 0,
+            iotlb_bytes_max: 0,
         }
     }
 

@@ -279,18 +279,19 @@ impl Iotlb {
         self.memory.as_ref()
     }
 
+    /// Bytes of IOVA the entries cover.
+    pub fn bytes(&self) -> u64 {
+        self.entries().fold(0u64, |sum, e| {
+            sum.saturating_add(e.last.saturating_sub(e.start).saturating_add(1))
+        })
+    }
+
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
         self.maps.values().map(|m| &m.entry)
     }
 
     pub fn len(&self) -> usize {
         self.maps.len()
-    }
-
-    /// Bytes of IOVA the entries cover.
-    pub fn bytes(&self) -> u64 {
-        self.entries()
-            .fold(0u64, |sum, e| sum.saturating_add(e.len()))
     }
 
     /// The entry containing `addr`.
