@@ -117,8 +117,9 @@ fn legacy_io_bus(serial: &Arc<Mutex<SerialDevice>>, exit: &ExitSignal) -> Result
     Ok(bus)
 }
 
-/// The PCI segment and its devices: vDPA net devices first, then
-/// virtio-mem (which maps hot-plugged memory for them).
+/// The PCI segment and its devices: vDPA net devices first, then the
+/// virtio-iommu in front of those that asked for it, then virtio-mem
+/// (which maps hot-plugged memory for them).
 fn build_devices(
     config: &VmmConfig,
     vm: &Vm,
@@ -130,6 +131,7 @@ fn build_devices(
     for net in &config.net {
         devices.add_vdpa_net(net)?;
     }
+    devices.add_virtio_iommu()?;
     devices.add_virtio_mem()?;
     Ok(devices)
 }

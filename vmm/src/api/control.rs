@@ -3,6 +3,7 @@
 //! holds the devices themselves, so routes can be tested with a fake VM.
 
 use devices::dma::{DeviceReport, DmaCounters, DmaRange, TransactionRecord};
+use devices::virtio::iommu::{IommuCounters, IommuSnapshot, Mapping};
 use devices::virtio::mem::{RequestRecord, ResizeError};
 use devices::virtio::pci::TransportCounters;
 use devices::virtio::vdpa_net::{QueueReport, VdpaNetInfo};
@@ -54,6 +55,16 @@ pub struct MemoryStatus {
     pub release_failures: u64,
 }
 
+/// The virtio-iommu, now.
+#[derive(Clone, Debug)]
+pub struct IommuStatus {
+    pub pci_address: String,
+    pub snapshot: IommuSnapshot,
+    pub counters: IommuCounters,
+    /// Each domain's mappings as the guest made them, by domain id.
+    pub mappings: Vec<(u32, Vec<Mapping>)>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryRequestError {
     #[error("this VM has no hotplug memory (start it with --memory size=SIZE,hotplug=MAX)")]
@@ -67,6 +78,7 @@ pub trait VmControl: Send + Sync {
     fn summary(&self) -> VmSummary;
     fn nets(&self) -> Vec<NetStatus>;
     fn memory(&self) -> Option<MemoryStatus>;
+    fn iommu(&self) -> Option<IommuStatus>;
     /// Asks the guest to plug or unplug until `size` is plugged.
     fn request_memory(&self, size: u64) -> Result<(), MemoryRequestError>;
     /// Every DMA transaction still in the history, oldest first.

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use devices::dma::{Change, ChangeKind, GuestTranslate, Perm, Plan, SharedSpaces, SpaceId};
+use devices::virtio::iommu::IommuHandle;
 use devices::virtio::mem::{HotplugBackend, HotplugError};
 
 use super::lock;
@@ -26,6 +27,8 @@ pub struct DmaHotplug {
     region_addr: u64,
     file: File,
     release_failures: AtomicU64,
+    /// Domains of the vIOMMU may map hotplug memory too.
+    iommu: Option<IommuHandle>,
 }
 
 impl DmaHotplug {
@@ -36,7 +39,14 @@ impl DmaHotplug {
             region_addr,
             file,
             release_failures: AtomicU64::new(0),
+            iommu: None,
         }
+    }
+
+    /// Unplug also takes the memory out of every vIOMMU domain that maps it.
+    pub fn with_iommu(mut self, iommu: Option<IommuHandle>) -> Self {
+        self.iommu = iommu;
+        self
     }
 
     /// Unplugs whose memory could not be given back to the host.
@@ -109,7 +119,18 @@ impl HotplugBackend for DmaHotplug {
         }
         let mut plan = Plan::new(ChangeKind::Unplug);
         plan.change(SpaceId::IDENTITY, change);
-        if let Err(e) = lock(&self.spaces).commit(plan) {
+        let result = {
+            let mut spaces = lock(&self.spaces);
+            // Domains first: a translated device never reaches released
+            // memory either. Identity devices are not in any domain, so
+            // each device still gets one transaction.
+            let domains = match &self.iommu {
+                Some(iommu) => iommu.unmap_guest_ranges(&mut spaces, ranges).map(|_| ()),
+                None => Ok(()),
+            };
+            domains.and_then(|()| spaces.commit(plan).map(|_| ()))
+        };
+        if let Err(e) = result {
             self.set_plugged(ranges, true);
             return Err(e.into());
         }

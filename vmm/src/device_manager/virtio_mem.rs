@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::dma::SharedSpaces;
+use devices::virtio::iommu::IommuHandle;
 use devices::virtio::mem::{MemRegion, MemState, VirtioMem};
 use devices::virtio::pci::VirtioPciDevice;
 
@@ -42,6 +43,7 @@ pub struct MemHandle {
 pub fn add_virtio_mem(
     ram: Arc<GuestRam>,
     spaces: SharedSpaces,
+    iommu: Option<IommuHandle>,
     use_seccomp: bool,
     wiring: PciWiring<'_>,
 ) -> Result<MemHandle, MemError> {
@@ -55,7 +57,8 @@ pub fn add_virtio_mem(
     };
     let file = region.file.try_clone().map_err(MemError::File)?;
     let memory = Arc::new(ram.memory.clone());
-    let backend = Arc::new(DmaHotplug::new(ram.clone(), spaces, geometry.addr, file));
+    let backend =
+        Arc::new(DmaHotplug::new(ram.clone(), spaces, geometry.addr, file).with_iommu(iommu));
     let filter = match use_seccomp {
         true => Some(seccomp::filter(ThreadKind::Hotplug)?),
         false => None,
