@@ -146,16 +146,27 @@ fn ioctl_rules(kind: ThreadKind) -> Vec<u64> {
     }
 }
 
-/// fcntl only to duplicate descriptors (EventFd::try_clone hands a device
-/// its kick and call fds when the guest starts it).
-fn fcntl_rules() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
-    let dup = SeccompCondition::new(
-        1,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        libc::F_DUPFD_CLOEXEC as u64,
-    )?;
-    Ok(vec![SeccompRule::new(vec![dup])?])
+/// fcntl by command: every thread may ask whether a descriptor is open
+/// (std's `OwnedFd` drop does, with debug assertions on); vCPU threads may
+/// also duplicate descriptors (EventFd::try_clone hands a device its kick
+/// and call fds when the guest starts it).
+fn fcntl_rules(kind: ThreadKind) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    let mut commands = vec![libc::F_GETFD];
+    if kind == ThreadKind::Vcpu {
+        commands.push(libc::F_DUPFD_CLOEXEC);
+    }
+    commands
+        .into_iter()
+        .map(|command| {
+            let condition = SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                command as u64,
+            )?;
+            SeccompRule::new(vec![condition])
+        })
+        .collect()
 }
 
 /// Compiles the filter for one kind of thread.
@@ -184,9 +195,7 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     if !ioctls.is_empty() {
         rules.insert(libc::SYS_ioctl, ioctls);
     }
-    if kind == ThreadKind::Vcpu {
-        rules.insert(libc::SYS_fcntl, fcntl_rules().map_err(|e| error(&e))?);
-    }
+    rules.insert(libc::SYS_fcntl, fcntl_rules(kind).map_err(|e| error(&e))?);
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Trap,
@@ -341,6 +350,39 @@ mod tests {
     fn vcpu_threads_may_not_issue_terminal_ioctls() {
         let (status, _) = in_filtered_child(ThreadKind::Vcpu, terminal_ioctl);
         assert_killed_by_sigsys(status);
+    }
+
+    /// std's `OwnedFd` drop checks the descriptor with fcntl(F_GETFD) when
+    /// debug assertions are on: every thread closes descriptors.
+    fn drop_an_owned_fd(fd: libc::c_int) {
+        use std::os::fd::FromRawFd;
+        // SAFETY: `fd` is the child's own copy of the pipe's write end;
+        // nothing else uses it after this point.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: writing a static buffer to a descriptor we own.
+        unsafe { libc::write(fd, b"alive".as_ptr() as *const libc::c_void, 5) };
+        drop(owned);
+    }
+
+    const EVERY_KIND: [ThreadKind; 4] = [
+        ThreadKind::Vmm,
+        ThreadKind::Vcpu,
+        ThreadKind::Api,
+        ThreadKind::Hotplug,
+    ];
+
+    /// Meaningful in the (default) debug test build, where the drop calls
+    /// fcntl(F_GETFD); a release build only closes.
+    #[test]
+    fn every_thread_may_drop_an_owned_fd_in_a_debug_build() {
+        for kind in EVERY_KIND {
+            let (status, output) = in_filtered_child(kind, drop_an_owned_fd);
+            assert_eq!(output, b"alive", "{kind:?}");
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "{kind:?}: status {status:#x}"
+            );
+        }
     }
 
     #[test]
