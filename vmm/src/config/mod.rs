@@ -54,6 +54,16 @@ pub enum ConfigError {
         hotplug: Size,
         host: Size,
     },
+    #[error(
+        "guest memory {boot} plus hotplug {hotplug} ends at guest address {end}, past {limit} \
+         where the 64-bit PCI window starts"
+    )]
+    LayoutTooLarge {
+        boot: Size,
+        hotplug: Size,
+        end: Size,
+        limit: Size,
+    },
     #[error("kernel command line is {len} bytes; the guest kernel accepts at most {max}")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("cannot read {what} '{path}': {reason}")]
@@ -322,6 +332,7 @@ impl VmmConfig {
                 });
             }
         }
+        check_layout(size, self.memory.hotplug.unwrap_or(Size(0)))?;
         if self.kernel.cmdline.len() > MAX_CMDLINE_LEN {
             return Err(ConfigError::CmdlineTooLong {
                 len: self.kernel.cmdline.len(),
@@ -333,6 +344,20 @@ impl VmmConfig {
             check_readable("initramfs", initramfs)?;
         }
         Ok(())
+    }
+}
+
+/// RAM, boot and hotplug, must end below the 64-bit PCI window.
+fn check_layout(boot: Size, hotplug: Size) -> Result<(), ConfigError> {
+    let limit = crate::vstate::memory::pci_layout::MEM64_START;
+    match crate::vstate::memory::ram_end(boot.0, hotplug.0) {
+        Some(end) if end <= limit => Ok(()),
+        end => Err(ConfigError::LayoutTooLarge {
+            boot,
+            hotplug,
+            end: Size(end.unwrap_or(u64::MAX)),
+            limit: Size(limit),
+        }),
     }
 }
 
@@ -526,6 +551,43 @@ mod tests {
         ));
         hotplug.memory.block = Size(2 << 20);
         assert_eq!(hotplug.validate(&LIMITS), Ok(()));
+    }
+
+    #[test]
+    fn layouts_that_reach_the_64_bit_pci_window_are_refused() {
+        let exe = "/proc/self/exe";
+        // A host large enough that only the guest layout can refuse.
+        let huge_host = HostLimits {
+            max_vcpus: 8,
+            memory_bytes: 4 << 40,
+        };
+        let with = |size: u64, hotplug: Option<u64>| {
+            let mut config = config_with(1, size, exe);
+            config.memory.hotplug = hotplug.map(Size);
+            config.validate(&huge_host)
+        };
+        const G: u64 = 1 << 30;
+        for (size, hotplug) in [
+            (300 * G, None),
+            (200 * G, Some(100 * G)),
+            (8 * G, Some(500 * G)),
+            (255 * G + (2 << 20), None),
+        ] {
+            assert!(
+                matches!(with(size, hotplug), Err(ConfigError::LayoutTooLarge { .. })),
+                "{size:#x} + {hotplug:?}: {:?}",
+                with(size, hotplug)
+            );
+        }
+        // The largest layouts that still fit below the window.
+        assert_eq!(with(255 * G, None), Ok(()));
+        assert_eq!(with(8 * G, Some(247 * G)), Ok(()));
+        assert!(matches!(
+            with(8 * G, Some(248 * G)),
+            Err(ConfigError::LayoutTooLarge { .. })
+        ));
+        let message = with(300 * G, None).unwrap_err().to_string();
+        assert!(message.contains("256G"), "{message}");
     }
 
     #[test]
