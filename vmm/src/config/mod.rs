@@ -32,6 +32,8 @@ pub enum ConfigError {
     MalformedNet(String),
     #[error("malformed MAC address '{0}': expected six hex bytes like 52:54:00:12:34:56")]
     MalformedMac(String),
+    #[error("'{key}' is given more than once in '{text}'")]
+    RepeatedKey { key: String, text: String },
     #[error("malformed seccomp option '{0}': expected on or off")]
     MalformedSeccomp(String),
     #[error("--cpus must be at least 1")]
@@ -133,8 +135,29 @@ impl Default for MemoryConfig {
     }
 }
 
+/// Refuses an option string (`key=value,key=value`) that names a key more
+/// than once: the user meant one of the values, and we cannot know which.
+pub fn refuse_repeated_keys(text: &str) -> Result<(), ConfigError> {
+    let mut seen: Vec<&str> = Vec::new();
+    for key in text
+        .split(',')
+        .filter_map(|item| item.split_once('='))
+        .map(|(key, _)| key)
+    {
+        if seen.contains(&key) {
+            return Err(ConfigError::RepeatedKey {
+                key: key.to_string(),
+                text: text.to_string(),
+            });
+        }
+        seen.push(key);
+    }
+    Ok(())
+}
+
 /// Parses the `--memory` option: `size=SIZE` (a bare SIZE is accepted too).
 pub fn parse_memory(text: &str) -> Result<MemoryConfig, ConfigError> {
+    refuse_repeated_keys(text)?;
     let mut config = MemoryConfig::default();
     let mut saw_size = false;
     for item in text.split(',') {
@@ -197,6 +220,7 @@ pub struct NetConfig {
 
 /// Parses `--net vdpa=PATH[,mac=MAC][,queues=N]`.
 pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
+    refuse_repeated_keys(text)?;
     let malformed = || ConfigError::MalformedNet(text.to_string());
     let mut path = None;
     let mut mac = None;
@@ -223,9 +247,10 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');
     for byte in &mut mac {
+        // from_str_radix alone would take a sign ("+1").
         let part = parts
             .next()
-            .filter(|p| p.len() == 2)
+            .filter(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
             .ok_or_else(malformed)?;
         *byte = u8::from_str_radix(part, 16).map_err(|_| malformed())?;
     }
@@ -460,6 +485,41 @@ mod tests {
         ));
         assert!(parse_mac("52:54:00:ab:cd:ef:00").is_err());
         assert!(parse_mac("52:54:00:ab:cd:gg").is_err());
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused_in_every_option() {
+        for bad in [
+            "size=512M,hotplug=1G,block=4M,block=2M",
+            "size=512M,hotplug=1G,hotplug=1G",
+        ] {
+            assert!(parse_memory(bad).is_err(), "{bad:?} was accepted");
+        }
+        for bad in [
+            "vdpa=/a,queues=1,queues=1",
+            "vdpa=/a,mac=52:54:00:00:00:01,mac=52:54:00:00:00:02",
+        ] {
+            assert!(parse_net(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(matches!(
+            parse_memory("size=512M,hotplug=1G,block=4M,block=2M"),
+            Err(ConfigError::RepeatedKey { .. })
+        ));
+    }
+
+    #[test]
+    fn mac_bytes_are_exactly_two_hex_digits() {
+        for bad in [
+            "+1:22:33:44:55:66",
+            "52:54:00:ab:cd:+f",
+            "52:54:00:ab:cd:-1",
+            " 1:22:33:44:55:66",
+        ] {
+            assert!(
+                matches!(parse_mac(bad), Err(ConfigError::MalformedMac(_))),
+                "{bad:?} was accepted"
+            );
+        }
     }
 
     #[test]
