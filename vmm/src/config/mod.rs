@@ -26,7 +26,7 @@ pub enum ConfigError {
     MalformedSize(String),
     #[error("malformed memory option '{0}': expected size=SIZE[,hotplug=MAX][,block=BLOCK]")]
     MalformedMemory(String),
-    #[error("malformed serial option '{0}': expected stdout, off or file=PATH")]
+    #[error("malformed serial option '{0}': expected stdout, off or file=PATH[,max=SIZE]")]
     MalformedSerial(String),
     #[error("malformed net option '{0}': expected vdpa=PATH[,mac=MAC][,queues=N]")]
     MalformedNet(String),
@@ -187,19 +187,45 @@ pub fn parse_memory(text: &str) -> Result<MemoryConfig, ConfigError> {
 pub enum SerialConfig {
     #[default]
     Stdout,
-    File(PathBuf),
+    /// Appended to PATH; at most `max` bytes per run, then dropped.
+    File {
+        path: PathBuf,
+        max: Size,
+    },
     Off,
 }
 
+/// How much guest console output a file receives per run unless
+/// `max=` says otherwise: far more than a boot log, far less than a disk.
+pub const DEFAULT_SERIAL_FILE_MAX: u64 = 64 << 20;
+
+/// Parses `--serial stdout|off|file=PATH[,max=SIZE]`.
 pub fn parse_serial(text: &str) -> Result<SerialConfig, ConfigError> {
+    let malformed = || ConfigError::MalformedSerial(text.to_string());
     match text {
-        "stdout" => Ok(SerialConfig::Stdout),
-        "off" => Ok(SerialConfig::Off),
-        _ => match text.strip_prefix("file=") {
-            Some(path) if !path.is_empty() => Ok(SerialConfig::File(PathBuf::from(path))),
-            _ => Err(ConfigError::MalformedSerial(text.to_string())),
-        },
+        "stdout" => return Ok(SerialConfig::Stdout),
+        "off" => return Ok(SerialConfig::Off),
+        _ => {}
     }
+    let file = text.strip_prefix("file=").ok_or_else(malformed)?;
+    // The path may hold commas; only a trailing ",max=" is an option.
+    let (path, max) = match file.rsplit_once(",max=") {
+        Some((path, max)) => (path, parse_size(max)?),
+        None => (file, Size(DEFAULT_SERIAL_FILE_MAX)),
+    };
+    if path.contains(",max=") {
+        return Err(ConfigError::RepeatedKey {
+            key: "max".to_string(),
+            text: text.to_string(),
+        });
+    }
+    if path.is_empty() || max.0 == 0 {
+        return Err(malformed());
+    }
+    Ok(SerialConfig::File {
+        path: PathBuf::from(path),
+        max,
+    })
 }
 
 pub fn parse_on_off(text: &str) -> Result<bool, ConfigError> {
@@ -456,9 +482,26 @@ mod tests {
         assert_eq!(parse_serial("off"), Ok(SerialConfig::Off));
         assert_eq!(
             parse_serial("file=/tmp/x"),
-            Ok(SerialConfig::File("/tmp/x".into()))
+            Ok(SerialConfig::File {
+                path: "/tmp/x".into(),
+                max: Size(DEFAULT_SERIAL_FILE_MAX)
+            })
+        );
+        assert_eq!(
+            parse_serial("file=/tmp/a,b,max=1M"),
+            Ok(SerialConfig::File {
+                path: "/tmp/a,b".into(),
+                max: Size(1 << 20)
+            })
         );
         assert!(parse_serial("file=").is_err());
+        assert!(parse_serial("file=,max=1M").is_err());
+        assert!(parse_serial("file=/x,max=0").is_err());
+        assert!(parse_serial("file=/x,max=lots").is_err());
+        assert!(matches!(
+            parse_serial("file=/x,max=1M,max=2M"),
+            Err(ConfigError::RepeatedKey { .. })
+        ));
         assert!(parse_serial("tty").is_err());
     }
 
