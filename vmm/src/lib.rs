@@ -9,6 +9,7 @@ pub mod boot;
 pub mod config;
 pub mod console;
 pub mod device_manager;
+pub mod fuzz_targets;
 pub mod seccomp;
 pub mod vstate;
 

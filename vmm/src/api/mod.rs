@@ -12,7 +12,7 @@
 //! newer resize replaces it.
 
 pub mod http;
-mod routes;
+pub(crate) mod routes;
 pub mod server;
 pub mod socket;
 
