@@ -459,6 +459,144 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     }
 
+    /// A VM whose virtio-mem device has a driver that never plugs: the
+    /// resize requests are accepted and then wait.
+    fn state_with_idle_hotplug() -> Arc<ApiState> {
+        use crate::device_manager::memory_hotplug::DmaHotplug;
+        use crate::device_manager::virtio_mem::MemHandle;
+        use crate::vstate::memory::GuestRam;
+        use devices::interrupt::{MsiMessage, MsiRouter, MsiVector};
+        use devices::virtio::mem::{MemRegion, VirtioMem};
+        use devices::virtio::pci::{IoEventRegistry, VirtioPciDevice};
+        use std::sync::Mutex;
+        use vmm_sys_util::eventfd::EventFd;
+
+        struct NoRoutes;
+        impl MsiRouter for NoRoutes {
+            fn route(&self, _: u32, _: Option<MsiMessage>) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        struct NoEvents;
+        impl IoEventRegistry for NoEvents {
+            fn register(&self, _: u64, _: &EventFd) -> io::Result<()> {
+                Ok(())
+            }
+            fn unregister(&self, _: u64, _: &EventFd) -> io::Result<()> {
+                Ok(())
+            }
+        }
+
+        let ram = GuestRam::with_hotplug(64 << 20, Some((64 << 20, 2 << 20))).unwrap();
+        let region = ram.hotplug.as_ref().unwrap();
+        let geometry = MemRegion {
+            addr: region.addr,
+            size: region.size,
+            block_size: region.block_size,
+        };
+        let backend = Arc::new(DmaHotplug::new(
+            region.addr,
+            region.host_addr,
+            region.file.try_clone().unwrap(),
+            vec![],
+        ));
+        let device = VirtioMem::new(
+            geometry,
+            backend.clone(),
+            Arc::new(ram.memory.clone()),
+            Box::new(|| Ok(())),
+        )
+        .unwrap();
+        let state = device.state();
+        state.lock().unwrap().driver_active = true;
+        let vectors = (0..2)
+            .map(|gsi| MsiVector {
+                gsi,
+                event: EventFd::new(0).unwrap(),
+            })
+            .collect();
+        let pci = VirtioPciDevice::new(
+            device,
+            vectors,
+            Arc::new(NoRoutes),
+            Arc::new(NoEvents),
+            0x100_0000_0000,
+        )
+        .unwrap();
+        Arc::new(ApiState {
+            vcpus: 1,
+            memory_bytes: 64 << 20,
+            ram: ram.ranges.clone(),
+            nets: vec![],
+            hotplug: Some(MemHandle {
+                region: geometry,
+                slot: 1,
+                pci: Arc::new(Mutex::new(pci)),
+                state,
+                backend,
+            }),
+        })
+    }
+
+    fn resize_request(size: &str, timeout_ms: u64) -> Vec<u8> {
+        let body = format!(r#"{{"requested_size": "{size}", "timeout_ms": {timeout_ms}}}"#);
+        format!(
+            "PUT /memory HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+
+    fn json_body(answer: &str) -> serde_json::Value {
+        let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+        serde_json::from_str(body).unwrap()
+    }
+
+    #[test]
+    fn a_new_resize_replaces_a_pending_one_and_a_stuck_one_ends_at_its_timeout() {
+        let dir = std::env::temp_dir().join(format!("microvm-srv-resize-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let listener = crate::api::bind(&path).unwrap();
+        crate::api::spawn(listener, state_with_idle_hotplug(), None).unwrap();
+
+        let started = Instant::now();
+        let first_path = path.clone();
+        let first =
+            std::thread::spawn(move || exchange(&first_path, &resize_request("8M", 60_000)));
+        std::thread::sleep(Duration::from_millis(300));
+        let second = exchange(&path, &resize_request("16M", 400));
+        let first = first.join().unwrap();
+
+        // The first, replaced, was answered as soon as the second came.
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        let first = json_body(&first);
+        assert_eq!(first["done"], false, "{first}");
+        let stopped = first["stopped"].as_str().unwrap();
+        assert!(
+            stopped.contains("replaced by a newer request for 16777216 bytes"),
+            "{stopped}"
+        );
+        // The second is not refused; the guest never plugs, so it ends at
+        // its own timeout saying where it stopped.
+        assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+        let second = json_body(&second);
+        assert_eq!(second["done"], false, "{second}");
+        assert_eq!(second["plugged_size"], 0);
+        let stopped = second["stopped"].as_str().unwrap();
+        assert!(
+            stopped.contains("timed out after 400 ms with 0 of the 16777216 requested bytes"),
+            "{stopped}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // And a third is accepted too.
+        let third = exchange(&path, &resize_request("0", 0));
+        assert!(third.starts_with("HTTP/1.1 200"), "{third}");
+        assert_eq!(json_body(&third)["done"], true, "0 plugged already");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn a_resize_timeout_above_the_cap_is_refused_at_once() {
         let path = serve("cap");
