@@ -207,9 +207,11 @@ const VMM_ONLY: &[Allowed] = &[
 /// its kick and call fds when the guest starts it.
 const VCPU_ONLY: &[Allowed] = &[(libc::SYS_fcntl, &[&[eq(1, libc::F_DUPFD_CLOEXEC as u32)]])];
 
-/// vCPU threads run device emulation: a guest write can reprogram MSI-X
-/// routes, move a BAR (its ioeventfds), or start and reset a vhost-vdpa
-/// device.
+/// The ioctl requests a thread may make. vCPU threads run device
+/// emulation: a guest write can reprogram MSI-X routes, move a BAR (its
+/// ioeventfds), or start and reset a vhost-vdpa device. Requests are
+/// matched by number; the descriptor is not known when filters are built,
+/// except for the terminal (see `ioctl_fd`).
 fn ioctl_rules(kind: ThreadKind) -> Vec<u64> {
     match kind {
         ThreadKind::Vmm => vec![TCGETS, TCSETS, TIOCGWINSZ],
@@ -234,6 +236,15 @@ fn ioctl_rules(kind: ThreadKind) -> Vec<u64> {
             VHOST_VDPA_SET_VRING_ENABLE,
             VHOST_VDPA_SET_CONFIG_CALL,
         ],
+    }
+}
+
+/// The one descriptor a thread's ioctls may target, when there is one:
+/// the VMM thread only puts the terminal on stdin in raw mode and back.
+fn ioctl_fd(kind: ThreadKind) -> Option<libc::c_int> {
+    match kind {
+        ThreadKind::Vmm => Some(libc::STDIN_FILENO),
+        _ => None,
     }
 }
 
@@ -295,11 +306,24 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let ioctls = ioctl_rules(kind)
         .into_iter()
         .map(|request| {
-            SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
-                .and_then(|condition| SeccompRule::new(vec![condition]))
-                .map_err(|e| error(&e))
+            let mut conditions = vec![SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                request,
+            )?];
+            if let Some(fd) = ioctl_fd(kind) {
+                conditions.push(SeccompCondition::new(
+                    0,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    fd as u64,
+                )?);
+            }
+            SeccompRule::new(conditions)
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| error(&e))?;
     // An empty rule list would allow the syscall unconditionally: a thread
     // that needs no ioctl gets no ioctl entry at all.
     if !ioctls.is_empty() {
@@ -624,13 +648,26 @@ mod tests {
         assert_killed_by_sigsys(status);
     }
 
+    fn stdin_terminal_ioctl(fd: libc::c_int) {
+        let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid pointer to a winsize; the kernel answers ENOTTY
+        // when stdin is no terminal.
+        unsafe {
+            libc::write(fd, b"alive".as_ptr() as *const libc::c_void, 5);
+            libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut size);
+        }
+    }
+
     #[test]
-    fn the_vmm_thread_may_query_the_terminal() {
-        let (status, output) = in_filtered_child(ThreadKind::Vmm, terminal_ioctl);
+    fn the_vmm_thread_may_query_the_terminal_on_stdin_only() {
+        let (status, output) = in_filtered_child(ThreadKind::Vmm, stdin_terminal_ioctl);
         assert_eq!(output, b"alive");
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
             "status {status:#x}"
         );
+        let (status, output) = in_filtered_child(ThreadKind::Vmm, terminal_ioctl);
+        assert_eq!(output, b"alive");
+        assert_killed_by_sigsys(status);
     }
 }
