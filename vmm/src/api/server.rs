@@ -53,7 +53,13 @@ pub struct Server {
     /// The newest resize: (generation, target). Older watchers are answered
     /// as replaced.
     latest_resize: Option<(u64, u64)>,
+    /// After accept failed for want of resources (descriptors, memory),
+    /// the listener is left alone until then rather than polled hot.
+    accept_pause_until: Option<Instant>,
 }
+
+/// How long the listener rests after accept ran out of resources.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 impl Server {
     /// `listener` must be non-blocking.
@@ -63,12 +69,16 @@ impl Server {
             state,
             clients: Vec::new(),
             latest_resize: None,
+            accept_pause_until: None,
         }
     }
 
     /// Waits until a client is ready or a deadline passes, and serves.
     pub fn turn(&mut self) {
-        let listening = self.clients.len() < MAX_CLIENTS;
+        let paused = self
+            .accept_pause_until
+            .is_some_and(|until| Instant::now() < until);
+        let listening = self.clients.len() < MAX_CLIENTS && !paused;
         let mut fds = Vec::with_capacity(self.clients.len() + 1);
         if listening {
             fds.push(pollfd(self.listener.as_raw_fd(), libc::POLLIN));
@@ -132,6 +142,7 @@ impl Server {
                 Phase::Watching { .. } => client.deadline.min(now + RESIZE_POLL),
                 _ => client.deadline,
             })
+            .chain(self.accept_pause_until.filter(|&until| until > now))
             .min();
         match nearest {
             None => -1,
@@ -156,7 +167,16 @@ impl Server {
                 )
             };
             if fd < 0 {
-                return; // EAGAIN (nobody waiting) or a client that left.
+                let error = io::Error::last_os_error();
+                // Anything but "nobody waiting" or "a client that left":
+                // out of descriptors or memory. The client stays queued.
+                if !matches!(
+                    error.raw_os_error(),
+                    Some(libc::EAGAIN | libc::ECONNABORTED | libc::EINTR)
+                ) {
+                    self.accept_pause_until = Some(now + ACCEPT_PAUSE);
+                }
+                return;
             }
             // SAFETY: accept4 returned a new descriptor that we own.
             let stream = unsafe { UnixStream::from_raw_fd(fd) };
@@ -380,6 +400,53 @@ mod tests {
         assert!(answers[1].starts_with("HTTP/1.1 404"), "{}", answers[1]);
         assert!(answers[2].starts_with("HTTP/1.1 400"), "{}", answers[2]);
         assert!(answers[3].starts_with("HTTP/1.1 400"), "{}", answers[3]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_server_out_of_descriptors_rests_instead_of_spinning() {
+        let dir = std::env::temp_dir().join(format!("microvm-srv-emfile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let listener = crate::api::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        // A client waits in the backlog: the listener stays readable.
+        let _client = UnixStream::connect(&path).unwrap();
+        let state = empty_state();
+        // SAFETY: the child only runs the server and leaves with _exit;
+        // glibc's fork resets malloc's locks in the child.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: in the child: open /dev/null to learn the lowest free
+            // descriptor, then forbid any new one (accept4 gets EMFILE).
+            unsafe {
+                let free = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+                libc::close(free);
+                let limit = libc::rlimit {
+                    rlim_cur: free as libc::rlim_t,
+                    rlim_max: free as libc::rlim_t,
+                };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
+            let mut server = Server::new(listener, state);
+            let started = Instant::now();
+            let mut turns = 0u32;
+            while started.elapsed() < Duration::from_secs(1) {
+                server.turn();
+                turns += 1;
+            }
+            // SAFETY: leaving the child.
+            unsafe { libc::_exit(if turns < 100 { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the server spun on a listener it could not accept from: {status:#x}"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 
