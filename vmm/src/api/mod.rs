@@ -11,6 +11,7 @@
 //! answer when the guest is done, the request's capped timeout passes, or a
 //! newer resize replaces it.
 
+pub mod control;
 pub mod http;
 pub(crate) mod routes;
 pub mod server;

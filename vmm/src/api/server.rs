@@ -117,7 +117,7 @@ impl Server {
                         pending,
                         generation,
                     } if *generation < latest => {
-                        routes::poll_resize(&self.state, pending, now, Some(target))
+                        routes::poll_resize(self.state.as_ref(), pending, now, Some(target))
                     }
                     _ => None,
                 };
@@ -205,7 +205,7 @@ impl Server {
                 }
                 match http::parse(received) {
                     Err(e) => respond(client, &error(&e), now),
-                    Ok(Some(request)) => match routes::handle(&self.state, &request) {
+                    Ok(Some(request)) => match routes::handle(self.state.as_ref(), &request) {
                         Outcome::Answer(answer) => respond(client, &answer, now),
                         Outcome::Resize(pending) => {
                             let generation = self.latest_resize.map_or(0, |(g, _)| g + 1);
@@ -230,7 +230,7 @@ impl Server {
                 if events & (libc::POLLHUP | libc::POLLERR) != 0 {
                     return Next::Close; // The guest goes on; nobody to tell.
                 }
-                match routes::poll_resize(&self.state, pending, now, None) {
+                match routes::poll_resize(self.state.as_ref(), pending, now, None) {
                     Some(answer) => respond(client, &answer, now),
                     None => Next::Keep,
                 }
@@ -322,13 +322,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn empty_state() -> Arc<ApiState> {
-        Arc::new(ApiState {
-            vcpus: 1,
-            memory_bytes: 256 << 20,
-            ram: vec![],
-            nets: vec![],
-            hotplug: None,
-        })
+        Arc::new(crate::fuzz_targets::StillVm::new())
     }
 
     /// A served API socket in a fresh directory.
@@ -526,83 +520,12 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     }
 
-    /// A VM whose virtio-mem device has a driver that never plugs: the
-    /// resize requests are accepted and then wait.
+    /// A VM whose virtio-mem driver accepts every target and never plugs.
     fn state_with_idle_hotplug() -> Arc<ApiState> {
-        use crate::device_manager::memory_hotplug::DmaHotplug;
-        use crate::device_manager::virtio_mem::MemHandle;
-        use crate::vstate::memory::GuestRam;
-        use devices::interrupt::{MsiMessage, MsiRouter, MsiVector};
-        use devices::virtio::mem::{MemRegion, VirtioMem};
-        use devices::virtio::pci::{IoEventRegistry, VirtioPciDevice};
-        use std::sync::Mutex;
-        use vmm_sys_util::eventfd::EventFd;
-
-        struct NoRoutes;
-        impl MsiRouter for NoRoutes {
-            fn route(&self, _: u32, _: Option<MsiMessage>) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        struct NoEvents;
-        impl IoEventRegistry for NoEvents {
-            fn register(&self, _: u64, _: &EventFd) -> io::Result<()> {
-                Ok(())
-            }
-            fn unregister(&self, _: u64, _: &EventFd) -> io::Result<()> {
-                Ok(())
-            }
-        }
-
-        let ram = GuestRam::with_hotplug(64 << 20, Some((64 << 20, 2 << 20))).unwrap();
-        let region = ram.hotplug.as_ref().unwrap();
-        let geometry = MemRegion {
-            addr: region.addr,
-            size: region.size,
-            block_size: region.block_size,
-        };
-        let backend = Arc::new(DmaHotplug::new(
-            region.addr,
-            region.host_addr,
-            region.file.try_clone().unwrap(),
-            vec![],
-        ));
-        let device = VirtioMem::new(
-            geometry,
-            backend.clone(),
-            Arc::new(ram.memory.clone()),
-            Box::new(|| Ok(())),
-        )
-        .unwrap();
-        let state = device.state();
-        state.lock().unwrap().driver_active = true;
-        let vectors = (0..2)
-            .map(|gsi| MsiVector {
-                gsi,
-                event: EventFd::new(0).unwrap(),
-            })
-            .collect();
-        let pci = VirtioPciDevice::new(
-            device,
-            vectors,
-            Arc::new(NoRoutes),
-            Arc::new(NoEvents),
-            0x100_0000_0000,
-        )
-        .unwrap();
-        Arc::new(ApiState {
-            vcpus: 1,
-            memory_bytes: 64 << 20,
-            ram: ram.ranges.clone(),
-            nets: vec![],
-            hotplug: Some(MemHandle {
-                region: geometry,
-                slot: 1,
-                pci: Arc::new(Mutex::new(pci)),
-                state,
-                backend,
-            }),
-        })
+        Arc::new(crate::fuzz_targets::StillVm::with_hotplug(
+            64 << 20,
+            2 << 20,
+        ))
     }
 
     fn resize_request(size: &str, timeout_ms: u64) -> Vec<u8> {
