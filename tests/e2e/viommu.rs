@@ -5,6 +5,7 @@
 //! - `strict`: `iommu.strict=1` (every unmap synced at once);
 //! - `passthrough`: `iommu.passthrough=1` (an identity domain), with a
 //!   virtio-mem resize.
+//!
 //! Each pings the test host, sends a TCP stream of known size, then unbinds
 //! and rebinds the net driver and pings again. After each phase the test
 //! looks at the device's IOTLB (vduse-net's dump and its log of rebuilds)
@@ -128,12 +129,16 @@ fn rebuilds(name: &str) -> Vec<(u64, u64)> {
 fn requests(counters: &Value, kind: &str) -> u64 {
     counters["iommu"]["requests"][kind]
         .as_object()
-        .map_or(0, |by_status| by_status.values().filter_map(Value::as_u64).sum())
+        .map_or(0, |by_status| {
+            by_status.values().filter_map(Value::as_u64).sum()
+        })
 }
 
 fn ping_ok(console: &str, count: u32) -> bool {
     console.lines().any(|l| {
-        l.starts_with(&format!("{count} packets transmitted, {count} packets received, 0% packet loss"))
+        l.starts_with(&format!(
+            "{count} packets transmitted, {count} packets received, 0% packet loss"
+        ))
     })
 }
 
@@ -197,7 +202,10 @@ fn the_device_holds_only_what_the_guest_mapped() {
     for mode in ["lazy", "strict"] {
         let info = json(&format!("{mode}-info-1"));
         let mapped = domain_ranges(&info);
-        assert!(!mapped.is_empty(), "{mode}: the guest mapped nothing: {info}");
+        assert!(
+            !mapped.is_empty(),
+            "{mode}: the guest mapped nothing: {info}"
+        );
         let dump = iotlb_dump(section(&format!("{mode}-iotlb-1")));
         assert!(!dump.is_empty(), "{mode}: empty device IOTLB");
         for (range, perm) in &dump {
@@ -218,7 +226,10 @@ fn the_device_holds_only_what_the_guest_mapped() {
             .collect();
         let device: Vec<(u64, u64)> = dump.iter().map(|(r, _)| *r).collect();
         assert_eq!(merged(engine), merged(device), "{mode}");
-        assert_ne!(info["devices"][0]["address_space"], "identity", "{mode}: {info}");
+        assert_ne!(
+            info["devices"][0]["address_space"], "identity",
+            "{mode}: {info}"
+        );
     }
 }
 
@@ -235,7 +246,10 @@ fn device_rebuilds_never_exceed_drains_and_lazy_mode_batches_requests() {
              {rebuilt} device IOTLB rebuilds"
         );
         assert!(maps > 0, "{mode}: {counters}");
-        assert!(rebuilt <= drains, "{mode}: {rebuilt} rebuilds > {drains} drains");
+        assert!(
+            rebuilt <= drains,
+            "{mode}: {rebuilt} rebuilds > {drains} drains"
+        );
         if mode == "lazy" {
             assert!(
                 rebuilt < maps + unmaps,
@@ -253,7 +267,12 @@ fn passthrough_gives_the_device_all_guest_ram_and_follows_hotplug() {
         .into_iter()
         .map(|(r, _)| r)
         .collect();
-    assert_eq!(merged(boot), vec![(0, BOOT)], "{}", section("passthrough-info-1"));
+    assert_eq!(
+        merged(boot),
+        vec![(0, BOOT)],
+        "{}",
+        section("passthrough-info-1")
+    );
     let resize = json("passthrough-resize");
     assert_eq!(resize["done"], true, "{resize}");
     let info = json("passthrough-info-resized");

@@ -298,8 +298,15 @@ pub fn base64(input: &[u8]) -> String {
     out
 }
 
+/// The debug build of `microvm` in the test host (debug assertions on, as
+/// a plain `cargo build` makes it): seccomp filters must hold for it too.
+pub const DEBUG_MICROVM: &str = "\"$MICROVM_DEBUG_BIN_DIR/microvm\"";
+
 /// A `microvm` invocation against the guest assets of the test host.
 pub struct MicrovmRun {
+    /// The VMM binary as a shell word: `microvm` (release, on PATH) or
+    /// `DEBUG_MICROVM`.
+    pub binary: &'static str,
     pub kernel_var: &'static str,
     pub cpus: u32,
     pub memory: &'static str,
@@ -311,6 +318,7 @@ pub struct MicrovmRun {
 impl MicrovmRun {
     pub fn new(cpus: u32, memory: &'static str) -> MicrovmRun {
         MicrovmRun {
+            binary: "microvm",
             kernel_var: "MICROVM_GUEST_KERNEL",
             cpus,
             memory,
@@ -330,7 +338,8 @@ impl MicrovmRun {
             cmdline.push_str(&format!(" microvm.cmd={}", base64(cmd.as_bytes())));
         }
         format!(
-            "microvm --kernel \"${}\" --initramfs \"$MICROVM_GUEST_INITRAMFS\" --cpus {} --memory size={} --cmdline {} {}",
+            "{} --kernel \"${}\" --initramfs \"$MICROVM_GUEST_INITRAMFS\" --cpus {} --memory size={} --cmdline {} {}",
+            self.binary,
             self.kernel_var,
             self.cpus,
             self.memory,
