@@ -55,8 +55,10 @@ pub enum ThreadKind {
     Vcpu,
     /// The control API thread: accepts clients, reads device state.
     Api,
-    /// The virtio-mem worker: serves guest requests, maps and releases memory.
-    Hotplug,
+    /// A device worker serving a guest queue and programming IOTLBs: the
+    /// virtio-mem worker (which also releases unplugged memory) and the
+    /// virtio-iommu request worker.
+    DeviceWorker,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,8 +186,8 @@ const API_ONLY: &[Allowed] = &[
     (libc::SYS_shutdown, &[&[eq(1, libc::SHUT_WR as u32)]]),
 ];
 
-/// The virtio-mem worker waits on its queue and releases unplugged blocks.
-const HOTPLUG_ONLY: &[Allowed] = &[
+/// Device workers wait on their queue; virtio-mem's releases unplugged blocks.
+const DEVICE_WORKER_ONLY: &[Allowed] = &[
     (libc::SYS_poll, &[]),
     (libc::SYS_ppoll, &[]),
     (
@@ -216,7 +218,7 @@ fn ioctl_rules(kind: ThreadKind) -> Vec<u64> {
     match kind {
         ThreadKind::Vmm => vec![TCGETS, TCSETS, TIOCGWINSZ],
         ThreadKind::Api => vec![VHOST_GET_VRING_BASE, VHOST_VDPA_GET_STATUS],
-        ThreadKind::Hotplug => vec![],
+        ThreadKind::DeviceWorker => vec![],
         ThreadKind::Vcpu => vec![
             KVM_RUN,
             KVM_SET_GSI_ROUTING,
@@ -298,7 +300,7 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let extra: &[Allowed] = match kind {
         ThreadKind::Vmm => VMM_ONLY,
         ThreadKind::Api => API_ONLY,
-        ThreadKind::Hotplug => HOTPLUG_ONLY,
+        ThreadKind::DeviceWorker => DEVICE_WORKER_ONLY,
         ThreadKind::Vcpu => VCPU_ONLY,
     };
     add(&mut rules, COMMON).map_err(|e| error(&e))?;
@@ -501,7 +503,7 @@ mod tests {
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Api,
-        ThreadKind::Hotplug,
+        ThreadKind::DeviceWorker,
     ];
 
     /// Meaningful in the (default) debug test build, where the drop calls
@@ -643,7 +645,7 @@ mod tests {
 
     #[test]
     fn the_hotplug_thread_may_not_issue_any_ioctl() {
-        let (status, output) = in_filtered_child(ThreadKind::Hotplug, terminal_ioctl);
+        let (status, output) = in_filtered_child(ThreadKind::DeviceWorker, terminal_ioctl);
         assert_eq!(output, b"alive");
         assert_killed_by_sigsys(status);
     }
