@@ -112,7 +112,8 @@ impl Msix {
         // but the guest, which sees a device that does not interrupt.
         let _ = self.router.route(self.vectors[vector].gsi, message);
         let was_routed = std::mem::replace(&mut self.routed[vector], message.is_some());
-        let pending = std::mem::take(&mut self.pending[vector]);
+        // The pending bit stays set until the vector can be delivered.
+        let pending = message.is_some() && std::mem::take(&mut self.pending[vector]);
         // Backends like vhost signal the irqfd directly, so an interrupt
         // raised while the vector had no route was dropped by KVM and the
         // VMM cannot know. Linux masks a vector to move it (typically on its
@@ -297,6 +298,32 @@ mod tests {
         );
         msix.read_pba(0, &mut pba);
         assert_eq!(pba[0], 0);
+    }
+
+    #[test]
+    fn pending_stays_set_while_the_vector_is_masked() {
+        let (mut msix, _router) = msix(1);
+        program(&mut msix, 0, 0xfee0_0000, 0x30, true);
+        msix.notify(0);
+        let pba = |msix: &Msix| {
+            let mut pba = [0u8; 8];
+            msix.read_pba(0, &mut pba);
+            pba[0]
+        };
+        assert_eq!(pba(&msix), 1);
+        // Rewriting a masked entry, enabling the function with the vector
+        // still masked, or masking the whole function keeps it pending.
+        msix.write_table(8, &0x31u32.to_le_bytes());
+        assert_eq!(pba(&msix), 1, "after rewriting the masked entry");
+        msix.set_control(CONTROL_ENABLE);
+        assert_eq!(pba(&msix), 1, "after enabling with the vector masked");
+        msix.set_control(CONTROL_ENABLE | CONTROL_FUNCTION_MASK);
+        msix.write_table(12, &0u32.to_le_bytes());
+        assert_eq!(pba(&msix), 1, "unmasked entry of a masked function");
+        assert!(msix.vectors[0].event.read().is_err(), "nothing delivered");
+        msix.set_control(CONTROL_ENABLE);
+        assert_eq!(msix.vectors[0].event.read().unwrap(), 1);
+        assert_eq!(pba(&msix), 0, "cleared once delivered");
     }
 
     #[test]
