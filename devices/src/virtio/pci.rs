@@ -572,8 +572,8 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
 
     fn config_written(&mut self, offset: usize, len: usize) {
         // Message control is the upper half of the MSI-X capability's first dword.
-        let control = self.msix_cap_offset + 2;
-        if offset <= control + 1 && offset + len > control {
+        let control = self.msix_cap_offset.saturating_add(2);
+        if offset <= control.saturating_add(1) && offset.saturating_add(len) > control {
             let value = self.config.u16_at(control);
             self.msix
                 .lock()
@@ -901,6 +901,23 @@ mod tests {
                 (true, 0x2_0000_3004)
             ]
         );
+    }
+
+    #[test]
+    fn huge_offsets_through_the_bar_and_config_space_change_nothing() {
+        let (mut pci, recorded, _) = transport(false);
+        for offset in [BAR_SIZE, u64::MAX - 7, u64::MAX] {
+            let mut data = [0xaau8; 8];
+            pci.read_bar(0, offset, &mut data);
+            pci.write_bar(0, offset, &[0xff; 8]);
+        }
+        pci.config_written(usize::MAX, usize::MAX);
+        pci.config_mut().write(usize::MAX, &[0xff; 4]);
+        let mut data = [0u8; 4];
+        pci.config().read(usize::MAX - 1, &mut data);
+        assert_eq!(data, [0xff; 4]);
+        assert_eq!(pci.status(), 0);
+        assert!(recorded.lock().unwrap().config_writes.is_empty());
     }
 
     #[test]
