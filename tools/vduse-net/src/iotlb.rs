@@ -61,8 +61,10 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub fn len(&self) -> u64 {
-        self.last - self.start + 1
+    /// Bytes covered; `None` for an inverted entry (start > last) and for
+    /// one covering all 2^64 bytes, neither of which can be mapped.
+    pub fn len(&self) -> Option<u64> {
+        self.last.checked_sub(self.start)?.checked_add(1)
     }
 }
 
@@ -159,13 +161,16 @@ fn page_size() -> u64 {
 
 fn map_entry(entry: &Entry, file: File) -> Result<Arc<GuestRegionMmap>, String> {
     let page = page_size();
+    let len = entry
+        .len()
+        .ok_or_else(|| "inverted or covering the whole address space".to_string())?;
     if !entry.start.is_multiple_of(page)
         || !entry.offset.is_multiple_of(page)
-        || !entry.len().is_multiple_of(page)
+        || !len.is_multiple_of(page)
     {
         return Err("not page aligned".into());
     }
-    let len = usize::try_from(entry.len()).map_err(|_| "too large".to_string())?;
+    let len = usize::try_from(len).map_err(|_| "too large".to_string())?;
     let prot = match entry.perm {
         Perm::Ro => libc::PROT_READ,
         Perm::Rw => libc::PROT_READ | libc::PROT_WRITE,
@@ -528,6 +533,40 @@ pub(crate) mod tests {
         );
         assert_eq!(t.entry_of(0x2abc).map(|e| e.start), Some(0x2000));
         assert_eq!(t.entry_of(0x3000), None);
+    }
+
+    #[test]
+    fn whole_space_and_inverted_entries_are_refused_without_overflow() {
+        let src = FakeSource::new(
+            0x10_0000,
+            vec![
+                entry(0x1000, 0x1fff, 0, Perm::Rw),
+                entry(0x9000, 0x8000, 0, Perm::Rw),
+            ],
+        );
+        let mut t = Iotlb::new();
+        let c = t.refresh(&src, 0, u64::MAX).unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert_eq!(
+            t.check(0x9000, 1, false),
+            Err(AccessError::Unmapped(0x9000))
+        );
+        assert_eq!(t.check(0x1000, 0x1000, true), Ok(()));
+
+        *src.entries.borrow_mut() = vec![entry(0, u64::MAX, 0, Perm::Rw)];
+        let c = t.refresh(&src, 0, u64::MAX).unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert_eq!(
+            t.check(0x1000, 1, false),
+            Err(AccessError::NotMapped(0x1000))
+        );
+        assert_eq!(
+            t.check(u64::MAX, 1, false),
+            Err(AccessError::NotMapped(u64::MAX))
+        );
+        assert_eq!(entry(0, u64::MAX, 0, Perm::Rw).len(), None);
+        assert_eq!(entry(5, 4, 0, Perm::Rw).len(), None);
+        assert_eq!(entry(4, 4, 0, Perm::Rw).len(), Some(1));
     }
 
     #[test]
