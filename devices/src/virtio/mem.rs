@@ -43,13 +43,33 @@ const CFG_PLUGGED_SIZE: usize = 40;
 const CFG_REQUESTED_SIZE: usize = 48;
 const CFG_LEN: usize = 56;
 
+/// Why the host could not plug or unplug memory; the guest's request
+/// fails with the virtio-mem error status.
+#[derive(Debug, thiserror::Error)]
+pub enum HotplugError {
+    /// The memory could not be described to the devices.
+    #[error(transparent)]
+    Translate(#[from] crate::dma::TranslateError),
+    /// A device refused the change; no device or space changed.
+    #[error(transparent)]
+    Map(#[from] crate::dma::SpaceError),
+    /// No device reaches the memory any more, but giving it back to the
+    /// host failed.
+    #[error("cannot release guest memory {gpa:#x} size {size:#x}: {source}")]
+    Release {
+        gpa: u64,
+        size: u64,
+        source: io::Error,
+    },
+}
+
 /// What plugging and unplugging mean on the host side.
 pub trait HotplugBackend: Send + Sync {
     /// Makes the ranges (guest address, size) usable; an error fails the
     /// guest's request and must leave nothing half done.
-    fn plug(&self, ranges: &[(u64, u64)]) -> Result<(), String>;
+    fn plug(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError>;
     /// Takes the ranges away; an error fails the guest's request.
-    fn unplug(&self, ranges: &[(u64, u64)]) -> Result<(), String>;
+    fn unplug(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError>;
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -367,18 +387,16 @@ impl VirtioDevice for VirtioMem {
             activation.queues.first(),
             activation.kicks.into_iter().next(),
         ) else {
-            return Err(ActivateError::Backend(
-                "virtio-mem: the request queue is not enabled".into(),
-            ));
+            return Err(ActivateError::QueueNotEnabled { index: 0 });
         };
-        let mut queue =
-            Queue::new(QUEUE_SIZE).map_err(|e| ActivateError::Backend(e.to_string()))?;
+        let queue_error = |source| ActivateError::Queue { index: 0, source };
+        let mut queue = Queue::new(QUEUE_SIZE).map_err(queue_error)?;
         queue
             .try_set_size(config.size)
             .and_then(|_| queue.try_set_desc_table_address(GuestAddress(config.desc)))
             .and_then(|_| queue.try_set_avail_ring_address(GuestAddress(config.driver)))
             .and_then(|_| queue.try_set_used_ring_address(GuestAddress(config.device)))
-            .map_err(|e| ActivateError::Backend(format!("virtio-mem queue: {e}")))?;
+            .map_err(queue_error)?;
         queue.set_ready(true);
         self.worker
             .serve(Serve {
@@ -387,7 +405,7 @@ impl VirtioDevice for VirtioMem {
                 kick,
                 interrupt: activation.interrupt,
             })
-            .map_err(|e| ActivateError::Backend(e.to_string()))?;
+            .map_err(|e| ActivateError::Backend(Box::new(e)))?;
         self.lock().driver_active = true;
         Ok(())
     }
@@ -417,14 +435,15 @@ mod tests {
     }
 
     impl HotplugBackend for RecordingBackend {
-        fn plug(&self, ranges: &[(u64, u64)]) -> Result<(), String> {
+        fn plug(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
             self.calls.lock().unwrap().push((true, ranges.to_vec()));
             if *self.fail.lock().unwrap() {
-                return Err("refused".into());
+                let (gpa, size) = ranges[0];
+                return Err(crate::dma::TranslateError::NotRam { gpa, size }.into());
             }
             Ok(())
         }
-        fn unplug(&self, ranges: &[(u64, u64)]) -> Result<(), String> {
+        fn unplug(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
             self.calls.lock().unwrap().push((false, ranges.to_vec()));
             Ok(())
         }
@@ -620,13 +639,13 @@ mod tests {
     }
 
     impl HotplugBackend for BlockingBackend {
-        fn plug(&self, _ranges: &[(u64, u64)]) -> Result<(), String> {
+        fn plug(&self, _ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
             self.plugs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let _ = self.entered.lock().unwrap().send(());
             let _ = self.release.lock().unwrap().recv();
             Ok(())
         }
-        fn unplug(&self, _ranges: &[(u64, u64)]) -> Result<(), String> {
+        fn unplug(&self, _ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
             Ok(())
         }
     }

@@ -720,7 +720,7 @@ mod tests {
         }
         fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
             if self.fail_activation {
-                return Err(ActivateError::Backend("refused".into()));
+                return Err(ActivateError::QueueNotEnabled { index: 0 });
             }
             let irqfd = activation.interrupt.queue_irqfd(0).is_some();
             self.recorded.lock().unwrap().activations.push((

@@ -2,6 +2,7 @@
 //! a thread of its own. `GET /info` describes the VM, `GET /counters`
 //! reports what the devices did.
 
+pub mod control;
 pub mod http;
 mod routes;
 
@@ -69,7 +70,7 @@ pub fn spawn(
             }
             for stream in listener.incoming() {
                 match stream {
-                    Ok(stream) => serve(stream, &state),
+                    Ok(stream) => serve(stream, state.as_ref()),
                     Err(_) => continue,
                 }
             }

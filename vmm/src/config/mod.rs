@@ -28,7 +28,9 @@ pub enum ConfigError {
     MalformedMemory(String),
     #[error("malformed serial option '{0}': expected stdout, off or file=PATH")]
     MalformedSerial(String),
-    #[error("malformed net option '{0}': expected vdpa=PATH[,mac=MAC][,queues=N]")]
+    #[error(
+        "malformed net option '{0}': expected vdpa=PATH[,mac=MAC][,queues=N][,iotlb-batch=on|off]"
+    )]
     MalformedNet(String),
     #[error("malformed MAC address '{0}': expected six hex bytes like 52:54:00:12:34:56")]
     MalformedMac(String),
@@ -183,20 +185,27 @@ pub struct NetConfig {
     pub vdpa_path: PathBuf,
     pub mac: Option<[u8; 6]>,
     pub queue_pairs: u16,
+    /// Bracket each change with BATCH_BEGIN/END (the default); off sends
+    /// one unbatched message per change, as peers do.
+    pub iotlb_batch: bool,
 }
 
-/// Parses `--net vdpa=PATH[,mac=MAC][,queues=N]`.
+/// Parses `--net vdpa=PATH[,mac=MAC][,queues=N][,iotlb-batch=on|off]`.
 pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
     let malformed = || ConfigError::MalformedNet(text.to_string());
     let mut path = None;
     let mut mac = None;
     let mut queue_pairs = 1;
+    let mut iotlb_batch = None;
     for item in text.split(',') {
         match item.split_once('=') {
             Some(("vdpa", p)) if !p.is_empty() && path.is_none() => path = Some(PathBuf::from(p)),
             Some(("mac", m)) if mac.is_none() => mac = Some(parse_mac(m)?),
             Some(("queues", n)) => {
                 queue_pairs = n.parse().ok().filter(|&n| n > 0).ok_or_else(malformed)?
+            }
+            Some(("iotlb-batch", value)) if iotlb_batch.is_none() => {
+                iotlb_batch = Some(parse_on_off(value).map_err(|_| malformed())?)
             }
             _ => return Err(malformed()),
         }
@@ -205,6 +214,7 @@ pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
         vdpa_path: path.ok_or_else(malformed)?,
         mac,
         queue_pairs,
+        iotlb_batch: iotlb_batch.unwrap_or(true),
     })
 }
 
@@ -418,6 +428,14 @@ mod tests {
         assert_eq!(net.vdpa_path, PathBuf::from("/dev/vhost-vdpa-0"));
         assert_eq!(net.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
         assert_eq!(net.queue_pairs, 1);
+        assert!(net.iotlb_batch);
+        assert!(
+            !parse_net("vdpa=/dev/x,iotlb-batch=off")
+                .unwrap()
+                .iotlb_batch
+        );
+        assert!(parse_net("vdpa=/dev/x,iotlb-batch=no").is_err());
+        assert!(parse_net("vdpa=/dev/x,iotlb-batch=on,iotlb-batch=off").is_err());
         assert_eq!(parse_net("vdpa=/dev/x").unwrap().mac, None);
         for bad in [
             "",
