@@ -63,7 +63,7 @@ pub struct Entry {
 impl Entry {
     /// Bytes covered; `None` for an inverted entry (start > last) and for
     /// one covering all 2^64 bytes, neither of which can be mapped.
-    pub fn len(&self) -> Option<u64> {
+    pub fn size(&self) -> Option<u64> {
         self.last.checked_sub(self.start)?.checked_add(1)
     }
 }
@@ -162,7 +162,7 @@ fn page_size() -> u64 {
 fn map_entry(entry: &Entry, file: File) -> Result<Arc<GuestRegionMmap>, String> {
     let page = page_size();
     let len = entry
-        .len()
+        .size()
         .ok_or_else(|| "inverted or covering the whole address space".to_string())?;
     if !entry.start.is_multiple_of(page)
         || !entry.offset.is_multiple_of(page)
@@ -290,6 +290,10 @@ impl Iotlb {
 
     pub fn len(&self) -> usize {
         self.maps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.maps.is_empty()
     }
 
     /// The entry containing `addr`.
@@ -564,9 +568,9 @@ pub(crate) mod tests {
             t.check(u64::MAX, 1, false),
             Err(AccessError::NotMapped(u64::MAX))
         );
-        assert_eq!(entry(0, u64::MAX, 0, Perm::Rw).len(), None);
-        assert_eq!(entry(5, 4, 0, Perm::Rw).len(), None);
-        assert_eq!(entry(4, 4, 0, Perm::Rw).len(), Some(1));
+        assert_eq!(entry(0, u64::MAX, 0, Perm::Rw).size(), None);
+        assert_eq!(entry(5, 4, 0, Perm::Rw).size(), None);
+        assert_eq!(entry(4, 4, 0, Perm::Rw).size(), Some(1));
     }
 
     #[test]

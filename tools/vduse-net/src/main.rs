@@ -1,35 +1,19 @@
 //! vduse-net: a virtio-net device in userspace, attached to the kernel's vdpa bus through
 //! VDUSE and bound to vhost_vdpa, so a VMM can drive it through /dev/vhost-vdpa-N.
-//!
-//! Modules: `vduse` (UAPI structs, ioctls, request codec), `netlink` (generic netlink,
-//! vdpa commands), `iotlb` (IOVA -> mapping table, dump), `net` (virtio-net queues and
-//! frames), `tap` (TAP back end), `device` (request handling and datapath glue), `app`
-//! (life cycle and event loop).
-
-mod app;
-mod device;
-mod iotlb;
-mod net;
-mod netlink;
-mod tap;
-mod vduse;
+//! The device lives in the library (src/lib.rs); this is its command line.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use app::{BackendConfig, Config};
+use vduse_net::app::{self, BackendConfig, Config};
+use vduse_net::{log, net, vduse};
 
 /// The default MAC: locally administered, QEMU's prefix.
 const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
 const USAGE: &str = "usage: vduse-net --name NAME [--mac MAC] (--tap IFNAME | --loopback) \
      [--iotlb-dump PATH] [--fail-iotlb N]";
-
-/// Writes `vduse-net: <msg>` to stderr; never panics.
-pub fn log(msg: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "vduse-net: {msg}");
-}
 
 #[derive(Debug, PartialEq, Eq)]
 enum Cli {
