@@ -629,7 +629,9 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
                     &mut *self.interrupt.isr.lock().unwrap_or_else(|p| p.into_inner()),
                 );
                 data.fill(0);
-                data[0] = isr;
+                if let Some(first) = data.first_mut() {
+                    *first = isr;
+                }
             }
             o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_LEN).contains(&o) => {
                 self.device.read_config(o - DEVICE_OFFSET, data)
@@ -1054,6 +1056,11 @@ mod tests {
         assert_eq!(data, [0xff; 4]);
         assert_eq!(pci.status(), 0);
         assert!(recorded.lock().unwrap().config_writes.is_empty());
+        // Empty accesses (found by the virtio_pci fuzz target on the ISR).
+        for offset in [0, ISR_OFFSET, DEVICE_OFFSET, NOTIFY_OFFSET, MSIX_TABLE_OFFSET] {
+            pci.read_bar(0, offset, &mut []);
+            pci.write_bar(0, offset, &[]);
+        }
     }
 
     #[test]
