@@ -170,6 +170,15 @@ fn map_entry(entry: &Entry, file: File) -> Result<Arc<GuestRegionMmap>, String> 
     {
         return Err("not page aligned".into());
     }
+    // Pages past the end of the file would fault (SIGBUS) on first touch.
+    let file_len = file.metadata().map_err(|e| e.to_string())?.len();
+    if entry
+        .offset
+        .checked_add(len)
+        .is_none_or(|end| end > file_len)
+    {
+        return Err(format!("beyond the end of its file ({file_len:#x} bytes)"));
+    }
     let len = usize::try_from(len).map_err(|_| "too large".to_string())?;
     let prot = match entry.perm {
         Perm::Ro => libc::PROT_READ,
@@ -571,6 +580,30 @@ pub(crate) mod tests {
         assert_eq!(entry(0, u64::MAX, 0, Perm::Rw).size(), None);
         assert_eq!(entry(5, 4, 0, Perm::Rw).size(), None);
         assert_eq!(entry(4, 4, 0, Perm::Rw).size(), Some(1));
+    }
+
+    #[test]
+    fn entries_beyond_the_end_of_their_file_are_not_mapped() {
+        let src = FakeSource::new(
+            0x2000,
+            vec![
+                entry(0x1000, 0x1fff, 0x1000, Perm::Rw),
+                entry(0x4000, 0x5fff, 0x1000, Perm::Rw),
+                entry(0x8000, 0x8fff, u64::MAX - 0xfff, Perm::Rw),
+            ],
+        );
+        let mut t = Iotlb::new();
+        let c = t.refresh(&src, 0, u64::MAX).unwrap();
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert_eq!(t.check(0x1000, 0x1000, true), Ok(()));
+        assert_eq!(
+            t.check(0x4000, 1, false),
+            Err(AccessError::NotMapped(0x4000))
+        );
+        assert_eq!(
+            t.check(0x8000, 1, false),
+            Err(AccessError::NotMapped(0x8000))
+        );
     }
 
     #[test]
