@@ -14,7 +14,7 @@ use std::time::Instant;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::queue_worker::{Drain, QueueWorker, Serve};
+use super::queue_worker::{Drain, QueueHandler, QueueWorker, Serve};
 use super::*;
 
 pub const VIRTIO_ID_MEM: u32 = 24;
@@ -310,6 +310,25 @@ impl VirtioMem {
         }
         state.requested_size = size;
         Ok(())
+    }
+}
+
+/// Answers the driver's requests: what the worker runs on each kick, and
+/// what tests and fuzz targets drive directly through a `Drain`.
+pub struct RequestHandler {
+    state: Arc<Mutex<MemState>>,
+    backend: Arc<dyn HotplugBackend>,
+}
+
+impl RequestHandler {
+    pub fn new(state: Arc<Mutex<MemState>>, backend: Arc<dyn HotplugBackend>) -> RequestHandler {
+        RequestHandler { state, backend }
+    }
+}
+
+impl QueueHandler for RequestHandler {
+    fn serve(&mut self, drain: &mut Drain<'_>) {
+        serve_requests(drain, &self.state, self.backend.as_ref())
     }
 }
 

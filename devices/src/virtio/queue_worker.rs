@@ -58,7 +58,26 @@ pub struct Drain<'a> {
     used: bool,
 }
 
+/// A drain outside any worker: never told to stop.
+static NEVER_STOPPING: AtomicBool = AtomicBool::new(false);
+
 impl<'a> Drain<'a> {
+    /// A drain of `queue` run by the caller, for tests and fuzz targets
+    /// that drive a handler synchronously.
+    pub fn new(queue: &'a mut Queue, memory: &'a GuestMemoryMmap) -> Drain<'a> {
+        Drain {
+            queue,
+            memory,
+            stopping: &NEVER_STOPPING,
+            used: false,
+        }
+    }
+
+    /// Whether a used entry was added.
+    pub fn used(&self) -> bool {
+        self.used
+    }
+
     /// The next chain the driver made available; `None` when the queue is
     /// empty, malformed, or the device is being stopped.
     pub fn next_chain(&mut self) -> Option<DescriptorChain<&'a GuestMemoryMmap>> {
