@@ -1057,7 +1057,13 @@ mod tests {
         assert_eq!(pci.status(), 0);
         assert!(recorded.lock().unwrap().config_writes.is_empty());
         // Empty accesses (found by the virtio_pci fuzz target on the ISR).
-        for offset in [0, ISR_OFFSET, DEVICE_OFFSET, NOTIFY_OFFSET, MSIX_TABLE_OFFSET] {
+        for offset in [
+            0,
+            ISR_OFFSET,
+            DEVICE_OFFSET,
+            NOTIFY_OFFSET,
+            MSIX_TABLE_OFFSET,
+        ] {
             pci.read_bar(0, offset, &mut []);
             pci.write_bar(0, offset, &[]);
         }
