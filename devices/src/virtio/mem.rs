@@ -26,6 +26,11 @@ const REQ_UNPLUG_ALL: u16 = 2;
 const REQ_STATE: u16 = 3;
 const RESP_ACK: u16 = 0;
 const RESP_NACK: u16 = 1;
+/// The host cannot do it now (a device refused the mapping, say): the
+/// driver retries later or on the next config change. Linux treats
+/// RESP_ERROR ("error in request") as a driver bug and stops using the
+/// device ("unknown error, marking device broken"); QEMU answers BUSY too.
+const RESP_BUSY: u16 = 2;
 const RESP_ERROR: u16 = 3;
 const STATE_PLUGGED: u16 = 0;
 const STATE_UNPLUGGED: u16 = 1;
@@ -44,7 +49,7 @@ const CFG_REQUESTED_SIZE: usize = 48;
 const CFG_LEN: usize = 56;
 
 /// Why the host could not plug or unplug memory; the guest's request
-/// fails with the virtio-mem error status.
+/// fails with the virtio-mem BUSY status.
 #[derive(Debug, thiserror::Error)]
 pub enum HotplugError {
     /// The memory could not be described to the devices.
@@ -194,7 +199,7 @@ fn handle_request(
                 backend.unplug(&ranges)
             };
             if result.is_err() {
-                return finish(state, name, ranges, RESP_ERROR, 0, started);
+                return finish(state, name, ranges, RESP_BUSY, 0, started);
             }
             state.plugged[blocks].fill(plug);
             (name, ranges, RESP_ACK, 0)
@@ -202,7 +207,7 @@ fn handle_request(
         REQ_UNPLUG_ALL => {
             let ranges = state.plugged_ranges();
             if !ranges.is_empty() && backend.unplug(&ranges).is_err() {
-                return finish(state, "unplug_all", ranges, RESP_ERROR, 0, started);
+                return finish(state, "unplug_all", ranges, RESP_BUSY, 0, started);
             }
             state.plugged.fill(false);
             ("unplug_all", ranges, RESP_ACK, 0)
@@ -579,7 +584,8 @@ mod tests {
         let mut s = state();
         assert_eq!(
             handle_request(&mut s, &backend, &req(REQ_PLUG, BASE, 4)),
-            (RESP_ERROR, 0)
+            (RESP_BUSY, 0),
+            "a host-side failure is BUSY, so the driver retries"
         );
         assert_eq!(s.plugged_size(), 0);
         assert_eq!(s.history[0].result, "error");
