@@ -62,7 +62,7 @@ pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
     let mmio_bus = Arc::new(Bus::new());
     let devices = build_devices(config, &vm, &ram, &io_bus, &mmio_bus)?;
 
-    let rsdp = acpi::write_tables(&ram.memory, config.vcpus)?;
+    let rsdp = acpi::write_tables(&ram.memory, config.vcpus, &devices.acpi_tables())?;
     let boot_entry = loader::load(&ram, &config.kernel, rsdp)?;
     let vcpus = (0..config.vcpus)
         .map(|id| {
@@ -117,8 +117,9 @@ fn legacy_io_bus(serial: &Arc<Mutex<SerialDevice>>, exit: &ExitSignal) -> Result
     Ok(bus)
 }
 
-/// The PCI segment and its devices: vDPA net devices first, then
-/// virtio-mem (which maps hot-plugged memory for them).
+/// The PCI segment and its devices: vDPA net devices first, then the
+/// virtio-iommu in front of those that asked for it, then virtio-mem
+/// (which maps hot-plugged memory for them).
 fn build_devices(
     config: &VmmConfig,
     vm: &Vm,
@@ -130,6 +131,7 @@ fn build_devices(
     for net in &config.net {
         devices.add_vdpa_net(net)?;
     }
+    devices.add_virtio_iommu()?;
     devices.add_virtio_mem()?;
     Ok(devices)
 }

@@ -4,6 +4,7 @@
 //! as a virtio 1.x (modern) PCI function: feature negotiation, the status
 //! state machine, queue configuration, notifications and MSI-X interrupts.
 
+pub mod iommu;
 pub mod mem;
 pub mod pci;
 pub mod queue_worker;

@@ -34,7 +34,7 @@ use crate::vduse::{encode_response, Device, RequestKind, VduseError};
 
 /// Frames waiting for RX buffers (loopback); beyond this, new frames are dropped.
 const PENDING_RX_MAX: usize = 256;
-/// Most IOTLB entries listed in one log message.
+/// Most changed IOTLB entries listed for one update.
 const LOG_ENTRIES_MAX: usize = 64;
 
 pub enum Backend {
@@ -61,6 +61,9 @@ pub struct Server {
     pending_rx: VecDeque<Vec<u8>>,
     stats: Stats,
     last_error: Option<String>,
+    /// The most entries, and bytes, the IOTLB held after any update.
+    iotlb_entries_max: usize,
+    iotlb_bytes_max: u64,
 }
 
 fn queue_name(i: u16) -> &'static str {
@@ -91,6 +94,8 @@ impl Server {
             pending_rx: VecDeque::new(),
             stats: Stats::default(),
             last_error: None,
+            iotlb_entries_max: 0,
+            iotlb_bytes_max: 0,
         }
     }
 
@@ -123,10 +128,14 @@ impl Server {
     }
 
     pub fn stats_line(&self) -> String {
+        let bytes = self.iotlb.bytes();
         format!(
-            "stats iotlb_updates={} iotlb_entries={} {}",
+            "stats iotlb_updates={} iotlb_entries={} iotlb_bytes={bytes:#x} \
+             iotlb_entries_max={} iotlb_bytes_max={:#x} {}",
             self.iotlb_updates,
             self.iotlb.len(),
+            self.iotlb_entries_max,
+            self.iotlb_bytes_max,
             self.stats.summary()
         )
     }
@@ -289,24 +298,35 @@ impl Server {
         for w in &change.warnings {
             log(w);
         }
+        let bytes = self.iotlb.bytes();
+        self.iotlb_entries_max = self.iotlb_entries_max.max(self.iotlb.len());
+        self.iotlb_bytes_max = self.iotlb_bytes_max.max(bytes);
+        // One line per rebuild with what the device holds now, then the
+        // entries that changed (not the whole table: behind a vIOMMU the
+        // device rebuilds often, and the dump file has the table).
         log(&format!(
-            "iotlb update #{}: {} entries (+{} -{} ={})",
+            "iotlb update #{}: {} entries (+{} -{} ={}) bytes={bytes:#x}",
             self.iotlb_updates,
             self.iotlb.len(),
             change.added.len(),
             change.removed.len(),
             change.kept
         ));
-        for (n, e) in self.iotlb.entries().enumerate() {
+        let changed = change
+            .removed
+            .iter()
+            .map(|e| ('-', e))
+            .chain(change.added.iter().map(|e| ('+', e)));
+        for (n, (sign, e)) in changed.enumerate() {
             if n == LOG_ENTRIES_MAX {
                 log(&format!(
-                    "  ... {} more entries",
-                    self.iotlb.len() - LOG_ENTRIES_MAX
+                    "  ... {} more changed entries",
+                    change.added.len() + change.removed.len() - LOG_ENTRIES_MAX
                 ));
                 break;
             }
             log(&format!(
-                "  iotlb {:#x} {:#x} {} offset {:#x}",
+                "  {sign}iotlb {:#x} {:#x} {} offset {:#x}",
                 e.start,
                 e.last,
                 e.perm.as_str(),

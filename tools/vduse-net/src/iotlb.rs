@@ -293,6 +293,13 @@ impl Iotlb {
         self.memory.as_ref()
     }
 
+    /// Bytes of IOVA the entries cover.
+    pub fn bytes(&self) -> u64 {
+        self.entries().fold(0u64, |sum, e| {
+            sum.saturating_add(e.last.saturating_sub(e.start).saturating_add(1))
+        })
+    }
+
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
         self.maps.values().map(|m| &m.entry)
     }
@@ -450,6 +457,7 @@ pub(crate) mod tests {
         assert!(c.warnings.is_empty());
         assert_eq!(*src.calls.borrow(), 3);
         assert_eq!(t.dump(), "0x100000 0x1fffff rw\n0x300000 0x300fff ro\n");
+        assert_eq!(t.bytes(), 0x10_0000 + 0x1000);
 
         // Bytes written through IOVA 0x10_0010 land at memfd offset 0x10.
         let mem = t.memory().unwrap();

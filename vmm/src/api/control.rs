@@ -3,6 +3,7 @@
 //! holds the devices themselves, so routes can be tested with a fake VM.
 
 use devices::dma::{DeviceReport, DmaCounters, DmaRange, TransactionRecord};
+use devices::virtio::iommu::{IommuCounters, IommuSnapshot, Mapping};
 use devices::virtio::mem::{RequestRecord, ResizeError};
 use devices::virtio::pci::TransportCounters;
 use devices::virtio::vdpa_net::{QueueReport, VdpaNetInfo};
@@ -49,6 +50,19 @@ pub struct MemoryStatus {
     pub plugged_size: u64,
     pub plugged: Vec<(u64, u64)>,
     pub requests: Vec<RequestRecord>,
+    /// Unplugs whose memory the host could not take back (the unplug
+    /// itself stood).
+    pub release_failures: u64,
+}
+
+/// The virtio-iommu, now.
+#[derive(Clone, Debug)]
+pub struct IommuStatus {
+    pub pci_address: String,
+    pub snapshot: IommuSnapshot,
+    pub counters: IommuCounters,
+    /// Each domain's mappings as the guest made them, by domain id.
+    pub mappings: Vec<(u32, Vec<Mapping>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +78,7 @@ pub trait VmControl: Send + Sync {
     fn summary(&self) -> VmSummary;
     fn nets(&self) -> Vec<NetStatus>;
     fn memory(&self) -> Option<MemoryStatus>;
+    fn iommu(&self) -> Option<IommuStatus>;
     /// Asks the guest to plug or unplug until `size` is plugged.
     fn request_memory(&self, size: u64) -> Result<(), MemoryRequestError>;
     /// Every DMA transaction still in the history, oldest first.

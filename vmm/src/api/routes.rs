@@ -57,6 +57,79 @@ fn info(state: &ApiState) -> Value {
             "hotplug": hotplug_info(state),
         },
         "devices": devices,
+        "iommu": iommu_info(state),
+    })
+}
+
+fn iommu_info(state: &ApiState) -> Value {
+    let Some(iommu) = state.iommu() else {
+        return Value::Null;
+    };
+    let snapshot = &iommu.snapshot;
+    let domains: Vec<Value> = snapshot
+        .domains
+        .iter()
+        .map(|d| {
+            let mappings: Vec<Value> = iommu
+                .mappings
+                .iter()
+                .find(|(id, _)| *id == d.id)
+                .map(|(_, list)| {
+                    list.iter()
+                        .map(|m| {
+                            json!({
+                                "iova": hex(m.virt_start),
+                                "size": m.size(),
+                                "phys": hex(m.phys_start),
+                                "flags": m.flags,
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            json!({
+                "id": d.id,
+                "kind": d.kind.as_str(),
+                "address_space": d.space.to_string(),
+                "endpoints": d.endpoints,
+                "mapping_count": d.mappings,
+                "mappings": mappings,
+            })
+        })
+        .collect();
+    let endpoints: Vec<Value> = snapshot
+        .endpoints
+        .iter()
+        .map(|e| {
+            json!({
+                "id": e.id,
+                "device": e.device,
+                "domain": e.domain,
+                "address_space": e.space.map_or("none".to_string(), |s| s.to_string()),
+            })
+        })
+        .collect();
+    json!({
+        "pci_address": iommu.pci_address,
+        "bypass": snapshot.bypass,
+        "domains": domains,
+        "endpoints": endpoints,
+    })
+}
+
+fn iommu_counters(state: &ApiState) -> Value {
+    let Some(iommu) = state.iommu() else {
+        return Value::Null;
+    };
+    let c = &iommu.counters;
+    json!({
+        "requests": c.requests_by_type(),
+        "drains": c.drains,
+        "largest_drain": c.largest_drain,
+        "plans_committed": c.plans_committed,
+        "plans_refused": c.plans_refused,
+        "device_batches": c.device_batches,
+        "largest_batch": c.largest_batch,
     })
 }
 
@@ -93,6 +166,7 @@ fn hotplug_info(state: &ApiState) -> Value {
         "requested_size": memory.requested_size,
         "plugged_size": memory.plugged_size,
         "plugged": ranges(&memory.plugged),
+        "release_failures": memory.release_failures,
     })
 }
 
@@ -227,6 +301,7 @@ fn counters(state: &ApiState) -> Value {
     json!({
         "devices": devices,
         "memory_hotplug": hotplug_counters(state),
+        "iommu": iommu_counters(state),
         "dma_transactions": history,
     })
 }

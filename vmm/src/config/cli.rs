@@ -41,7 +41,7 @@ pub struct Cli {
     pub serial: SerialConfig,
 
     /// A virtio-net device backed by a vhost-vdpa device (repeatable).
-    #[arg(long, value_name = "vdpa=PATH[,mac=MAC][,queues=N][,iotlb-batch=on|off]", value_parser = config::parse_net)]
+    #[arg(long, value_name = "vdpa=PATH[,mac=MAC][,queues=N][,iotlb-batch=on|off][,iommu=on|off]", value_parser = config::parse_net)]
     pub net: Vec<NetConfig>,
 
     /// Serve the control API (HTTP/1.1, JSON) on this Unix socket.

@@ -188,15 +188,19 @@ pub struct NetConfig {
     /// Bracket each change with BATCH_BEGIN/END (the default); off sends
     /// one unbatched message per change, as peers do.
     pub iotlb_batch: bool,
+    /// Put the device behind the vIOMMU (which exists when any device
+    /// asks for it): it reaches only what the guest maps.
+    pub iommu: bool,
 }
 
-/// Parses `--net vdpa=PATH[,mac=MAC][,queues=N][,iotlb-batch=on|off]`.
+/// Parses `--net vdpa=PATH[,mac=MAC][,queues=N][,iotlb-batch=on|off][,iommu=on|off]`.
 pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
     let malformed = || ConfigError::MalformedNet(text.to_string());
     let mut path = None;
     let mut mac = None;
     let mut queue_pairs = 1;
     let mut iotlb_batch = None;
+    let mut iommu = None;
     for item in text.split(',') {
         match item.split_once('=') {
             Some(("vdpa", p)) if !p.is_empty() && path.is_none() => path = Some(PathBuf::from(p)),
@@ -207,6 +211,9 @@ pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
             Some(("iotlb-batch", value)) if iotlb_batch.is_none() => {
                 iotlb_batch = Some(parse_on_off(value).map_err(|_| malformed())?)
             }
+            Some(("iommu", value)) if iommu.is_none() => {
+                iommu = Some(parse_on_off(value).map_err(|_| malformed())?)
+            }
             _ => return Err(malformed()),
         }
     }
@@ -215,6 +222,7 @@ pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
         mac,
         queue_pairs,
         iotlb_batch: iotlb_batch.unwrap_or(true),
+        iommu: iommu.unwrap_or(false),
     })
 }
 
@@ -436,6 +444,9 @@ mod tests {
         );
         assert!(parse_net("vdpa=/dev/x,iotlb-batch=no").is_err());
         assert!(parse_net("vdpa=/dev/x,iotlb-batch=on,iotlb-batch=off").is_err());
+        assert!(!net.iommu);
+        assert!(parse_net("vdpa=/dev/x,iommu=on").unwrap().iommu);
+        assert!(parse_net("vdpa=/dev/x,iommu=1").is_err());
         assert_eq!(parse_net("vdpa=/dev/x").unwrap().mac, None);
         for bad in [
             "",

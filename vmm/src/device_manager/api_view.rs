@@ -5,15 +5,19 @@ use std::sync::{Mutex, MutexGuard};
 
 use devices::dma::{SharedSpaces, TransactionRecord};
 
+use super::iommu::IommuDevice;
 use super::lock;
 use super::net::NetHandle;
 use super::virtio_mem::MemHandle;
-use crate::api::control::{MemoryRequestError, MemoryStatus, NetStatus, VmControl, VmSummary};
+use crate::api::control::{
+    IommuStatus, MemoryRequestError, MemoryStatus, NetStatus, VmControl, VmSummary,
+};
 
 pub struct ApiView {
     summary: VmSummary,
     nets: Vec<NetHandle>,
     memory: Option<MemHandle>,
+    iommu: Option<IommuDevice>,
     spaces: SharedSpaces,
 }
 
@@ -30,12 +34,14 @@ impl ApiView {
         summary: VmSummary,
         nets: Vec<NetHandle>,
         memory: Option<MemHandle>,
+        iommu: Option<IommuDevice>,
         spaces: SharedSpaces,
     ) -> ApiView {
         ApiView {
             summary,
             nets,
             memory,
+            iommu,
             spaces,
         }
     }
@@ -89,6 +95,23 @@ impl VmControl for ApiView {
             plugged_size: state.plugged_size(),
             plugged: state.plugged_ranges(),
             requests: state.history.clone(),
+            release_failures: view.backend.release_failures(),
+        })
+    }
+
+    fn iommu(&self) -> Option<IommuStatus> {
+        let iommu = self.iommu.as_ref()?;
+        let snapshot = iommu.handle.snapshot();
+        let mappings = snapshot
+            .domains
+            .iter()
+            .map(|d| (d.id, iommu.handle.mappings(d.id).unwrap_or_default()))
+            .collect();
+        Some(IommuStatus {
+            pci_address: pci_address(iommu.slot),
+            counters: iommu.handle.counters(),
+            snapshot,
+            mappings,
         })
     }
 

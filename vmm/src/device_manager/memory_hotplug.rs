@@ -3,12 +3,18 @@
 //! one batch per request, all or nothing across devices), and unplugged
 //! memory is released — hole punched in its memfd — only once no device
 //! can reach it any more.
+//!
+//! If that release fails, the unplug still stands: the memory is out of
+//! every device and no longer guest RAM, and the guest's request succeeds.
+//! Only the host keeps the pages; the failure is counted and logged.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use devices::dma::{Change, ChangeKind, GuestTranslate, Perm, Plan, SharedSpaces, SpaceId};
+use devices::virtio::iommu::IommuHandle;
 use devices::virtio::mem::{HotplugBackend, HotplugError};
 
 use super::lock;
@@ -20,6 +26,9 @@ pub struct DmaHotplug {
     /// The hotplug region's first guest address and its memfd.
     region_addr: u64,
     file: File,
+    release_failures: AtomicU64,
+    /// Domains of the vIOMMU may map hotplug memory too.
+    iommu: Option<IommuHandle>,
 }
 
 impl DmaHotplug {
@@ -29,7 +38,20 @@ impl DmaHotplug {
             spaces,
             region_addr,
             file,
+            release_failures: AtomicU64::new(0),
+            iommu: None,
         }
+    }
+
+    /// Unplug also takes the memory out of every vIOMMU domain that maps it.
+    pub fn with_iommu(mut self, iommu: Option<IommuHandle>) -> Self {
+        self.iommu = iommu;
+        self
+    }
+
+    /// Unplugs whose memory could not be given back to the host.
+    pub fn release_failures(&self) -> u64 {
+        self.release_failures.load(Ordering::Relaxed)
     }
 
     fn set_plugged(&self, ranges: &[(u64, u64)], plugged: bool) {
@@ -97,12 +119,27 @@ impl HotplugBackend for DmaHotplug {
         }
         let mut plan = Plan::new(ChangeKind::Unplug);
         plan.change(SpaceId::IDENTITY, change);
-        if let Err(e) = lock(&self.spaces).commit(plan) {
+        let result = {
+            let mut spaces = lock(&self.spaces);
+            // Domains first: a translated device never reaches released
+            // memory either. Identity devices are not in any domain, so
+            // each device still gets one transaction.
+            let domains = match &self.iommu {
+                Some(iommu) => iommu.unmap_guest_ranges(&mut spaces, ranges).map(|_| ()),
+                None => Ok(()),
+            };
+            domains.and_then(|()| spaces.commit(plan).map(|_| ()))
+        };
+        if let Err(e) = result {
             self.set_plugged(ranges, true);
             return Err(e.into());
         }
         // Only now can no device reach the memory: release it.
-        self.release(ranges)
+        if let Err(e) = self.release(ranges) {
+            self.release_failures.fetch_add(1, Ordering::Relaxed);
+            eprintln!("microvm: unplugged memory stays allocated on the host: {e}");
+        }
+        Ok(())
     }
 }
 
@@ -212,6 +249,24 @@ mod tests {
         let error = hotplug.plug(&[(64 * MIB, 2 * MIB)]).unwrap_err();
         assert!(matches!(error, HotplugError::Translate(_)), "{error}");
         assert_eq!(devices[0].lock().unwrap().counters().batch_begin, 1);
+    }
+
+    #[test]
+    fn a_failed_release_still_unplugs_everywhere_and_is_counted() {
+        let (_, ram, spaces, devices) = setup(1);
+        let region = ram.hotplug.as_ref().unwrap();
+        // A read-only descriptor: fallocate fails with EBADF.
+        let read_only = File::open(format!("/proc/self/fd/{}", region.file.as_raw_fd())).unwrap();
+        let hotplug = DmaHotplug::new(ram.clone(), spaces, region.addr, read_only);
+        hotplug.plug(&[(region.addr, 2 * MIB)]).unwrap();
+        hotplug.unplug(&[(region.addr, 2 * MIB)]).unwrap();
+        assert_eq!(hotplug.release_failures(), 1);
+        assert_eq!(held(&devices[0]), vec![(0, 64 * MIB)], "out of the device");
+        assert!(
+            ram.translate(region.addr, region.addr, 2 * MIB, Perm::ReadWrite)
+                .is_err(),
+            "no longer guest RAM"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! narrow handle ([`crate::api::VmHandle`]) built from it, not the devices.
 
 pub mod api_view;
+pub mod iommu;
 pub mod memory_hotplug;
 pub mod net;
 pub mod pci;
@@ -24,6 +25,7 @@ use crate::vstate::interrupts::{KvmIoEvents, KvmMsiRouter};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vm::Vm;
 use api_view::ApiView;
+use iommu::{IommuDevice, IommuSetupError};
 use net::{NetError, NetHandle};
 use pci::{PciSegment, PciSetupError, PciWiring};
 use virtio_mem::{MemError, MemHandle};
@@ -42,6 +44,8 @@ pub enum DeviceError {
     Net(#[from] NetError),
     #[error(transparent)]
     Hotplug(#[from] MemError),
+    #[error(transparent)]
+    Iommu(#[from] IommuSetupError),
 }
 
 pub struct DeviceManager {
@@ -53,6 +57,7 @@ pub struct DeviceManager {
     use_seccomp: bool,
     pub nets: Vec<NetHandle>,
     pub hotplug: Option<MemHandle>,
+    pub iommu: Option<IommuDevice>,
 }
 
 impl DeviceManager {
@@ -85,6 +90,7 @@ impl DeviceManager {
             use_seccomp,
             nets: Vec::new(),
             hotplug: None,
+            iommu: None,
         })
     }
 
@@ -106,15 +112,32 @@ impl DeviceManager {
         Ok(())
     }
 
-    /// The virtio-mem device over the hotplug region, if there is one.
+    /// The virtio-iommu in front of the vDPA devices that asked for one,
+    /// if any did. Call after every net device was added.
+    pub fn add_virtio_iommu(&mut self) -> Result<(), DeviceError> {
+        let nets = self.nets.clone();
+        let endpoints: Vec<&NetHandle> = nets.iter().filter(|n| n.behind_iommu).collect();
+        if endpoints.is_empty() {
+            return Ok(());
+        }
+        let (ram, spaces, seccomp) = (self.ram.clone(), self.spaces.clone(), self.use_seccomp);
+        let device = iommu::add_virtio_iommu(&endpoints, &ram, spaces, seccomp, self.wiring())?;
+        self.iommu = Some(device);
+        Ok(())
+    }
+
+    /// The virtio-mem device over the hotplug region, if there is one. Call
+    /// after the IOMMU: unplug must take memory out of its domains too.
     pub fn add_virtio_mem(&mut self) -> Result<(), DeviceError> {
         if self.ram.hotplug.is_none() {
             return Ok(());
         }
         let (ram, spaces, seccomp) = (self.ram.clone(), self.spaces.clone(), self.use_seccomp);
+        let iommu = self.iommu.as_ref().map(|i| i.handle.clone());
         self.hotplug = Some(virtio_mem::add_virtio_mem(
             ram,
             spaces,
+            iommu,
             seccomp,
             self.wiring(),
         )?);
@@ -129,12 +152,22 @@ impl DeviceManager {
         &self.ram
     }
 
+    /// ACPI tables that describe the devices: the VIOT when there is a
+    /// vIOMMU (how the guest finds it and its endpoints).
+    pub fn acpi_tables(&self) -> Vec<Vec<u8>> {
+        match &self.iommu {
+            Some(iommu) => vec![crate::boot::acpi::viot(iommu.bdf(), &iommu.endpoints)],
+            None => Vec::new(),
+        }
+    }
+
     /// The narrow handle the control API gets.
     pub fn api_view(&self, summary: VmSummary) -> ApiView {
         ApiView::new(
             summary,
             self.nets.clone(),
             self.hotplug.clone(),
+            self.iommu.clone(),
             self.spaces.clone(),
         )
     }

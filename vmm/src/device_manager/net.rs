@@ -2,6 +2,7 @@
 //! with the kernel, decide how the device is translated, attach it to its
 //! address space, and plug it into the PCI segment.
 
+use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 
 use devices::dma::{
@@ -33,8 +34,13 @@ pub struct NetHandle {
     pub id: String,
     pub slot: u8,
     pub pci: Arc<Mutex<NetPciDevice>>,
-    /// What attaching it sent: boot RAM for an identity device.
+    /// What attaching it sent: boot RAM for an identity device, nothing
+    /// for one behind the vIOMMU (the guest decides what it reaches).
     pub boot_mapping: DeviceReport,
+    /// Behind the vIOMMU rather than identity-mapped.
+    pub behind_iommu: bool,
+    /// What the device can address (VHOST_VDPA_GET_IOVA_RANGE).
+    pub iova_range: RangeInclusive<u64>,
 }
 
 pub fn add_vdpa_net(
@@ -44,8 +50,11 @@ pub fn add_vdpa_net(
     spaces: &SharedSpaces,
     wiring: PciWiring<'_>,
 ) -> Result<NetHandle, NetError> {
-    // Every device is identity-mapped until a vIOMMU exists.
-    let translation = Translation::Identity;
+    // The one decision of how this device is translated.
+    let translation = match config.iommu {
+        true => Translation::Iommu,
+        false => Translation::Identity,
+    };
     let device = VdpaNet::open(
         &VdpaNetConfig {
             path: config.vdpa_path.clone(),
@@ -60,7 +69,9 @@ pub fn add_vdpa_net(
         path: config.vdpa_path.display().to_string(),
         source,
     };
-    let mapper: SharedDmaDevice = device.mapper();
+    let mapper = device.mapper();
+    let iova_range = lock_mapper(&mapper).iova_range();
+    let mapper: SharedDmaDevice = mapper;
     let boot_mapping = {
         let mut spaces = lock(spaces);
         spaces.register(id, mapper).map_err(map_error)?;
@@ -85,5 +96,11 @@ pub fn add_vdpa_net(
         slot,
         pci,
         boot_mapping,
+        behind_iommu: translation == Translation::Iommu,
+        iova_range,
     })
+}
+
+fn lock_mapper<T>(mapper: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mapper.lock().unwrap_or_else(|p| p.into_inner())
 }

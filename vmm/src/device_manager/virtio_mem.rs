@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::dma::SharedSpaces;
+use devices::virtio::iommu::IommuHandle;
 use devices::virtio::mem::{MemRegion, MemState, VirtioMem};
 use devices::virtio::pci::VirtioPciDevice;
 
@@ -35,12 +36,14 @@ pub struct MemHandle {
     pub slot: u8,
     pub pci: Arc<Mutex<MemPciDevice>>,
     pub state: Arc<Mutex<MemState>>,
+    pub backend: Arc<DmaHotplug>,
 }
 
 /// `ram` must have a hotplug region (the caller checks).
 pub fn add_virtio_mem(
     ram: Arc<GuestRam>,
     spaces: SharedSpaces,
+    iommu: Option<IommuHandle>,
     use_seccomp: bool,
     wiring: PciWiring<'_>,
 ) -> Result<MemHandle, MemError> {
@@ -54,7 +57,8 @@ pub fn add_virtio_mem(
     };
     let file = region.file.try_clone().map_err(MemError::File)?;
     let memory = Arc::new(ram.memory.clone());
-    let backend = Arc::new(DmaHotplug::new(ram.clone(), spaces, geometry.addr, file));
+    let backend =
+        Arc::new(DmaHotplug::new(ram.clone(), spaces, geometry.addr, file).with_iommu(iommu));
     let filter = match use_seccomp {
         true => Some(seccomp::filter(ThreadKind::Hotplug)?),
         false => None,
@@ -63,7 +67,8 @@ pub fn add_virtio_mem(
         Some(filter) => seccomp::apply(&filter).map_err(|e| e.to_string()),
         None => Ok(()),
     });
-    let device = VirtioMem::new(geometry, backend, memory, install).map_err(MemError::Worker)?;
+    let device =
+        VirtioMem::new(geometry, backend.clone(), memory, install).map_err(MemError::Worker)?;
     let state = device.state();
     // One vector for the request queue, one for configuration changes.
     let Plugged { pci, slot } = plug_virtio(device, 2, wiring)?;
@@ -72,5 +77,6 @@ pub fn add_virtio_mem(
         slot,
         pci,
         state,
+        backend,
     })
 }
