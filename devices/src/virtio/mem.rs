@@ -255,7 +255,7 @@ fn finish(
 pub struct VirtioMem {
     state: Arc<Mutex<MemState>>,
     /// Serves the request queue (see `queue_worker`).
-    worker: QueueWorker,
+    worker: QueueWorker<RequestHandler>,
 }
 
 impl VirtioMem {
@@ -270,9 +270,7 @@ impl VirtioMem {
         on_start: Box<dyn FnOnce() -> Result<(), String> + Send>,
     ) -> io::Result<VirtioMem> {
         let state = Arc::new(Mutex::new(MemState::new(region)));
-        let worker_state = state.clone();
-        let handler =
-            move |drain: &mut Drain<'_>| serve_requests(drain, &worker_state, backend.as_ref());
+        let handler = RequestHandler::new(state.clone(), backend);
         let worker = QueueWorker::spawn("virtio-mem", memory, handler, on_start)?;
         Ok(VirtioMem { state, worker })
     }

@@ -10,7 +10,12 @@
 //!   QueueWorker::spawn(name, memory, handler, on_start)   at device creation
 //!   worker.serve(Serve { queue, index, kick, interrupt }) at DRIVER_OK
 //!   worker.stop()                                         at reset
+//!   worker.call(|handler| ...)                            device state changes
 //! ```
+//!
+//! `call` runs a closure on the worker thread, with the handler, between two
+//! drains, and returns once it ran: state the handler owns changes without a
+//! lock and in order with the requests (virtio-iommu's bypass bit and reset).
 //!
 //! While serving, every kick (and the start itself, for requests queued
 //! before it) calls the `QueueHandler` with a `Drain` of the queue. The
@@ -118,31 +123,37 @@ pub enum WorkerError {
     Gone(String),
 }
 
-enum Command {
+/// Work for the handler, run on the worker thread.
+type Call<H> = Box<dyn FnOnce(&mut H) + Send>;
+
+enum Command<H> {
     Serve(Serve),
     /// Acknowledged once the queue is dropped.
     Stop(Sender<()>),
+    /// Acknowledged once the closure ran.
+    Call(Call<H>, Sender<()>),
 }
 
-/// The device's handle on its worker thread.
-pub struct QueueWorker {
+/// The device's handle on its worker thread, whose handler is an `H`.
+pub struct QueueWorker<H> {
     name: String,
-    commands: Sender<Command>,
+    commands: Sender<Command<H>>,
     /// Wakes the worker when a command is queued.
     wake: EventFd,
     /// Tells a handler in the middle of a drain to stop popping chains.
     stopping: Arc<AtomicBool>,
 }
 
-impl QueueWorker {
+impl<H: QueueHandler> QueueWorker<H> {
     /// Starts the thread `name`. `on_start` runs first on it; if it fails,
-    /// the thread ends and `serve`/`stop` report `WorkerError::Gone`.
-    pub fn spawn<H: QueueHandler>(
+    /// the thread ends and `serve`, `stop` and `call` report
+    /// `WorkerError::Gone`.
+    pub fn spawn(
         name: &str,
         memory: Arc<GuestMemoryMmap>,
         handler: H,
         on_start: Box<dyn FnOnce() -> Result<(), String> + Send>,
-    ) -> io::Result<QueueWorker> {
+    ) -> io::Result<QueueWorker<H>> {
         let (commands, receiver) = channel();
         let wake = EventFd::new(EFD_NONBLOCK)?;
         let stopping = Arc::new(AtomicBool::new(false));
@@ -186,7 +197,15 @@ impl QueueWorker {
         result
     }
 
-    fn send(&self, command: Command) -> Result<(), WorkerError> {
+    /// Runs `f` on the worker thread with the handler, between drains;
+    /// returns once it ran.
+    pub fn call(&self, f: impl FnOnce(&mut H) + Send + 'static) -> Result<(), WorkerError> {
+        let (ack, acked) = channel();
+        self.send(Command::Call(Box::new(f), ack))?;
+        acked.recv().map_err(|_| self.gone())
+    }
+
+    fn send(&self, command: Command<H>) -> Result<(), WorkerError> {
         self.commands.send(command).map_err(|_| self.gone())?;
         self.wake.write(1).map_err(|_| self.gone())
     }
@@ -197,15 +216,15 @@ impl QueueWorker {
 }
 
 /// The worker thread's side.
-struct Thread {
-    commands: Receiver<Command>,
+struct Thread<H> {
+    commands: Receiver<Command<H>>,
     wake: EventFd,
     memory: Arc<GuestMemoryMmap>,
     stopping: Arc<AtomicBool>,
 }
 
-impl Thread {
-    fn run<H: QueueHandler>(self, mut handler: H) {
+impl<H: QueueHandler> Thread<H> {
+    fn run(self, mut handler: H) {
         let mut serving: Option<Serve> = None;
         loop {
             let mut fds = vec![pollfd(&self.wake)];
@@ -228,6 +247,10 @@ impl Thread {
                             // Dropping the queue is what "stopped" means.
                             serving = None;
                             started = false;
+                            let _ = ack.send(());
+                        }
+                        Command::Call(f, ack) => {
+                            f(&mut handler);
                             let _ = ack.send(());
                         }
                     }
@@ -310,7 +333,9 @@ mod tests {
 
     /// A worker whose handler answers each chain with length 7 and
     /// records the heads it saw.
-    fn worker(memory: &Arc<GuestMemoryMmap>) -> (QueueWorker, Arc<Mutex<Vec<u16>>>) {
+    fn worker(
+        memory: &Arc<GuestMemoryMmap>,
+    ) -> (QueueWorker<impl QueueHandler>, Arc<Mutex<Vec<u16>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let record = seen.clone();
         let handler = move |drain: &mut Drain<'_>| {
@@ -388,6 +413,33 @@ mod tests {
     }
 
     #[test]
+    fn calls_run_on_the_worker_with_the_handler_and_in_order() {
+        struct Counter(Vec<u32>);
+        impl QueueHandler for Counter {
+            fn serve(&mut self, _drain: &mut Drain<'_>) {}
+        }
+        let worker = QueueWorker::spawn(
+            "test-worker",
+            memory(),
+            Counter(vec![]),
+            Box::new(|| Ok(())),
+        )
+        .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        for i in 0..3 {
+            worker.call(move |c: &mut Counter| c.0.push(i)).unwrap();
+        }
+        let copy = seen.clone();
+        worker
+            .call(move |c: &mut Counter| {
+                *copy.lock().unwrap() = c.0.clone();
+                assert_eq!(std::thread::current().name(), Some("test-worker"));
+            })
+            .unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![0, 1, 2]);
+    }
+
+    #[test]
     fn a_worker_whose_start_failed_reports_that_it_is_gone() {
         let worker = QueueWorker::spawn(
             "test-worker",
@@ -398,5 +450,6 @@ mod tests {
         .unwrap();
         wait_until("the thread to end", || worker.stop().is_err());
         assert!(matches!(worker.stop(), Err(WorkerError::Gone(name)) if name == "test-worker"));
+        assert!(worker.call(|_| {}).is_err());
     }
 }
