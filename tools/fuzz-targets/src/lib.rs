@@ -37,6 +37,7 @@ pub mod input;
 pub mod pci;
 pub mod runner;
 pub mod vduse_net;
+pub mod virtio_iommu;
 pub mod virtio_mem;
 
 /// One fuzz target.
@@ -68,6 +69,11 @@ pub const TARGETS: &[Target] = &[
         name: "virtio_mem",
         run: virtio_mem::virtio_mem,
         about: "virtio-mem requests through a real split ring against a model of plugged blocks",
+    },
+    Target {
+        name: "virtio_iommu",
+        run: virtio_iommu::virtio_iommu,
+        about: "virtio-iommu requests through a real split ring over a recording vDPA device: engine and device agree after every drain",
     },
     Target {
         name: "dma",

@@ -26,6 +26,8 @@ struct ModelBackend {
     region: MemRegion,
     plugged: Mutex<Vec<bool>>,
     refuse: Mutex<bool>,
+    /// (plug?, blocks) per accepted call.
+    calls: Mutex<Vec<(bool, usize)>>,
 }
 
 impl ModelBackend {
@@ -64,6 +66,10 @@ impl ModelBackend {
             let (gpa, size) = ranges.first().copied().unwrap_or_default();
             return Err(TranslateError::NotRam { gpa, size }.into());
         }
+        self.calls
+            .lock()
+            .expect("not poisoned")
+            .push((plug, blocks.len()));
         for b in blocks {
             plugged[b] = plug;
         }
@@ -116,6 +122,12 @@ fn request(kind: u16, addr: u64, nb_blocks: u16) -> [u8; REQ_SIZE as usize] {
 }
 
 pub fn virtio_mem(data: &[u8]) {
+    run(data);
+}
+
+/// Runs the target; returns every plug and unplug the host side accepted,
+/// as (plug?, block count), for the seed test below.
+fn run(data: &[u8]) -> Vec<(bool, usize)> {
     let mut input = Input::new(data);
     let Ok(memory) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY as usize)])
     else {
@@ -132,6 +144,7 @@ pub fn virtio_mem(data: &[u8]) {
         region,
         plugged: Mutex::new(vec![false; (region.size / block) as usize]),
         refuse: Mutex::new(false),
+        calls: Mutex::new(Vec::new()),
     });
     let mut handler = RequestHandler::new(state.clone(), backend.clone());
     let mut ring = TestRing::new(RING, input.pick(&[1u16, 2, 4, 8, 16, 32]));
@@ -206,5 +219,19 @@ pub fn virtio_mem(data: &[u8]) {
                 );
             }
         }
+    }
+    let calls = backend.calls.lock().expect("not poisoned").clone();
+    calls
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seed_plugs_and_unplugs_through_the_ring() {
+        let seed = std::fs::read(crate::runner::corpus_dir("virtio_mem").join("plug-then-unplug"))
+            .expect("the seed");
+        assert_eq!(run(&seed), vec![(true, 4), (false, 2)]);
     }
 }

@@ -186,7 +186,7 @@ impl IommuHandle {
 struct Context {
     /// For drains run on the caller's thread (tests); the worker hands each
     /// drain its own guest memory.
-    #[cfg(test)]
+    #[cfg_attr(not(test), allow(dead_code))]
     memory: Arc<GuestMemoryMmap>,
     spaces: SharedSpaces,
     translate: Arc<dyn GuestTranslate>,
@@ -228,25 +228,8 @@ impl VirtioIommu {
         memory: Arc<GuestMemoryMmap>,
         on_start: Box<dyn FnOnce() -> Result<(), String> + Send>,
     ) -> Result<VirtioIommu, IommuError> {
-        let limits = limits(&config)?;
-        let mut endpoints: Vec<(u32, String)> = Vec::new();
-        for e in &config.endpoints {
-            if endpoints.iter().any(|(id, _)| *id == e.id) {
-                return Err(IommuError::DuplicateEndpoint(e.id));
-            }
-            endpoints.push((e.id, e.device.clone()));
-        }
-        let config_bytes = config_space(&limits);
-        let mut state = IommuState::new(&endpoints, config.bypass, limits, PROBE_SIZE);
-        {
-            let mut spaces = spaces.lock().unwrap_or_else(|p| p.into_inner());
-            state
-                .place_endpoints(&mut spaces)
-                .map_err(IommuError::Attach)?;
-        }
-        let state = Arc::new(Mutex::new(state));
+        let (state, config_bytes) = new_state(&config, &spaces)?;
         let context = Context {
-            #[cfg(test)]
             memory: memory.clone(),
             spaces,
             translate,
@@ -264,6 +247,77 @@ impl VirtioIommu {
     /// Shared with the VMM (memory unplug) and the control API.
     pub fn handle(&self) -> IommuHandle {
         self.handle.clone()
+    }
+}
+
+/// The IOMMU's state for `config`, its endpoints placed in `spaces`, and
+/// the read-only part of its config space.
+fn new_state(
+    config: &IommuConfig,
+    spaces: &SharedSpaces,
+) -> Result<(Arc<Mutex<IommuState>>, [u8; CFG_LEN]), IommuError> {
+    let limits = limits(config)?;
+    let mut endpoints: Vec<(u32, String)> = Vec::new();
+    for e in &config.endpoints {
+        if endpoints.iter().any(|(id, _)| *id == e.id) {
+            return Err(IommuError::DuplicateEndpoint(e.id));
+        }
+        endpoints.push((e.id, e.device.clone()));
+    }
+    let config_bytes = config_space(&limits);
+    let mut state = IommuState::new(&endpoints, config.bypass, limits, PROBE_SIZE);
+    {
+        let mut spaces = spaces.lock().unwrap_or_else(|p| p.into_inner());
+        state
+            .place_endpoints(&mut spaces)
+            .map_err(IommuError::Attach)?;
+    }
+    Ok((Arc::new(Mutex::new(state)), config_bytes))
+}
+
+/// The request queue's handler without a transport or a worker thread,
+/// for fuzz targets that drive it through a `Drain` (test-utils feature).
+/// It acks every feature, as a Linux driver does.
+#[cfg(feature = "test-utils")]
+pub struct RequestServer(Context);
+
+#[cfg(feature = "test-utils")]
+impl RequestServer {
+    pub fn new(
+        config: &IommuConfig,
+        spaces: SharedSpaces,
+        translate: Arc<dyn GuestTranslate>,
+        memory: Arc<GuestMemoryMmap>,
+    ) -> Result<(RequestServer, IommuHandle), IommuError> {
+        let (state, _) = new_state(config, &spaces)?;
+        let handle = IommuHandle { state };
+        handle.lock().set_acked(true, true, true);
+        let context = Context {
+            memory,
+            spaces,
+            translate,
+            state: handle.state.clone(),
+        };
+        Ok((RequestServer(context), handle))
+    }
+
+    /// What a device reset does to the state.
+    pub fn reset(&mut self) {
+        let _ = self.0.with_state(|spaces, state| state.reset(spaces));
+    }
+
+    /// What a write of the bypass bit does.
+    pub fn set_bypass(&mut self, bypass: bool) {
+        let _ = self
+            .0
+            .with_state(|spaces, state| state.set_bypass(spaces, bypass));
+    }
+}
+
+#[cfg(feature = "test-utils")]
+impl QueueHandler for RequestServer {
+    fn serve(&mut self, drain: &mut Drain<'_>) {
+        serve_drain(drain, &self.0)
     }
 }
 
