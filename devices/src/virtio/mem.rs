@@ -83,8 +83,6 @@ pub enum ResizeError {
     Unaligned { size: u64, block: u64 },
     #[error("size {size:#x} exceeds the hotplug region of {max:#x}")]
     TooLarge { size: u64, max: u64 },
-    #[error("a resize to {pending:#x} is still pending (plugged {plugged:#x})")]
-    Pending { pending: u64, plugged: u64 },
     #[error("the guest has not started its virtio-mem driver")]
     NoDriver,
 }
@@ -284,8 +282,8 @@ impl VirtioMem {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sets the size the guest should plug; the caller signals the config
-    /// change to the driver.
+    /// Sets the size the guest should plug, replacing any earlier target;
+    /// the caller signals the config change to the driver.
     pub fn request_size(&self, size: u64) -> Result<(), ResizeError> {
         let mut state = self.lock();
         let region = state.region;
@@ -304,13 +302,9 @@ impl VirtioMem {
         if !state.driver_active {
             return Err(ResizeError::NoDriver);
         }
-        let plugged = state.plugged_size();
-        if state.requested_size != plugged && state.requested_size != size {
-            return Err(ResizeError::Pending {
-                pending: state.requested_size,
-                plugged,
-            });
-        }
+        // A target the guest has not reached yet is simply replaced: the
+        // driver re-reads requested_size on the config change and works
+        // towards the newest one.
         state.requested_size = size;
         Ok(())
     }
@@ -647,11 +641,11 @@ mod tests {
             Err(ResizeError::TooLarge { .. })
         ));
         device.request_size(4 * BLOCK).unwrap();
-        assert!(matches!(
-            device.request_size(8 * BLOCK),
-            Err(ResizeError::Pending { .. })
-        ));
-        device.request_size(4 * BLOCK).unwrap();
+        // The guest has not reached 4 blocks: a new target replaces it.
+        device.request_size(8 * BLOCK).unwrap();
+        assert_eq!(device.lock().requested_size, 8 * BLOCK);
+        device.request_size(0).unwrap();
+        assert_eq!(device.lock().requested_size, 0);
     }
 
     /// Counts plug calls; each one waits for the test to let it finish.

@@ -16,12 +16,12 @@ pub fn corpus_dir(target: &str) -> PathBuf {
         .join(target)
 }
 
-/// The corpus inputs of `target`, sorted by file name (none if no directory).
-pub fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
-    let Ok(entries) = std::fs::read_dir(corpus_dir(target)) else {
-        return Vec::new();
-    };
-    let mut inputs: Vec<(String, Vec<u8>)> = entries
+/// The corpus of `target`: its files, sorted by name, then the seeds kept
+/// in code.
+pub fn corpus(target: &Target) -> Vec<(String, Vec<u8>)> {
+    let mut inputs: Vec<(String, Vec<u8>)> = std::fs::read_dir(corpus_dir(target.name))
+        .into_iter()
+        .flatten()
         .flatten()
         .filter(|e| e.path().is_file())
         .filter_map(|e| {
@@ -30,6 +30,13 @@ pub fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
         })
         .collect();
     inputs.sort();
+    inputs.extend(
+        target
+            .seeds
+            .iter()
+            .enumerate()
+            .map(|(i, seed)| (format!("seed #{i}"), seed.to_vec())),
+    );
     inputs
 }
 
@@ -160,7 +167,7 @@ pub fn run_bounded(
     seed: u64,
 ) -> Result<Summary, Finding> {
     let started = Instant::now();
-    let corpus = corpus(target.name);
+    let corpus = corpus(target);
     let mut summary = Summary::default();
     for (name, data) in &corpus {
         run_one(target, data).map_err(|message| Finding {

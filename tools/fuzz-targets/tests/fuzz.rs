@@ -36,8 +36,9 @@ fn every_target_survives_its_corpus_and_random_inputs() {
 fn every_target_has_a_corpus() {
     for target in TARGETS {
         assert!(
-            !fuzz_targets::runner::corpus(target.name).is_empty(),
-            "no seed inputs in {}",
+            !fuzz_targets::runner::corpus(target).is_empty(),
+            "no seed inputs for {} (none in {}, none in code)",
+            target.name,
             fuzz_targets::runner::corpus_dir(target.name).display()
         );
     }

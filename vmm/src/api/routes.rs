@@ -12,22 +12,33 @@ use devices::virtio::mem::ResizeError;
 
 /// How long PUT /memory waits for the guest by default.
 const DEFAULT_RESIZE_TIMEOUT: Duration = Duration::from_secs(60);
-const RESIZE_POLL: Duration = Duration::from_millis(10);
+/// The longest PUT /memory may wait (`timeout_ms` above it is refused):
+/// a client cannot hold its connection, or the request, open for longer.
+pub const MAX_RESIZE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Everything the API may look at or do.
 pub type ApiState = dyn VmControl;
 
-pub fn handle(state: &ApiState, request: &Request) -> Response {
-    match (request.method.as_str(), request.path.as_str()) {
+/// What a request leads to: an answer now, or a resize to watch until the
+/// guest gets there or its deadline passes.
+#[derive(Debug)]
+pub enum Outcome {
+    Answer(Response),
+    Resize(PendingResize),
+}
+
+pub fn handle(state: &ApiState, request: &Request) -> Outcome {
+    let answer = match (request.method.as_str(), request.path.as_str()) {
         ("GET", "/info") => Response::json(200, &info(state)),
         ("GET", "/counters") => Response::json(200, &counters(state)),
-        ("PUT", "/memory") => resize(state, &request.body),
+        ("PUT", "/memory") => return start_resize(state, &request.body),
         (_, "/info" | "/counters" | "/memory") => Response::error(
             405,
             format!("{} is not allowed on {}", request.method, request.path),
         ),
         (_, path) => Response::error(404, format!("no such resource: {path}")),
-    }
+    };
+    Outcome::Answer(answer)
 }
 
 fn hex(value: u64) -> String {
@@ -233,15 +244,31 @@ fn ranges(list: &[(u64, u64)]) -> Vec<Value> {
         .collect()
 }
 
-/// PUT /memory {"requested_size": SIZE[, "timeout_ms": N]}: asks the guest to
-/// plug or unplug until SIZE of hotplug memory is plugged, and waits for it.
-fn resize(state: &ApiState, body: &[u8]) -> Response {
-    if state.memory().is_none() {
-        return Response::error(409, MemoryRequestError::NoHotplug);
+/// A resize the guest is working on, watched by the client that asked.
+#[derive(Debug)]
+pub struct PendingResize {
+    size: u64,
+    started: Instant,
+    deadline: Instant,
+    /// The first transaction sequence number that belongs to this resize.
+    first_transaction: u64,
+}
+
+impl PendingResize {
+    pub fn deadline(&self) -> Instant {
+        self.deadline
     }
+}
+
+/// PUT /memory {"requested_size": SIZE[, "timeout_ms": N]}: asks the guest to
+/// plug or unplug until SIZE of hotplug memory is plugged. A new target
+/// replaces one the guest has not reached yet.
+fn start_resize(state: &ApiState, body: &[u8]) -> Outcome {
+    let refuse =
+        |status, reason: &dyn std::fmt::Display| Outcome::Answer(Response::error(status, reason));
     let request: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
-        Err(e) => return Response::error(400, format!("body is not JSON: {e}")),
+        Err(e) => return refuse(400, &format!("body is not JSON: {e}")),
     };
     let size = match &request["requested_size"] {
         Value::Number(n) => n.as_u64(),
@@ -249,50 +276,98 @@ fn resize(state: &ApiState, body: &[u8]) -> Response {
         _ => None,
     };
     let Some(size) = size else {
-        return Response::error(
+        return refuse(
             400,
-            "requested_size must be a byte count or a size like \"512M\"",
+            &"requested_size must be a byte count or a size like \"512M\"",
         );
     };
-    let timeout = request["timeout_ms"]
-        .as_u64()
-        .map_or(DEFAULT_RESIZE_TIMEOUT, Duration::from_millis);
+    let timeout = match &request["timeout_ms"] {
+        Value::Null => DEFAULT_RESIZE_TIMEOUT,
+        value => match value.as_u64().map(Duration::from_millis) {
+            Some(timeout) if timeout <= MAX_RESIZE_TIMEOUT => timeout,
+            _ => {
+                return refuse(
+                    400,
+                    &format!(
+                        "timeout_ms must be a whole number of milliseconds, at most {}",
+                        MAX_RESIZE_TIMEOUT.as_millis()
+                    ),
+                )
+            }
+        },
+    };
+    if state.memory().is_none() {
+        return refuse(409, &MemoryRequestError::NoHotplug);
+    }
     let started = Instant::now();
-    let first = state.transactions().last().map_or(0, |t| t.sequence) + 1;
+    let first_transaction = state.transactions().last().map_or(0, |t| t.sequence) + 1;
     if let Err(e) = state.request_memory(size) {
         let status = match e {
-            MemoryRequestError::NoHotplug
-            | MemoryRequestError::Resize(ResizeError::Pending { .. } | ResizeError::NoDriver) => {
+            MemoryRequestError::NoHotplug | MemoryRequestError::Resize(ResizeError::NoDriver) => {
                 409
             }
             MemoryRequestError::Resize(_) => 400,
         };
-        return Response::error(status, e);
+        return refuse(status, &e);
     }
-    let plugged_size = || state.memory().map_or(0, |m| m.plugged_size);
-    let plugged = loop {
-        let plugged = plugged_size();
-        if plugged == size || started.elapsed() >= timeout {
-            break plugged;
-        }
-        std::thread::sleep(RESIZE_POLL);
+    Outcome::Resize(PendingResize {
+        size,
+        started,
+        deadline: started + timeout,
+        first_transaction,
+    })
+}
+
+/// The answer to `pending` once the guest has reached its size, when its
+/// deadline has passed (`now`), or when `superseded_by` a newer target.
+pub fn poll_resize(
+    state: &ApiState,
+    pending: &PendingResize,
+    now: Instant,
+    superseded_by: Option<u64>,
+) -> Option<Response> {
+    let plugged = state.memory().map_or(0, |m| m.plugged_size);
+    let done = plugged == pending.size;
+    let stopped = if done {
+        Value::Null
+    } else if let Some(newer) = superseded_by {
+        json!(format!(
+            "replaced by a newer request for {newer} bytes; {plugged} of the {} requested were plugged then",
+            pending.size
+        ))
+    } else if now >= pending.deadline {
+        json!(format!(
+            "timed out after {} ms with {plugged} of the {} requested bytes plugged; the guest \
+             may refuse, or plug in coarser steps than the block size; the target stays until \
+             a new request replaces it",
+            (pending.deadline - pending.started).as_millis(),
+            pending.size
+        ))
+    } else {
+        return None;
     };
     let transactions: Vec<Value> = state
         .transactions()
         .iter()
-        .filter(|t| t.sequence >= first && is_hotplug(t))
+        .filter(|t| t.sequence >= pending.first_transaction && is_hotplug(t))
         .map(transaction)
         .collect();
-    Response::json(
+    Some(Response::json(
         200,
         &json!({
-            "requested_size": size,
+            "requested_size": pending.size,
             "plugged_size": plugged,
-            "done": plugged == size,
-            "elapsed_ms": started.elapsed().as_millis() as u64,
+            "done": done,
+            "stopped": stopped,
+            "elapsed_ms": now.saturating_duration_since(pending.started).as_millis() as u64,
             "transactions": transactions,
         }),
-    )
+    ))
+}
+
+/// The target size `pending` asked for.
+pub fn resize_target(pending: &PendingResize) -> u64 {
+    pending.size
 }
 
 fn counters(state: &ApiState) -> Value {

@@ -79,9 +79,8 @@ pub fn add_virtio_iommu(
         domain_range: DOMAIN_RANGE,
         bypass: BYPASS_AT_RESET,
     };
-    // The same needs as virtio-mem's worker: serve a queue, program IOTLBs.
     let filter = match use_seccomp {
-        true => Some(seccomp::filter(ThreadKind::Hotplug)?),
+        true => Some(seccomp::filter(ThreadKind::DeviceWorker)?),
         false => None,
     };
     let install = Box::new(move || match filter {

@@ -60,7 +60,7 @@ pub fn add_virtio_mem(
     let backend =
         Arc::new(DmaHotplug::new(ram.clone(), spaces, geometry.addr, file).with_iommu(iommu));
     let filter = match use_seccomp {
-        true => Some(seccomp::filter(ThreadKind::Hotplug)?),
+        true => Some(seccomp::filter(ThreadKind::DeviceWorker)?),
         false => None,
     };
     let install = Box::new(move || match filter {

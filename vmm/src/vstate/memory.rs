@@ -86,7 +86,7 @@ pub struct RamRange {
 
 impl RamRange {
     pub fn end(&self) -> u64 {
-        self.start + self.size
+        self.start.saturating_add(self.size)
     }
 }
 
@@ -104,6 +104,23 @@ pub fn ram_ranges(size: u64) -> Vec<RamRange> {
         });
     }
     ranges
+}
+
+/// Where the hotplug region starts above `boot` bytes of RAM.
+pub fn hotplug_start(boot: u64) -> Option<u64> {
+    let top = ram_ranges(boot).last().map_or(0, RamRange::end);
+    top.max(MMIO_HOLE_END)
+        .checked_next_multiple_of(HOTPLUG_ALIGN)
+}
+
+/// The first guest-physical address above all RAM, boot and hotplug;
+/// `None` if it does not fit in 64 bits. Everything below it must stay
+/// clear of device windows.
+pub fn ram_end(boot: u64, hotplug: u64) -> Option<u64> {
+    match hotplug {
+        0 => ram_ranges(boot).last().map(RamRange::end),
+        size => hotplug_start(boot)?.checked_add(size),
+    }
 }
 
 /// Guest-physical room for memory plugged at run time, with its own memfd
@@ -142,6 +159,7 @@ impl GuestRam {
         };
         let top = ram.ranges.iter().map(RamRange::end).max().unwrap_or(0);
         let addr = top.max(MMIO_HOLE_END).next_multiple_of(HOTPLUG_ALIGN);
+        debug_assert_eq!(Some(addr), hotplug_start(size));
         let file = create_memfd("microvm-hotplug-ram")?;
         file.set_len(hotplug_size)
             .map_err(|source| MemoryError::Resize {
