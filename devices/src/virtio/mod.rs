@@ -7,6 +7,9 @@
 pub mod iommu;
 pub mod mem;
 pub mod pci;
+pub mod queue_worker;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_ring;
 pub mod vdpa_net;
 
 use std::io;

@@ -470,23 +470,26 @@ impl VirtioDevice for VdpaNet {
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        let end = offset + data.len() as u64;
-        if end <= u64::from(self.config_size) {
+        let end = offset.checked_add(data.len() as u64);
+        if end.is_some_and(|end| end <= u64::from(self.config_size)) {
             // A failed read leaves zeros; the guest sees an odd config, not a crash.
             let _ = self.vhost.get_config(offset as u32, data);
         }
         if let Some(mac) = self.mac {
             for (i, byte) in data.iter_mut().enumerate() {
-                let at = offset + i as u64;
-                if (CONFIG_MAC..CONFIG_MAC + 6).contains(&at) {
-                    *byte = mac[(at - CONFIG_MAC) as usize];
+                let at = offset.checked_add(i as u64);
+                if let Some(m) = at.and_then(|at| at.checked_sub(CONFIG_MAC)) {
+                    if let Some(value) = usize::try_from(m).ok().and_then(|m| mac.get(m)) {
+                        *byte = *value;
+                    }
                 }
             }
         }
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        if offset + data.len() as u64 <= u64::from(self.config_size) {
+        let end = offset.checked_add(data.len() as u64);
+        if end.is_some_and(|end| end <= u64::from(self.config_size)) {
             let _ = self.vhost.set_config(offset as u32, data);
         }
     }

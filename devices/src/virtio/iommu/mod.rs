@@ -23,14 +23,13 @@ mod tests;
 
 use std::io;
 use std::ops::RangeInclusive;
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::queue_worker::{Drain, QueueHandler, QueueWorker, Serve};
 use super::*;
 use crate::dma::{DmaSpaces, GuestTranslate, SharedSpaces, SpaceError};
 
@@ -182,21 +181,12 @@ impl IommuHandle {
     }
 }
 
-/// What the device tells its worker thread.
-enum Command {
-    Serve {
-        queue: Queue,
-        kick: EventFd,
-        interrupt: Arc<dyn VirtioInterrupt>,
-    },
-    /// Device reset: stop serving, forget every domain.
-    Reset,
-    /// The driver wrote the bypass bit.
-    Bypass(bool),
-}
-
-/// What the worker needs besides its commands.
+/// What the worker needs to serve requests: the request queue's handler
+/// (see `queue_worker`), which also applies resets and the bypass bit.
 struct Context {
+    /// For drains run on the caller's thread (tests); the worker hands each
+    /// drain its own guest memory.
+    #[cfg_attr(not(test), allow(dead_code))]
     memory: Arc<GuestMemoryMmap>,
     spaces: SharedSpaces,
     translate: Arc<dyn GuestTranslate>,
@@ -212,12 +202,17 @@ impl Context {
     }
 }
 
+impl QueueHandler for Context {
+    fn serve(&mut self, drain: &mut Drain<'_>) {
+        serve_drain(drain, self)
+    }
+}
+
 pub struct VirtioIommu {
     handle: IommuHandle,
     config: [u8; CFG_LEN],
-    commands: Sender<Command>,
-    /// Wakes the worker when a command is queued.
-    wake: EventFd,
+    /// The thread serving the request queue.
+    worker: QueueWorker<Context>,
 }
 
 impl VirtioIommu {
@@ -233,47 +228,19 @@ impl VirtioIommu {
         memory: Arc<GuestMemoryMmap>,
         on_start: Box<dyn FnOnce() -> Result<(), String> + Send>,
     ) -> Result<VirtioIommu, IommuError> {
-        let limits = limits(&config)?;
-        let mut endpoints: Vec<(u32, String)> = Vec::new();
-        for e in &config.endpoints {
-            if endpoints.iter().any(|(id, _)| *id == e.id) {
-                return Err(IommuError::DuplicateEndpoint(e.id));
-            }
-            endpoints.push((e.id, e.device.clone()));
-        }
-        let config_bytes = config_space(&limits);
-        let mut state = IommuState::new(&endpoints, config.bypass, limits, PROBE_SIZE);
-        {
-            let mut spaces = spaces.lock().unwrap_or_else(|p| p.into_inner());
-            state
-                .place_endpoints(&mut spaces)
-                .map_err(IommuError::Attach)?;
-        }
-        let state = Arc::new(Mutex::new(state));
-        let (commands, receiver) = channel();
-        let wake = EventFd::new(EFD_NONBLOCK).map_err(IommuError::Io)?;
-        let worker_wake = wake.try_clone().map_err(IommuError::Io)?;
+        let (state, config_bytes) = new_state(&config, &spaces)?;
         let context = Context {
-            memory,
+            memory: memory.clone(),
             spaces,
             translate,
             state: state.clone(),
         };
-        std::thread::Builder::new()
-            .name("virtio-iommu".into())
-            .spawn(move || {
-                if let Err(e) = on_start() {
-                    eprintln!("microvm: virtio-iommu disabled: {e}");
-                    return;
-                }
-                worker(receiver, worker_wake, context)
-            })
+        let worker = QueueWorker::spawn("virtio-iommu", memory, context, on_start)
             .map_err(IommuError::Io)?;
         Ok(VirtioIommu {
             handle: IommuHandle { state },
             config: config_bytes,
-            commands,
-            wake,
+            worker,
         })
     }
 
@@ -281,11 +248,76 @@ impl VirtioIommu {
     pub fn handle(&self) -> IommuHandle {
         self.handle.clone()
     }
+}
 
-    fn send(&self, command: Command) {
-        // The worker only stops with the process; a send cannot fail before.
-        let _ = self.commands.send(command);
-        let _ = self.wake.write(1);
+/// The IOMMU's state for `config`, its endpoints placed in `spaces`, and
+/// the read-only part of its config space.
+fn new_state(
+    config: &IommuConfig,
+    spaces: &SharedSpaces,
+) -> Result<(Arc<Mutex<IommuState>>, [u8; CFG_LEN]), IommuError> {
+    let limits = limits(config)?;
+    let mut endpoints: Vec<(u32, String)> = Vec::new();
+    for e in &config.endpoints {
+        if endpoints.iter().any(|(id, _)| *id == e.id) {
+            return Err(IommuError::DuplicateEndpoint(e.id));
+        }
+        endpoints.push((e.id, e.device.clone()));
+    }
+    let config_bytes = config_space(&limits);
+    let mut state = IommuState::new(&endpoints, config.bypass, limits, PROBE_SIZE);
+    {
+        let mut spaces = spaces.lock().unwrap_or_else(|p| p.into_inner());
+        state
+            .place_endpoints(&mut spaces)
+            .map_err(IommuError::Attach)?;
+    }
+    Ok((Arc::new(Mutex::new(state)), config_bytes))
+}
+
+/// The request queue's handler without a transport or a worker thread,
+/// for fuzz targets that drive it through a `Drain` (test-utils feature).
+/// It acks every feature, as a Linux driver does.
+#[cfg(feature = "test-utils")]
+pub struct RequestServer(Context);
+
+#[cfg(feature = "test-utils")]
+impl RequestServer {
+    pub fn new(
+        config: &IommuConfig,
+        spaces: SharedSpaces,
+        translate: Arc<dyn GuestTranslate>,
+        memory: Arc<GuestMemoryMmap>,
+    ) -> Result<(RequestServer, IommuHandle), IommuError> {
+        let (state, _) = new_state(config, &spaces)?;
+        let handle = IommuHandle { state };
+        handle.lock().set_acked(true, true, true);
+        let context = Context {
+            memory,
+            spaces,
+            translate,
+            state: handle.state.clone(),
+        };
+        Ok((RequestServer(context), handle))
+    }
+
+    /// What a device reset does to the state.
+    pub fn reset(&mut self) {
+        let _ = self.0.with_state(|spaces, state| state.reset(spaces));
+    }
+
+    /// What a write of the bypass bit does.
+    pub fn set_bypass(&mut self, bypass: bool) {
+        let _ = self
+            .0
+            .with_state(|spaces, state| state.set_bypass(spaces, bypass));
+    }
+}
+
+#[cfg(feature = "test-utils")]
+impl QueueHandler for RequestServer {
+    fn serve(&mut self, drain: &mut Drain<'_>) {
+        serve_drain(drain, &self.0)
     }
 }
 
@@ -341,7 +373,12 @@ impl VirtioDevice for VirtioIommu {
             return;
         };
         if let Some(value) = usize::try_from(at).ok().and_then(|i| data.get(i)) {
-            self.send(Command::Bypass(value & 1 != 0));
+            let bypass = value & 1 != 0;
+            // On the worker, in order with the requests. It fails only if the
+            // worker never started, and then no request is served either.
+            let _ = self.worker.call(move |context: &mut Context| {
+                let _ = context.with_state(|spaces, state| state.set_bypass(spaces, bypass));
+            });
         }
     }
 
@@ -376,96 +413,34 @@ impl VirtioDevice for VirtioIommu {
             features & VIRTIO_IOMMU_F_BYPASS_CONFIG != 0,
             features & VIRTIO_IOMMU_F_PROBE != 0,
         );
-        self.send(Command::Serve {
-            queue,
-            kick,
-            interrupt: activation.interrupt,
-        });
-        Ok(())
+        self.worker
+            .serve(Serve {
+                queue,
+                index: REQUEST_QUEUE,
+                kick,
+                interrupt: activation.interrupt,
+            })
+            .map_err(|e| ActivateError::Backend(Box::new(e)))
     }
 
     fn reset(&mut self) {
-        self.send(Command::Reset);
-    }
-}
-
-/// Waits for readability of `fds`; false if polling failed.
-fn wait_readable(fds: &mut [libc::pollfd]) -> bool {
-    loop {
-        // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd
-        // structs, and its length is passed along.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if ready >= 0 {
-            return true;
-        }
-        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return false;
-        }
-    }
-}
-
-fn pollfd(fd: &EventFd) -> libc::pollfd {
-    libc::pollfd {
-        fd: std::os::fd::AsRawFd::as_raw_fd(fd),
-        events: libc::POLLIN,
-        revents: 0,
-    }
-}
-
-type Serving = (Queue, EventFd, Arc<dyn VirtioInterrupt>);
-
-/// The worker: applies config changes and resets, and serves the request
-/// queue on each kick while the driver runs.
-fn worker(commands: Receiver<Command>, wake: EventFd, context: Context) {
-    let mut serving: Option<Serving> = None;
-    loop {
-        let mut fds = vec![pollfd(&wake)];
-        if let Some((_, kick, _)) = &serving {
-            fds.push(pollfd(kick));
-        }
-        if !wait_readable(&mut fds) {
-            return;
-        }
-        let mut kicked = fds.get(1).is_some_and(|f| f.revents != 0);
-        if fds[0].revents != 0 {
-            let _ = wake.read();
-            while let Ok(command) = commands.try_recv() {
-                match command {
-                    Command::Serve {
-                        queue,
-                        kick,
-                        interrupt,
-                    } => {
-                        serving = Some((queue, kick, interrupt));
-                        // Requests may be waiting already.
-                        kicked = true;
-                    }
-                    Command::Reset => {
-                        serving = None;
-                        let _ = context.with_state(|spaces, state| state.reset(spaces));
-                    }
-                    Command::Bypass(bypass) => {
-                        let _ =
-                            context.with_state(|spaces, state| state.set_bypass(spaces, bypass));
-                    }
-                }
-            }
-        }
-        if let (true, Some((queue, kick, interrupt))) = (kicked, serving.as_mut()) {
-            let _ = kick.read();
-            serve_queue(queue, &context, interrupt.as_ref());
-        }
+        // Returns once the worker let go of the old ring and every domain
+        // is gone. Both fail only if the worker never started.
+        let _ = self.worker.stop();
+        let _ = self.worker.call(|context: &mut Context| {
+            let _ = context.with_state(|spaces, state| state.reset(spaces));
+        });
     }
 }
 
 /// One drain: every available chain, one plan, then every reply.
-fn serve_queue(queue: &mut Queue, context: &Context, interrupt: &dyn VirtioInterrupt) {
+fn serve_drain(drain: &mut Drain<'_>, context: &Context) {
     let started = Instant::now();
-    let memory = context.memory.as_ref();
+    let memory = drain.memory();
     let mut heads = Vec::new();
     let mut requests = Vec::new();
     let mut writable = Vec::new();
-    while let Some(chain) = queue.pop_descriptor_chain(memory) {
+    while let Some(chain) = drain.next_chain() {
         heads.push(chain.head_index());
         let (request, segments) = read_chain(chain, memory);
         requests.push(request);
@@ -484,9 +459,19 @@ fn serve_queue(queue: &mut Queue, context: &Context, interrupt: &dyn VirtioInter
             }
             _ => 0,
         };
-        let _ = queue.add_used(memory, head, used);
+        drain.add_used(head, used);
     }
-    let _ = interrupt.signal_queue(REQUEST_QUEUE);
+}
+
+/// One drain of `queue` on the caller's thread, and its interrupt (tests).
+#[cfg(test)]
+fn serve_queue(queue: &mut Queue, context: &Context, interrupt: &dyn VirtioInterrupt) {
+    let memory = context.memory.clone();
+    let mut drain = Drain::new(queue, &memory);
+    serve_drain(&mut drain, context);
+    if drain.used() {
+        let _ = interrupt.signal_queue(REQUEST_QUEUE);
+    }
 }
 
 /// A chain's request bytes (at most [`MAX_READABLE`] are read) and its

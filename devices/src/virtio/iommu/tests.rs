@@ -1437,8 +1437,14 @@ fn the_worker_serves_kicks_after_activation_and_resets() {
     assert_eq!(device.handle().counters().drains, 1);
     assert_eq!(device.handle().snapshot().domains.len(), 1);
 
-    // Reset: the domain goes, the endpoint is back in bypass.
+    // Reset: the domain goes, the endpoint is back in bypass, before reset
+    // returns (the worker applies it, synchronously).
     device.reset();
+    assert!(device.handle().snapshot().domains.is_empty());
+    assert_eq!(
+        spaces.lock().unwrap().space_of("net0").unwrap(),
+        Some(SpaceId::IDENTITY)
+    );
     wait("reset applied", &|| {
         spaces.lock().unwrap().space_of("net0").unwrap() == Some(SpaceId::IDENTITY)
     });
