@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use e2e::{Assets, MicrovmRun, Outcome, Scenario};
+use e2e::{base64, Assets, MicrovmRun, Outcome, Scenario, DEBUG_MICROVM};
 
 const MIB: u64 = 1024;
 
@@ -25,6 +25,10 @@ fn scenarios() -> Vec<Scenario> {
 
     let mut reboot = MicrovmRun::new(1, "256M");
     reboot.guest_cmd = Some("reboot -f".into());
+
+    let mut debug_two_cpus = MicrovmRun::new(2, "512M");
+    debug_two_cpus.binary = DEBUG_MICROVM;
+    debug_two_cpus.guest_cmd = Some("echo hello-from-the-guest; exit 7".into());
 
     vec![
         Scenario {
@@ -50,7 +54,55 @@ fn scenarios() -> Vec<Scenario> {
             name: "reboot",
             script: reboot.script(),
         },
+        Scenario {
+            name: "debug_two_cpus",
+            script: debug_two_cpus.script(),
+        },
+        Scenario {
+            name: "debug_api_hotplug",
+            script: debug_api_hotplug_script(),
+        },
     ]
+}
+
+/// The debug build with the API and a hotplug worker: every thread kind
+/// runs under its filter while the API is used and memory is plugged.
+/// The first resize (130M) cannot be reached exactly (the guest plugs in
+/// 4 MiB sub-blocks) and must end at its timeout saying where it stopped;
+/// the next one (192M) must not be refused because of it.
+fn debug_api_hotplug_script() -> String {
+    let guest = "base=$(sed -n 's/^MemTotal: *\\([0-9]*\\).*/\\1/p' /proc/meminfo)
+i=0
+while [ $i -lt 240 ]; do
+  now=$(sed -n 's/^MemTotal: *\\([0-9]*\\).*/\\1/p' /proc/meminfo)
+  [ $((now - base)) -ge $((180 * 1024)) ] && break
+  sleep 0.5; i=$((i+1))
+done
+echo guest-memtotal-grew-by=$((now - base))";
+    let cmd = base64(guest.as_bytes());
+    format!(
+        r#"{DEBUG_MICROVM} --kernel "$MICROVM_GUEST_KERNEL" --initramfs "$MICROVM_GUEST_INITRAMFS" --cpus 2 \
+  --memory size=256M,hotplug=256M --api-socket /tmp/debug-api.sock \
+  --cmdline "console=ttyS0 reboot=k panic=1 microvm.cmd={cmd}" >/tmp/debug-console.log 2>/tmp/debug-microvm.err &
+MV=$!
+i=0; until grep -q "microvm-guest: ready" /tmp/debug-console.log; do i=$((i+1)); if [ $i -gt 900 ] || ! kill -0 $MV 2>/dev/null; then break; fi; sleep 0.2; done
+ls -l /tmp/debug-api.sock | cut -c1-10 | sed 's/^/socket-mode=/'
+microvm-ctl --socket /tmp/debug-api.sock info >/dev/null; echo "info-exit=$?"
+printf 'GET / HTTP/1.1
+Content-Length: +5
+
+hello' | microvm-ctl --socket /tmp/debug-api.sock send-raw | head -1
+echo
+microvm-ctl --socket /tmp/debug-api.sock memory-resize 130M --timeout 10 >/tmp/r1.out 2>/tmp/r1.err; echo "resize-130M-exit=$?"
+cat /tmp/r1.err
+microvm-ctl --socket /tmp/debug-api.sock memory-resize 192M --timeout 120 >/tmp/r2.out 2>/tmp/r2.err; echo "resize-192M-exit=$?"
+grep '"done"' /tmp/r2.out; cat /tmp/r2.err
+microvm-ctl --socket /tmp/debug-api.sock counters >/dev/null; echo "counters-exit=$?"
+wait $MV; echo "microvm-exit=$?"
+echo "--- microvm stderr"; cat /tmp/debug-microvm.err
+echo "--- console"; cat /tmp/debug-console.log
+"#
+    )
 }
 
 struct Run {
@@ -165,4 +217,52 @@ fn guest_reboot_ends_the_vmm_with_status_zero() {
         None,
         "reboot -f does not return\n{outcome}"
     );
+}
+
+#[test]
+fn the_debug_build_boots_and_powers_off_under_its_seccomp_filters() {
+    let outcome = assert_booted("debug_two_cpus", 2, 400, 512);
+    assert!(outcome.stdout.contains("hello-from-the-guest"), "{outcome}");
+    assert_eq!(outcome.cmd_exit(), Some(7), "{outcome}");
+    assert!(!outcome.stderr.contains("seccomp"), "{outcome}");
+}
+
+fn debug_api_hotplug() -> &'static Outcome {
+    let outcome = outcome("debug_api_hotplug");
+    assert!(
+        outcome.stdout.contains("microvm-exit=0"),
+        "the debug VMM must survive the API and hotplug and exit 0 at poweroff\n{outcome}"
+    );
+    assert!(!outcome.stdout.contains("seccomp refused"), "{outcome}");
+    outcome
+}
+
+#[test]
+fn the_debug_build_serves_the_api_and_plugs_memory_under_its_seccomp_filters() {
+    let outcome = debug_api_hotplug();
+    let out = &outcome.stdout;
+    assert!(out.contains("socket-mode=srw-------"), "{outcome}");
+    assert!(out.contains("info-exit=0"), "{outcome}");
+    assert!(
+        out.contains("HTTP/1.1 400"),
+        "Content-Length: +5\n{outcome}"
+    );
+    assert!(out.contains("counters-exit=0"), "{outcome}");
+    assert!(
+        out.contains("guest-memtotal-grew-by="),
+        "the guest saw its memory grow\n{outcome}"
+    );
+}
+
+#[test]
+fn a_resize_the_guest_cannot_reach_ends_at_its_timeout_and_the_next_one_proceeds() {
+    let outcome = debug_api_hotplug();
+    let out = &outcome.stdout;
+    assert!(out.contains("resize-130M-exit=1"), "{outcome}");
+    assert!(
+        out.contains("did not reach the requested size: timed out after 10000 ms with 134217728 of the 136314880 requested bytes plugged"),
+        "{outcome}"
+    );
+    assert!(out.contains("resize-192M-exit=0"), "{outcome}");
+    assert!(out.contains("\"done\": true"), "{outcome}");
 }

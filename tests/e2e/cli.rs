@@ -159,3 +159,37 @@ fn command_line_too_long() {
         "accepts at most 2047",
     );
 }
+
+#[test]
+fn a_key_given_twice_in_an_option() {
+    refuse(
+        &[
+            "--kernel",
+            "/nonexistent",
+            "--memory",
+            "size=512M,hotplug=1G,block=4M,block=2M",
+        ],
+        "'block' is given more than once",
+    );
+}
+
+#[test]
+fn a_mac_byte_with_a_sign() {
+    refuse(
+        &[
+            "--kernel",
+            "/nonexistent",
+            "--net",
+            "vdpa=/dev/vhost-vdpa-0,mac=+1:22:33:44:55:66",
+        ],
+        "malformed MAC address",
+    );
+}
+
+#[test]
+fn a_serial_cap_of_zero() {
+    refuse(
+        &["--kernel", "/nonexistent", "--serial", "file=/tmp/x,max=0"],
+        "malformed serial option",
+    );
+}

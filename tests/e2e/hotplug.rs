@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-use e2e::{base64, SectionedRun};
+use e2e::{base64, hex, iotlb_dump, merged, SectionedRun};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -113,32 +113,13 @@ fn json(name: &str) -> Value {
     run().json(name)
 }
 
-fn hex(text: &str) -> u64 {
-    u64::from_str_radix(text.trim_start_matches("0x"), 16)
-        .unwrap_or_else(|_| panic!("not hex: {text}"))
-}
-
-/// Merges adjacent [start, end) ranges.
-fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    ranges.sort();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (start, end) in ranges {
-        match out.last_mut() {
-            Some(last) if last.1 == start => last.1 = end,
-            _ => out.push((start, end)),
-        }
-    }
-    out
-}
-
-/// The device's IOTLB from vduse-net's dump, as [start, end) ranges.
+/// The device's IOTLB from vduse-net's dump; every entry read-write.
 fn dump_ranges(dump: &str) -> Vec<(u64, u64)> {
-    dump.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            assert_eq!(fields.get(2), Some(&"rw"), "{line}");
-            (hex(fields[0]), hex(fields[1]) + 1)
+    iotlb_dump(dump)
+        .into_iter()
+        .map(|(range, perm)| {
+            assert_eq!(perm, "rw", "{dump}");
+            range
         })
         .collect()
 }

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use e2e::{base64, SectionedRun};
+use e2e::{base64, SectionedRun, DEBUG_MICROVM};
 use serde_json::Value;
 
 const GUEST_IP: &str = "192.0.2.2";
@@ -32,10 +32,28 @@ nc -l -p 5000 >/dev/null
     )
 }
 
+/// The debug build's guest: the vCPU thread starts the device (duplicating
+/// and dropping descriptors), resets and restarts it, the VMM thread ends
+/// at poweroff.
+fn debug_guest_script() -> String {
+    format!(
+        "up() {{ ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0; }}
+up
+ping -c 3 -W 2 {HOST_IP}
+echo 0000:00:01.0 > /sys/bus/pci/drivers/virtio-pci/unbind
+echo 0000:00:01.0 > /sys/bus/pci/drivers/virtio-pci/bind
+sleep 1
+up
+ping -c 4 -W 2 {HOST_IP}
+"
+    )
+}
+
 /// The host side: device, VMM, and a look at the device and the API at
 /// each phase. Sections are printed as `@@section name`.
 fn host_script() -> String {
     let cmd = base64(guest_script().as_bytes());
+    let debug_cmd = base64(debug_guest_script().as_bytes());
     format!(
         r#"vduse-net --name net0 --tap tap0 --iotlb-dump /tmp/iotlb >/tmp/vduse.out 2>/tmp/vduse.err &
 VD=$!
@@ -64,6 +82,12 @@ echo go | nc {GUEST_IP} 5000
 wait $MV; echo "@@section microvm-exit"; echo $?
 echo "@@section microvm-stderr"; cat /tmp/microvm.err
 echo "@@section console"; cat /tmp/console.log
+{DEBUG_MICROVM} --kernel "$MICROVM_GUEST_KERNEL" --initramfs "$MICROVM_GUEST_INITRAMFS" --cpus 2 --memory size=256M \
+  --net vdpa=/dev/vhost-vdpa-0 --api-socket /tmp/debug-api.sock \
+  --cmdline "console=ttyS0 reboot=k panic=1 quiet microvm.cmd={debug_cmd}" >/tmp/debug-console.log 2>/tmp/debug.err
+rc=$?; echo "@@section debug-exit"; echo $rc
+echo "@@section debug-stderr"; cat /tmp/debug.err
+echo "@@section debug-console"; cat /tmp/debug-console.log
 echo "@@section not-vdpa"
 microvm --kernel "$MICROVM_GUEST_KERNEL" --net vdpa=/dev/null 2>&1; echo "exit=$?"
 microvm --kernel "$MICROVM_GUEST_KERNEL" --net vdpa=/dev/vhost-vdpa-99 2>&1; echo "exit=$?"
@@ -204,4 +228,24 @@ fn a_path_that_is_not_a_vhost_vdpa_net_device_is_refused() {
     );
     assert!(text.contains("cannot open '/dev/vhost-vdpa-99'"), "{text}");
     assert_eq!(text.matches("exit=1").count(), 2, "{text}");
+}
+
+#[test]
+fn the_debug_build_runs_the_net_device_through_a_reset_under_its_seccomp_filters() {
+    let console = section("debug-console");
+    assert_eq!(
+        section("debug-exit").trim(),
+        "0",
+        "{}\n{console}",
+        section("debug-stderr")
+    );
+    assert!(!section("debug-stderr").contains("seccomp"));
+    assert!(
+        ping_summary(console, 3).contains("3 packets received, 0% packet loss"),
+        "{console}"
+    );
+    assert!(
+        ping_summary(console, 4).contains("4 packets received, 0% packet loss"),
+        "{console}"
+    );
 }

@@ -97,7 +97,9 @@ impl std::fmt::Display for Outcome {
 }
 
 /// Runs every scenario in one test host and returns their outcomes by name,
-/// plus the test host's whole output for diagnostics.
+/// plus the test host's whole output for diagnostics. A scenario's stdout
+/// also streams as `@@live` lines while it runs, so a scenario that hangs
+/// until the test host's timeout still shows how far it got.
 pub fn run_in_test_host(
     scenarios: &[Scenario],
     timeout_secs: u32,
@@ -117,8 +119,9 @@ pub fn run_in_test_host_with_peers(
         "set +e\n\
          scenario() {\n\
            echo \"@@begin $1\"\n\
-           sh -c \"$2\" >/tmp/scenario.out 2>/tmp/scenario.err </dev/null\n\
-           rc=$?\n\
+           { sh -c \"$2\" 2>/tmp/scenario.err </dev/null; echo $? >/tmp/scenario.rc; } \
+             | tee /tmp/scenario.out | while IFS= read -r l; do echo \"@@live $l\"; done\n\
+           rc=$(cat /tmp/scenario.rc)\n\
            echo \"@@stdout $1\"; cat /tmp/scenario.out\n\
            echo \"@@stderr $1\"; cat /tmp/scenario.err\n\
            echo \"@@end $1 rc=$rc\"\n\
@@ -263,6 +266,38 @@ pub fn shell_quote(text: &str) -> String {
 }
 
 /// Standard base64, as the guest's `microvm.cmd=` expects.
+/// A `0x`-prefixed hexadecimal number from a log or the API.
+pub fn hex(text: &str) -> u64 {
+    u64::from_str_radix(text.trim().trim_start_matches("0x"), 16)
+        .unwrap_or_else(|_| panic!("not hex: {text}"))
+}
+
+/// Sorts [start, end) ranges and merges the adjacent ones.
+pub fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (start, end) in ranges {
+        match out.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => out.push((start, end)),
+        }
+    }
+    out
+}
+
+/// vduse-net's `--iotlb-dump` file (`<first> <last> rw|ro|wo` per line) as
+/// ([start, end), permission).
+pub fn iotlb_dump(dump: &str) -> Vec<((u64, u64), String)> {
+    dump.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(fields.len(), 3, "malformed dump line: {line}");
+            ((hex(fields[0]), hex(fields[1]) + 1), fields[2].to_string())
+        })
+        .collect()
+}
+
 pub fn base64(input: &[u8]) -> String {
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
@@ -284,8 +319,15 @@ pub fn base64(input: &[u8]) -> String {
     out
 }
 
+/// The debug build of `microvm` in the test host (debug assertions on, as
+/// a plain `cargo build` makes it): seccomp filters must hold for it too.
+pub const DEBUG_MICROVM: &str = "\"$MICROVM_DEBUG_BIN_DIR/microvm\"";
+
 /// A `microvm` invocation against the guest assets of the test host.
 pub struct MicrovmRun {
+    /// The VMM binary as a shell word: `microvm` (release, on PATH) or
+    /// `DEBUG_MICROVM`.
+    pub binary: &'static str,
     pub kernel_var: &'static str,
     pub cpus: u32,
     pub memory: &'static str,
@@ -297,6 +339,7 @@ pub struct MicrovmRun {
 impl MicrovmRun {
     pub fn new(cpus: u32, memory: &'static str) -> MicrovmRun {
         MicrovmRun {
+            binary: "microvm",
             kernel_var: "MICROVM_GUEST_KERNEL",
             cpus,
             memory,
@@ -316,7 +359,8 @@ impl MicrovmRun {
             cmdline.push_str(&format!(" microvm.cmd={}", base64(cmd.as_bytes())));
         }
         format!(
-            "microvm --kernel \"${}\" --initramfs \"$MICROVM_GUEST_INITRAMFS\" --cpus {} --memory size={} --cmdline {} {}",
+            "{} --kernel \"${}\" --initramfs \"$MICROVM_GUEST_INITRAMFS\" --cpus {} --memory size={} --cmdline {} {}",
+            self.binary,
             self.kernel_var,
             self.cpus,
             self.memory,
@@ -341,7 +385,7 @@ mod tests {
 
     #[test]
     fn framed_output_is_split_per_scenario() {
-        let out = "noise\n@@begin a\n@@stdout a\nline1\n@@stderr a\nerr\n@@end a rc=3\n@@begin b\n@@stdout b\n@@stderr b\n@@end b rc=0\n";
+        let out = "noise\n@@begin a\n@@live line1\n@@stdout a\nline1\n@@stderr a\nerr\n@@end a rc=3\n@@begin b\n@@stdout b\n@@stderr b\n@@end b rc=0\n";
         let outcomes = parse_framed(out);
         assert_eq!(outcomes["a"].stdout, "line1\n");
         assert_eq!(outcomes["a"].stderr, "err\n");

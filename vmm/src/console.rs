@@ -37,7 +37,7 @@ pub fn serial_output(config: &SerialConfig) -> Result<SerialOutput, ConsoleError
     Ok(match config {
         SerialConfig::Stdout => Box::new(RawStdout),
         SerialConfig::Off => Box::new(io::sink()),
-        SerialConfig::File(path) => {
+        SerialConfig::File { path, max } => {
             let file: File = OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -46,9 +46,52 @@ pub fn serial_output(config: &SerialConfig) -> Result<SerialOutput, ConsoleError
                     path: path.display().to_string(),
                     source,
                 })?;
-            Box::new(file)
+            Box::new(Capped::new(file, max.0))
         }
     })
+}
+
+/// Passes at most `left` bytes on, then one line saying so, then drops
+/// everything: a guest must not fill the host's disk through its console.
+/// Dropped output is reported as written, so the UART never stalls.
+struct Capped<W: Write> {
+    inner: W,
+    left: u64,
+    noted: bool,
+}
+
+impl<W: Write> Capped<W> {
+    fn new(inner: W, max: u64) -> Capped<W> {
+        Capped {
+            inner,
+            left: max,
+            noted: false,
+        }
+    }
+}
+
+const CAP_NOTE: &[u8] = b"\n[microvm: serial output cap reached; further output dropped]\n";
+
+impl<W: Write> Write for Capped<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            if !self.noted {
+                self.noted = true;
+                let _ = self.inner.write_all(CAP_NOTE);
+            }
+            return Ok(buf.len());
+        }
+        let take = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let written = self.inner.write(&buf[..take])?;
+        self.left -= written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Puts stdin in raw mode for as long as it lives, so keystrokes (Ctrl-C
@@ -116,5 +159,40 @@ impl MutEventSubscriber for StdinForwarder {
             stdin_fd as u32,
             EventSet::IN,
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_output_stops_at_its_cap_with_one_note() {
+        let mut capped = Capped::new(Vec::new(), 10);
+        for _ in 0..100 {
+            capped.write_all(b"0123456789abcdef").unwrap();
+        }
+        capped.write_all(b"more").unwrap();
+        let mut expected = b"0123456789".to_vec();
+        expected.extend_from_slice(CAP_NOTE);
+        assert_eq!(capped.inner, expected);
+    }
+
+    #[test]
+    fn a_serial_file_keeps_at_most_its_cap() {
+        let path = std::env::temp_dir().join(format!("microvm-serial-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let config = SerialConfig::File {
+            path: path.clone(),
+            max: crate::config::Size(4096),
+        };
+        let mut output = serial_output(&config).unwrap();
+        for _ in 0..10_000 {
+            output.write_all(b"guest output line\n").unwrap();
+        }
+        drop(output);
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(size, 4096 + CAP_NOTE.len() as u64);
+        std::fs::remove_file(path).unwrap();
     }
 }

@@ -55,8 +55,10 @@ pub enum ThreadKind {
     Vcpu,
     /// The control API thread: accepts clients, reads device state.
     Api,
-    /// The virtio-mem worker: serves guest requests, maps and releases memory.
-    Hotplug,
+    /// A device worker serving a guest queue and programming IOTLBs: the
+    /// virtio-mem worker (which also releases unplugged memory) and the
+    /// virtio-iommu request worker.
+    DeviceWorker,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,61 +71,154 @@ pub enum SeccompError {
     Handler(std::io::Error),
 }
 
-/// Syscalls every thread needs: memory, locks, signals, exit, time, I/O on
-/// descriptors it already holds.
-const COMMON: &[i64] = &[
-    libc::SYS_read,
-    libc::SYS_write,
-    libc::SYS_writev,
-    libc::SYS_close,
-    libc::SYS_futex,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mremap,
-    // glibc grows a thread's malloc arena with mprotect.
-    libc::SYS_mprotect,
-    libc::SYS_madvise,
-    libc::SYS_brk,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_sigaltstack,
-    libc::SYS_sched_yield,
-    libc::SYS_clock_gettime,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_nanosleep,
-    libc::SYS_getrandom,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
-    libc::SYS_restart_syscall,
+/// A condition on one syscall argument: `(arg & mask) == value`, on the
+/// argument's low 32 bits (every argument checked here is an int).
+#[derive(Clone, Copy, Debug)]
+struct Arg {
+    index: u8,
+    mask: u32,
+    value: u32,
+}
+
+/// The argument equals `value`.
+const fn eq(index: u8, value: u32) -> Arg {
+    Arg {
+        index,
+        mask: u32::MAX,
+        value,
+    }
+}
+
+/// None of `bits` is set in the argument.
+const fn none_of(index: u8, bits: u32) -> Arg {
+    Arg {
+        index,
+        mask: bits,
+        value: 0,
+    }
+}
+
+/// All of `bits` are set in the argument.
+const fn all_of(index: u8, bits: u32) -> Arg {
+    Arg {
+        index,
+        mask: bits,
+        value: bits,
+    }
+}
+
+/// One allowed syscall: unconditionally (no rules), or when all the
+/// conditions of one of its rules hold.
+type Allowed = (i64, &'static [&'static [Arg]]);
+
+const PRIVATE_ANON: u32 = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u32;
+/// What malloc and thread stacks ask mmap for; never MAP_SHARED (no
+/// new file mappings once running), never executable.
+const MMAP_FLAGS: u32 = PRIVATE_ANON | (libc::MAP_NORESERVE | libc::MAP_STACK) as u32;
+const PROT_EXEC: u32 = libc::PROT_EXEC as u32;
+
+/// Syscalls every thread needs: memory (anonymous, never executable),
+/// locks, signals, exit, time, I/O on descriptors it already holds.
+const COMMON: &[Allowed] = &[
+    (libc::SYS_read, &[]),
+    (libc::SYS_write, &[]),
+    (libc::SYS_writev, &[]),
+    (libc::SYS_close, &[]),
+    (libc::SYS_futex, &[]),
+    (
+        libc::SYS_mmap,
+        &[
+            // malloc's heaps and big blocks: private anonymous memory.
+            &[
+                none_of(2, PROT_EXEC),
+                none_of(3, !MMAP_FLAGS),
+                all_of(3, PRIVATE_ANON),
+            ],
+            // glibc shrinks a thread heap by mapping PROT_NONE over its end.
+            &[
+                eq(2, libc::PROT_NONE as u32),
+                none_of(3, !(MMAP_FLAGS | libc::MAP_FIXED as u32)),
+                all_of(3, PRIVATE_ANON),
+            ],
+        ],
+    ),
+    (libc::SYS_munmap, &[]),
+    // realloc of a big block: moving is fine, MREMAP_FIXED is not needed.
+    (
+        libc::SYS_mremap,
+        &[&[eq(3, 0)], &[eq(3, libc::MREMAP_MAYMOVE as u32)]],
+    ),
+    // glibc grows a thread's malloc arena with mprotect; never to PROT_EXEC.
+    (libc::SYS_mprotect, &[&[none_of(2, PROT_EXEC)]]),
+    // glibc gives freed heap pages back with MADV_DONTNEED; nothing else.
+    (libc::SYS_madvise, &[&[eq(2, libc::MADV_DONTNEED as u32)]]),
+    (libc::SYS_brk, &[]),
+    (libc::SYS_rt_sigreturn, &[]),
+    (libc::SYS_rt_sigprocmask, &[]),
+    (libc::SYS_sigaltstack, &[]),
+    (libc::SYS_sched_yield, &[]),
+    (libc::SYS_clock_gettime, &[]),
+    (libc::SYS_clock_nanosleep, &[]),
+    (libc::SYS_nanosleep, &[]),
+    (libc::SYS_getrandom, &[]),
+    (libc::SYS_exit, &[]),
+    (libc::SYS_exit_group, &[]),
+    (libc::SYS_restart_syscall, &[]),
     // abort() on a panic: raise SIGABRT on ourselves.
-    libc::SYS_getpid,
-    libc::SYS_gettid,
-    libc::SYS_tgkill,
+    (libc::SYS_getpid, &[]),
+    (libc::SYS_gettid, &[]),
+    (libc::SYS_tgkill, &[]),
+    // std's OwnedFd drop asks whether the descriptor is open when debug
+    // assertions are on.
+    (libc::SYS_fcntl, &[&[eq(1, libc::F_GETFD as u32)]]),
 ];
 
-const API_ONLY: &[i64] = &[
-    libc::SYS_accept4,
-    libc::SYS_setsockopt,
-    libc::SYS_recvfrom,
-    libc::SYS_sendto,
+/// The API's poll loop: accepts non-blocking clients, answers, shuts the
+/// write side and drains.
+const API_ONLY: &[Allowed] = &[
+    (libc::SYS_poll, &[]),
+    (
+        libc::SYS_accept4,
+        &[&[eq(3, crate::api::server::accept_flags() as u32)]],
+    ),
+    (libc::SYS_recvfrom, &[]),
+    (libc::SYS_sendto, &[]),
+    (libc::SYS_shutdown, &[&[eq(1, libc::SHUT_WR as u32)]]),
 ];
 
-const HOTPLUG_ONLY: &[i64] = &[libc::SYS_poll, libc::SYS_ppoll, libc::SYS_fallocate];
-
-const VMM_ONLY: &[i64] = &[
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_epoll_ctl,
+/// Device workers wait on their queue; virtio-mem's releases unplugged blocks.
+const DEVICE_WORKER_ONLY: &[Allowed] = &[
+    (libc::SYS_poll, &[]),
+    (libc::SYS_ppoll, &[]),
+    (
+        libc::SYS_fallocate,
+        &[&[eq(
+            1,
+            (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u32,
+        )]],
+    ),
 ];
 
-/// vCPU threads run device emulation: a guest write can reprogram MSI-X
-/// routes, move a BAR (its ioeventfds), or start and reset a vhost-vdpa
-/// device.
+const VMM_ONLY: &[Allowed] = &[
+    (libc::SYS_epoll_wait, &[]),
+    (libc::SYS_epoll_pwait, &[]),
+    (libc::SYS_epoll_ctl, &[]),
+];
+
+/// vCPU threads duplicate descriptors: EventFd::try_clone hands a device
+/// its kick and call fds when the guest starts it.
+const VCPU_ONLY: &[Allowed] = &[(libc::SYS_fcntl, &[&[eq(1, libc::F_DUPFD_CLOEXEC as u32)]])];
+
+/// The ioctl requests a thread may make. vCPU threads run device
+/// emulation: a guest write can reprogram MSI-X routes, move a BAR (its
+/// ioeventfds), or start and reset a vhost-vdpa device. Requests are
+/// matched by number; the descriptor is not known when filters are built,
+/// except for the terminal (see `ioctl_fd`).
 fn ioctl_rules(kind: ThreadKind) -> Vec<u64> {
     match kind {
         ThreadKind::Vmm => vec![TCGETS, TCSETS, TIOCGWINSZ],
         ThreadKind::Api => vec![VHOST_GET_VRING_BASE, VHOST_VDPA_GET_STATUS],
-        ThreadKind::Hotplug => vec![],
+        ThreadKind::DeviceWorker => vec![],
         ThreadKind::Vcpu => vec![
             KVM_RUN,
             KVM_SET_GSI_ROUTING,
@@ -146,46 +241,95 @@ fn ioctl_rules(kind: ThreadKind) -> Vec<u64> {
     }
 }
 
-/// fcntl only to duplicate descriptors (EventFd::try_clone hands a device
-/// its kick and call fds when the guest starts it).
-fn fcntl_rules() -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
-    let dup = SeccompCondition::new(
-        1,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        libc::F_DUPFD_CLOEXEC as u64,
-    )?;
-    Ok(vec![SeccompRule::new(vec![dup])?])
+/// The one descriptor a thread's ioctls may target, when there is one:
+/// the VMM thread only puts the terminal on stdin in raw mode and back.
+fn ioctl_fd(kind: ThreadKind) -> Option<libc::c_int> {
+    match kind {
+        ThreadKind::Vmm => Some(libc::STDIN_FILENO),
+        _ => None,
+    }
+}
+
+fn condition(arg: Arg) -> Result<SeccompCondition, seccompiler::BackendError> {
+    let op = match arg.mask {
+        u32::MAX => SeccompCmpOp::Eq,
+        mask => SeccompCmpOp::MaskedEq(u64::from(mask)),
+    };
+    SeccompCondition::new(arg.index, SeccompCmpArgLen::Dword, op, u64::from(arg.value))
+}
+
+/// Adds `allowed` to `rules`; rules of a syscall listed twice accumulate.
+fn add(
+    rules: &mut BTreeMap<i64, Vec<SeccompRule>>,
+    allowed: &[Allowed],
+) -> Result<(), seccompiler::BackendError> {
+    for &(syscall, conditions) in allowed {
+        let entry = rules.entry(syscall).or_default();
+        for rule in conditions {
+            let rule = rule
+                .iter()
+                .map(|&arg| condition(arg))
+                .collect::<Result<_, _>>()?;
+            entry.push(SeccompRule::new(rule)?);
+        }
+    }
+    Ok(())
+}
+
+/// glibc's malloc reads files lazily: the first time it shrinks a thread's
+/// heap it opens /proc/sys/vm/overcommit_memory, and past 8 arenas it asks
+/// for the CPU count. A filtered thread may do neither, so, before any
+/// filter exists: heaps are never trimmed (freed memory is kept for reuse)
+/// and the arena count is fixed.
+fn prepare_malloc() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: mallopt only sets malloc parameters; no pointers.
+        unsafe {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+            libc::mallopt(libc::M_ARENA_MAX, 8);
+        }
+    });
 }
 
 /// Compiles the filter for one kind of thread.
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    prepare_malloc();
     let error = |e: &dyn std::fmt::Display| SeccompError::Build(kind, e.to_string());
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    let extra: &[i64] = match kind {
+    let extra: &[Allowed] = match kind {
         ThreadKind::Vmm => VMM_ONLY,
         ThreadKind::Api => API_ONLY,
-        ThreadKind::Hotplug => HOTPLUG_ONLY,
-        ThreadKind::Vcpu => &[],
+        ThreadKind::DeviceWorker => DEVICE_WORKER_ONLY,
+        ThreadKind::Vcpu => VCPU_ONLY,
     };
-    for &syscall in COMMON.iter().chain(extra) {
-        rules.insert(syscall, vec![]);
-    }
+    add(&mut rules, COMMON).map_err(|e| error(&e))?;
+    add(&mut rules, extra).map_err(|e| error(&e))?;
     let ioctls = ioctl_rules(kind)
         .into_iter()
         .map(|request| {
-            SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
-                .and_then(|condition| SeccompRule::new(vec![condition]))
-                .map_err(|e| error(&e))
+            let mut conditions = vec![SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                request,
+            )?];
+            if let Some(fd) = ioctl_fd(kind) {
+                conditions.push(SeccompCondition::new(
+                    0,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    fd as u64,
+                )?);
+            }
+            SeccompRule::new(conditions)
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| error(&e))?;
     // An empty rule list would allow the syscall unconditionally: a thread
     // that needs no ioctl gets no ioctl entry at all.
     if !ioctls.is_empty() {
         rules.insert(libc::SYS_ioctl, ioctls);
-    }
-    if kind == ThreadKind::Vcpu {
-        rules.insert(libc::SYS_fcntl, fcntl_rules().map_err(|e| error(&e))?);
     }
     let filter = SeccompFilter::new(
         rules,
@@ -343,6 +487,151 @@ mod tests {
         assert_killed_by_sigsys(status);
     }
 
+    /// std's `OwnedFd` drop checks the descriptor with fcntl(F_GETFD) when
+    /// debug assertions are on: every thread closes descriptors.
+    fn drop_an_owned_fd(fd: libc::c_int) {
+        use std::os::fd::FromRawFd;
+        // SAFETY: `fd` is the child's own copy of the pipe's write end;
+        // nothing else uses it after this point.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: writing a static buffer to a descriptor we own.
+        unsafe { libc::write(fd, b"alive".as_ptr() as *const libc::c_void, 5) };
+        drop(owned);
+    }
+
+    const EVERY_KIND: [ThreadKind; 4] = [
+        ThreadKind::Vmm,
+        ThreadKind::Vcpu,
+        ThreadKind::Api,
+        ThreadKind::DeviceWorker,
+    ];
+
+    /// Meaningful in the (default) debug test build, where the drop calls
+    /// fcntl(F_GETFD); a release build only closes.
+    #[test]
+    fn every_thread_may_drop_an_owned_fd_in_a_debug_build() {
+        for kind in EVERY_KIND {
+            let (status, output) = in_filtered_child(kind, drop_an_owned_fd);
+            assert_eq!(output, b"alive", "{kind:?}");
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "{kind:?}: status {status:#x}"
+            );
+        }
+    }
+
+    /// What malloc does on a running thread: big blocks (mmap), growing
+    /// them (mremap), freeing (munmap, madvise).
+    fn allocate_grow_and_free(fd: libc::c_int) {
+        let mut big = vec![1u8; 8 << 20];
+        big.resize(64 << 20, 2);
+        let sum: u64 = big.iter().step_by(4096).map(|&b| u64::from(b)).sum();
+        drop(big);
+        let small: Vec<Vec<u8>> = (0..1000).map(|i| vec![0u8; i * 64]).collect();
+        drop(small);
+        if sum > 0 {
+            // SAFETY: writing a static buffer to the pipe we were given.
+            unsafe { libc::write(fd, b"alive".as_ptr() as *const libc::c_void, 5) };
+        }
+    }
+
+    fn map(prot: libc::c_int, flags: libc::c_int) {
+        // SAFETY: an anonymous mapping at an address of the kernel's choice.
+        unsafe { libc::mmap(std::ptr::null_mut(), 4096, prot, flags, -1, 0) };
+    }
+
+    fn say_alive(fd: libc::c_int) {
+        // SAFETY: writing a static buffer to the pipe we were given.
+        unsafe { libc::write(fd, b"alive".as_ptr() as *const libc::c_void, 5) };
+    }
+
+    fn map_executable(fd: libc::c_int) {
+        say_alive(fd);
+        map(
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        );
+    }
+
+    fn map_shared(fd: libc::c_int) {
+        say_alive(fd);
+        map(
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+        );
+    }
+
+    fn make_heap_executable(fd: libc::c_int) {
+        let page = vec![0u8; 3 * 4096];
+        let aligned = (page.as_ptr() as usize).next_multiple_of(4096);
+        say_alive(fd);
+        // SAFETY: a page inside `page`, which outlives the call; the filter
+        // is expected to stop it before it takes effect.
+        unsafe {
+            libc::mprotect(
+                aligned as *mut libc::c_void,
+                4096,
+                libc::PROT_READ | libc::PROT_EXEC,
+            )
+        };
+    }
+
+    fn unusual_madvise(fd: libc::c_int) {
+        let page = vec![0u8; 3 * 4096];
+        let aligned = (page.as_ptr() as usize).next_multiple_of(4096);
+        say_alive(fd);
+        // SAFETY: advice on a page inside `page`, which outlives the call.
+        unsafe { libc::madvise(aligned as *mut libc::c_void, 4096, libc::MADV_DONTFORK) };
+    }
+
+    #[test]
+    fn every_thread_may_allocate_grow_and_free_memory() {
+        for kind in EVERY_KIND {
+            let (status, output) = in_filtered_child(kind, allocate_grow_and_free);
+            assert_eq!(output, b"alive", "{kind:?}");
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "{kind:?}: status {status:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_thread_may_create_executable_or_shared_mappings() {
+        for kind in EVERY_KIND {
+            for (what, body) in [
+                ("mmap PROT_EXEC", map_executable as fn(libc::c_int)),
+                ("mmap MAP_SHARED", map_shared),
+                ("mprotect PROT_EXEC", make_heap_executable),
+                ("madvise MADV_DONTFORK", unusual_madvise),
+            ] {
+                let (status, output) = in_filtered_child(kind, body);
+                assert_eq!(output, b"alive", "{kind:?} {what}");
+                assert!(
+                    libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+                    "{kind:?} was allowed {what}: status {status:#x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn only_vcpu_threads_may_duplicate_descriptors() {
+        fn duplicate(fd: libc::c_int) {
+            say_alive(fd);
+            // SAFETY: fcntl on the pipe we were given; no pointers.
+            let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+            if copy >= 0 {
+                // SAFETY: closing the copy we just made.
+                unsafe { libc::close(copy) };
+            }
+        }
+        let (status, _) = in_filtered_child(ThreadKind::Vcpu, duplicate);
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
+        let (status, _) = in_filtered_child(ThreadKind::Api, duplicate);
+        assert_killed_by_sigsys(status);
+    }
+
     #[test]
     fn ioctl_numbers_match_the_kernel_encoding() {
         // Values as the kernel headers compute them (checked with a C build).
@@ -356,18 +645,31 @@ mod tests {
 
     #[test]
     fn the_hotplug_thread_may_not_issue_any_ioctl() {
-        let (status, output) = in_filtered_child(ThreadKind::Hotplug, terminal_ioctl);
+        let (status, output) = in_filtered_child(ThreadKind::DeviceWorker, terminal_ioctl);
         assert_eq!(output, b"alive");
         assert_killed_by_sigsys(status);
     }
 
+    fn stdin_terminal_ioctl(fd: libc::c_int) {
+        let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid pointer to a winsize; the kernel answers ENOTTY
+        // when stdin is no terminal.
+        unsafe {
+            libc::write(fd, b"alive".as_ptr() as *const libc::c_void, 5);
+            libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut size);
+        }
+    }
+
     #[test]
-    fn the_vmm_thread_may_query_the_terminal() {
-        let (status, output) = in_filtered_child(ThreadKind::Vmm, terminal_ioctl);
+    fn the_vmm_thread_may_query_the_terminal_on_stdin_only() {
+        let (status, output) = in_filtered_child(ThreadKind::Vmm, stdin_terminal_ioctl);
         assert_eq!(output, b"alive");
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
             "status {status:#x}"
         );
+        let (status, output) = in_filtered_child(ThreadKind::Vmm, terminal_ioctl);
+        assert_eq!(output, b"alive");
+        assert_killed_by_sigsys(status);
     }
 }

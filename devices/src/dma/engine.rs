@@ -73,7 +73,7 @@ pub struct Transaction {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
+pub(crate) enum Op {
     Add(DmaRange),
     Remove { iova: u64, size: u64 },
 }
@@ -88,6 +88,11 @@ impl Transaction {
 
     pub fn asid(&self) -> u32 {
         self.asid
+    }
+
+    /// A transaction on `asid` made of operations recorded elsewhere.
+    pub(crate) fn from_ops(asid: u32, ops: Vec<Op>) -> Self {
+        Transaction { asid, ops }
     }
 
     /// No operation recorded.
@@ -135,21 +140,21 @@ pub struct DmaCounters {
 /// A contiguous mapping with an inclusive end, so that a range ending at
 /// 2^64-1 is representable; `host` is the host address of `start`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Seg {
-    start: u64,
-    last: u64,
-    host: u64,
-    perm: Perm,
+pub(crate) struct Seg {
+    pub(crate) start: u64,
+    pub(crate) last: u64,
+    pub(crate) host: u64,
+    pub(crate) perm: Perm,
 }
 
 impl Seg {
     /// Size in bytes. Every stored segment is smaller than 2^64 (inputs are
     /// `DmaRange`s and merges that would reach 2^64 are not made).
-    fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         (self.last - self.start).saturating_add(1)
     }
 
-    fn to_range(self) -> DmaRange {
+    pub(crate) fn to_range(self) -> DmaRange {
         DmaRange::new(self.start, self.size(), self.host, self.perm)
     }
 
@@ -170,10 +175,10 @@ impl Seg {
 }
 
 /// Non-overlapping segments keyed by start.
-type SegMap = BTreeMap<u64, Seg>;
+pub(crate) type SegMap = BTreeMap<u64, Seg>;
 
 /// Segments of `map` that intersect `[start, last]`, in IOVA order.
-fn intersecting(map: &SegMap, start: u64, last: u64) -> Vec<Seg> {
+pub(crate) fn intersecting(map: &SegMap, start: u64, last: u64) -> Vec<Seg> {
     let mut out = Vec::new();
     if let Some((_, s)) = map.range(..=start).next_back() {
         if s.last >= start {
@@ -189,7 +194,7 @@ fn intersecting(map: &SegMap, start: u64, last: u64) -> Vec<Seg> {
 
 /// Removes `[start, last]` from `map`, keeping the parts of cut segments that
 /// lie outside it (with their host offsets).
-fn cut(map: &mut SegMap, start: u64, last: u64) {
+pub(crate) fn cut(map: &mut SegMap, start: u64, last: u64) {
     for seg in intersecting(map, start, last) {
         map.remove(&seg.start);
         if seg.start < start {
@@ -199,6 +204,45 @@ fn cut(map: &mut SegMap, start: u64, last: u64) {
             map.insert(last + 1, seg.slice(last + 1, seg.last));
         }
     }
+}
+
+/// Checks an operation and returns its inclusive span and, for an add, the
+/// segment it maps.
+fn checked_op(op: &Op) -> Result<(u64, u64, Option<Seg>), DmaError> {
+    let (iova, size) = match *op {
+        Op::Add(r) => (r.iova, r.size),
+        Op::Remove { iova, size } => (iova, size),
+    };
+    let last = inclusive_last(iova, size).ok_or(DmaError::InvalidRange { iova, size })?;
+    let add = match *op {
+        Op::Add(r) => {
+            inclusive_last(r.host_addr, size).ok_or(DmaError::InvalidHostRange {
+                host_addr: r.host_addr,
+                size,
+            })?;
+            Some(Seg {
+                start: iova,
+                last,
+                host: r.host_addr,
+                perm: r.perm,
+            })
+        }
+        Op::Remove { .. } => None,
+    };
+    Ok((iova, last, add))
+}
+
+/// Applies `ops` in order to `map` (an add replaces what it covers); on an
+/// invalid operation `map` is left as it was.
+pub(crate) fn apply_ops(map: &mut SegMap, ops: &[Op]) -> Result<(), DmaError> {
+    let checked = ops.iter().map(checked_op).collect::<Result<Vec<_>, _>>()?;
+    for (start, last, add) in checked {
+        cut(map, start, last);
+        if let Some(seg) = add {
+            map.insert(start, seg);
+        }
+    }
+    Ok(())
 }
 
 /// Whether `map` maps every byte of `entry` exactly as `entry` does.
@@ -438,26 +482,7 @@ impl<B: IotlbBackend> DmaMapper<B> {
         let mut wanted = SegMap::new();
         let mut ops = Vec::with_capacity(txn.ops.len());
         for op in &txn.ops {
-            let (iova, size) = match *op {
-                Op::Add(r) => (r.iova, r.size),
-                Op::Remove { iova, size } => (iova, size),
-            };
-            let last = inclusive_last(iova, size).ok_or(DmaError::InvalidRange { iova, size })?;
-            let add = match *op {
-                Op::Add(r) => {
-                    inclusive_last(r.host_addr, size).ok_or(DmaError::InvalidHostRange {
-                        host_addr: r.host_addr,
-                        size,
-                    })?;
-                    Some(Seg {
-                        start: iova,
-                        last,
-                        host: r.host_addr,
-                        perm: r.perm,
-                    })
-                }
-                Op::Remove { .. } => None,
-            };
+            let (iova, last, add) = checked_op(op)?;
             for e in intersecting(entries, iova, last) {
                 candidates.insert(e.start, e);
                 wanted.insert(e.start, e);

@@ -8,6 +8,12 @@
 //! messages and emits them through an [`IotlbBackend`], bracketed by one
 //! BATCH_BEGIN … BATCH_END when the device acked `VHOST_BACKEND_F_IOTLB_BATCH`.
 //!
+//! Above the engine, [`DmaSpaces`] keeps the address spaces (the identity
+//! space, IOVA = guest physical address, and one translated space per vIOMMU
+//! domain) and the devices attached to each: a source commits one [`Plan`],
+//! and every affected device gets one transaction, all or nothing. Data
+//! flows one way: source → address space → engine → backend.
+//!
 //! The diff respects how the kernel treats the messages
 //! (drivers/vhost/vdpa.c, drivers/vhost/iotlb.c):
 //! - an UPDATE that overlaps any existing entry is refused (`-EEXIST`), so the
@@ -21,10 +27,17 @@
 
 mod backend;
 mod engine;
+mod space;
+mod translate;
 mod vhost_vdpa;
 
 pub use backend::{BackendError, IotlbBackend, IotlbMessage, RecordingBackend};
 pub use engine::{CommitReport, DmaCounters, DmaError, DmaMapper, RollbackFailure, Transaction};
+pub use space::{
+    Change, ChangeKind, DeviceReport, DmaDevice, DmaSpaces, Plan, SharedDmaDevice, SharedSpaces,
+    SpaceError, SpaceId, TransactionRecord, DEVICE_ASID,
+};
+pub use translate::{GuestTranslate, TranslateError};
 pub use vhost_vdpa::{
     VhostIotlbMsg, VhostMsgV2, VhostVdpaIotlb, VHOST_IOTLB_BATCH_BEGIN, VHOST_IOTLB_BATCH_END,
     VHOST_IOTLB_INVALIDATE, VHOST_IOTLB_MSG_V2, VHOST_IOTLB_UPDATE, VHOST_MSG_V2_SIZE,
@@ -111,5 +124,7 @@ pub(crate) fn inclusive_last(start: u64, size: u64) -> Option<u64> {
     start.checked_add(size - 1)
 }
 
+#[cfg(test)]
+mod space_tests;
 #[cfg(test)]
 mod tests;

@@ -98,9 +98,15 @@ impl PciConfiguration {
     /// Declares a memory BAR at `addr` of `size` bytes (a power of two).
     pub fn add_memory_bar(&mut self, bar: Bar) -> Result<(), ConfigError> {
         let span = if bar.is_64bit { 2 } else { 1 };
-        if bar.index + span > BAR_COUNT
-            || (bar.index..bar.index + span)
-                .any(|i| self.bars[i].is_some() || self.is_upper_half(i))
+        let slots = bar
+            .index
+            .checked_add(span)
+            .filter(|end| *end <= BAR_COUNT)
+            .map(|end| bar.index..end)
+            .ok_or(ConfigError::BadBar(bar.index))?;
+        if slots
+            .clone()
+            .any(|i| self.bars[i].is_some() || self.is_upper_half(i))
         {
             return Err(ConfigError::BadBar(bar.index));
         }
@@ -125,7 +131,10 @@ impl PciConfiguration {
     }
 
     fn is_upper_half(&self, index: usize) -> bool {
-        index > 0 && self.bars[index - 1].is_some_and(|b| b.is_64bit)
+        index
+            .checked_sub(1)
+            .and_then(|lower| self.bars.get(lower))
+            .is_some_and(|b| b.is_some_and(|b| b.is_64bit))
     }
 
     pub fn bars(&self) -> impl Iterator<Item = &Bar> {
@@ -135,6 +144,7 @@ impl PciConfiguration {
     /// The address the guest currently programmed into `index`.
     pub fn bar_address(&self, index: usize) -> Option<u64> {
         let bar = self.bars.get(index)?.as_ref()?;
+        // index < BAR_COUNT, so the register is inside the header.
         let offset = BAR0 + index * 4;
         let low = u64::from(self.u32_at(offset) & !0xf);
         let high = if bar.is_64bit {
@@ -158,12 +168,12 @@ impl PciConfiguration {
         body: &[u8],
         writable: &[u8],
     ) -> Result<usize, ConfigError> {
-        let len = 2 + body.len();
+        let len = body.len().saturating_add(2);
         let offset = self.next_capability;
-        let end = offset + len;
-        if end > CONFIG_SPACE_SIZE {
-            return Err(ConfigError::NoCapabilitySpace(len));
-        }
+        let end = offset
+            .checked_add(len)
+            .filter(|end| *end <= CONFIG_SPACE_SIZE)
+            .ok_or(ConfigError::NoCapabilitySpace(len))?;
         self.bytes[offset] = id;
         self.bytes[offset + 1] = 0;
         self.bytes[offset + 2..end].copy_from_slice(body);
@@ -184,42 +194,61 @@ impl PciConfiguration {
         Ok(offset)
     }
 
+    /// The config bytes [offset, offset + len), if all inside.
+    fn range(offset: usize, len: usize) -> Option<std::ops::Range<usize>> {
+        let end = offset.checked_add(len)?;
+        (end <= CONFIG_SPACE_SIZE).then_some(offset..end)
+    }
+
     /// Reads `data.len()` (1, 2 or 4) bytes at `offset`; out of range reads as ones.
     pub fn read(&self, offset: usize, data: &mut [u8]) {
-        match self.bytes.get(offset..offset + data.len()) {
+        match Self::range(offset, data.len()).and_then(|r| self.bytes.get(r)) {
             Some(bytes) => data.copy_from_slice(bytes),
             None => data.fill(0xff),
         }
     }
 
     /// Writes what the guest may write; read-only bits keep their value.
+    /// Bytes beyond the config space are dropped.
     pub fn write(&mut self, offset: usize, data: &[u8]) {
         for (i, byte) in data.iter().enumerate() {
-            let at = offset + i;
-            if at >= CONFIG_SPACE_SIZE {
+            let Some(at) = offset.checked_add(i).filter(|at| *at < CONFIG_SPACE_SIZE) else {
                 return;
-            }
+            };
             let mask = (self.writable[at / 4] >> ((at % 4) * 8)) as u8;
             self.bytes[at] = (self.bytes[at] & !mask) | (byte & mask);
         }
     }
 
+    /// The 16-bit register at `offset`; all ones beyond the config space.
     pub fn u16_at(&self, offset: usize) -> u16 {
-        u16::from_le_bytes([self.bytes[offset], self.bytes[offset + 1]])
+        let mut b = [0u8; 2];
+        self.read(offset, &mut b);
+        u16::from_le_bytes(b)
     }
 
+    /// The 32-bit register at `offset`; all ones beyond the config space.
     pub fn u32_at(&self, offset: usize) -> u32 {
         let mut b = [0u8; 4];
-        b.copy_from_slice(&self.bytes[offset..offset + 4]);
+        self.read(offset, &mut b);
         u32::from_le_bytes(b)
     }
 
+    /// Sets a register regardless of the guest's write mask; a register
+    /// beyond the config space is ignored.
     pub fn set_u16(&mut self, offset: usize, value: u16) {
-        self.bytes[offset..offset + 2].copy_from_slice(&value.to_le_bytes());
+        self.set_bytes(offset, &value.to_le_bytes());
     }
 
+    /// See `set_u16`.
     pub fn set_u32(&mut self, offset: usize, value: u32) {
-        self.bytes[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+        self.set_bytes(offset, &value.to_le_bytes());
+    }
+
+    fn set_bytes(&mut self, offset: usize, value: &[u8]) {
+        if let Some(bytes) = Self::range(offset, value.len()).and_then(|r| self.bytes.get_mut(r)) {
+            bytes.copy_from_slice(value);
+        }
     }
 }
 
@@ -316,6 +345,45 @@ mod tests {
                 is_64bit: true
             })
             .is_err());
+    }
+
+    #[test]
+    fn huge_offsets_read_as_ones_and_write_nothing() {
+        let mut config = PciConfiguration::new(identity());
+        let before = config.bytes;
+        for offset in [
+            CONFIG_SPACE_SIZE - 1,
+            CONFIG_SPACE_SIZE,
+            usize::MAX - 1,
+            usize::MAX,
+        ] {
+            let mut data = [0u8; 4];
+            config.read(offset, &mut data);
+            assert_eq!(data, [0xff; 4], "read at {offset:#x}");
+            config.write(offset, &[0; 4]);
+            config.set_u32(offset, 0);
+            config.set_u16(offset, 0);
+            assert_eq!(config.u32_at(offset), u32::MAX);
+            assert_eq!(config.u16_at(offset), u16::MAX);
+        }
+        assert_eq!(config.bytes, before);
+    }
+
+    #[test]
+    fn huge_bar_indices_and_capabilities_are_refused() {
+        let mut config = PciConfiguration::new(identity());
+        let bar = |index| Bar {
+            index,
+            addr: 0,
+            size: 0x1000,
+            is_64bit: true,
+        };
+        assert_eq!(
+            config.add_memory_bar(bar(usize::MAX)),
+            Err(ConfigError::BadBar(usize::MAX))
+        );
+        assert_eq!(config.bar_address(usize::MAX), None);
+        assert!(config.add_capability(0x09, &[0; 300], &[]).is_err());
     }
 
     #[test]

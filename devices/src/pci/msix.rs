@@ -112,7 +112,8 @@ impl Msix {
         // but the guest, which sees a device that does not interrupt.
         let _ = self.router.route(self.vectors[vector].gsi, message);
         let was_routed = std::mem::replace(&mut self.routed[vector], message.is_some());
-        let pending = std::mem::take(&mut self.pending[vector]);
+        // The pending bit stays set until the vector can be delivered.
+        let pending = message.is_some() && std::mem::take(&mut self.pending[vector]);
         // Backends like vhost signal the irqfd directly, so an interrupt
         // raised while the vector had no route was dropped by KVM and the
         // VMM cannot know. Linux masks a vector to move it (typically on its
@@ -125,8 +126,11 @@ impl Msix {
     }
 
     pub fn read_table(&self, offset: u64, data: &mut [u8]) {
-        let (index, field) = ((offset / ENTRY_SIZE) as usize, offset % ENTRY_SIZE);
-        let Some(entry) = self.entries.get(index) else {
+        let (index, field) = (offset / ENTRY_SIZE, offset % ENTRY_SIZE);
+        let Some(entry) = usize::try_from(index)
+            .ok()
+            .and_then(|index| self.entries.get(index))
+        else {
             data.fill(0);
             return;
         };
@@ -140,22 +144,22 @@ impl Msix {
         for (i, word) in words.iter().enumerate() {
             bytes[i * 4..i * 4 + 4].copy_from_slice(&word.to_le_bytes());
         }
-        let start = field as usize;
-        match bytes.get(start..start + data.len()) {
+        match byte_range(field, data.len()).and_then(|r| bytes.get(r)) {
             Some(slice) => data.copy_from_slice(slice),
             None => data.fill(0),
         }
     }
 
     pub fn write_table(&mut self, offset: u64, data: &[u8]) {
-        let (index, field) = (
-            (offset / ENTRY_SIZE) as usize,
-            (offset % ENTRY_SIZE) as usize,
-        );
-        if index >= self.entries.len() || field + data.len() > 16 {
+        let (Ok(index), Some(field)) = (
+            usize::try_from(offset / ENTRY_SIZE),
+            byte_range(offset % ENTRY_SIZE, data.len()).filter(|r| r.end <= 16),
+        ) else {
             return;
-        }
-        let entry = &mut self.entries[index];
+        };
+        let Some(entry) = self.entries.get_mut(index) else {
+            return;
+        };
         let mut bytes = [0u8; 16];
         for (i, word) in [
             entry.address_low,
@@ -168,7 +172,7 @@ impl Msix {
         {
             bytes[i * 4..i * 4 + 4].copy_from_slice(&word.to_le_bytes());
         }
-        bytes[field..field + data.len()].copy_from_slice(data);
+        bytes[field].copy_from_slice(data);
         let word =
             |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
         let before = *entry;
@@ -191,8 +195,7 @@ impl Msix {
                 bits[i / 8] |= 1 << (i % 8);
             }
         }
-        let start = offset as usize;
-        match bits.get(start..start + data.len()) {
+        match byte_range(offset, data.len()).and_then(|r| bits.get(r)) {
             Some(slice) => data.copy_from_slice(slice),
             None => data.fill(0),
         }
@@ -219,6 +222,12 @@ impl Msix {
     pub fn vector_count(&self) -> usize {
         self.vectors.len()
     }
+}
+
+/// [offset, offset + len) as indices, if representable.
+fn byte_range(offset: u64, len: usize) -> Option<std::ops::Range<usize>> {
+    let start = usize::try_from(offset).ok()?;
+    Some(start..start.checked_add(len)?)
 }
 
 #[cfg(test)]
@@ -300,6 +309,32 @@ mod tests {
     }
 
     #[test]
+    fn pending_stays_set_while_the_vector_is_masked() {
+        let (mut msix, _router) = msix(1);
+        program(&mut msix, 0, 0xfee0_0000, 0x30, true);
+        msix.notify(0);
+        let pba = |msix: &Msix| {
+            let mut pba = [0u8; 8];
+            msix.read_pba(0, &mut pba);
+            pba[0]
+        };
+        assert_eq!(pba(&msix), 1);
+        // Rewriting a masked entry, enabling the function with the vector
+        // still masked, or masking the whole function keeps it pending.
+        msix.write_table(8, &0x31u32.to_le_bytes());
+        assert_eq!(pba(&msix), 1, "after rewriting the masked entry");
+        msix.set_control(CONTROL_ENABLE);
+        assert_eq!(pba(&msix), 1, "after enabling with the vector masked");
+        msix.set_control(CONTROL_ENABLE | CONTROL_FUNCTION_MASK);
+        msix.write_table(12, &0u32.to_le_bytes());
+        assert_eq!(pba(&msix), 1, "unmasked entry of a masked function");
+        assert!(msix.vectors[0].event.read().is_err(), "nothing delivered");
+        msix.set_control(CONTROL_ENABLE);
+        assert_eq!(msix.vectors[0].event.read().unwrap(), 1);
+        assert_eq!(pba(&msix), 0, "cleared once delivered");
+    }
+
+    #[test]
     fn unmasking_fires_once_because_an_irqfd_interrupt_may_have_been_dropped() {
         let (mut msix, _router) = msix(1);
         msix.set_control(CONTROL_ENABLE);
@@ -317,6 +352,21 @@ mod tests {
         // A rewrite that keeps the vector routed does not fire.
         msix.write_table(0, &0xfee0_1000u32.to_le_bytes());
         assert!(msix.vectors[0].event.read().is_err());
+    }
+
+    #[test]
+    fn huge_offsets_read_as_zero_and_write_nothing() {
+        let (mut msix, router) = msix(2);
+        for offset in [ENTRY_SIZE * 2, u64::MAX - 3, u64::MAX] {
+            let mut data = [0xaau8; 4];
+            msix.read_table(offset, &mut data);
+            assert_eq!(data, [0; 4], "table at {offset:#x}");
+            let mut data = [0xaau8; 8];
+            msix.read_pba(offset, &mut data);
+            assert_eq!(data, [0; 8], "PBA at {offset:#x}");
+            msix.write_table(offset, &[0; 4]);
+        }
+        assert!(router.0.lock().unwrap().is_empty(), "no entry changed");
     }
 
     #[test]

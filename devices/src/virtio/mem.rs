@@ -8,14 +8,13 @@
 //! transaction for the DMA-mapping engine.
 
 use std::io;
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::queue_worker::{Drain, QueueHandler, QueueWorker, Serve};
 use super::*;
 
 pub const VIRTIO_ID_MEM: u32 = 24;
@@ -27,6 +26,11 @@ const REQ_UNPLUG_ALL: u16 = 2;
 const REQ_STATE: u16 = 3;
 const RESP_ACK: u16 = 0;
 const RESP_NACK: u16 = 1;
+/// The host cannot do it now (a device refused the mapping, say): the
+/// driver retries later or on the next config change. Linux treats
+/// RESP_ERROR ("error in request") as a driver bug and stops using the
+/// device ("unknown error, marking device broken"); QEMU answers BUSY too.
+const RESP_BUSY: u16 = 2;
 const RESP_ERROR: u16 = 3;
 const STATE_PLUGGED: u16 = 0;
 const STATE_UNPLUGGED: u16 = 1;
@@ -44,13 +48,33 @@ const CFG_PLUGGED_SIZE: usize = 40;
 const CFG_REQUESTED_SIZE: usize = 48;
 const CFG_LEN: usize = 56;
 
+/// Why the host could not plug or unplug memory; the guest's request
+/// fails with the virtio-mem BUSY status.
+#[derive(Debug, thiserror::Error)]
+pub enum HotplugError {
+    /// The memory could not be described to the devices.
+    #[error(transparent)]
+    Translate(#[from] crate::dma::TranslateError),
+    /// A device refused the change; no device or space changed.
+    #[error(transparent)]
+    Map(#[from] crate::dma::SpaceError),
+    /// No device reaches the memory any more, but giving it back to the
+    /// host failed.
+    #[error("cannot release guest memory {gpa:#x} size {size:#x}: {source}")]
+    Release {
+        gpa: u64,
+        size: u64,
+        source: io::Error,
+    },
+}
+
 /// What plugging and unplugging mean on the host side.
 pub trait HotplugBackend: Send + Sync {
     /// Makes the ranges (guest address, size) usable; an error fails the
     /// guest's request and must leave nothing half done.
-    fn plug(&self, ranges: &[(u64, u64)]) -> Result<(), String>;
+    fn plug(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError>;
     /// Takes the ranges away; an error fails the guest's request.
-    fn unplug(&self, ranges: &[(u64, u64)]) -> Result<(), String>;
+    fn unplug(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError>;
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -59,8 +83,6 @@ pub enum ResizeError {
     Unaligned { size: u64, block: u64 },
     #[error("size {size:#x} exceeds the hotplug region of {max:#x}")]
     TooLarge { size: u64, max: u64 },
-    #[error("a resize to {pending:#x} is still pending (plugged {plugged:#x})")]
-    Pending { pending: u64, plugged: u64 },
     #[error("the guest has not started its virtio-mem driver")]
     NoDriver,
 }
@@ -175,7 +197,7 @@ fn handle_request(
                 backend.unplug(&ranges)
             };
             if result.is_err() {
-                return finish(state, name, ranges, RESP_ERROR, 0, started);
+                return finish(state, name, ranges, RESP_BUSY, 0, started);
             }
             state.plugged[blocks].fill(plug);
             (name, ranges, RESP_ACK, 0)
@@ -183,7 +205,7 @@ fn handle_request(
         REQ_UNPLUG_ALL => {
             let ranges = state.plugged_ranges();
             if !ranges.is_empty() && backend.unplug(&ranges).is_err() {
-                return finish(state, "unplug_all", ranges, RESP_ERROR, 0, started);
+                return finish(state, "unplug_all", ranges, RESP_BUSY, 0, started);
             }
             state.plugged.fill(false);
             ("unplug_all", ranges, RESP_ACK, 0)
@@ -228,21 +250,10 @@ fn finish(
     (response, device_state)
 }
 
-/// What the device tells its worker thread.
-enum Command {
-    Serve {
-        queue: Queue,
-        kick: EventFd,
-        interrupt: Arc<dyn VirtioInterrupt>,
-    },
-    Stop,
-}
-
 pub struct VirtioMem {
     state: Arc<Mutex<MemState>>,
-    commands: Sender<Command>,
-    /// Wakes the worker when a command is queued.
-    wake: EventFd,
+    /// Serves the request queue (see `queue_worker`).
+    worker: QueueWorker<RequestHandler>,
 }
 
 impl VirtioMem {
@@ -257,24 +268,9 @@ impl VirtioMem {
         on_start: Box<dyn FnOnce() -> Result<(), String> + Send>,
     ) -> io::Result<VirtioMem> {
         let state = Arc::new(Mutex::new(MemState::new(region)));
-        let (commands, receiver) = channel();
-        let wake = EventFd::new(EFD_NONBLOCK)?;
-        let worker_wake = wake.try_clone()?;
-        let worker_state = state.clone();
-        std::thread::Builder::new()
-            .name("virtio-mem".into())
-            .spawn(move || {
-                if let Err(e) = on_start() {
-                    eprintln!("microvm: virtio-mem disabled: {e}");
-                    return;
-                }
-                worker(receiver, worker_wake, memory, worker_state, backend)
-            })?;
-        Ok(VirtioMem {
-            state,
-            commands,
-            wake,
-        })
+        let handler = RequestHandler::new(state.clone(), backend);
+        let worker = QueueWorker::spawn("virtio-mem", memory, handler, on_start)?;
+        Ok(VirtioMem { state, worker })
     }
 
     /// Shared with the control API.
@@ -286,8 +282,8 @@ impl VirtioMem {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sets the size the guest should plug; the caller signals the config
-    /// change to the driver.
+    /// Sets the size the guest should plug, replacing any earlier target;
+    /// the caller signals the config change to the driver.
     pub fn request_size(&self, size: u64) -> Result<(), ResizeError> {
         let mut state = self.lock();
         let region = state.region;
@@ -306,129 +302,64 @@ impl VirtioMem {
         if !state.driver_active {
             return Err(ResizeError::NoDriver);
         }
-        let plugged = state.plugged_size();
-        if state.requested_size != plugged && state.requested_size != size {
-            return Err(ResizeError::Pending {
-                pending: state.requested_size,
-                plugged,
-            });
-        }
+        // A target the guest has not reached yet is simply replaced: the
+        // driver re-reads requested_size on the config change and works
+        // towards the newest one.
         state.requested_size = size;
         Ok(())
     }
-
-    fn send(&self, command: Command) {
-        // The worker only stops with the process; a send cannot fail before.
-        let _ = self.commands.send(command);
-        let _ = self.wake.write(1);
-    }
 }
 
-/// Waits for readability of `fds`; false if polling failed.
-fn wait_readable(fds: &mut [libc::pollfd]) -> bool {
-    loop {
-        // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd
-        // structs, and its length is passed along.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if ready >= 0 {
-            return true;
-        }
-        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return false;
-        }
-    }
-}
-
-fn pollfd(fd: &EventFd) -> libc::pollfd {
-    libc::pollfd {
-        fd: std::os::fd::AsRawFd::as_raw_fd(fd),
-        events: libc::POLLIN,
-        revents: 0,
-    }
-}
-
-/// The worker: idle until the driver starts, then serves the request queue
-/// on each kick, until told to stop (reset) or to serve anew.
-fn worker(
-    commands: Receiver<Command>,
-    wake: EventFd,
-    memory: Arc<GuestMemoryMmap>,
+/// Answers the driver's requests: what the worker runs on each kick, and
+/// what tests and fuzz targets drive directly through a `Drain`.
+pub struct RequestHandler {
     state: Arc<Mutex<MemState>>,
     backend: Arc<dyn HotplugBackend>,
-) {
-    let mut serving: Option<(Queue, EventFd, Arc<dyn VirtioInterrupt>)> = None;
-    loop {
-        let mut fds = vec![pollfd(&wake)];
-        if let Some((_, kick, _)) = &serving {
-            fds.push(pollfd(kick));
-        }
-        if !wait_readable(&mut fds) {
-            return;
-        }
-        if fds[0].revents != 0 {
-            let _ = wake.read();
-            while let Ok(command) = commands.try_recv() {
-                serving = match command {
-                    Command::Serve {
-                        queue,
-                        kick,
-                        interrupt,
-                    } => Some((queue, kick, interrupt)),
-                    Command::Stop => None,
-                };
-            }
-        }
-        if let Some((queue, kick, interrupt)) = serving.as_mut() {
-            if fds.get(1).is_some_and(|f| f.revents != 0) || fds[0].revents != 0 {
-                let _ = kick.read();
-                serve_queue(queue, &memory, &state, backend.as_ref(), interrupt.as_ref());
-            }
-        }
+}
+
+impl RequestHandler {
+    pub fn new(state: Arc<Mutex<MemState>>, backend: Arc<dyn HotplugBackend>) -> RequestHandler {
+        RequestHandler { state, backend }
     }
 }
 
-fn serve_queue(
-    queue: &mut Queue,
-    memory: &GuestMemoryMmap,
-    state: &Mutex<MemState>,
-    backend: &dyn HotplugBackend,
-    interrupt: &dyn VirtioInterrupt,
-) {
-    {
-        let mut served = false;
-        while let Some(chain) = queue.pop_descriptor_chain(memory) {
-            let head = chain.head_index();
-            let mut request = [0u8; REQ_SIZE];
-            let mut response_addr = None;
-            let mut have_request = false;
-            for descriptor in chain {
-                if descriptor.is_write_only() {
-                    if descriptor.len() >= RESP_SIZE {
-                        response_addr.get_or_insert(descriptor.addr());
-                    }
-                } else if !have_request && descriptor.len() as usize >= REQ_SIZE {
-                    have_request = memory.read_slice(&mut request, descriptor.addr()).is_ok();
+impl QueueHandler for RequestHandler {
+    fn serve(&mut self, drain: &mut Drain<'_>) {
+        serve_requests(drain, &self.state, self.backend.as_ref())
+    }
+}
+
+/// Answers every request the driver queued (one kick's worth).
+fn serve_requests(drain: &mut Drain<'_>, state: &Mutex<MemState>, backend: &dyn HotplugBackend) {
+    let memory = drain.memory();
+    while let Some(chain) = drain.next_chain() {
+        let head = chain.head_index();
+        let mut request = [0u8; REQ_SIZE];
+        let mut response_addr = None;
+        let mut have_request = false;
+        for descriptor in chain {
+            if descriptor.is_write_only() {
+                if descriptor.len() >= RESP_SIZE {
+                    response_addr.get_or_insert(descriptor.addr());
                 }
+            } else if !have_request && descriptor.len() as usize >= REQ_SIZE {
+                have_request = memory.read_slice(&mut request, descriptor.addr()).is_ok();
             }
-            let mut written = 0;
-            if let (true, Some(addr)) = (have_request, response_addr) {
-                let (response, device_state) = {
-                    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-                    handle_request(&mut state, backend, &request)
-                };
-                let mut bytes = [0u8; RESP_SIZE as usize];
-                bytes[0..2].copy_from_slice(&response.to_le_bytes());
-                bytes[8..10].copy_from_slice(&device_state.to_le_bytes());
-                if memory.write_slice(&bytes, addr).is_ok() {
-                    written = RESP_SIZE;
-                }
+        }
+        let mut written = 0;
+        if let (true, Some(addr)) = (have_request, response_addr) {
+            let (response, device_state) = {
+                let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                handle_request(&mut state, backend, &request)
+            };
+            let mut bytes = [0u8; RESP_SIZE as usize];
+            bytes[0..2].copy_from_slice(&response.to_le_bytes());
+            bytes[8..10].copy_from_slice(&device_state.to_le_bytes());
+            if memory.write_slice(&bytes, addr).is_ok() {
+                written = RESP_SIZE;
             }
-            let _ = queue.add_used(memory, head, written);
-            served = true;
         }
-        if served {
-            let _ = interrupt.signal_queue(0);
-        }
+        drain.add_used(head, written);
     }
 }
 
@@ -472,30 +403,34 @@ impl VirtioDevice for VirtioMem {
             activation.queues.first(),
             activation.kicks.into_iter().next(),
         ) else {
-            return Err(ActivateError::Backend(
-                "virtio-mem: the request queue is not enabled".into(),
-            ));
+            return Err(ActivateError::QueueNotEnabled { index: 0 });
         };
-        let mut queue =
-            Queue::new(QUEUE_SIZE).map_err(|e| ActivateError::Backend(e.to_string()))?;
+        let queue_error = |source| ActivateError::Queue { index: 0, source };
+        let mut queue = Queue::new(QUEUE_SIZE).map_err(queue_error)?;
         queue
             .try_set_size(config.size)
             .and_then(|_| queue.try_set_desc_table_address(GuestAddress(config.desc)))
             .and_then(|_| queue.try_set_avail_ring_address(GuestAddress(config.driver)))
             .and_then(|_| queue.try_set_used_ring_address(GuestAddress(config.device)))
-            .map_err(|e| ActivateError::Backend(format!("virtio-mem queue: {e}")))?;
+            .map_err(queue_error)?;
         queue.set_ready(true);
-        self.send(Command::Serve {
-            queue,
-            kick,
-            interrupt: activation.interrupt,
-        });
+        self.worker
+            .serve(Serve {
+                queue,
+                index: 0,
+                kick,
+                interrupt: activation.interrupt,
+            })
+            .map_err(|e| ActivateError::Backend(Box::new(e)))?;
         self.lock().driver_active = true;
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.send(Command::Stop);
+        // Returns once the worker has let go of the old ring. It fails only
+        // if the worker never started (its seccomp filter failed), and then
+        // nothing serves the ring anyway.
+        let _ = self.worker.stop();
         // Plugged memory stays plugged across a driver reset; the driver
         // finds it with STATE or releases it with UNPLUG_ALL.
         self.lock().driver_active = false;
@@ -516,14 +451,15 @@ mod tests {
     }
 
     impl HotplugBackend for RecordingBackend {
-        fn plug(&self, ranges: &[(u64, u64)]) -> Result<(), String> {
+        fn plug(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
             self.calls.lock().unwrap().push((true, ranges.to_vec()));
             if *self.fail.lock().unwrap() {
-                return Err("refused".into());
+                let (gpa, size) = ranges[0];
+                return Err(crate::dma::TranslateError::NotRam { gpa, size }.into());
             }
             Ok(())
         }
-        fn unplug(&self, ranges: &[(u64, u64)]) -> Result<(), String> {
+        fn unplug(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
             self.calls.lock().unwrap().push((false, ranges.to_vec()));
             Ok(())
         }
@@ -640,7 +576,8 @@ mod tests {
         let mut s = state();
         assert_eq!(
             handle_request(&mut s, &backend, &req(REQ_PLUG, BASE, 4)),
-            (RESP_ERROR, 0)
+            (RESP_BUSY, 0),
+            "a host-side failure is BUSY, so the driver retries"
         );
         assert_eq!(s.plugged_size(), 0);
         assert_eq!(s.history[0].result, "error");
@@ -704,10 +641,127 @@ mod tests {
             Err(ResizeError::TooLarge { .. })
         ));
         device.request_size(4 * BLOCK).unwrap();
-        assert!(matches!(
-            device.request_size(8 * BLOCK),
-            Err(ResizeError::Pending { .. })
-        ));
-        device.request_size(4 * BLOCK).unwrap();
+        // The guest has not reached 4 blocks: a new target replaces it.
+        device.request_size(8 * BLOCK).unwrap();
+        assert_eq!(device.lock().requested_size, 8 * BLOCK);
+        device.request_size(0).unwrap();
+        assert_eq!(device.lock().requested_size, 0);
+    }
+
+    /// Counts plug calls; each one waits for the test to let it finish.
+    struct BlockingBackend {
+        entered: Mutex<std::sync::mpsc::Sender<()>>,
+        release: Mutex<std::sync::mpsc::Receiver<()>>,
+        plugs: std::sync::atomic::AtomicUsize,
+    }
+
+    impl HotplugBackend for BlockingBackend {
+        fn plug(&self, _ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
+            self.plugs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = self.entered.lock().unwrap().send(());
+            let _ = self.release.lock().unwrap().recv();
+            Ok(())
+        }
+        fn unplug(&self, _ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct CountingInterrupt(std::sync::atomic::AtomicUsize);
+
+    impl VirtioInterrupt for CountingInterrupt {
+        fn signal_queue(&self, _queue: u16) -> io::Result<()> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+        fn signal_config(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn queue_irqfd(&self, _queue: u16) -> Option<vmm_sys_util::eventfd::EventFd> {
+            None
+        }
+        fn config_irqfd(&self) -> Option<vmm_sys_util::eventfd::EventFd> {
+            None
+        }
+    }
+
+    #[test]
+    fn reset_returns_only_once_the_worker_let_go_of_the_ring() {
+        use super::super::test_ring::TestRing;
+        use std::sync::atomic::Ordering;
+        use std::sync::mpsc::channel;
+        use std::time::Duration;
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+        let memory = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let (entered_tx, entered) = channel();
+        let (release, release_rx) = channel();
+        let backend = Arc::new(BlockingBackend {
+            entered: Mutex::new(entered_tx),
+            release: Mutex::new(release_rx),
+            plugs: Default::default(),
+        });
+        let region = MemRegion {
+            addr: BASE,
+            size: 64 * BLOCK,
+            block_size: BLOCK,
+        };
+        let mut device =
+            VirtioMem::new(region, backend.clone(), memory.clone(), Box::new(|| Ok(()))).unwrap();
+        device.lock().requested_size = 16 * BLOCK;
+        // Three PLUG requests queued at once.
+        let mut ring = TestRing::new(0x1000, 16);
+        for i in 0..3u64 {
+            let at = 0x10000 + i * 0x100;
+            memory
+                .write_slice(&req(REQ_PLUG, BASE + i * BLOCK, 1), GuestAddress(at))
+                .unwrap();
+            ring.add_chain(
+                &memory,
+                &[(at, REQ_SIZE as u32, false), (at + 0x80, RESP_SIZE, true)],
+            );
+        }
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        device
+            .activate(Activation {
+                features: VIRTIO_F_VERSION_1,
+                queues: vec![ring.config(0)],
+                kicks: vec![kick.try_clone().unwrap()],
+                interrupt: Arc::new(CountingInterrupt::default()),
+            })
+            .unwrap();
+        kick.write(1).unwrap();
+        entered
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the worker takes the first request");
+
+        // The guest resets the device while the first plug is in flight.
+        let (returned_tx, returned) = channel();
+        let resetting = std::thread::spawn(move || {
+            device.reset();
+            returned_tx.send(()).unwrap();
+            device
+        });
+        assert!(
+            returned.recv_timeout(Duration::from_millis(300)).is_err(),
+            "reset returned while the worker was still inside a request"
+        );
+        release.send(()).unwrap();
+        let device = resetting.join().unwrap();
+
+        // The request in flight completed before reset returned; the other
+        // two are left alone, and nothing moves on the old ring any more,
+        // even when plugs would no longer block and the guest kicks again.
+        let used_at_reset = ring.used_idx(&memory);
+        for _ in 0..2 {
+            let _ = release.send(());
+        }
+        kick.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(used_at_reset, 1);
+        assert_eq!(backend.plugs.load(Ordering::SeqCst), 1);
+        let after_reset = (ring.used_idx(&memory), device.lock().plugged_size());
+        assert_eq!(after_reset, (1, BLOCK));
     }
 }

@@ -4,8 +4,12 @@
 //! as a virtio 1.x (modern) PCI function: feature negotiation, the status
 //! state machine, queue configuration, notifications and MSI-X interrupts.
 
+pub mod iommu;
 pub mod mem;
 pub mod pci;
+pub mod queue_worker;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_ring;
 pub mod vdpa_net;
 
 use std::io;
@@ -58,10 +62,22 @@ pub struct Activation {
     pub interrupt: std::sync::Arc<dyn VirtioInterrupt>,
 }
 
+/// Why a device could not start when the driver set DRIVER_OK; the
+/// transport then reports DEVICE_NEEDS_RESET.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
-    #[error("{0}")]
-    Backend(String),
+    /// The device needs queue `index`, and the driver did not enable it.
+    #[error("queue {index} is not enabled")]
+    QueueNotEnabled { index: u16 },
+    /// The driver configured queue `index` in a way the device cannot use.
+    #[error("queue {index}: {source}")]
+    Queue {
+        index: u16,
+        source: virtio_queue::Error,
+    },
+    /// The device's own backend refused (typed by the device model).
+    #[error(transparent)]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A virtio device model, independent of its transport.

@@ -325,12 +325,15 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         let len = data.len().min(8);
         bytes[..len].copy_from_slice(&data[..len]);
         let value = u64::from_le_bytes(bytes);
-        // Queue layout is fixed once the driver is running.
+        // Queue layout is fixed once the driver is running, features once
+        // the driver set FEATURES_OK (§3.1.1) or gave up (FAILED).
         let configuring = self.status & STATUS_DRIVER_OK == 0;
+        let negotiating =
+            self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED) == 0;
         match offset {
             0x00 => self.device_feature_select = value as u32,
             0x08 => self.driver_feature_select = value as u32,
-            0x0c if configuring => match self.driver_feature_select {
+            0x0c if negotiating => match self.driver_feature_select {
                 0 => {
                     self.driver_features =
                         (self.driver_features & !0xffff_ffff) | (value & 0xffff_ffff)
@@ -406,33 +409,61 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         }
     }
 
-    fn write_status(&mut self, status: u8) {
-        if status == 0 {
+    /// The driver wrote `written` to device_status. Virtio 1.2 §2.1.1 and
+    /// §3.1.1: 0 resets; otherwise the driver only adds bits, in the order
+    /// ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK. FEATURES_OK is not kept
+    /// when the features are invalid (the spec's way to refuse them); any
+    /// other step the spec does not allow leaves the status as it was plus
+    /// DEVICE_NEEDS_RESET, so the transport never reports a state the device
+    /// is not in (a driver that clears DRIVER_OK cannot re-arm queues).
+    fn write_status(&mut self, written: u8) {
+        if written == 0 {
             self.reset();
             return;
         }
-        let mut status = status;
-        if status & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
-            // The driver may only accept what was offered; VERSION_1 is mandatory.
-            let offered = self.device.features();
-            if self.driver_features & !offered != 0
-                || self.driver_features & VIRTIO_F_VERSION_1 == 0
-            {
-                status &= !STATUS_FEATURES_OK;
+        let old = self.status;
+        // DEVICE_NEEDS_RESET is the device's bit; the driver's copy is ignored.
+        let mut status = (written & !STATUS_DEVICE_NEEDS_RESET) | (old & STATUS_DEVICE_NEEDS_RESET);
+        if old & STATUS_FAILED != 0 {
+            // After FAILED, only a reset is allowed (§2.1.1).
+            return;
+        }
+        let cleared = old & !status;
+        let added = status & !old;
+        let requires = |bit: u8, before: u8| added & bit == 0 || status & before == before;
+        let in_order = requires(STATUS_DRIVER, STATUS_ACKNOWLEDGE)
+            && requires(STATUS_FEATURES_OK, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
+            && requires(
+                STATUS_DRIVER_OK,
+                STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+            );
+        if cleared != 0 || !in_order {
+            return self.needs_reset();
+        }
+        if added & STATUS_FEATURES_OK != 0 && !self.features_acceptable() {
+            status &= !STATUS_FEATURES_OK;
+            if status & STATUS_DRIVER_OK != 0 {
+                return self.needs_reset();
             }
         }
-        let newly_ok = status & STATUS_DRIVER_OK != 0 && !self.active;
         self.status = status;
-        if status & STATUS_FAILED != 0 {
+        if added & STATUS_FAILED != 0 {
             if self.active {
                 self.device.reset();
                 self.active = false;
             }
             return;
         }
-        if newly_ok && status & STATUS_FEATURES_OK != 0 {
+        if added & STATUS_DRIVER_OK != 0 {
             self.activate();
         }
+    }
+
+    /// The driver may only accept what was offered; VERSION_1 is mandatory
+    /// for a modern-only device.
+    fn features_acceptable(&self) -> bool {
+        let offered = self.device.features();
+        self.driver_features & !offered == 0 && self.driver_features & VIRTIO_F_VERSION_1 != 0
     }
 
     fn activate(&mut self) {
@@ -469,8 +500,15 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// The device could not start: tell the driver it needs a reset.
     fn fail_activation(&mut self) {
         self.counters.activation_failures += 1;
-        self.status |= STATUS_DEVICE_NEEDS_RESET;
-        self.signal_config_change();
+        self.needs_reset();
+    }
+
+    /// Sets DEVICE_NEEDS_RESET and tells the driver, once (§2.1.2).
+    fn needs_reset(&mut self) {
+        if self.status & STATUS_DEVICE_NEEDS_RESET == 0 {
+            self.status |= STATUS_DEVICE_NEEDS_RESET;
+            self.signal_config_change();
+        }
     }
 
     fn reset(&mut self) {
@@ -572,8 +610,8 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
 
     fn config_written(&mut self, offset: usize, len: usize) {
         // Message control is the upper half of the MSI-X capability's first dword.
-        let control = self.msix_cap_offset + 2;
-        if offset <= control + 1 && offset + len > control {
+        let control = self.msix_cap_offset.saturating_add(2);
+        if offset <= control.saturating_add(1) && offset.saturating_add(len) > control {
             let value = self.config.u16_at(control);
             self.msix
                 .lock()
@@ -591,7 +629,9 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
                     &mut *self.interrupt.isr.lock().unwrap_or_else(|p| p.into_inner()),
                 );
                 data.fill(0);
-                data[0] = isr;
+                if let Some(first) = data.first_mut() {
+                    *first = isr;
+                }
             }
             o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_LEN).contains(&o) => {
                 self.device.read_config(o - DEVICE_OFFSET, data)
@@ -682,7 +722,7 @@ mod tests {
         }
         fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
             if self.fail_activation {
-                return Err(ActivateError::Backend("refused".into()));
+                return Err(ActivateError::QueueNotEnabled { index: 0 });
             }
             let irqfd = activation.interrupt.queue_irqfd(0).is_some();
             self.recorded.lock().unwrap().activations.push((
@@ -762,23 +802,17 @@ mod tests {
 
     /// What Linux's virtio_pci_modern does, up to DRIVER_OK.
     fn drive_to_ok(pci: &mut VirtioPciDevice<FakeDevice>, features: u64) -> u8 {
-        write(pci, 0x14, 0, 1);
-        write(pci, 0x14, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER), 1);
         write(pci, 0x00, 1, 4);
         assert_eq!(read(pci, 0x04, 4), FAKE_FEATURES >> 32);
-        write(pci, 0x08, 0, 4);
-        write(pci, 0x0c, features & 0xffff_ffff, 4);
-        write(pci, 0x08, 1, 4);
-        write(pci, 0x0c, features >> 32, 4);
-        write(
-            pci,
-            0x14,
-            u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK),
-            1,
-        );
-        if read(pci, 0x14, 1) as u8 & STATUS_FEATURES_OK == 0 {
-            return read(pci, 0x14, 1) as u8;
+        let status = drive_to_features_ok(pci, features);
+        if status & STATUS_FEATURES_OK == 0 {
+            return status;
         }
+        finish_to_ok(pci)
+    }
+
+    /// From FEATURES_OK: queues and vectors, then DRIVER_OK.
+    fn finish_to_ok(pci: &mut VirtioPciDevice<FakeDevice>) -> u8 {
         write(pci, 0x10, 2, 2); // config vector
         for queue in 0..2u64 {
             write(pci, 0x16, queue, 2);
@@ -835,6 +869,110 @@ mod tests {
         let (mut pci, _, _) = transport(false);
         assert_eq!(drive_to_ok(&mut pci, 0b1) & STATUS_FEATURES_OK, 0);
         assert!(recorded.lock().unwrap().activations.is_empty());
+    }
+
+    /// Status after the driver's steps up to FEATURES_OK with `features`.
+    fn drive_to_features_ok(pci: &mut VirtioPciDevice<FakeDevice>, features: u64) -> u8 {
+        write(pci, 0x14, 0, 1);
+        write(pci, 0x14, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER), 1);
+        write(pci, 0x08, 0, 4);
+        write(pci, 0x0c, features & 0xffff_ffff, 4);
+        write(pci, 0x08, 1, 4);
+        write(pci, 0x0c, features >> 32, 4);
+        write(pci, 0x14, u64::from(UP_TO_FEATURES_OK), 1);
+        read(pci, 0x14, 1) as u8
+    }
+
+    const UP_TO_FEATURES_OK: u8 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+
+    fn driver_features(pci: &mut VirtioPciDevice<FakeDevice>) -> u64 {
+        write(pci, 0x08, 0, 4);
+        let low = read(pci, 0x0c, 4);
+        write(pci, 0x08, 1, 4);
+        low | (read(pci, 0x0c, 4) << 32)
+    }
+
+    #[test]
+    fn driver_features_are_frozen_at_features_ok() {
+        let (mut pci, recorded, _) = transport(false);
+        let accepted = VIRTIO_F_VERSION_1 | 0b1;
+        assert_eq!(drive_to_features_ok(&mut pci, accepted), UP_TO_FEATURES_OK);
+        // Dropping VERSION_1 and adding a bit never offered, after FEATURES_OK.
+        write(&mut pci, 0x08, 0, 4);
+        write(&mut pci, 0x0c, 0b110, 4);
+        write(&mut pci, 0x08, 1, 4);
+        write(&mut pci, 0x0c, 0, 4);
+        assert_eq!(driver_features(&mut pci), accepted);
+        let status = finish_to_ok(&mut pci);
+        assert_ne!(status & STATUS_DRIVER_OK, 0);
+        assert_eq!(recorded.lock().unwrap().activations[0].0, accepted);
+        assert_eq!(pci.negotiated_features(), accepted);
+    }
+
+    #[test]
+    fn features_ok_is_refused_for_invalid_features_and_driver_ok_cannot_skip_it() {
+        let (mut pci, recorded, _) = transport(false);
+        let status = drive_to_features_ok(&mut pci, VIRTIO_F_VERSION_1 | 0b10);
+        assert_eq!(status & STATUS_FEATURES_OK, 0, "unoffered bit 1");
+        let status = drive_to_features_ok(&mut pci, 0b1);
+        assert_eq!(status & STATUS_FEATURES_OK, 0, "no VERSION_1");
+        // DRIVER_OK written without FEATURES_OK is not a way in.
+        write(
+            &mut pci,
+            0x14,
+            u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK),
+            1,
+        );
+        let status = read(&mut pci, 0x14, 1) as u8;
+        assert_eq!(status & STATUS_DRIVER_OK, 0);
+        assert_ne!(status & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert!(recorded.lock().unwrap().activations.is_empty());
+    }
+
+    #[test]
+    fn clearing_driver_ok_cannot_move_a_running_device_to_new_rings() {
+        let (mut pci, recorded, _) = transport(false);
+        let all = drive_to_ok(&mut pci, VIRTIO_F_VERSION_1);
+        // Status written non-zero without DRIVER_OK, new rings, DRIVER_OK again.
+        write(&mut pci, 0x14, u64::from(UP_TO_FEATURES_OK), 1);
+        write(&mut pci, 0x16, 0, 2);
+        write(&mut pci, 0x20, 0xdead_0000, 8);
+        write(&mut pci, 0x14, u64::from(all), 1);
+        let status = read(&mut pci, 0x14, 1) as u8;
+        assert_ne!(status & STATUS_DEVICE_NEEDS_RESET, 0, "{status:#x}");
+        let recorded = recorded.lock().unwrap();
+        assert_eq!(recorded.activations.len(), 1);
+        let active_desc = recorded.activations[0].1[0].desc;
+        assert_eq!(
+            read(&mut pci, 0x20, 8),
+            active_desc,
+            "the transport reports the rings the device uses"
+        );
+    }
+
+    #[test]
+    fn a_driver_may_not_clear_status_bits_or_skip_steps() {
+        let (mut pci, _, _) = transport(false);
+        write(&mut pci, 0x14, u64::from(STATUS_DRIVER), 1);
+        let status = read(&mut pci, 0x14, 1) as u8;
+        assert_eq!(
+            status, STATUS_DEVICE_NEEDS_RESET,
+            "DRIVER before ACKNOWLEDGE"
+        );
+        // Only a reset clears the condition.
+        write(&mut pci, 0x14, 0, 1);
+        assert_eq!(
+            drive_to_features_ok(&mut pci, VIRTIO_F_VERSION_1),
+            UP_TO_FEATURES_OK
+        );
+        write(&mut pci, 0x14, u64::from(STATUS_ACKNOWLEDGE), 1);
+        assert_eq!(
+            read(&mut pci, 0x14, 1) as u8,
+            UP_TO_FEATURES_OK | STATUS_DEVICE_NEEDS_RESET,
+            "bits the driver cleared stay set"
+        );
+        write(&mut pci, 0x14, 0, 1);
+        assert_eq!(read(&mut pci, 0x14, 1), 0);
     }
 
     #[test]
@@ -901,6 +1039,34 @@ mod tests {
                 (true, 0x2_0000_3004)
             ]
         );
+    }
+
+    #[test]
+    fn huge_offsets_through_the_bar_and_config_space_change_nothing() {
+        let (mut pci, recorded, _) = transport(false);
+        for offset in [BAR_SIZE, u64::MAX - 7, u64::MAX] {
+            let mut data = [0xaau8; 8];
+            pci.read_bar(0, offset, &mut data);
+            pci.write_bar(0, offset, &[0xff; 8]);
+        }
+        pci.config_written(usize::MAX, usize::MAX);
+        pci.config_mut().write(usize::MAX, &[0xff; 4]);
+        let mut data = [0u8; 4];
+        pci.config().read(usize::MAX - 1, &mut data);
+        assert_eq!(data, [0xff; 4]);
+        assert_eq!(pci.status(), 0);
+        assert!(recorded.lock().unwrap().config_writes.is_empty());
+        // Empty accesses (found by the virtio_pci fuzz target on the ISR).
+        for offset in [
+            0,
+            ISR_OFFSET,
+            DEVICE_OFFSET,
+            NOTIFY_OFFSET,
+            MSIX_TABLE_OFFSET,
+        ] {
+            pci.read_bar(0, offset, &mut []);
+            pci.write_bar(0, offset, &[]);
+        }
     }
 
     #[test]

@@ -14,13 +14,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost::vdpa::VhostVdpa;
 use vhost::vhost_kern::vdpa::VhostKernVdpa;
+use vhost::vhost_kern::vhost_binding;
 use vhost::vhost_kern::VhostKernFeatures;
-use vhost::{VhostBackend, VringConfigData};
+use vhost::VhostBackend;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use super::*;
-use crate::dma::{DmaCounters, DmaError, DmaMapper, DmaRange, VhostVdpaIotlb};
+use crate::dma::{DmaCounters, DmaMapper, DmaRange, VhostVdpaIotlb};
 
 pub const VIRTIO_ID_NET: u32 = 1;
 
@@ -49,9 +51,8 @@ const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// Features the guest may see when the device offers them. Anything else
 /// (packed rings, features this VMM does not understand) stays hidden.
-/// ACCESS_PLATFORM is never offered to the guest here: without a vIOMMU the
-/// device's IOVA is the guest physical address, so the VMM acks it towards
-/// the device on the guest's behalf.
+/// ACCESS_PLATFORM is decided by [`Translation`]: offered behind a vIOMMU,
+/// hidden (and acked towards the device on the guest's behalf) otherwise.
 const GUEST_VISIBLE_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_NET_F_CSUM
     | VIRTIO_NET_F_GUEST_CSUM
@@ -101,8 +102,20 @@ pub enum VdpaError {
     },
     #[error("cannot duplicate the vhost-vdpa descriptor: {0}")]
     Dup(std::io::Error),
-    #[error("cannot map guest memory for '{path}': {source}")]
-    Map { path: PathBuf, source: DmaError },
+    #[error("vhost-vdpa device '{path}' refused the features the driver chose")]
+    FeaturesRefused { path: PathBuf },
+}
+
+/// How the device's IOVAs relate to guest addresses; decided once, where
+/// the device is wired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Translation {
+    /// IOVA = guest physical address; the device reaches all guest RAM and
+    /// follows memory hotplug. The guest is not offered ACCESS_PLATFORM.
+    Identity,
+    /// Behind the vIOMMU: IOVAs are the guest's, the device reaches only
+    /// what the guest mapped. The guest is offered ACCESS_PLATFORM.
+    Iommu,
 }
 
 #[derive(Clone, Debug)]
@@ -110,6 +123,11 @@ pub struct VdpaNetConfig {
     pub path: PathBuf,
     pub mac: Option<[u8; 6]>,
     pub queue_pairs: u16,
+    pub translation: Translation,
+    /// Ack VHOST_BACKEND_F_IOTLB_BATCH when offered. Off sends one message
+    /// per change, as peers do: a baseline, and the way a device's refusal
+    /// reaches the VMM (the kernel ignores a refusal at BATCH_END).
+    pub batching: bool,
 }
 
 /// What was negotiated with the kernel, for `info`.
@@ -159,6 +177,7 @@ pub struct VdpaNet {
     queue_max_size: u16,
     queue_count: u16,
     mac: Option<[u8; 6]>,
+    translation: Translation,
     active: Vec<QueueConfig>,
     activations: u64,
     resets: u64,
@@ -213,10 +232,12 @@ impl VdpaNet {
                 what: "VHOST_BACKEND_F_IOTLB_MSG_V2",
             });
         }
+        let batch = match config.batching {
+            true => VHOST_BACKEND_F_IOTLB_BATCH,
+            false => 0,
+        };
         let backend_features = offered_backend
-            & (VHOST_BACKEND_F_IOTLB_MSG_V2
-                | VHOST_BACKEND_F_IOTLB_BATCH
-                | VHOST_BACKEND_F_IOTLB_PERSIST);
+            & (VHOST_BACKEND_F_IOTLB_MSG_V2 | batch | VHOST_BACKEND_F_IOTLB_PERSIST);
         vhost
             .set_backend_features(backend_features)
             .map_err(ioctl("VHOST_SET_BACKEND_FEATURES"))?;
@@ -279,6 +300,7 @@ impl VdpaNet {
             queue_max_size,
             queue_count: 2 * config.queue_pairs,
             mac: config.mac,
+            translation: config.translation,
             active: Vec::new(),
             activations: 0,
             resets: 0,
@@ -336,8 +358,16 @@ impl VdpaNet {
         }
     }
 
-    fn start(&mut self, activation: &Activation) -> Result<(), String> {
-        let fail = |what: &str, e: vhost::Error| format!("{}: {what}: {e}", self.path.display());
+    pub fn translation(&self) -> Translation {
+        self.translation
+    }
+
+    fn start(&mut self, activation: &Activation) -> Result<(), VdpaError> {
+        let fail = |what: &'static str, source: vhost::Error| VdpaError::Ioctl {
+            path: self.path.clone(),
+            what,
+            source,
+        };
         let base = STATUS_ACKNOWLEDGE | STATUS_DRIVER;
         self.vhost
             .set_status(base)
@@ -351,28 +381,16 @@ impl VdpaNet {
             .map_err(|e| fail("set FEATURES_OK", e))?;
         let status = self.vhost.get_status().map_err(|e| fail("get status", e))?;
         if status & STATUS_FEATURES_OK == 0 {
-            return Err(format!(
-                "{}: the device refused the features",
-                self.path.display()
-            ));
+            return Err(VdpaError::FeaturesRefused {
+                path: self.path.clone(),
+            });
         }
         for (queue, kick) in activation.queues.iter().zip(&activation.kicks) {
             let index = usize::from(queue.index);
-            let ring = VringConfigData {
-                queue_max_size: self.queue_max_size,
-                queue_size: queue.size,
-                flags: 0,
-                desc_table_addr: queue.desc,
-                used_ring_addr: queue.device,
-                avail_ring_addr: queue.driver,
-                log_addr: None,
-            };
             self.vhost
                 .set_vring_num(index, queue.size)
                 .map_err(|e| fail("VHOST_SET_VRING_NUM", e))?;
-            self.vhost
-                .set_vring_addr(index, &ring)
-                .map_err(|e| fail("VHOST_SET_VRING_ADDR", e))?;
+            set_vring_iova(&self.vhost, queue).map_err(|e| fail("VHOST_SET_VRING_ADDR", e))?;
             self.vhost
                 .set_vring_base(index, 0)
                 .map_err(|e| fail("VHOST_SET_VRING_BASE", e))?;
@@ -402,6 +420,32 @@ impl VdpaNet {
     }
 }
 
+/// Hands the device the ring addresses the driver wrote: IOVAs, which are
+/// guest physical addresses only without a vIOMMU. (The vhost crate's
+/// `set_vring_addr` insists they lie in guest RAM, which guest IOVAs behind
+/// an IOMMU need not.)
+fn set_vring_iova(
+    vhost: &VhostKernVdpa<Arc<GuestMemoryMmap>>,
+    queue: &QueueConfig,
+) -> Result<(), vhost::Error> {
+    let addr = vhost_binding::vhost_vring_addr {
+        index: u32::from(queue.index),
+        flags: 0,
+        desc_user_addr: queue.desc,
+        used_user_addr: queue.device,
+        avail_user_addr: queue.driver,
+        log_guest_addr: 0,
+    };
+    // SAFETY: VHOST_SET_VRING_ADDR on our open vhost-vdpa descriptor reads
+    // one `struct vhost_vring_addr`, which `addr` is and which outlives the
+    // call; the kernel keeps no pointer to it.
+    let ret = unsafe { ioctl_with_ref(vhost, vhost_binding::VHOST_SET_VRING_ADDR(), &addr) };
+    if ret < 0 {
+        return Err(vhost::Error::IoctlError(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 impl VirtioDevice for VdpaNet {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
@@ -417,28 +461,35 @@ impl VirtioDevice for VdpaNet {
         } else {
             0
         };
-        (self.device_features & GUEST_VISIBLE_FEATURES) | mac
+        let platform = match self.translation {
+            Translation::Identity => 0,
+            Translation::Iommu => VIRTIO_F_ACCESS_PLATFORM,
+        };
+        (self.device_features & (GUEST_VISIBLE_FEATURES | platform)) | mac
     }
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        let end = offset + data.len() as u64;
-        if end <= u64::from(self.config_size) {
+        let end = offset.checked_add(data.len() as u64);
+        if end.is_some_and(|end| end <= u64::from(self.config_size)) {
             // A failed read leaves zeros; the guest sees an odd config, not a crash.
             let _ = self.vhost.get_config(offset as u32, data);
         }
         if let Some(mac) = self.mac {
             for (i, byte) in data.iter_mut().enumerate() {
-                let at = offset + i as u64;
-                if (CONFIG_MAC..CONFIG_MAC + 6).contains(&at) {
-                    *byte = mac[(at - CONFIG_MAC) as usize];
+                let at = offset.checked_add(i as u64);
+                if let Some(m) = at.and_then(|at| at.checked_sub(CONFIG_MAC)) {
+                    if let Some(value) = usize::try_from(m).ok().and_then(|m| mac.get(m)) {
+                        *byte = *value;
+                    }
                 }
             }
         }
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        if offset + data.len() as u64 <= u64::from(self.config_size) {
+        let end = offset.checked_add(data.len() as u64);
+        if end.is_some_and(|end| end <= u64::from(self.config_size)) {
             let _ = self.vhost.set_config(offset as u32, data);
         }
     }
@@ -449,9 +500,9 @@ impl VirtioDevice for VdpaNet {
                 self.activations += 1;
                 Ok(())
             }
-            Err(message) => {
+            Err(error) => {
                 let _ = self.vhost.set_status(0);
-                Err(ActivateError::Backend(message))
+                Err(ActivateError::Backend(Box::new(error)))
             }
         }
     }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use devices::dma::{DmaMapper, DmaRange, IotlbBackend, Perm, VhostVdpaIotlb};
-use devices::virtio::vdpa_net::{VdpaNet, VdpaNetConfig};
+use devices::virtio::vdpa_net::{Translation, VdpaNet, VdpaNetConfig};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 const BLOCK: u64 = 2 << 20;
@@ -176,6 +176,8 @@ fn main() {
         path: device.into(),
         mac: None,
         queue_pairs: 1,
+        translation: Translation::Identity,
+        batching: true,
     };
     let net = VdpaNet::open(&config, memory).unwrap_or_else(|e| fail(e.to_string()));
     let mapper = net.mapper();

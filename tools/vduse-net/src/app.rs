@@ -32,6 +32,8 @@ pub struct Config {
     pub mac: [u8; 6],
     pub backend: BackendConfig,
     pub iotlb_dump: Option<PathBuf>,
+    /// Refuse the Nth VDUSE_UPDATE_IOTLB request (fault injection).
+    pub fail_iotlb: Option<u64>,
 }
 
 #[derive(Debug, Error)]
@@ -269,7 +271,7 @@ fn serve(cfg: &Config, backend: Backend, sigfd: &OwnedFd) -> Result<(), AppError
     for i in 0..NUM_QUEUES {
         dev.vq_setup(u32::from(i), QUEUE_MAX_SIZE)?;
     }
-    let mut server = Server::new(dev, backend, cfg.iotlb_dump.clone());
+    let mut server = Server::new(dev, backend, cfg.iotlb_dump.clone(), cfg.fail_iotlb);
     server.write_initial_dump();
 
     let done_ev = EventFd::new(EFD_NONBLOCK).map_err(|source| AppError::Os {

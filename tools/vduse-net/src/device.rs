@@ -1,6 +1,24 @@
 //! The device proper: answers the kernel's VDUSE requests (GET_VQ_STATE, SET_STATUS,
 //! UPDATE_IOTLB), keeps the IOTLB view current, starts and stops the virtqueues with
 //! the driver's status, and moves frames between the queues and the back end.
+//!
+//! Fault injection (`--fail-iotlb N`): the Nth VDUSE_UPDATE_IOTLB request is answered
+//! with VDUSE_REQ_RESULT_FAILED and the device keeps its previous IOTLB view. What the
+//! kernel does with that (Linux 6.12, read in drivers/vdpa/vdpa_user/vduse_dev.c,
+//! iova_domain.c and drivers/vhost/vdpa.c):
+//! - `vduse_dev_msg_sync` turns any result other than VDUSE_REQ_RESULT_OK into -EIO.
+//! - `vduse_vdpa_set_map` has already replaced its domain with vhost-vdpa's new IOTLB;
+//!   on the error it calls `vduse_domain_clear_map`, which deletes every range of that
+//!   IOTLB from the domain: VDUSE's own table is then empty (not the previous one)
+//!   until the next set_map succeeds, and VDUSE_IOTLB_GET_FD finds nothing meanwhile.
+//! - vhost-vdpa's map path (`vhost_vdpa_map`, an UPDATE outside a batch) deletes the
+//!   new range from its IOTLB and fails the VMM's write with that error (EIO), so the
+//!   VMM can undo its transaction; the next message's set_map rebuilds VDUSE's domain
+//!   from vhost-vdpa's IOTLB, which is the previous state again.
+//! - The unmap path (`vhost_vdpa_unmap`) and BATCH_END ignore set_map's result: a
+//!   refusal of an INVALIDATE or of a whole batch is lost, and the VMM sees success.
+//!   A refusal reaches the VMM only for an unbatched UPDATE (the VMM's
+//!   `--net vdpa=PATH,iotlb-batch=off`).
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
@@ -16,7 +34,7 @@ use crate::vduse::{encode_response, Device, RequestKind, VduseError};
 
 /// Frames waiting for RX buffers (loopback); beyond this, new frames are dropped.
 const PENDING_RX_MAX: usize = 256;
-/// Most IOTLB entries listed in one log message.
+/// Most changed IOTLB entries listed for one update.
 const LOG_ENTRIES_MAX: usize = 64;
 
 pub enum Backend {
@@ -43,6 +61,8 @@ pub struct Server {
     iotlb: Iotlb,
     dump: Option<PathBuf>,
     iotlb_updates: u64,
+    /// The VDUSE_UPDATE_IOTLB request to refuse (1-based), if any.
+    fail_iotlb: Option<u64>,
     status: u8,
     queues: [Option<RunningQueue>; NUM_QUEUES as usize],
     waiting: [Option<WaitingQueue>; NUM_QUEUES as usize],
@@ -51,6 +71,9 @@ pub struct Server {
     pending_rx: VecDeque<Vec<u8>>,
     stats: Stats,
     last_error: Option<String>,
+    /// The most entries, and bytes, the IOTLB held after any update.
+    iotlb_entries_max: usize,
+    iotlb_bytes_max: u64,
 }
 
 fn queue_name(i: u16) -> &'static str {
@@ -62,12 +85,18 @@ fn queue_name(i: u16) -> &'static str {
 }
 
 impl Server {
-    pub fn new(dev: Device, backend: Backend, dump: Option<PathBuf>) -> Server {
+    pub fn new(
+        dev: Device,
+        backend: Backend,
+        dump: Option<PathBuf>,
+        fail_iotlb: Option<u64>,
+    ) -> Server {
         Server {
             dev,
             iotlb: Iotlb::new(),
             dump,
             iotlb_updates: 0,
+            fail_iotlb,
             status: 0,
             queues: [None, None],
             waiting: [None, None],
@@ -76,6 +105,8 @@ impl Server {
             pending_rx: VecDeque::new(),
             stats: Stats::default(),
             last_error: None,
+            iotlb_entries_max: 0,
+            iotlb_bytes_max: 0,
         }
     }
 
@@ -114,10 +145,14 @@ impl Server {
     }
 
     pub fn stats_line(&self) -> String {
+        let bytes = self.iotlb.bytes();
         format!(
-            "stats iotlb_updates={} iotlb_entries={} {}",
+            "stats iotlb_updates={} iotlb_entries={} iotlb_bytes={bytes:#x} \
+             iotlb_entries_max={} iotlb_bytes_max={:#x} {}",
             self.iotlb_updates,
             self.iotlb.len(),
+            self.iotlb_entries_max,
+            self.iotlb_bytes_max,
             self.stats.summary()
         )
     }
@@ -292,6 +327,14 @@ impl Server {
             "iotlb update #{} [{start:#x},{last:#x}]",
             self.iotlb_updates
         ));
+        if refuses(self.fail_iotlb, self.iotlb_updates) {
+            // The previous view stays, as the VMM's undo expects.
+            log(&format!(
+                "iotlb update #{} refused (--fail-iotlb)",
+                self.iotlb_updates
+            ));
+            return false;
+        }
         let change = match self.iotlb.refresh(&self.dev, start, last) {
             Ok(c) => c,
             Err(e) => {
@@ -302,24 +345,35 @@ impl Server {
         for w in &change.warnings {
             log(w);
         }
+        let bytes = self.iotlb.bytes();
+        self.iotlb_entries_max = self.iotlb_entries_max.max(self.iotlb.len());
+        self.iotlb_bytes_max = self.iotlb_bytes_max.max(bytes);
+        // One line per rebuild with what the device holds now, then the
+        // entries that changed (not the whole table: behind a vIOMMU the
+        // device rebuilds often, and the dump file has the table).
         log(&format!(
-            "iotlb update #{}: {} entries (+{} -{} ={})",
+            "iotlb update #{}: {} entries (+{} -{} ={}) bytes={bytes:#x}",
             self.iotlb_updates,
             self.iotlb.len(),
             change.added.len(),
             change.removed.len(),
             change.kept
         ));
-        for (n, e) in self.iotlb.entries().enumerate() {
+        let changed = change
+            .removed
+            .iter()
+            .map(|e| ('-', e))
+            .chain(change.added.iter().map(|e| ('+', e)));
+        for (n, (sign, e)) in changed.enumerate() {
             if n == LOG_ENTRIES_MAX {
                 log(&format!(
-                    "  ... {} more entries",
-                    self.iotlb.len() - LOG_ENTRIES_MAX
+                    "  ... {} more changed entries",
+                    change.added.len() + change.removed.len() - LOG_ENTRIES_MAX
                 ));
                 break;
             }
             log(&format!(
-                "  iotlb {:#x} {:#x} {} offset {:#x}",
+                "  {sign}iotlb {:#x} {:#x} {} offset {:#x}",
                 e.start,
                 e.last,
                 e.perm.as_str(),
@@ -460,5 +514,22 @@ impl Server {
                 }
             }
         }
+    }
+}
+
+/// Whether request number `count` (1-based) is the one `--fail-iotlb` names.
+fn refuses(fail_iotlb: Option<u64>, count: u64) -> bool {
+    fail_iotlb == Some(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_named_request_is_refused() {
+        let refused: Vec<u64> = (1..=5).filter(|n| refuses(Some(3), *n)).collect();
+        assert_eq!(refused, vec![3]);
+        assert!((1..=5).all(|n| !refuses(None, n)));
     }
 }

@@ -61,8 +61,10 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub fn len(&self) -> u64 {
-        self.last - self.start + 1
+    /// Bytes covered; `None` for an inverted entry (start > last) and for
+    /// one covering all 2^64 bytes, neither of which can be mapped.
+    pub fn size(&self) -> Option<u64> {
+        self.last.checked_sub(self.start)?.checked_add(1)
     }
 }
 
@@ -159,18 +161,33 @@ fn page_size() -> u64 {
 
 fn map_entry(entry: &Entry, file: File) -> Result<Arc<GuestRegionMmap>, String> {
     let page = page_size();
+    let len = entry
+        .size()
+        .ok_or_else(|| "inverted or covering the whole address space".to_string())?;
     if !entry.start.is_multiple_of(page)
         || !entry.offset.is_multiple_of(page)
-        || !entry.len().is_multiple_of(page)
+        || !len.is_multiple_of(page)
     {
         return Err("not page aligned".into());
     }
-    let len = usize::try_from(entry.len()).map_err(|_| "too large".to_string())?;
+    // Pages past the end of the file would fault (SIGBUS) on first touch.
+    let file_len = file.metadata().map_err(|e| e.to_string())?.len();
+    if entry
+        .offset
+        .checked_add(len)
+        .is_none_or(|end| end > file_len)
+    {
+        return Err(format!("beyond the end of its file ({file_len:#x} bytes)"));
+    }
+    let len = usize::try_from(len).map_err(|_| "too large".to_string())?;
+    // The fd VDUSE hands out is the VMM's own file (VDUSE_IOTLB_GET_FD
+    // shares the file; the entry's permission does not change its open
+    // mode), so a write-only entry can be mapped writable; `check` keeps
+    // the device from reading it. Guests behind an IOMMU map receive
+    // buffers write-only (DMA_FROM_DEVICE).
     let prot = match entry.perm {
         Perm::Ro => libc::PROT_READ,
-        Perm::Rw => libc::PROT_READ | libc::PROT_WRITE,
-        // A write-only fd cannot be mmapped (mmap needs read access).
-        Perm::Wo => return Err("write-only mappings are not supported".into()),
+        Perm::Rw | Perm::Wo => libc::PROT_READ | libc::PROT_WRITE,
     };
     let region = MmapRegion::build(
         Some(FileOffset::new(file, entry.offset)),
@@ -279,12 +296,23 @@ impl Iotlb {
         self.memory.as_ref()
     }
 
+    /// Bytes of IOVA the entries cover.
+    pub fn bytes(&self) -> u64 {
+        self.entries().fold(0u64, |sum, e| {
+            sum.saturating_add(e.last.saturating_sub(e.start).saturating_add(1))
+        })
+    }
+
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
         self.maps.values().map(|m| &m.entry)
     }
 
     pub fn len(&self) -> usize {
         self.maps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.maps.is_empty()
     }
 
     /// The entry containing `addr`.
@@ -432,6 +460,7 @@ pub(crate) mod tests {
         assert!(c.warnings.is_empty());
         assert_eq!(*src.calls.borrow(), 3);
         assert_eq!(t.dump(), "0x100000 0x1fffff rw\n0x300000 0x300fff ro\n");
+        assert_eq!(t.bytes(), 0x10_0000 + 0x1000);
 
         // Bytes written through IOVA 0x10_0010 land at memfd offset 0x10.
         let mem = t.memory().unwrap();
@@ -502,7 +531,7 @@ pub(crate) mod tests {
         );
         let mut t = Iotlb::new();
         let c = t.refresh(&src, 0, u64::MAX).unwrap();
-        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
         assert_eq!(t.check(0x1000, 0x2000, false), Ok(()));
         assert_eq!(
             t.check(0x1ff0, 0x20, true),
@@ -514,9 +543,11 @@ pub(crate) mod tests {
             Err(AccessError::Unmapped(0x3000))
         );
         assert_eq!(t.check(0x500, 1, false), Err(AccessError::Unmapped(0x500)));
+        // Write-only (receive buffers behind an IOMMU): written, never read.
+        assert_eq!(t.check(0x5000, 0x1000, true), Ok(()));
         assert_eq!(
-            t.check(0x5000, 1, true),
-            Err(AccessError::NotMapped(0x5000))
+            t.check(0x5000, 1, false),
+            Err(AccessError::Permission(0x5000))
         );
         assert_eq!(
             t.check(0x7000, 1, false),
@@ -528,6 +559,64 @@ pub(crate) mod tests {
         );
         assert_eq!(t.entry_of(0x2abc).map(|e| e.start), Some(0x2000));
         assert_eq!(t.entry_of(0x3000), None);
+    }
+
+    #[test]
+    fn whole_space_and_inverted_entries_are_refused_without_overflow() {
+        let src = FakeSource::new(
+            0x10_0000,
+            vec![
+                entry(0x1000, 0x1fff, 0, Perm::Rw),
+                entry(0x9000, 0x8000, 0, Perm::Rw),
+            ],
+        );
+        let mut t = Iotlb::new();
+        let c = t.refresh(&src, 0, u64::MAX).unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert_eq!(
+            t.check(0x9000, 1, false),
+            Err(AccessError::Unmapped(0x9000))
+        );
+        assert_eq!(t.check(0x1000, 0x1000, true), Ok(()));
+
+        *src.entries.borrow_mut() = vec![entry(0, u64::MAX, 0, Perm::Rw)];
+        let c = t.refresh(&src, 0, u64::MAX).unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert_eq!(
+            t.check(0x1000, 1, false),
+            Err(AccessError::NotMapped(0x1000))
+        );
+        assert_eq!(
+            t.check(u64::MAX, 1, false),
+            Err(AccessError::NotMapped(u64::MAX))
+        );
+        assert_eq!(entry(0, u64::MAX, 0, Perm::Rw).size(), None);
+        assert_eq!(entry(5, 4, 0, Perm::Rw).size(), None);
+        assert_eq!(entry(4, 4, 0, Perm::Rw).size(), Some(1));
+    }
+
+    #[test]
+    fn entries_beyond_the_end_of_their_file_are_not_mapped() {
+        let src = FakeSource::new(
+            0x2000,
+            vec![
+                entry(0x1000, 0x1fff, 0x1000, Perm::Rw),
+                entry(0x4000, 0x5fff, 0x1000, Perm::Rw),
+                entry(0x8000, 0x8fff, u64::MAX - 0xfff, Perm::Rw),
+            ],
+        );
+        let mut t = Iotlb::new();
+        let c = t.refresh(&src, 0, u64::MAX).unwrap();
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert_eq!(t.check(0x1000, 0x1000, true), Ok(()));
+        assert_eq!(
+            t.check(0x4000, 1, false),
+            Err(AccessError::NotMapped(0x4000))
+        );
+        assert_eq!(
+            t.check(0x8000, 1, false),
+            Err(AccessError::NotMapped(0x8000))
+        );
     }
 
     #[test]

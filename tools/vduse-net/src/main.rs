@@ -1,35 +1,19 @@
 //! vduse-net: a virtio-net device in userspace, attached to the kernel's vdpa bus through
 //! VDUSE and bound to vhost_vdpa, so a VMM can drive it through /dev/vhost-vdpa-N.
-//!
-//! Modules: `vduse` (UAPI structs, ioctls, request codec), `netlink` (generic netlink,
-//! vdpa commands), `iotlb` (IOVA -> mapping table, dump), `net` (virtio-net queues and
-//! frames), `tap` (TAP back end), `device` (request handling and datapath glue), `app`
-//! (life cycle and event loop).
-
-mod app;
-mod device;
-mod iotlb;
-mod net;
-mod netlink;
-mod tap;
-mod vduse;
+//! The device lives in the library (src/lib.rs); this is its command line.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use app::{BackendConfig, Config};
+use vduse_net::app::{self, BackendConfig, Config};
+use vduse_net::{log, net, vduse};
 
 /// The default MAC: locally administered, QEMU's prefix.
 const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
-const USAGE: &str =
-    "usage: vduse-net --name NAME [--mac MAC] (--tap IFNAME | --loopback) [--iotlb-dump PATH]";
-
-/// Writes `vduse-net: <msg>` to stderr; never panics.
-pub fn log(msg: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "vduse-net: {msg}");
-}
+const USAGE: &str = "usage: vduse-net --name NAME [--mac MAC] (--tap IFNAME | --loopback) \
+     [--iotlb-dump PATH] [--fail-iotlb N]";
 
 #[derive(Debug, PartialEq, Eq)]
 enum Cli {
@@ -42,6 +26,7 @@ fn parse_args(args: &[String]) -> Result<Cli, String> {
     let mut mac = None;
     let mut backend = None;
     let mut dump = None;
+    let mut fail_iotlb = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = |flag: &str| {
@@ -69,6 +54,13 @@ fn parse_args(args: &[String]) -> Result<Cli, String> {
                 backend = Some(BackendConfig::Loopback);
             }
             "--iotlb-dump" => dump = Some(PathBuf::from(value("--iotlb-dump")?)),
+            "--fail-iotlb" => {
+                let v = value("--fail-iotlb")?;
+                let n = v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    format!("--fail-iotlb takes a request number from 1, not {v:?}")
+                })?;
+                fail_iotlb = Some(n);
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -81,6 +73,7 @@ fn parse_args(args: &[String]) -> Result<Cli, String> {
         mac: mac.unwrap_or(DEFAULT_MAC),
         backend: backend.ok_or("one of --tap IFNAME or --loopback is required")?,
         iotlb_dump: dump,
+        fail_iotlb,
     }))
 }
 
@@ -127,6 +120,7 @@ mod tests {
                 mac: DEFAULT_MAC,
                 backend: BackendConfig::Loopback,
                 iotlb_dump: Some("/tmp/d".into()),
+                fail_iotlb: None,
             }))
         );
         assert_eq!(
@@ -136,8 +130,22 @@ mod tests {
                 mac: [2, 0, 0, 0, 0, 1],
                 backend: BackendConfig::Tap("tap0".into()),
                 iotlb_dump: None,
+                fail_iotlb: None,
             }))
         );
+        assert_eq!(
+            parse_args(&args("--name n --loopback --fail-iotlb 3")),
+            Ok(Cli::Run(Config {
+                name: "n".into(),
+                mac: DEFAULT_MAC,
+                backend: BackendConfig::Loopback,
+                iotlb_dump: None,
+                fail_iotlb: Some(3),
+            }))
+        );
+        assert!(parse_args(&args("--name n --loopback --fail-iotlb 0")).is_err());
+        assert!(parse_args(&args("--name n --loopback --fail-iotlb -1")).is_err());
+        assert!(parse_args(&args("--name n --loopback --fail-iotlb")).is_err());
         assert_eq!(parse_args(&args("--help")), Ok(Cli::Help));
         assert!(parse_args(&args("--name n")).is_err());
         assert!(parse_args(&args("--loopback")).is_err());

@@ -113,7 +113,9 @@ pub struct Stats {
 impl Stats {
     fn note_buffer(&mut self, iotlb: &Iotlb, addr: u64, len: u64, tx: bool) {
         self.lowest = Some(self.lowest.map_or(addr, |l| l.min(addr)));
-        let end = addr + len.max(1) - 1;
+        // check() accepted [addr, addr + len) without wrapping; an empty
+        // buffer counts as its first byte.
+        let end = addr.saturating_add(len.saturating_sub(1));
         self.highest = Some(self.highest.map_or(end, |h| h.max(end)));
         if let Some(e) = iotlb.entry_of(addr) {
             let u = self.ranges.entry((e.start, e.last)).or_default();
@@ -227,7 +229,7 @@ pub fn write_rx_chain(
         if !d.is_write_only() {
             return Err(ChainError::ReadableInRx);
         }
-        have += d.len() as usize;
+        have = have.saturating_add(d.len() as usize);
     }
     if have < need {
         return Err(ChainError::SmallRx { need, have });
@@ -565,6 +567,28 @@ mod tests {
         mem.read_slice(&mut ro, GuestAddress(0x20_0000)).unwrap();
         assert_eq!(ro, [0; 4]);
         assert!(mem.address_in_range(GuestAddress(0x20_0000)));
+    }
+
+    #[test]
+    fn empty_descriptors_at_the_top_of_the_address_space_are_harmless() {
+        let (_src, t) = setup();
+        let mem = t.memory().unwrap();
+        let tx = MockSplitQueue::create(mem, GuestAddress(0x1000), 16);
+        tx.add_desc_chains(&[raw(u64::MAX, 0, 0)], 0).unwrap();
+        let mut stats = Stats::default();
+        let mut errors = Vec::new();
+        let served = queue_of(&tx)
+            .drain_tx(&t, &mut stats, |_| panic!("no frame"), |e| errors.push(e))
+            .unwrap();
+        assert_eq!((served.used, stats.tx_errors), (1, 1), "{errors:?}");
+        assert_eq!(stats.highest, Some(u64::MAX));
+        let rx = MockSplitQueue::create(mem, GuestAddress(0x4000), 16);
+        rx.add_desc_chains(&[raw(u64::MAX, 0, F_WRITE)], 0).unwrap();
+        let mut frames: VecDeque<Vec<u8>> = vec![vec![0xaa; 60]].into();
+        let served = queue_of(&rx)
+            .fill_rx(&t, &mut stats, &mut frames, |e| errors.push(e))
+            .unwrap();
+        assert_eq!((served.used, stats.rx_errors), (1, 1), "{errors:?}");
     }
 
     #[test]

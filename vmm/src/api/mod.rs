@@ -1,54 +1,50 @@
 //! The control API: HTTP/1.1 with JSON bodies on a Unix socket, served by
 //! a thread of its own. `GET /info` describes the VM, `GET /counters`
-//! reports what the devices did.
+//! reports what the devices did, `PUT /memory` resizes hotplug memory.
+//!
+//! One thread serves every client with a poll loop, so a slow client never
+//! holds up another: each connection must deliver its whole request within
+//! `REQUEST_DEADLINE` of being accepted (else 408) and take its answer
+//! within `REQUEST_DEADLINE` of it being ready; at most `MAX_CLIENTS` are
+//! open at once (more wait in the listen backlog, at most one deadline).
+//! A resize is watched by the loop, not waited for: its client gets the
+//! answer when the guest is done, the request's capped timeout passes, or a
+//! newer resize replaces it.
 
+pub mod control;
 pub mod http;
-mod routes;
+pub(crate) mod routes;
+pub mod server;
+pub mod socket;
 
 use std::io;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use seccompiler::BpfProgram;
 
-pub use routes::ApiState;
+pub use routes::{ApiState, MAX_RESIZE_TIMEOUT};
+pub use socket::bind;
 
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client has to send its whole request, and to take its answer.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Connections served at once; further ones wait in the listen backlog.
+pub const MAX_CLIENTS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("API socket '{path}' is in use by a running process")]
     InUse { path: PathBuf },
+    #[error("refusing to replace '{path}' with the API socket: it exists and is not a socket")]
+    NotASocket { path: PathBuf },
+    #[error("API socket path '{path}' is too long for a Unix socket (at most {max} bytes)")]
+    PathTooLong { path: PathBuf, max: usize },
     #[error("cannot bind the API socket '{path}': {source}")]
     Bind { path: PathBuf, source: io::Error },
     #[error("cannot start the API thread: {0}")]
     Thread(io::Error),
-}
-
-/// Binds `path`, replacing a stale socket left by a VMM that is gone.
-pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
-    match UnixListener::bind(path) {
-        Ok(listener) => Ok(listener),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ApiError::InUse {
-                    path: path.to_path_buf(),
-                });
-            }
-            let bind_error = |source| ApiError::Bind {
-                path: path.to_path_buf(),
-                source,
-            };
-            std::fs::remove_file(path).map_err(bind_error)?;
-            UnixListener::bind(path).map_err(bind_error)
-        }
-        Err(source) => Err(ApiError::Bind {
-            path: path.to_path_buf(),
-            source,
-        }),
-    }
 }
 
 /// Serves requests until the process ends. A client that misbehaves gets
@@ -58,6 +54,8 @@ pub fn spawn(
     state: Arc<ApiState>,
     filter: Option<BpfProgram>,
 ) -> Result<(), ApiError> {
+    // Before the filter: the API thread itself never changes descriptor flags.
+    listener.set_nonblocking(true).map_err(ApiError::Thread)?;
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -67,24 +65,11 @@ pub fn spawn(
                     return;
                 }
             }
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(stream) => serve(stream, &state),
-                    Err(_) => continue,
-                }
+            let mut server = server::Server::new(listener, state);
+            loop {
+                server.turn();
             }
         })
         .map(|_| ())
         .map_err(ApiError::Thread)
-}
-
-fn serve(stream: UnixStream, state: &ApiState) {
-    let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
-    let response = match http::read_request(&stream) {
-        Ok(request) => routes::handle(state, &request),
-        Err(http::HttpError::TooLarge) => http::Response::error(413, http::HttpError::TooLarge),
-        Err(e) => http::Response::error(400, e),
-    };
-    let _ = http::write_response(&stream, &response);
 }

@@ -34,8 +34,8 @@ enum Command {
     MemoryResize {
         /// Total plugged hotplug memory, e.g. 512M or 2G.
         size: String,
-        /// Seconds to wait for the guest.
-        #[arg(long, default_value_t = 60)]
+        /// Seconds to wait for the guest (at most 600, the VMM's cap).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=600))]
         timeout: u64,
     },
     /// Send the bytes on stdin as the request and print the raw answer
@@ -43,19 +43,31 @@ enum Command {
     SendRaw,
 }
 
-const TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an answer may take beyond what the request itself waits for:
+/// the VMM answers other requests at once, or within its 5 s deadline
+/// when it is busy with slower clients.
+const ANSWER_MARGIN: Duration = Duration::from_secs(15);
 
-fn exchange(socket: &PathBuf, request: &[u8]) -> Result<String, String> {
+/// Sends `request` and reads the whole answer, waiting at most `patience`.
+fn exchange(socket: &PathBuf, request: &[u8], patience: Duration) -> Result<String, String> {
     let mut stream = UnixStream::connect(socket)
         .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
-    let _ = stream.set_read_timeout(Some(TIMEOUT));
+    let _ = stream.set_read_timeout(Some(patience));
+    let _ = stream.set_write_timeout(Some(patience));
     stream
         .write_all(request)
         .map_err(|e| format!("cannot send the request: {e}"))?;
     let mut raw = String::new();
     stream
         .read_to_string(&mut raw)
-        .map_err(|e| format!("cannot read the answer: {e}"))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                "the VMM did not answer within {:.1} s; it may still complete the request \
+             (check with `microvm-ctl info`)",
+                patience.as_secs_f64()
+            ),
+            _ => format!("cannot read the answer: {e}"),
+        })?;
     Ok(raw)
 }
 
@@ -64,12 +76,17 @@ fn request(
     method: &str,
     path: &str,
     body: &str,
+    wait: Duration,
 ) -> Result<(u16, String), String> {
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: microvm\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    let raw = exchange(socket, request.as_bytes())?;
+    let raw = exchange(
+        socket,
+        request.as_bytes(),
+        wait.saturating_add(ANSWER_MARGIN),
+    )?;
     let (head, body) = raw
         .split_once("\r\n\r\n")
         .ok_or_else(|| "malformed answer from the VMM".to_string())?;
@@ -86,21 +103,21 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    let (method, path, body) = match cli.command {
-        Command::Info => ("GET", "/info", String::new()),
-        Command::Counters => ("GET", "/counters", String::new()),
-        Command::MemoryResize { size, timeout } => (
-            "PUT",
-            "/memory",
-            serde_json::json!({ "requested_size": size, "timeout_ms": timeout * 1000 }).to_string(),
-        ),
+    let (method, path, body, wait) = match cli.command {
+        Command::Info => ("GET", "/info", String::new(), Duration::ZERO),
+        Command::Counters => ("GET", "/counters", String::new(), Duration::ZERO),
+        Command::MemoryResize { size, timeout } => {
+            let wait = Duration::from_secs(timeout);
+            let body = serde_json::json!({ "requested_size": size, "timeout_ms": wait.as_millis() as u64 });
+            ("PUT", "/memory", body.to_string(), wait)
+        }
         Command::SendRaw => {
             let mut request = Vec::new();
             if let Err(e) = std::io::stdin().read_to_end(&mut request) {
                 eprintln!("microvm-ctl: cannot read stdin: {e}");
                 return ExitCode::FAILURE;
             }
-            return match exchange(&cli.socket, &request) {
+            return match exchange(&cli.socket, &request, ANSWER_MARGIN) {
                 Ok(raw) => {
                     print!("{raw}");
                     ExitCode::SUCCESS
@@ -112,20 +129,21 @@ fn main() -> ExitCode {
             };
         }
     };
-    match request(&cli.socket, method, path, &body) {
+    match request(&cli.socket, method, path, &body, wait) {
         Ok((200, body)) => {
-            let incomplete = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .is_some_and(|v| v["done"] == false);
+            let answer = serde_json::from_str::<serde_json::Value>(&body).ok();
+            let incomplete = answer.as_ref().is_some_and(|v| v["done"] == false);
+            let stopped = answer
+                .as_ref()
+                .and_then(|v| v["stopped"].as_str().map(str::to_string));
             let pretty = serde_json::from_str::<serde_json::Value>(&body)
                 .ok()
                 .and_then(|v| serde_json::to_string_pretty(&v).ok())
                 .unwrap_or(body);
             println!("{pretty}");
             if incomplete {
-                eprintln!(
-                    "microvm-ctl: the guest did not reach the requested size before the timeout"
-                );
+                let reason = stopped.unwrap_or_else(|| "before the timeout".to_string());
+                eprintln!("microvm-ctl: the guest did not reach the requested size: {reason}");
                 return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS
@@ -142,5 +160,38 @@ fn main() -> ExitCode {
             eprintln!("microvm-ctl: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn an_answer_slower_than_the_wait_is_reported_as_such() {
+        let dir = std::env::temp_dir().join(format!("microvm-ctl-slow-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("api.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        // A VMM that takes the request and answers later than we wait.
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            std::thread::sleep(Duration::from_millis(800));
+            drop(stream);
+        });
+        let error = exchange(
+            &socket,
+            b"GET /info HTTP/1.1\r\n\r\n",
+            Duration::from_millis(200),
+        )
+        .unwrap_err();
+        assert!(
+            error.contains("the VMM did not answer within 0.2 s"),
+            "{error}"
+        );
+        server.join().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

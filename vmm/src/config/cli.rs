@@ -36,12 +36,13 @@ pub struct Cli {
     #[arg(long, value_name = "size=SIZE", value_parser = config::parse_memory)]
     pub memory: Option<MemoryConfig>,
 
-    /// Serial console (COM1): stdout, file=PATH or off.
-    #[arg(long, value_name = "stdout|file=PATH|off", default_value = "stdout", value_parser = config::parse_serial)]
+    /// Serial console (COM1): stdout, file=PATH[,max=SIZE] (at most SIZE
+    /// bytes per run, default 64M) or off.
+    #[arg(long, value_name = "stdout|file=PATH[,max=SIZE]|off", default_value = "stdout", value_parser = config::parse_serial)]
     pub serial: SerialConfig,
 
     /// A virtio-net device backed by a vhost-vdpa device (repeatable).
-    #[arg(long, value_name = "vdpa=PATH[,mac=MAC][,queues=N]", value_parser = config::parse_net)]
+    #[arg(long, value_name = "vdpa=PATH[,mac=MAC][,queues=N][,iotlb-batch=on|off][,iommu=on|off]", value_parser = config::parse_net)]
     pub net: Vec<NetConfig>,
 
     /// Serve the control API (HTTP/1.1, JSON) on this Unix socket.
@@ -151,7 +152,13 @@ mod tests {
         assert_eq!(config.vcpus, 2);
         assert_eq!(config.memory.size, Size(1 << 30));
         assert_eq!(config.kernel.initramfs, Some("/i".into()));
-        assert_eq!(config.serial, SerialConfig::File("/tmp/s".into()));
+        assert_eq!(
+            config.serial,
+            SerialConfig::File {
+                path: "/tmp/s".into(),
+                max: Size(crate::config::DEFAULT_SERIAL_FILE_MAX)
+            }
+        );
         assert!(!config.seccomp);
     }
 

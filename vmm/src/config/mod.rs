@@ -26,12 +26,16 @@ pub enum ConfigError {
     MalformedSize(String),
     #[error("malformed memory option '{0}': expected size=SIZE[,hotplug=MAX][,block=BLOCK]")]
     MalformedMemory(String),
-    #[error("malformed serial option '{0}': expected stdout, off or file=PATH")]
+    #[error("malformed serial option '{0}': expected stdout, off or file=PATH[,max=SIZE]")]
     MalformedSerial(String),
-    #[error("malformed net option '{0}': expected vdpa=PATH[,mac=MAC][,queues=N]")]
+    #[error(
+        "malformed net option '{0}': expected vdpa=PATH[,mac=MAC][,queues=N][,iotlb-batch=on|off]"
+    )]
     MalformedNet(String),
     #[error("malformed MAC address '{0}': expected six hex bytes like 52:54:00:12:34:56")]
     MalformedMac(String),
+    #[error("'{key}' is given more than once in '{text}'")]
+    RepeatedKey { key: String, text: String },
     #[error("malformed seccomp option '{0}': expected on or off")]
     MalformedSeccomp(String),
     #[error("--cpus must be at least 1")]
@@ -53,6 +57,16 @@ pub enum ConfigError {
         boot: Size,
         hotplug: Size,
         host: Size,
+    },
+    #[error(
+        "guest memory {boot} plus hotplug {hotplug} ends at guest address {end}, past {limit} \
+         where the 64-bit PCI window starts"
+    )]
+    LayoutTooLarge {
+        boot: Size,
+        hotplug: Size,
+        end: Size,
+        limit: Size,
     },
     #[error("kernel command line is {len} bytes; the guest kernel accepts at most {max}")]
     CmdlineTooLong { len: usize, max: usize },
@@ -123,8 +137,29 @@ impl Default for MemoryConfig {
     }
 }
 
+/// Refuses an option string (`key=value,key=value`) that names a key more
+/// than once: the user meant one of the values, and we cannot know which.
+pub fn refuse_repeated_keys(text: &str) -> Result<(), ConfigError> {
+    let mut seen: Vec<&str> = Vec::new();
+    for key in text
+        .split(',')
+        .filter_map(|item| item.split_once('='))
+        .map(|(key, _)| key)
+    {
+        if seen.contains(&key) {
+            return Err(ConfigError::RepeatedKey {
+                key: key.to_string(),
+                text: text.to_string(),
+            });
+        }
+        seen.push(key);
+    }
+    Ok(())
+}
+
 /// Parses the `--memory` option: `size=SIZE` (a bare SIZE is accepted too).
 pub fn parse_memory(text: &str) -> Result<MemoryConfig, ConfigError> {
+    refuse_repeated_keys(text)?;
     let mut config = MemoryConfig::default();
     let mut saw_size = false;
     for item in text.split(',') {
@@ -154,19 +189,45 @@ pub fn parse_memory(text: &str) -> Result<MemoryConfig, ConfigError> {
 pub enum SerialConfig {
     #[default]
     Stdout,
-    File(PathBuf),
+    /// Appended to PATH; at most `max` bytes per run, then dropped.
+    File {
+        path: PathBuf,
+        max: Size,
+    },
     Off,
 }
 
+/// How much guest console output a file receives per run unless
+/// `max=` says otherwise: far more than a boot log, far less than a disk.
+pub const DEFAULT_SERIAL_FILE_MAX: u64 = 64 << 20;
+
+/// Parses `--serial stdout|off|file=PATH[,max=SIZE]`.
 pub fn parse_serial(text: &str) -> Result<SerialConfig, ConfigError> {
+    let malformed = || ConfigError::MalformedSerial(text.to_string());
     match text {
-        "stdout" => Ok(SerialConfig::Stdout),
-        "off" => Ok(SerialConfig::Off),
-        _ => match text.strip_prefix("file=") {
-            Some(path) if !path.is_empty() => Ok(SerialConfig::File(PathBuf::from(path))),
-            _ => Err(ConfigError::MalformedSerial(text.to_string())),
-        },
+        "stdout" => return Ok(SerialConfig::Stdout),
+        "off" => return Ok(SerialConfig::Off),
+        _ => {}
     }
+    let file = text.strip_prefix("file=").ok_or_else(malformed)?;
+    // The path may hold commas; only a trailing ",max=" is an option.
+    let (path, max) = match file.rsplit_once(",max=") {
+        Some((path, max)) => (path, parse_size(max)?),
+        None => (file, Size(DEFAULT_SERIAL_FILE_MAX)),
+    };
+    if path.contains(",max=") {
+        return Err(ConfigError::RepeatedKey {
+            key: "max".to_string(),
+            text: text.to_string(),
+        });
+    }
+    if path.is_empty() || max.0 == 0 {
+        return Err(malformed());
+    }
+    Ok(SerialConfig::File {
+        path: PathBuf::from(path),
+        max,
+    })
 }
 
 pub fn parse_on_off(text: &str) -> Result<bool, ConfigError> {
@@ -183,20 +244,35 @@ pub struct NetConfig {
     pub vdpa_path: PathBuf,
     pub mac: Option<[u8; 6]>,
     pub queue_pairs: u16,
+    /// Bracket each change with BATCH_BEGIN/END (the default); off sends
+    /// one unbatched message per change, as peers do.
+    pub iotlb_batch: bool,
+    /// Put the device behind the vIOMMU (which exists when any device
+    /// asks for it): it reaches only what the guest maps.
+    pub iommu: bool,
 }
 
-/// Parses `--net vdpa=PATH[,mac=MAC][,queues=N]`.
+/// Parses `--net vdpa=PATH[,mac=MAC][,queues=N][,iotlb-batch=on|off][,iommu=on|off]`.
 pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
+    refuse_repeated_keys(text)?;
     let malformed = || ConfigError::MalformedNet(text.to_string());
     let mut path = None;
     let mut mac = None;
     let mut queue_pairs = 1;
+    let mut iotlb_batch = None;
+    let mut iommu = None;
     for item in text.split(',') {
         match item.split_once('=') {
             Some(("vdpa", p)) if !p.is_empty() && path.is_none() => path = Some(PathBuf::from(p)),
             Some(("mac", m)) if mac.is_none() => mac = Some(parse_mac(m)?),
             Some(("queues", n)) => {
                 queue_pairs = n.parse().ok().filter(|&n| n > 0).ok_or_else(malformed)?
+            }
+            Some(("iotlb-batch", value)) if iotlb_batch.is_none() => {
+                iotlb_batch = Some(parse_on_off(value).map_err(|_| malformed())?)
+            }
+            Some(("iommu", value)) if iommu.is_none() => {
+                iommu = Some(parse_on_off(value).map_err(|_| malformed())?)
             }
             _ => return Err(malformed()),
         }
@@ -205,6 +281,8 @@ pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
         vdpa_path: path.ok_or_else(malformed)?,
         mac,
         queue_pairs,
+        iotlb_batch: iotlb_batch.unwrap_or(true),
+        iommu: iommu.unwrap_or(false),
     })
 }
 
@@ -213,9 +291,10 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');
     for byte in &mut mac {
+        // from_str_radix alone would take a sign ("+1").
         let part = parts
             .next()
-            .filter(|p| p.len() == 2)
+            .filter(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
             .ok_or_else(malformed)?;
         *byte = u8::from_str_radix(part, 16).map_err(|_| malformed())?;
     }
@@ -322,6 +401,7 @@ impl VmmConfig {
                 });
             }
         }
+        check_layout(size, self.memory.hotplug.unwrap_or(Size(0)))?;
         if self.kernel.cmdline.len() > MAX_CMDLINE_LEN {
             return Err(ConfigError::CmdlineTooLong {
                 len: self.kernel.cmdline.len(),
@@ -333,6 +413,20 @@ impl VmmConfig {
             check_readable("initramfs", initramfs)?;
         }
         Ok(())
+    }
+}
+
+/// RAM, boot and hotplug, must end below the 64-bit PCI window.
+fn check_layout(boot: Size, hotplug: Size) -> Result<(), ConfigError> {
+    let limit = crate::vstate::memory::pci_layout::MEM64_START;
+    match crate::vstate::memory::ram_end(boot.0, hotplug.0) {
+        Some(end) if end <= limit => Ok(()),
+        end => Err(ConfigError::LayoutTooLarge {
+            boot,
+            hotplug,
+            end: Size(end.unwrap_or(u64::MAX)),
+            limit: Size(limit),
+        }),
     }
 }
 
@@ -406,9 +500,26 @@ mod tests {
         assert_eq!(parse_serial("off"), Ok(SerialConfig::Off));
         assert_eq!(
             parse_serial("file=/tmp/x"),
-            Ok(SerialConfig::File("/tmp/x".into()))
+            Ok(SerialConfig::File {
+                path: "/tmp/x".into(),
+                max: Size(DEFAULT_SERIAL_FILE_MAX)
+            })
+        );
+        assert_eq!(
+            parse_serial("file=/tmp/a,b,max=1M"),
+            Ok(SerialConfig::File {
+                path: "/tmp/a,b".into(),
+                max: Size(1 << 20)
+            })
         );
         assert!(parse_serial("file=").is_err());
+        assert!(parse_serial("file=,max=1M").is_err());
+        assert!(parse_serial("file=/x,max=0").is_err());
+        assert!(parse_serial("file=/x,max=lots").is_err());
+        assert!(matches!(
+            parse_serial("file=/x,max=1M,max=2M"),
+            Err(ConfigError::RepeatedKey { .. })
+        ));
         assert!(parse_serial("tty").is_err());
     }
 
@@ -418,6 +529,17 @@ mod tests {
         assert_eq!(net.vdpa_path, PathBuf::from("/dev/vhost-vdpa-0"));
         assert_eq!(net.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
         assert_eq!(net.queue_pairs, 1);
+        assert!(net.iotlb_batch);
+        assert!(
+            !parse_net("vdpa=/dev/x,iotlb-batch=off")
+                .unwrap()
+                .iotlb_batch
+        );
+        assert!(parse_net("vdpa=/dev/x,iotlb-batch=no").is_err());
+        assert!(parse_net("vdpa=/dev/x,iotlb-batch=on,iotlb-batch=off").is_err());
+        assert!(!net.iommu);
+        assert!(parse_net("vdpa=/dev/x,iommu=on").unwrap().iommu);
+        assert!(parse_net("vdpa=/dev/x,iommu=1").is_err());
         assert_eq!(parse_net("vdpa=/dev/x").unwrap().mac, None);
         for bad in [
             "",
@@ -435,6 +557,41 @@ mod tests {
         ));
         assert!(parse_mac("52:54:00:ab:cd:ef:00").is_err());
         assert!(parse_mac("52:54:00:ab:cd:gg").is_err());
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused_in_every_option() {
+        for bad in [
+            "size=512M,hotplug=1G,block=4M,block=2M",
+            "size=512M,hotplug=1G,hotplug=1G",
+        ] {
+            assert!(parse_memory(bad).is_err(), "{bad:?} was accepted");
+        }
+        for bad in [
+            "vdpa=/a,queues=1,queues=1",
+            "vdpa=/a,mac=52:54:00:00:00:01,mac=52:54:00:00:00:02",
+        ] {
+            assert!(parse_net(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(matches!(
+            parse_memory("size=512M,hotplug=1G,block=4M,block=2M"),
+            Err(ConfigError::RepeatedKey { .. })
+        ));
+    }
+
+    #[test]
+    fn mac_bytes_are_exactly_two_hex_digits() {
+        for bad in [
+            "+1:22:33:44:55:66",
+            "52:54:00:ab:cd:+f",
+            "52:54:00:ab:cd:-1",
+            " 1:22:33:44:55:66",
+        ] {
+            assert!(
+                matches!(parse_mac(bad), Err(ConfigError::MalformedMac(_))),
+                "{bad:?} was accepted"
+            );
+        }
     }
 
     #[test]
@@ -526,6 +683,43 @@ mod tests {
         ));
         hotplug.memory.block = Size(2 << 20);
         assert_eq!(hotplug.validate(&LIMITS), Ok(()));
+    }
+
+    #[test]
+    fn layouts_that_reach_the_64_bit_pci_window_are_refused() {
+        let exe = "/proc/self/exe";
+        // A host large enough that only the guest layout can refuse.
+        let huge_host = HostLimits {
+            max_vcpus: 8,
+            memory_bytes: 4 << 40,
+        };
+        let with = |size: u64, hotplug: Option<u64>| {
+            let mut config = config_with(1, size, exe);
+            config.memory.hotplug = hotplug.map(Size);
+            config.validate(&huge_host)
+        };
+        const G: u64 = 1 << 30;
+        for (size, hotplug) in [
+            (300 * G, None),
+            (200 * G, Some(100 * G)),
+            (8 * G, Some(500 * G)),
+            (255 * G + (2 << 20), None),
+        ] {
+            assert!(
+                matches!(with(size, hotplug), Err(ConfigError::LayoutTooLarge { .. })),
+                "{size:#x} + {hotplug:?}: {:?}",
+                with(size, hotplug)
+            );
+        }
+        // The largest layouts that still fit below the window.
+        assert_eq!(with(255 * G, None), Ok(()));
+        assert_eq!(with(8 * G, Some(247 * G)), Ok(()));
+        assert!(matches!(
+            with(8 * G, Some(248 * G)),
+            Err(ConfigError::LayoutTooLarge { .. })
+        ));
+        let message = with(300 * G, None).unwrap_err().to_string();
+        assert!(message.contains("256G"), "{message}");
     }
 
     #[test]

@@ -1,179 +1,87 @@
 //! What memory hotplug means on the host: every guest PLUG or UNPLUG is one
-//! transaction for each vDPA device's DMA-mapping engine (so each device
-//! sees one batch per request), and unplugged memory is released — hole
-//! punched in its memfd — only once no device can reach it any more.
+//! plan on the identity address space (so each device attached to it sees
+//! one batch per request, all or nothing across devices), and unplugged
+//! memory is released — hole punched in its memfd — only once no device
+//! can reach it any more.
+//!
+//! If that release fails, the unplug still stands: the memory is out of
+//! every device and no longer guest RAM, and the guest's request succeeds.
+//! Only the host keeps the pages; the failure is counted and logged.
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use devices::dma::{CommitReport, DmaError, DmaMapper, DmaRange, Perm, VhostVdpaIotlb};
-use devices::virtio::mem::HotplugBackend;
+use devices::dma::{Change, ChangeKind, GuestTranslate, Perm, Plan, SharedSpaces, SpaceId};
+use devices::virtio::iommu::IommuHandle;
+use devices::virtio::mem::{HotplugBackend, HotplugError};
 
-type Mapper = Arc<Mutex<DmaMapper<VhostVdpaIotlb>>>;
-
-/// How many transaction records `history` keeps.
-const HISTORY_LEN: usize = 64;
-
-/// What one device was sent for one guest request.
-#[derive(Clone, Debug)]
-pub struct DeviceTransaction {
-    pub device: String,
-    pub updates: u32,
-    pub invalidates: u32,
-    pub batched: bool,
-    /// From the guest's request reaching the VMM to this device's END.
-    pub micros_to_end: u64,
-}
-
-#[derive(Clone, Debug)]
-pub struct TransactionRecord {
-    pub sequence: u64,
-    pub kind: &'static str,
-    pub ranges: Vec<(u64, u64)>,
-    pub devices: Vec<DeviceTransaction>,
-    pub error: Option<String>,
-}
+use super::lock;
+use crate::vstate::memory::GuestRam;
 
 pub struct DmaHotplug {
+    ram: Arc<GuestRam>,
+    spaces: SharedSpaces,
+    /// The hotplug region's first guest address and its memfd.
     region_addr: u64,
-    region_host: u64,
     file: File,
-    mappers: Vec<(String, Mapper)>,
-    history: Mutex<(u64, VecDeque<TransactionRecord>)>,
-}
-
-fn lock(mapper: &Mapper) -> MutexGuard<'_, DmaMapper<VhostVdpaIotlb>> {
-    mapper.lock().unwrap_or_else(|p| p.into_inner())
+    release_failures: AtomicU64,
+    /// Domains of the vIOMMU may map hotplug memory too.
+    iommu: Option<IommuHandle>,
 }
 
 impl DmaHotplug {
-    pub fn new(
-        region_addr: u64,
-        region_host: u64,
-        file: File,
-        mappers: Vec<(String, Mapper)>,
-    ) -> DmaHotplug {
+    pub fn new(ram: Arc<GuestRam>, spaces: SharedSpaces, region_addr: u64, file: File) -> Self {
         DmaHotplug {
+            ram,
+            spaces,
             region_addr,
-            region_host,
             file,
-            mappers,
-            history: Mutex::new((0, VecDeque::new())),
+            release_failures: AtomicU64::new(0),
+            iommu: None,
         }
     }
 
-    /// The latest transactions, oldest first.
-    pub fn history(&self) -> Vec<TransactionRecord> {
-        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
-        history.1.iter().cloned().collect()
+    /// Unplug also takes the memory out of every vIOMMU domain that maps it.
+    pub fn with_iommu(mut self, iommu: Option<IommuHandle>) -> Self {
+        self.iommu = iommu;
+        self
     }
 
-    fn record(
-        &self,
-        kind: &'static str,
-        ranges: &[(u64, u64)],
-        devices: Vec<DeviceTransaction>,
-        error: Option<String>,
-    ) {
-        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
-        history.0 += 1;
-        let sequence = history.0;
-        if history.1.len() == HISTORY_LEN {
-            history.1.pop_front();
-        }
-        history.1.push_back(TransactionRecord {
-            sequence,
-            kind,
-            ranges: ranges.to_vec(),
-            devices,
-            error,
-        });
+    /// Unplugs whose memory could not be given back to the host.
+    pub fn release_failures(&self) -> u64 {
+        self.release_failures.load(Ordering::Relaxed)
     }
 
-    fn dma_range(&self, (gpa, size): (u64, u64)) -> DmaRange {
-        DmaRange::new(
-            gpa,
-            size,
-            self.region_host + (gpa - self.region_addr),
-            Perm::ReadWrite,
-        )
-    }
-
-    /// Commits the same change to every device; if one refuses, the devices
-    /// already changed are put back, so no partial mapping remains.
-    fn apply(&self, kind: &'static str, plug: bool, ranges: &[(u64, u64)]) -> Result<(), String> {
-        let started = Instant::now();
-        let mut done: Vec<DeviceTransaction> = Vec::new();
-        for (index, (id, mapper)) in self.mappers.iter().enumerate() {
-            match self.commit(mapper, plug, ranges) {
-                Ok(report) => done.push(DeviceTransaction {
-                    device: id.clone(),
-                    updates: report.updates,
-                    invalidates: report.invalidates,
-                    batched: report.batched,
-                    micros_to_end: started.elapsed().as_micros() as u64,
-                }),
-                Err(e) => {
-                    let error = format!("{id}: {e}");
-                    self.undo(plug, ranges, &self.mappers[..index]);
-                    self.record(kind, ranges, done, Some(error.clone()));
-                    return Err(error);
-                }
-            }
-        }
-        self.record(kind, ranges, done, None);
-        Ok(())
-    }
-
-    /// One transaction on one device: map `ranges` (`add`) or unmap them.
-    fn commit(
-        &self,
-        mapper: &Mapper,
-        add: bool,
-        ranges: &[(u64, u64)],
-    ) -> Result<CommitReport, DmaError> {
-        let mut mapper = lock(mapper);
-        let mut transaction = mapper.begin(0);
-        for &range in ranges {
-            if add {
-                transaction.add(self.dma_range(range));
-            } else {
-                transaction.remove(range.0, range.1);
-            }
-        }
-        mapper.commit(transaction)
-    }
-
-    fn undo(&self, plugged: bool, ranges: &[(u64, u64)], mappers: &[(String, Mapper)]) {
-        for (_, mapper) in mappers {
-            // If even this fails the engine has restored its own state and
-            // the device needs a reset; the guest's request fails either way.
-            let _ = self.commit(mapper, !plugged, ranges);
+    fn set_plugged(&self, ranges: &[(u64, u64)], plugged: bool) {
+        for &(gpa, size) in ranges {
+            self.ram.set_plugged(gpa, size, plugged);
         }
     }
 
     /// Gives the memory of `ranges` back to the host.
-    fn release(&self, ranges: &[(u64, u64)]) -> Result<(), String> {
+    fn release(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
         for &(gpa, size) in ranges {
-            let offset = gpa - self.region_addr;
-            // SAFETY: fallocate on a memfd we own, within its size; punching
-            // a hole only drops page contents, the mapping stays valid.
+            let failed = |source| HotplugError::Release { gpa, size, source };
+            let offset = gpa
+                .checked_sub(self.region_addr)
+                .and_then(|o| libc::off_t::try_from(o).ok());
+            let (Some(offset), Ok(len)) = (offset, libc::off_t::try_from(size)) else {
+                return Err(failed(std::io::Error::from_raw_os_error(libc::EINVAL)));
+            };
+            // SAFETY: fallocate on a memfd we own; punching a hole only drops
+            // page contents (reads see zeros), the mapping stays valid.
             let ret = unsafe {
                 libc::fallocate(
                     self.file.as_raw_fd(),
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset as libc::off_t,
-                    size as libc::off_t,
+                    offset,
+                    len,
                 )
             };
             if ret != 0 {
-                return Err(format!(
-                    "cannot release [{gpa:#x}, +{size:#x}): {}",
-                    std::io::Error::last_os_error()
-                ));
+                return Err(failed(std::io::Error::last_os_error()));
             }
         }
         Ok(())
@@ -181,28 +89,196 @@ impl DmaHotplug {
 }
 
 impl HotplugBackend for DmaHotplug {
-    fn plug(&self, ranges: &[(u64, u64)]) -> Result<(), String> {
-        self.apply("plug", true, ranges)
+    fn plug(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
+        // RAM from now on, so it translates; undone if a device refuses.
+        self.set_plugged(ranges, true);
+        let result = (|| {
+            let mut change = Change::new();
+            for &(gpa, size) in ranges {
+                for range in self.ram.translate(gpa, gpa, size, Perm::ReadWrite)? {
+                    change.add(range);
+                }
+            }
+            let mut plan = Plan::new(ChangeKind::Plug);
+            plan.change(SpaceId::IDENTITY, change);
+            lock(&self.spaces).commit(plan)?;
+            Ok(())
+        })();
+        if result.is_err() {
+            self.set_plugged(ranges, false);
+        }
+        result
     }
 
-    fn unplug(&self, ranges: &[(u64, u64)]) -> Result<(), String> {
-        self.apply("unplug", false, ranges)?;
+    fn unplug(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
+        // No longer RAM for new mappings, then out of every device.
+        self.set_plugged(ranges, false);
+        let mut change = Change::new();
+        for &(gpa, size) in ranges {
+            change.remove(gpa, size);
+        }
+        let mut plan = Plan::new(ChangeKind::Unplug);
+        plan.change(SpaceId::IDENTITY, change);
+        let result = {
+            let mut spaces = lock(&self.spaces);
+            // Domains first: a translated device never reaches released
+            // memory either. Identity devices are not in any domain, so
+            // each device still gets one transaction.
+            let domains = match &self.iommu {
+                Some(iommu) => iommu.unmap_guest_ranges(&mut spaces, ranges).map(|_| ()),
+                None => Ok(()),
+            };
+            domains.and_then(|()| spaces.commit(plan).map(|_| ()))
+        };
+        if let Err(e) = result {
+            self.set_plugged(ranges, true);
+            return Err(e.into());
+        }
         // Only now can no device reach the memory: release it.
-        self.release(ranges)
+        if let Err(e) = self.release(ranges) {
+            self.release_failures.fetch_add(1, Ordering::Relaxed);
+            eprintln!("microvm: unplugged memory stays allocated on the host: {e}");
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Seek, SeekFrom, Write};
+    use devices::dma::{DmaMapper, DmaSpaces, RecordingBackend, SharedDmaDevice};
+    use std::io::{Read, Seek, SeekFrom};
+    use std::sync::Mutex;
+
+    const MIB: u64 = 1 << 20;
+
+    type Recorder = Arc<Mutex<DmaMapper<RecordingBackend>>>;
+
+    /// 64 MiB of boot RAM, 64 MiB of hotplug room, and `n` recording
+    /// devices attached to the identity space.
+    fn setup(n: usize) -> (DmaHotplug, Arc<GuestRam>, SharedSpaces, Vec<Recorder>) {
+        let ram = Arc::new(GuestRam::with_hotplug(64 * MIB, Some((64 * MIB, 2 * MIB))).unwrap());
+        let mut spaces = DmaSpaces::new();
+        let mut boot = Change::new();
+        for range in ram.boot_dma_ranges().unwrap() {
+            boot.add(range);
+        }
+        let mut plan = Plan::new(ChangeKind::BootMemory);
+        plan.change(SpaceId::IDENTITY, boot);
+        let mut devices = Vec::new();
+        for i in 0..n {
+            let device: Recorder = Arc::new(Mutex::new(DmaMapper::new(
+                RecordingBackend::new(),
+                0..=u64::MAX,
+                true,
+            )));
+            let shared: SharedDmaDevice = device.clone();
+            spaces.register(&format!("net{i}"), shared).unwrap();
+            plan.attach(&format!("net{i}"), Some(SpaceId::IDENTITY));
+            devices.push(device);
+        }
+        spaces.commit(plan).unwrap();
+        let spaces = spaces.shared();
+        let region = ram.hotplug.as_ref().unwrap();
+        let hotplug = DmaHotplug::new(
+            ram.clone(),
+            spaces.clone(),
+            region.addr,
+            region.file.try_clone().unwrap(),
+        );
+        (hotplug, ram, spaces, devices)
+    }
+
+    fn held(device: &Recorder) -> Vec<(u64, u64)> {
+        let device = device.lock().unwrap();
+        let ranges = device.backend().device_iotlb(0);
+        ranges.iter().map(|r| (r.iova, r.size)).collect()
+    }
+
+    #[test]
+    fn plug_and_unplug_reach_every_device_as_one_batch_each() {
+        let (hotplug, ram, spaces, devices) = setup(2);
+        let addr = ram.hotplug.as_ref().unwrap().addr;
+        hotplug.plug(&[(addr, 4 * MIB)]).unwrap();
+        for device in &devices {
+            assert_eq!(held(device), vec![(0, 64 * MIB), (addr, 4 * MIB)]);
+        }
+        hotplug.unplug(&[(addr, 2 * MIB)]).unwrap();
+        for device in &devices {
+            assert_eq!(held(device), vec![(0, 64 * MIB), (addr + 2 * MIB, 2 * MIB)]);
+            let counters = device.lock().unwrap().counters();
+            assert_eq!(counters.batch_begin, 3, "boot, plug, unplug");
+        }
+        let kinds: Vec<ChangeKind> = lock(&spaces).history().iter().map(|t| t.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![ChangeKind::BootMemory, ChangeKind::Plug, ChangeKind::Unplug]
+        );
+    }
+
+    #[test]
+    fn a_refusing_device_fails_the_plug_and_leaves_both_devices_as_before() {
+        let (hotplug, ram, spaces, devices) = setup(2);
+        let addr = ram.hotplug.as_ref().unwrap().addr;
+        // net1 refuses its UPDATE after net0 already took it.
+        devices[1].lock().unwrap().backend_mut().fail_nth(2);
+        let error = hotplug.plug(&[(addr, 4 * MIB)]).unwrap_err();
+        assert!(matches!(error, HotplugError::Map(_)), "{error}");
+        for device in &devices {
+            assert_eq!(held(device), vec![(0, 64 * MIB)]);
+        }
+        assert_eq!(
+            lock(&spaces).mappings(SpaceId::IDENTITY).unwrap().len(),
+            1,
+            "the space is as before"
+        );
+        assert!(
+            ram.translate(addr, addr, 4 * MIB, Perm::ReadWrite).is_err(),
+            "the memory is not RAM after a failed plug"
+        );
+        // The next plug goes through on both.
+        hotplug.plug(&[(addr, 4 * MIB)]).unwrap();
+        for device in &devices {
+            assert_eq!(held(device), vec![(0, 64 * MIB), (addr, 4 * MIB)]);
+        }
+    }
+
+    #[test]
+    fn memory_outside_the_region_is_refused_before_anything_is_sent() {
+        let (hotplug, _ram, _spaces, devices) = setup(1);
+        let error = hotplug.plug(&[(64 * MIB, 2 * MIB)]).unwrap_err();
+        assert!(matches!(error, HotplugError::Translate(_)), "{error}");
+        assert_eq!(devices[0].lock().unwrap().counters().batch_begin, 1);
+    }
+
+    #[test]
+    fn a_failed_release_still_unplugs_everywhere_and_is_counted() {
+        let (_, ram, spaces, devices) = setup(1);
+        let region = ram.hotplug.as_ref().unwrap();
+        // A read-only descriptor: fallocate fails with EBADF.
+        let read_only = File::open(format!("/proc/self/fd/{}", region.file.as_raw_fd())).unwrap();
+        let hotplug = DmaHotplug::new(ram.clone(), spaces, region.addr, read_only);
+        hotplug.plug(&[(region.addr, 2 * MIB)]).unwrap();
+        hotplug.unplug(&[(region.addr, 2 * MIB)]).unwrap();
+        assert_eq!(hotplug.release_failures(), 1);
+        assert_eq!(held(&devices[0]), vec![(0, 64 * MIB)], "out of the device");
+        assert!(
+            ram.translate(region.addr, region.addr, 2 * MIB, Perm::ReadWrite)
+                .is_err(),
+            "no longer guest RAM"
+        );
+    }
 
     #[test]
     fn released_memory_reads_as_zeros() {
-        let mut file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
-        file.write_all(&[0xaa; 3 * 4096]).unwrap();
-        let hotplug = DmaHotplug::new(1 << 32, 0, file.try_clone().unwrap(), vec![]);
-        hotplug.unplug(&[((1 << 32) + 4096, 4096)]).unwrap();
+        let (hotplug, ram, _spaces, _devices) = setup(0);
+        let region = ram.hotplug.as_ref().unwrap();
+        let mut file = region.file.try_clone().unwrap();
+        // SAFETY: test-only write through the region's own live mapping,
+        // inside its 64 MiB.
+        unsafe { std::ptr::write_bytes(region.host_addr as *mut u8, 0xaa, 3 * 4096) };
+        hotplug.plug(&[(region.addr, 2 * MIB)]).unwrap();
+        hotplug.unplug(&[(region.addr + 4096, 4096)]).unwrap();
         let mut bytes = vec![0u8; 3 * 4096];
         file.seek(SeekFrom::Start(0)).unwrap();
         file.read_exact(&mut bytes).unwrap();
@@ -212,6 +288,5 @@ mod tests {
             "the unplugged block was released"
         );
         assert!(bytes[8192..].iter().all(|b| *b == 0xaa));
-        assert_eq!(hotplug.history().len(), 1);
     }
 }

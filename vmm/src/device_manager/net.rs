@@ -1,16 +1,19 @@
 //! Bring-up of virtio-net devices backed by vhost-vdpa: open and negotiate
-//! with the kernel, map the guest's RAM for the device as one transaction,
-//! and plug the device into the PCI segment.
+//! with the kernel, decide how the device is translated, attach it to its
+//! address space, and plug it into the PCI segment.
 
+use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 
-use devices::dma::{CommitReport, DmaError, DmaMapper, VhostVdpaIotlb};
+use devices::dma::{
+    ChangeKind, DeviceReport, Plan, SharedDmaDevice, SharedSpaces, SpaceError, SpaceId,
+};
 use devices::virtio::pci::VirtioPciDevice;
-use devices::virtio::vdpa_net::{VdpaError, VdpaNet, VdpaNetConfig};
-use vm_memory::GuestMemoryMmap;
+use devices::virtio::vdpa_net::{Translation, VdpaError, VdpaNet, VdpaNetConfig};
 
+use super::lock;
+use super::pci::{plug_virtio, PciWiring, PlugError, Plugged};
 use crate::config::NetConfig;
-use crate::device_manager::pci::{plug_virtio, PciWiring, PlugError, Plugged};
 use crate::vstate::memory::GuestRam;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,60 +21,86 @@ pub enum NetError {
     #[error(transparent)]
     Vdpa(#[from] VdpaError),
     #[error("cannot map guest memory for {path}: {source}")]
-    Map { path: String, source: DmaError },
+    Map { path: String, source: SpaceError },
     #[error(transparent)]
     Plug(#[from] PlugError),
 }
 
 pub type NetPciDevice = VirtioPciDevice<VdpaNet>;
 
-/// A running vDPA net device, as the control API sees it.
+/// A running vDPA net device, as the device manager keeps it.
+#[derive(Clone)]
 pub struct NetHandle {
+    pub id: String,
     pub slot: u8,
     pub pci: Arc<Mutex<NetPciDevice>>,
-    pub mapper: Arc<Mutex<DmaMapper<VhostVdpaIotlb>>>,
-    pub boot_mapping: CommitReport,
+    /// What attaching it sent: boot RAM for an identity device, nothing
+    /// for one behind the vIOMMU (the guest decides what it reaches).
+    pub boot_mapping: DeviceReport,
+    /// Behind the vIOMMU rather than identity-mapped.
+    pub behind_iommu: bool,
+    /// What the device can address (VHOST_VDPA_GET_IOVA_RANGE).
+    pub iova_range: RangeInclusive<u64>,
 }
 
 pub fn add_vdpa_net(
+    id: &str,
     config: &NetConfig,
     ram: &GuestRam,
-    memory: Arc<GuestMemoryMmap>,
+    spaces: &SharedSpaces,
     wiring: PciWiring<'_>,
 ) -> Result<NetHandle, NetError> {
+    // The one decision of how this device is translated.
+    let translation = match config.iommu {
+        true => Translation::Iommu,
+        false => Translation::Identity,
+    };
     let device = VdpaNet::open(
         &VdpaNetConfig {
             path: config.vdpa_path.clone(),
             mac: config.mac,
             queue_pairs: config.queue_pairs,
+            translation,
+            batching: config.iotlb_batch,
         },
-        memory,
+        Arc::new(ram.memory.clone()),
     )?;
-    let mapper = device.mapper();
-    let boot_mapping = map_guest_ram(&mapper, ram).map_err(|source| NetError::Map {
+    let map_error = |source| NetError::Map {
         path: config.vdpa_path.display().to_string(),
         source,
-    })?;
+    };
+    let mapper = device.mapper();
+    let iova_range = lock_mapper(&mapper).iova_range();
+    let mapper: SharedDmaDevice = mapper;
+    let boot_mapping = {
+        let mut spaces = lock(spaces);
+        spaces.register(id, mapper).map_err(map_error)?;
+        let mut plan = Plan::new(ChangeKind::Attach);
+        if translation == Translation::Identity {
+            plan.attach(id, Some(SpaceId::IDENTITY));
+        }
+        let reports = spaces.commit(plan).map_err(map_error)?;
+        reports.into_iter().next().unwrap_or_else(|| DeviceReport {
+            device: id.to_string(),
+            updates: 0,
+            invalidates: 0,
+            batched: false,
+            micros_to_end: 0,
+        })
+    };
     // One vector per queue, one for configuration changes.
     let vectors = device.queue_max_sizes_len() + 1;
     let Plugged { pci, slot } = plug_virtio(device, vectors, wiring)?;
     Ok(NetHandle {
+        id: id.to_string(),
         slot,
         pci,
-        mapper,
         boot_mapping,
+        behind_iommu: translation == Translation::Iommu,
+        iova_range,
     })
 }
 
-/// Boot memory reaches the device as one transaction: one batch.
-fn map_guest_ram(
-    mapper: &Mutex<DmaMapper<VhostVdpaIotlb>>,
-    ram: &GuestRam,
-) -> Result<CommitReport, DmaError> {
-    let mut mapper = mapper.lock().unwrap_or_else(|p| p.into_inner());
-    let mut transaction = mapper.begin(0);
-    for range in ram.dma_ranges() {
-        transaction.add(range);
-    }
-    mapper.commit(transaction)
+fn lock_mapper<T>(mapper: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mapper.lock().unwrap_or_else(|p| p.into_inner())
 }

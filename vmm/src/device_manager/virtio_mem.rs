@@ -1,20 +1,22 @@
 //! Bring-up of the virtio-mem device over the hotplug region, with the
-//! backend that turns each guest request into DMA transactions.
+//! backend that turns each guest request into one DMA plan.
 
 use std::sync::{Arc, Mutex};
 
+use devices::dma::SharedSpaces;
+use devices::virtio::iommu::IommuHandle;
 use devices::virtio::mem::{MemRegion, MemState, VirtioMem};
 use devices::virtio::pci::VirtioPciDevice;
-use vm_memory::GuestMemoryMmap;
 
-use crate::device_manager::memory_hotplug::DmaHotplug;
-use crate::device_manager::net::NetHandle;
-use crate::device_manager::pci::{plug_virtio, PciWiring, PlugError, Plugged};
+use super::memory_hotplug::DmaHotplug;
+use super::pci::{plug_virtio, PciWiring, PlugError, Plugged};
 use crate::seccomp::{self, ThreadKind};
-use crate::vstate::memory::HotplugRegion;
+use crate::vstate::memory::GuestRam;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemError {
+    #[error("virtio-mem needs a hotplug region (--memory ...,hotplug=MAX)")]
+    NoRegion,
     #[error("cannot duplicate the hotplug memory file: {0}")]
     File(std::io::Error),
     #[error("cannot start the virtio-mem device: {0}")]
@@ -27,7 +29,8 @@ pub enum MemError {
 
 pub type MemPciDevice = VirtioPciDevice<VirtioMem>;
 
-/// The running virtio-mem device, as the control API sees it.
+/// The running virtio-mem device, as the device manager keeps it.
+#[derive(Clone)]
 pub struct MemHandle {
     pub region: MemRegion,
     pub slot: u8,
@@ -36,32 +39,28 @@ pub struct MemHandle {
     pub backend: Arc<DmaHotplug>,
 }
 
+/// `ram` must have a hotplug region (the caller checks).
 pub fn add_virtio_mem(
-    region: &HotplugRegion,
-    nets: &[NetHandle],
-    memory: Arc<GuestMemoryMmap>,
+    ram: Arc<GuestRam>,
+    spaces: SharedSpaces,
+    iommu: Option<IommuHandle>,
     use_seccomp: bool,
     wiring: PciWiring<'_>,
 ) -> Result<MemHandle, MemError> {
-    let mappers = nets
-        .iter()
-        .enumerate()
-        .map(|(i, net)| (format!("net{i}"), net.mapper.clone()))
-        .collect();
-    let file = region.file.try_clone().map_err(MemError::File)?;
-    let backend = Arc::new(DmaHotplug::new(
-        region.addr,
-        region.host_addr,
-        file,
-        mappers,
-    ));
+    let Some(region) = &ram.hotplug else {
+        return Err(MemError::NoRegion);
+    };
     let geometry = MemRegion {
         addr: region.addr,
         size: region.size,
         block_size: region.block_size,
     };
+    let file = region.file.try_clone().map_err(MemError::File)?;
+    let memory = Arc::new(ram.memory.clone());
+    let backend =
+        Arc::new(DmaHotplug::new(ram.clone(), spaces, geometry.addr, file).with_iommu(iommu));
     let filter = match use_seccomp {
-        true => Some(seccomp::filter(ThreadKind::Hotplug)?),
+        true => Some(seccomp::filter(ThreadKind::DeviceWorker)?),
         false => None,
     };
     let install = Box::new(move || match filter {

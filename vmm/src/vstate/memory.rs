@@ -5,11 +5,12 @@
 //! by virtual address (VDUSE) can only reach file-backed shared memory, and a
 //! single file lets later features (hotplug, hole punching) work on offsets.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use devices::dma::{DmaRange, Perm};
-use std::sync::Arc;
+use devices::dma::{DmaRange, GuestTranslate, Perm, TranslateError};
 
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -85,7 +86,7 @@ pub struct RamRange {
 
 impl RamRange {
     pub fn end(&self) -> u64 {
-        self.start + self.size
+        self.start.saturating_add(self.size)
     }
 }
 
@@ -105,6 +106,23 @@ pub fn ram_ranges(size: u64) -> Vec<RamRange> {
     ranges
 }
 
+/// Where the hotplug region starts above `boot` bytes of RAM.
+pub fn hotplug_start(boot: u64) -> Option<u64> {
+    let top = ram_ranges(boot).last().map_or(0, RamRange::end);
+    top.max(MMIO_HOLE_END)
+        .checked_next_multiple_of(HOTPLUG_ALIGN)
+}
+
+/// The first guest-physical address above all RAM, boot and hotplug;
+/// `None` if it does not fit in 64 bits. Everything below it must stay
+/// clear of device windows.
+pub fn ram_end(boot: u64, hotplug: u64) -> Option<u64> {
+    match hotplug {
+        0 => ram_ranges(boot).last().map(RamRange::end),
+        size => hotplug_start(boot)?.checked_add(size),
+    }
+}
+
 /// Guest-physical room for memory plugged at run time, with its own memfd
 /// so that unplugged blocks can be released (hole punched).
 pub struct HotplugRegion {
@@ -119,12 +137,16 @@ pub struct HotplugRegion {
 /// Hotplug regions start on a 1 GiB boundary above all boot RAM.
 const HOTPLUG_ALIGN: u64 = 1 << 30;
 
-/// Guest memory and the files behind it.
+/// Guest memory and the files behind it: the one place that knows which
+/// guest physical addresses are RAM now and where they live on the host.
 pub struct GuestRam {
     pub memory: GuestMemoryMmap,
     /// Boot RAM only (the e820 map and the boot DMA mapping).
     pub ranges: Vec<RamRange>,
     pub hotplug: Option<HotplugRegion>,
+    /// Plugged parts of the hotplug region: start -> end (exclusive),
+    /// disjoint and merged.
+    plugged: Mutex<BTreeMap<u64, u64>>,
 }
 
 impl GuestRam {
@@ -137,6 +159,7 @@ impl GuestRam {
         };
         let top = ram.ranges.iter().map(RamRange::end).max().unwrap_or(0);
         let addr = top.max(MMIO_HOLE_END).next_multiple_of(HOTPLUG_ALIGN);
+        debug_assert_eq!(Some(addr), hotplug_start(size));
         let file = create_memfd("microvm-hotplug-ram")?;
         file.set_len(hotplug_size)
             .map_err(|source| MemoryError::Resize {
@@ -189,30 +212,124 @@ impl GuestRam {
             memory,
             ranges,
             hotplug: None,
+            plugged: Mutex::new(BTreeMap::new()),
         })
     }
 
-    /// Every RAM region as the device sees it without a vIOMMU: IOVA is the
-    /// guest physical address, reaching the VMM's mapping of it.
-    /// Boot RAM only: hotplug memory is mapped block by block as plugged.
-    pub fn dma_ranges(&self) -> Vec<DmaRange> {
-        self.memory
-            .iter()
-            .filter(|region| self.ranges.iter().any(|r| r.start == region.start_addr().0))
-            .map(|region| {
-                DmaRange::new(
-                    region.start_addr().0,
-                    region.len(),
-                    region.as_ptr() as u64,
-                    Perm::ReadWrite,
-                )
-            })
-            .collect()
+    /// Boot RAM as a device reaches it without a vIOMMU: IOVA = guest
+    /// physical address. Hotplug memory joins block by block as plugged.
+    pub fn boot_dma_ranges(&self) -> Result<Vec<DmaRange>, TranslateError> {
+        let mut out = Vec::new();
+        for range in &self.ranges {
+            out.extend(self.translate(range.start, range.start, range.size, Perm::ReadWrite)?);
+        }
+        Ok(out)
+    }
+
+    fn lock_plugged(&self) -> MutexGuard<'_, BTreeMap<u64, u64>> {
+        self.plugged.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks `[gpa, gpa + size)` of the hotplug region as RAM (plugged) or
+    /// not. Parts outside the region are ignored.
+    pub fn set_plugged(&self, gpa: u64, size: u64, plugged: bool) {
+        let Some(region) = &self.hotplug else {
+            return;
+        };
+        let start = gpa.max(region.addr);
+        let end = gpa
+            .saturating_add(size)
+            .min(region.addr.saturating_add(region.size));
+        if start >= end {
+            return;
+        }
+        let mut set = self.lock_plugged();
+        // Cut [start, end) out, keeping what lies outside it.
+        let touching: Vec<(u64, u64)> = set
+            .range(..=end)
+            .filter(|(_, e)| **e >= start)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        let (mut merged_start, mut merged_end) = (start, end);
+        for (s, e) in touching {
+            set.remove(&s);
+            if plugged {
+                merged_start = merged_start.min(s);
+                merged_end = merged_end.max(e);
+            } else {
+                if s < start {
+                    set.insert(s, start);
+                }
+                if e > end {
+                    set.insert(end, e);
+                }
+            }
+        }
+        if plugged {
+            set.insert(merged_start, merged_end);
+        }
+    }
+
+    /// Whether every byte of `[start, end)` is guest RAM now.
+    fn is_ram(&self, start: u64, end: u64) -> bool {
+        let plugged = self.lock_plugged();
+        let mut ram: Vec<(u64, u64)> = self.ranges.iter().map(|r| (r.start, r.end())).collect();
+        ram.extend(plugged.iter().map(|(s, e)| (*s, *e)));
+        ram.sort_unstable();
+        let mut cursor = start;
+        for (s, e) in ram {
+            if s > cursor {
+                break;
+            }
+            if e > cursor {
+                cursor = e;
+            }
+            if cursor >= end {
+                return true;
+            }
+        }
+        cursor >= end
     }
 
     /// The highest RAM address below the MMIO hole, exclusive.
     pub fn low_ram_end(&self) -> u64 {
         self.ranges[0].end()
+    }
+}
+
+impl GuestTranslate for GuestRam {
+    fn translate(
+        &self,
+        iova: u64,
+        gpa: u64,
+        size: u64,
+        perm: Perm,
+    ) -> Result<Vec<DmaRange>, TranslateError> {
+        let invalid = TranslateError::Invalid { gpa, size };
+        let end = gpa.checked_add(size).filter(|_| size > 0).ok_or(invalid)?;
+        iova.checked_add(size - 1).ok_or(invalid)?;
+        if !self.is_ram(gpa, end) {
+            return Err(TranslateError::NotRam { gpa, size });
+        }
+        let mut out: Vec<DmaRange> = Vec::new();
+        let mut cursor = gpa;
+        while cursor < end {
+            let not_ram = TranslateError::NotRam { gpa, size };
+            let region = self
+                .memory
+                .find_region(GuestAddress(cursor))
+                .ok_or(not_ram)?;
+            let offset = cursor - region.start_addr().0;
+            let piece = (region.len() - offset).min(end - cursor);
+            let host = region.as_ptr() as u64 + offset;
+            let at = iova + (cursor - gpa);
+            match out.last_mut() {
+                Some(prev) if prev.host_addr + prev.size == host => prev.size += piece,
+                _ => out.push(DmaRange::new(at, piece, host, perm)),
+            }
+            cursor += piece;
+        }
+        Ok(out)
     }
 }
 
@@ -268,5 +385,101 @@ mod tests {
             libc::MAP_SHARED,
             "RAM must be mapped shared"
         );
+    }
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    fn rw(ram: &GuestRam, gpa: u64, size: u64) -> Result<Vec<DmaRange>, TranslateError> {
+        ram.translate(gpa, gpa, size, Perm::ReadWrite)
+    }
+
+    #[test]
+    fn boot_ram_translates_to_its_mapping() {
+        let ram = GuestRam::new(64 * MIB).unwrap();
+        let host = ram.memory.iter().next().unwrap().as_ptr() as u64;
+        assert_eq!(
+            rw(&ram, 0x1000, 0x2000).unwrap(),
+            vec![DmaRange::new(
+                0x1000,
+                0x2000,
+                host + 0x1000,
+                Perm::ReadWrite
+            )]
+        );
+        // IOVA and GPA differ behind a vIOMMU.
+        assert_eq!(
+            ram.translate(0xfff0_0000, 0x1000, 0x1000, Perm::ReadOnly)
+                .unwrap(),
+            vec![DmaRange::new(
+                0xfff0_0000,
+                0x1000,
+                host + 0x1000,
+                Perm::ReadOnly
+            )]
+        );
+        assert_eq!(ram.boot_dma_ranges().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn what_is_not_ram_is_refused() {
+        let ram = GuestRam::new(64 * MIB).unwrap();
+        let not_ram = |gpa, size| Err(TranslateError::NotRam { gpa, size });
+        assert_eq!(rw(&ram, 64 * MIB, 0x1000), not_ram(64 * MIB, 0x1000));
+        assert_eq!(
+            rw(&ram, 64 * MIB - 0x1000, 0x2000),
+            not_ram(64 * MIB - 0x1000, 0x2000)
+        );
+        assert_eq!(
+            rw(&ram, MMIO_HOLE_START, 0x1000),
+            not_ram(MMIO_HOLE_START, 0x1000)
+        );
+        assert_eq!(
+            rw(&ram, 0, 0),
+            Err(TranslateError::Invalid { gpa: 0, size: 0 })
+        );
+        assert_eq!(
+            rw(&ram, u64::MAX, 2),
+            Err(TranslateError::Invalid {
+                gpa: u64::MAX,
+                size: 2
+            })
+        );
+    }
+
+    #[test]
+    fn hotplug_memory_is_ram_only_while_plugged() {
+        let ram = GuestRam::with_hotplug(64 * MIB, Some((GIB, 2 * MIB))).unwrap();
+        let region = ram.hotplug.as_ref().unwrap();
+        let (addr, host) = (region.addr, region.host_addr);
+        assert!(rw(&ram, addr, 4 * MIB).is_err(), "not plugged yet");
+        ram.set_plugged(addr, 4 * MIB, true);
+        assert_eq!(
+            rw(&ram, addr, 4 * MIB).unwrap(),
+            vec![DmaRange::new(addr, 4 * MIB, host, Perm::ReadWrite)]
+        );
+        assert!(rw(&ram, addr, 6 * MIB).is_err(), "only 4 MiB plugged");
+        ram.set_plugged(addr + 4 * MIB, 2 * MIB, true);
+        assert!(rw(&ram, addr, 6 * MIB).is_ok(), "adjacent plugs merge");
+        ram.set_plugged(addr + 2 * MIB, 2 * MIB, false);
+        assert!(rw(&ram, addr, 2 * MIB).is_ok());
+        assert!(rw(&ram, addr + 2 * MIB, 2 * MIB).is_err(), "unplugged");
+        assert!(rw(&ram, addr + 4 * MIB, 2 * MIB).is_ok());
+        assert_eq!(ram.boot_dma_ranges().unwrap().len(), 1, "boot RAM only");
+    }
+
+    #[test]
+    fn ranges_split_where_host_memory_is_not_contiguous() {
+        // 5 GiB: [4 GiB, 6 GiB) high RAM, and hotplug right above at 6 GiB,
+        // guest-contiguous but in another mapping.
+        let ram = GuestRam::with_hotplug(5 * GIB, Some((GIB, 2 * MIB))).unwrap();
+        let region = ram.hotplug.as_ref().unwrap();
+        assert_eq!(region.addr, 6 * GIB);
+        ram.set_plugged(6 * GIB, 2 * MIB, true);
+        let pieces = rw(&ram, 6 * GIB - 2 * MIB, 4 * MIB).unwrap();
+        assert_eq!(pieces.len(), 2);
+        assert_eq!(pieces[0].iova, 6 * GIB - 2 * MIB);
+        assert_eq!(pieces[1].iova, 6 * GIB);
+        assert_eq!(pieces[1].host_addr, region.host_addr);
     }
 }

@@ -1,0 +1,386 @@
+//! The device's state and the batching rule: every request of one drain of
+//! the request queue goes into one [`Plan`], so each affected DMA device
+//! gets one transaction per drain, however many requests it held.
+//!
+//! Requests are checked and applied in order to a copy of the domain
+//! model; a request that fails its checks fails alone. The plan is then
+//! committed, and only then are statuses final: if a device refuses it, the
+//! copy is dropped (nothing half-mapped) and, when the drain held MAPs, it
+//! is tried once more without them, so UNMAPs, ATTACHes and DETACHes the
+//! guest already counts on still happen.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use crate::dma::{ChangeKind, DeviceReport, DmaError, DmaSpaces, GuestTranslate, Plan, SpaceError};
+
+use super::domains::{
+    DomainInfo, Domains, Effect, EndpointInfo, Limits, MapMode, Mapping, Pending,
+};
+use super::request::*;
+
+/// Counters for the control API.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IommuCounters {
+    /// (request type, status name) → requests; status "unanswered" for
+    /// requests returned unwritten (unknown type, no room for a status).
+    pub requests: BTreeMap<(&'static str, &'static str), u64>,
+    /// Request-queue drains (one per guest notification served).
+    pub drains: u64,
+    /// Most requests taken in one drain.
+    pub largest_drain: u64,
+    /// Plans committed (drains that changed something, config changes,
+    /// resets, memory unplugs) and plans a device refused.
+    pub plans_committed: u64,
+    pub plans_refused: u64,
+    /// Per DMA device: transactions that sent it at least one message.
+    pub device_batches: BTreeMap<String, u64>,
+    /// Most messages one device got for one plan (brackets included).
+    pub largest_batch: u64,
+}
+
+impl IommuCounters {
+    /// Requests of `kind` with `status` ("ok", "inval", ...).
+    pub fn count(&self, kind: RequestKind, status: &str) -> u64 {
+        self.requests
+            .iter()
+            .filter(|((k, s), _)| *k == kind.as_str() && *s == status)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
+    /// Requests of `kind`, whatever their status.
+    pub fn total(&self, kind: RequestKind) -> u64 {
+        self.requests
+            .iter()
+            .filter(|((k, _), _)| *k == kind.as_str())
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
+    /// Request type → status name → requests, for a JSON view.
+    pub fn requests_by_type(&self) -> BTreeMap<&'static str, BTreeMap<&'static str, u64>> {
+        let mut nested: BTreeMap<&'static str, BTreeMap<&'static str, u64>> = BTreeMap::new();
+        for ((kind, status), n) in &self.requests {
+            nested.entry(kind).or_default().insert(status, *n);
+        }
+        nested
+    }
+
+    fn note_reports(&mut self, reports: &[DeviceReport]) {
+        self.plans_committed += 1;
+        for report in reports.iter().filter(|r| r.messages() > 0) {
+            *self
+                .device_batches
+                .entry(report.device.clone())
+                .or_default() += 1;
+            self.largest_batch = self.largest_batch.max(u64::from(report.messages()));
+        }
+    }
+}
+
+/// What `info` shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IommuSnapshot {
+    pub bypass: bool,
+    pub domains: Vec<DomainInfo>,
+    pub endpoints: Vec<EndpointInfo>,
+}
+
+/// One request's provisional result within a drain.
+#[derive(Clone, Copy, Debug)]
+enum Outcome {
+    Done(RequestKind, Result<Effect, u8>),
+    Rejected(RequestKind, u8),
+    Unanswerable(RequestKind),
+}
+
+impl Outcome {
+    fn changed(&self) -> bool {
+        matches!(self, Outcome::Done(_, Ok(Effect::Changed)))
+    }
+
+    fn is_changing_map(&self) -> bool {
+        matches!(self, Outcome::Done(RequestKind::Map, Ok(Effect::Changed)))
+    }
+}
+
+/// The status a request whose change a device refused gets: a MAP outside
+/// a device's IOVA range is out of range, anything else a device error.
+fn refused_status(kind: RequestKind, error: &SpaceError) -> u8 {
+    match (kind, error.dma_error()) {
+        (RequestKind::Map, Some(DmaError::OutOfIovaRange { .. })) => S_RANGE,
+        _ => S_DEVERR,
+    }
+}
+
+/// The IOMMU's state: its domain model, limits and counters.
+pub struct IommuState {
+    domains: Domains,
+    limits: Limits,
+    probe_size: u32,
+    /// The RESV_MEM properties every PROBE answers.
+    properties: Vec<u8>,
+    counters: IommuCounters,
+}
+
+impl IommuState {
+    pub fn new(
+        endpoints: &[(u32, String)],
+        bypass: bool,
+        limits: Limits,
+        probe_size: u32,
+    ) -> IommuState {
+        let properties = limits
+            .reserved
+            .iter()
+            .flat_map(|r| resv_mem_property(RESV_MEM_T_MSI, *r.start(), *r.end()))
+            .collect();
+        IommuState {
+            domains: Domains::new(endpoints, bypass),
+            limits,
+            probe_size,
+            properties,
+            counters: IommuCounters::default(),
+        }
+    }
+
+    pub fn bypass(&self) -> bool {
+        self.domains.bypass()
+    }
+
+    /// Records which features the driver acked.
+    pub fn set_acked(&mut self, map_unmap: bool, bypass_config: bool, probe: bool) {
+        self.limits.map_unmap = map_unmap;
+        self.limits.bypass_config = bypass_config;
+        self.limits.probe = probe;
+    }
+
+    pub fn counters(&self) -> IommuCounters {
+        self.counters.clone()
+    }
+
+    pub fn snapshot(&self) -> IommuSnapshot {
+        IommuSnapshot {
+            bypass: self.domains.bypass(),
+            domains: self.domains.domain_infos(),
+            endpoints: self.domains.endpoint_infos(),
+        }
+    }
+
+    /// A domain's mappings, by virt_start.
+    pub fn mappings(&self, domain: u32) -> Option<Vec<Mapping>> {
+        self.domains.mappings(domain)
+    }
+
+    /// Attaches every endpoint's device where the model says (identity
+    /// with bypass on, nowhere with it off): at creation.
+    pub fn place_endpoints(&mut self, spaces: &mut DmaSpaces) -> Result<(), SpaceError> {
+        let mut plan = Plan::new(ChangeKind::Attach);
+        self.domains.place_all(&mut plan);
+        self.count(spaces.commit(plan)).map(|_| ())
+    }
+
+    fn count(
+        &mut self,
+        result: Result<Vec<DeviceReport>, SpaceError>,
+    ) -> Result<Vec<DeviceReport>, SpaceError> {
+        match &result {
+            Ok(reports) => self.counters.note_reports(reports),
+            Err(_) => self.counters.plans_refused += 1,
+        }
+        result
+    }
+
+    /// Serves one drain of the request queue: one reply per request, in
+    /// order, written by the caller after this returns (so after the plan
+    /// was committed or refused).
+    pub fn drain(
+        &mut self,
+        spaces: &mut DmaSpaces,
+        translate: &dyn GuestTranslate,
+        requests: &[RawRequest],
+        started: Instant,
+    ) -> Vec<Reply> {
+        self.counters.drains += 1;
+        self.counters.largest_drain = self.counters.largest_drain.max(requests.len() as u64);
+        let parsed: Vec<Parsed> = requests.iter().map(|r| parse(r, self.probe_size)).collect();
+
+        let mut pass = self.attempt(spaces, translate, &parsed, MapMode::Apply, started);
+        if let Some(error) = &pass.refused {
+            let maps = pass.outcomes.iter().any(Outcome::is_changing_map);
+            let others = pass
+                .outcomes
+                .iter()
+                .any(|o| o.changed() && !o.is_changing_map());
+            if maps && others {
+                let status = refused_status(RequestKind::Map, error);
+                pass = self.attempt(spaces, translate, &parsed, MapMode::Refuse(status), started);
+            }
+        }
+        let outcomes: Vec<Outcome> = match &pass.refused {
+            None => pass.outcomes,
+            // Nothing changed: what depended on the commit failed.
+            Some(error) => pass
+                .outcomes
+                .into_iter()
+                .map(|o| match o {
+                    Outcome::Done(kind, Ok(Effect::Changed)) => {
+                        Outcome::Done(kind, Err(refused_status(kind, error)))
+                    }
+                    other => other,
+                })
+                .collect(),
+        };
+        requests
+            .iter()
+            .zip(outcomes)
+            .map(|(raw, outcome)| self.reply(raw, outcome))
+            .collect()
+    }
+
+    /// One pass over the drain on a copy of the model; the copy is kept if
+    /// its plan is committed.
+    fn attempt(
+        &mut self,
+        spaces: &mut DmaSpaces,
+        translate: &dyn GuestTranslate,
+        parsed: &[Parsed],
+        maps: MapMode,
+        started: Instant,
+    ) -> Pass {
+        let mut model = self.domains.clone();
+        let mut pending = Pending::new(spaces, Plan::started_at(ChangeKind::Iommu, started));
+        let outcomes: Vec<Outcome> = parsed
+            .iter()
+            .map(|p| match p {
+                Parsed::Request(Request::Probe { .. }) if !self.limits.probe => {
+                    Outcome::Unanswerable(RequestKind::Probe)
+                }
+                Parsed::Request(request) => Outcome::Done(
+                    request.kind(),
+                    model.apply(request, &self.limits, translate, maps, &mut pending),
+                ),
+                Parsed::Reject(kind, status) => Outcome::Rejected(*kind, *status),
+                Parsed::Unanswerable(kind) => Outcome::Unanswerable(*kind),
+            })
+            .collect();
+        if pending.plan.is_empty() {
+            pending.committed();
+            self.domains = model;
+            return Pass {
+                outcomes,
+                refused: None,
+            };
+        }
+        let plan = std::mem::replace(&mut pending.plan, Plan::new(ChangeKind::Iommu));
+        let result = pending.spaces().commit(plan);
+        let refused = self.count(result).err();
+        match refused {
+            None => {
+                pending.committed();
+                self.domains = model;
+            }
+            Some(_) => pending.abandoned(),
+        }
+        Pass { outcomes, refused }
+    }
+
+    fn reply(&mut self, raw: &RawRequest, outcome: Outcome) -> Reply {
+        let (kind, reply) = match outcome {
+            Outcome::Done(kind, Ok(Effect::Probe)) => {
+                (kind, Reply::probe(&self.properties, self.probe_size))
+            }
+            Outcome::Done(kind, Ok(_)) => (kind, Reply::status(raw.writable_len, S_OK)),
+            Outcome::Done(kind, Err(status)) | Outcome::Rejected(kind, status) => {
+                (kind, Reply::status(raw.writable_len, status))
+            }
+            Outcome::Unanswerable(kind) => (kind, Reply::Unwritten),
+        };
+        let status = reply.status_code().map_or("unanswered", status_name);
+        *self
+            .counters
+            .requests
+            .entry((kind.as_str(), status))
+            .or_default() += 1;
+        reply
+    }
+
+    /// The driver wrote the bypass bit: unattached endpoints move in one
+    /// plan. If a device refuses, the bit keeps its old value (what the
+    /// devices still do).
+    pub fn set_bypass(&mut self, spaces: &mut DmaSpaces, bypass: bool) -> Result<(), SpaceError> {
+        let mut model = self.domains.clone();
+        let mut plan = Plan::new(ChangeKind::Iommu);
+        model.set_bypass(bypass);
+        model.place_changed(spaces, &mut plan);
+        if plan.is_empty() {
+            self.domains = model;
+            return Ok(());
+        }
+        self.count(spaces.commit(plan))?;
+        self.domains = model;
+        Ok(())
+    }
+
+    /// Device reset: every domain goes, endpoints follow the bypass bit,
+    /// in one plan. The model is reset even if a device refuses (the driver
+    /// starts over); those devices are then detached, so they reach nothing
+    /// rather than a dead domain's mappings.
+    pub fn reset(&mut self, spaces: &mut DmaSpaces) -> Result<(), SpaceError> {
+        let mut model = self.domains.clone();
+        let mut pending = Pending::new(spaces, Plan::new(ChangeKind::Iommu));
+        model.reset(&mut pending);
+        let plan = std::mem::replace(&mut pending.plan, Plan::new(ChangeKind::Iommu));
+        if plan.is_empty() {
+            self.domains = model;
+            pending.committed();
+            return Ok(());
+        }
+        let result = pending.spaces().commit(plan);
+        self.domains = model;
+        let result = self.count(result);
+        if result.is_err() {
+            let mut detach = Plan::new(ChangeKind::Iommu);
+            for endpoint in self.domains.endpoint_infos() {
+                detach.attach(&endpoint.device, None);
+            }
+            let detached = pending.spaces().commit(detach);
+            let _ = self.count(detached);
+        }
+        pending.committed();
+        result.map(|_| ())
+    }
+
+    /// Memory hotplug: guest RAM `ranges` (gpa, size) is about to be
+    /// released. Every domain mapping that reaches any of it is removed,
+    /// from the model and from the devices, in one plan (kind Unplug),
+    /// before the caller removes the ranges from the identity space and
+    /// releases them. Returns how many mappings went; on a refusal nothing
+    /// changed and the memory must not be released.
+    pub fn unmap_guest_ranges(
+        &mut self,
+        spaces: &mut DmaSpaces,
+        ranges: &[(u64, u64)],
+    ) -> Result<usize, SpaceError> {
+        let mut model = self.domains.clone();
+        let mut plan = Plan::new(ChangeKind::Unplug);
+        let dropped: usize = ranges
+            .iter()
+            .map(|&(gpa, size)| model.drop_guest_range(gpa, size, &mut plan))
+            .sum();
+        if dropped == 0 {
+            return Ok(0);
+        }
+        self.count(spaces.commit(plan))?;
+        self.domains = model;
+        Ok(dropped)
+    }
+}
+
+/// One pass over a drain: its outcomes (provisional if refused) and, if a
+/// device refused its plan, why.
+struct Pass {
+    outcomes: Vec<Outcome>,
+    refused: Option<SpaceError>,
+}

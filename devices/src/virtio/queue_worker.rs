@@ -1,0 +1,455 @@
+//! A device thread serving one virtqueue: the shape shared by devices whose
+//! requests are handled in the VMM (virtio-mem's request queue, the
+//! virtio-iommu request queue).
+//!
+//! The thread is created with the device, before any vCPU runs (vCPU threads
+//! may not create threads under seccomp), runs `on_start` first (to install
+//! its seccomp filter) and then idles until the transport hands it a queue:
+//!
+//! ```text
+//!   QueueWorker::spawn(name, memory, handler, on_start)   at device creation
+//!   worker.serve(Serve { queue, index, kick, interrupt }) at DRIVER_OK
+//!   worker.stop()                                         at reset
+//!   worker.call(|handler| ...)                            device state changes
+//! ```
+//!
+//! `call` runs a closure on the worker thread, with the handler, between two
+//! drains, and returns once it ran: state the handler owns changes without a
+//! lock and in order with the requests (virtio-iommu's bypass bit and reset).
+//!
+//! While serving, every kick (and the start itself, for requests queued
+//! before it) calls the `QueueHandler` with a `Drain` of the queue. The
+//! handler pops chains with `Drain::next_chain`, answers them with
+//! `Drain::add_used`, and may take all chains of one kick before answering
+//! (virtio-iommu commits one drain as one DMA transaction). The worker
+//! raises the queue's interrupt when the handler added used entries.
+//!
+//! `stop` is synchronous: it returns once the worker has dropped the queue,
+//! so after a reset the device no longer reads or writes the old rings. A
+//! request the handler is in the middle of completes first (its used entry
+//! is written before `stop` returns); chains still queued are left alone,
+//! because `next_chain` returns `None` as soon as a stop is asked for.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::VirtioInterrupt;
+
+/// What a device does with the requests of its queue.
+pub trait QueueHandler: Send + 'static {
+    /// Serves what the driver queued, on each kick.
+    fn serve(&mut self, drain: &mut Drain<'_>);
+}
+
+/// A closure over a drain is a handler too.
+impl<F: FnMut(&mut Drain<'_>) + Send + 'static> QueueHandler for F {
+    fn serve(&mut self, drain: &mut Drain<'_>) {
+        self(drain)
+    }
+}
+
+/// The queue as a handler sees it during one kick.
+pub struct Drain<'a> {
+    queue: &'a mut Queue,
+    memory: &'a GuestMemoryMmap,
+    stopping: &'a AtomicBool,
+    used: bool,
+}
+
+/// A drain outside any worker: never told to stop.
+static NEVER_STOPPING: AtomicBool = AtomicBool::new(false);
+
+impl<'a> Drain<'a> {
+    /// A drain of `queue` run by the caller, for tests and fuzz targets
+    /// that drive a handler synchronously.
+    pub fn new(queue: &'a mut Queue, memory: &'a GuestMemoryMmap) -> Drain<'a> {
+        Drain {
+            queue,
+            memory,
+            stopping: &NEVER_STOPPING,
+            used: false,
+        }
+    }
+
+    /// Whether a used entry was added.
+    pub fn used(&self) -> bool {
+        self.used
+    }
+
+    /// The next chain the driver made available; `None` when the queue is
+    /// empty, malformed, or the device is being stopped.
+    pub fn next_chain(&mut self) -> Option<DescriptorChain<&'a GuestMemoryMmap>> {
+        if self.stopping.load(Ordering::Acquire) {
+            return None;
+        }
+        self.queue.pop_descriptor_chain(self.memory)
+    }
+
+    /// Returns the chain whose head is `head` to the driver, with `written`
+    /// bytes written into its device-writable buffers.
+    pub fn add_used(&mut self, head: u16, written: u32) {
+        // Fails only for a head outside the queue, which pop never returns;
+        // the driver sees a request that never completes, not a crash.
+        if self.queue.add_used(self.memory, head, written).is_ok() {
+            self.used = true;
+        }
+    }
+
+    pub fn memory(&self) -> &'a GuestMemoryMmap {
+        self.memory
+    }
+}
+
+/// What the driver set up, handed over at DRIVER_OK.
+pub struct Serve {
+    pub queue: Queue,
+    /// The queue's index in the device, for its interrupt.
+    pub index: u16,
+    /// Written on each guest notification.
+    pub kick: EventFd,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("the {0} thread is gone")]
+    Gone(String),
+}
+
+/// Work for the handler, run on the worker thread.
+type Call<H> = Box<dyn FnOnce(&mut H) + Send>;
+
+enum Command<H> {
+    Serve(Serve),
+    /// Acknowledged once the queue is dropped.
+    Stop(Sender<()>),
+    /// Acknowledged once the closure ran.
+    Call(Call<H>, Sender<()>),
+}
+
+/// The device's handle on its worker thread, whose handler is an `H`.
+pub struct QueueWorker<H> {
+    name: String,
+    commands: Sender<Command<H>>,
+    /// Wakes the worker when a command is queued.
+    wake: EventFd,
+    /// Tells a handler in the middle of a drain to stop popping chains.
+    stopping: Arc<AtomicBool>,
+}
+
+impl<H: QueueHandler> QueueWorker<H> {
+    /// Starts the thread `name`. `on_start` runs first on it; if it fails,
+    /// the thread ends and `serve`, `stop` and `call` report
+    /// `WorkerError::Gone`.
+    pub fn spawn(
+        name: &str,
+        memory: Arc<GuestMemoryMmap>,
+        handler: H,
+        on_start: Box<dyn FnOnce() -> Result<(), String> + Send>,
+    ) -> io::Result<QueueWorker<H>> {
+        let (commands, receiver) = channel();
+        let wake = EventFd::new(EFD_NONBLOCK)?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let thread = Thread {
+            commands: receiver,
+            wake: wake.try_clone()?,
+            memory,
+            stopping: stopping.clone(),
+        };
+        let thread_name = name.to_string();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                if let Err(e) = on_start() {
+                    eprintln!("microvm: {thread_name} disabled: {e}");
+                    return;
+                }
+                thread.run(handler)
+            })?;
+        Ok(QueueWorker {
+            name: name.into(),
+            commands,
+            wake,
+            stopping,
+        })
+    }
+
+    /// Serves `serve.queue` from now on, in place of any previous queue.
+    pub fn serve(&self, serve: Serve) -> Result<(), WorkerError> {
+        self.send(Command::Serve(serve))
+    }
+
+    /// Returns once the worker no longer touches the queue it served.
+    pub fn stop(&self) -> Result<(), WorkerError> {
+        let (ack, acked) = channel();
+        self.stopping.store(true, Ordering::Release);
+        let sent = self.send(Command::Stop(ack));
+        // A worker that ended drops the command, and with it `ack`.
+        let result = sent.and_then(|()| acked.recv().map_err(|_| self.gone()));
+        self.stopping.store(false, Ordering::Release);
+        result
+    }
+
+    /// Runs `f` on the worker thread with the handler, between drains;
+    /// returns once it ran.
+    pub fn call(&self, f: impl FnOnce(&mut H) + Send + 'static) -> Result<(), WorkerError> {
+        let (ack, acked) = channel();
+        self.send(Command::Call(Box::new(f), ack))?;
+        acked.recv().map_err(|_| self.gone())
+    }
+
+    fn send(&self, command: Command<H>) -> Result<(), WorkerError> {
+        self.commands.send(command).map_err(|_| self.gone())?;
+        self.wake.write(1).map_err(|_| self.gone())
+    }
+
+    fn gone(&self) -> WorkerError {
+        WorkerError::Gone(self.name.clone())
+    }
+}
+
+/// The worker thread's side.
+struct Thread<H> {
+    commands: Receiver<Command<H>>,
+    wake: EventFd,
+    memory: Arc<GuestMemoryMmap>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl<H: QueueHandler> Thread<H> {
+    fn run(self, mut handler: H) {
+        let mut serving: Option<Serve> = None;
+        loop {
+            let mut fds = vec![pollfd(&self.wake)];
+            if let Some(serve) = &serving {
+                fds.push(pollfd(&serve.kick));
+            }
+            if !wait_readable(&mut fds) {
+                return;
+            }
+            let mut started = false;
+            if fds[0].revents != 0 {
+                let _ = self.wake.read();
+                while let Ok(command) = self.commands.try_recv() {
+                    match command {
+                        Command::Serve(serve) => {
+                            serving = Some(serve);
+                            started = true;
+                        }
+                        Command::Stop(ack) => {
+                            // Dropping the queue is what "stopped" means.
+                            serving = None;
+                            started = false;
+                            let _ = ack.send(());
+                        }
+                        Command::Call(f, ack) => {
+                            f(&mut handler);
+                            let _ = ack.send(());
+                        }
+                    }
+                }
+            }
+            let kicked = fds.get(1).is_some_and(|f| f.revents != 0);
+            if let Some(serve) = serving.as_mut().filter(|_| kicked || started) {
+                let _ = serve.kick.read();
+                let mut drain = Drain {
+                    queue: &mut serve.queue,
+                    memory: &self.memory,
+                    stopping: &self.stopping,
+                    used: false,
+                };
+                handler.serve(&mut drain);
+                if drain.used {
+                    let _ = serve.interrupt.signal_queue(serve.index);
+                }
+            }
+        }
+    }
+}
+
+/// Waits for readability of `fds`; false if polling failed.
+fn wait_readable(fds: &mut [libc::pollfd]) -> bool {
+    loop {
+        // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd
+        // structs, and its length is passed along.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if ready >= 0 {
+            return true;
+        }
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
+}
+
+fn pollfd(fd: &EventFd) -> libc::pollfd {
+    libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::virtio::test_ring::TestRing;
+
+    #[derive(Default)]
+    struct CountingInterrupt(AtomicUsize);
+
+    impl VirtioInterrupt for CountingInterrupt {
+        fn signal_queue(&self, _queue: u16) -> io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn signal_config(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn queue_irqfd(&self, _queue: u16) -> Option<EventFd> {
+            None
+        }
+        fn config_irqfd(&self) -> Option<EventFd> {
+            None
+        }
+    }
+
+    fn memory() -> Arc<GuestMemoryMmap> {
+        Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap())
+    }
+
+    /// A worker whose handler answers each chain with length 7 and
+    /// records the heads it saw.
+    fn worker(
+        memory: &Arc<GuestMemoryMmap>,
+    ) -> (QueueWorker<impl QueueHandler>, Arc<Mutex<Vec<u16>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let handler = move |drain: &mut Drain<'_>| {
+            while let Some(chain) = drain.next_chain() {
+                record.lock().unwrap().push(chain.head_index());
+                drain.add_used(chain.head_index(), 7);
+            }
+        };
+        let worker =
+            QueueWorker::spawn("test-worker", memory.clone(), handler, Box::new(|| Ok(())))
+                .unwrap();
+        (worker, seen)
+    }
+
+    fn serve(ring: &TestRing, kick: &EventFd, interrupt: &Arc<CountingInterrupt>) -> Serve {
+        let config = ring.config(0);
+        let mut queue = Queue::new(config.size).unwrap();
+        queue.set_desc_table_address(Some(config.desc as u32), Some(0));
+        queue.set_avail_ring_address(Some(config.driver as u32), Some(0));
+        queue.set_used_ring_address(Some(config.device as u32), Some(0));
+        queue.set_ready(true);
+        Serve {
+            queue,
+            index: 0,
+            kick: kick.try_clone().unwrap(),
+            interrupt: interrupt.clone(),
+        }
+    }
+
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn kicks_serve_the_queue_and_raise_its_interrupt() {
+        let memory = memory();
+        let (worker, seen) = worker(&memory);
+        let mut ring = TestRing::new(0x1000, 8);
+        let interrupt = Arc::new(CountingInterrupt::default());
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        // A chain queued before the start is served at the start.
+        ring.add_chain(&memory, &[(0x8000, 16, false)]);
+        worker.serve(serve(&ring, &kick, &interrupt)).unwrap();
+        wait_until("the first chain", || ring.used_idx(&memory) == 1);
+        ring.add_chain(&memory, &[(0x8000, 16, false), (0x9000, 16, true)]);
+        kick.write(1).unwrap();
+        wait_until("the second chain", || ring.used_idx(&memory) == 2);
+        assert_eq!(*seen.lock().unwrap(), vec![0, 1]);
+        assert_eq!(ring.used_entry(&memory, 1), (1, 7));
+        wait_until("two interrupts", || interrupt.0.load(Ordering::SeqCst) == 2);
+    }
+
+    #[test]
+    fn after_stop_returns_kicks_are_ignored_until_served_again() {
+        let memory = memory();
+        let (worker, seen) = worker(&memory);
+        let mut ring = TestRing::new(0x1000, 8);
+        let interrupt = Arc::new(CountingInterrupt::default());
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        worker.serve(serve(&ring, &kick, &interrupt)).unwrap();
+        worker.stop().unwrap();
+        ring.add_chain(&memory, &[(0x8000, 16, false)]);
+        kick.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(ring.used_idx(&memory), 0, "stopped");
+        assert!(seen.lock().unwrap().is_empty());
+        // Stopping a stopped worker is fine; serving again picks up.
+        worker.stop().unwrap();
+        worker.serve(serve(&ring, &kick, &interrupt)).unwrap();
+        wait_until("the queued chain", || ring.used_idx(&memory) == 1);
+    }
+
+    #[test]
+    fn calls_run_on_the_worker_with_the_handler_and_in_order() {
+        struct Counter(Vec<u32>);
+        impl QueueHandler for Counter {
+            fn serve(&mut self, _drain: &mut Drain<'_>) {}
+        }
+        let worker = QueueWorker::spawn(
+            "test-worker",
+            memory(),
+            Counter(vec![]),
+            Box::new(|| Ok(())),
+        )
+        .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        for i in 0..3 {
+            worker.call(move |c: &mut Counter| c.0.push(i)).unwrap();
+        }
+        let copy = seen.clone();
+        worker
+            .call(move |c: &mut Counter| {
+                *copy.lock().unwrap() = c.0.clone();
+                assert_eq!(std::thread::current().name(), Some("test-worker"));
+            })
+            .unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_worker_whose_start_failed_reports_that_it_is_gone() {
+        let worker = QueueWorker::spawn(
+            "test-worker",
+            memory(),
+            |_: &mut Drain<'_>| {},
+            Box::new(|| Err("no filter".into())),
+        )
+        .unwrap();
+        wait_until("the thread to end", || worker.stop().is_err());
+        assert!(matches!(worker.stop(), Err(WorkerError::Gone(name)) if name == "test-worker"));
+        assert!(worker.call(|_| {}).is_err());
+    }
+}

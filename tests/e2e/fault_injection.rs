@@ -1,0 +1,211 @@
+//! A vDPA device that refuses a mapping, end to end: vduse-net answers one
+//! VDUSE_UPDATE_IOTLB request with an error (`--fail-iotlb N`) while the
+//! guest plugs memory through virtio-mem, with the VMM's IOTLB batching off
+//! (`iotlb-batch=off`): inside a batch the kernel ignores the device's
+//! answer at BATCH_END, so a refusal reaches the VMM only unbatched.
+//!
+//! N is found by a first, fault-free run of the same story: boot, plug
+//! 128 MiB, count the device's IOTLB updates. The second run refuses the
+//! update after that, which is the one for the next plug. The VMM answers
+//! the guest's request VIRTIO_MEM_RESP_BUSY: with RESP_ERROR a Linux guest
+//! marks its virtio-mem device broken and never plugs again.
+
+use std::sync::OnceLock;
+
+use e2e::{base64, SectionedRun};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const BOOT: u64 = 512 * MIB;
+
+fn guest_script() -> String {
+    "ip link set eth0 up && ip addr add 192.0.2.2/24 dev eth0
+(while true; do echo \"memtotal=$(sed -n 's/^MemTotal: *\\([0-9]*\\).*/\\1/p' /proc/meminfo)\"; sleep 0.5; done) &
+echo guest-ready
+nc -l -p 5000 >/dev/null
+echo guest-done
+"
+    .to_string()
+}
+
+fn host_script() -> String {
+    let cmd = base64(guest_script().as_bytes());
+    format!(
+        r#"start_device() {{
+  vduse-net --name net0 --tap tap0 --iotlb-dump /tmp/iotlb "$@" >/tmp/vduse.out 2>/tmp/vduse.err &
+  VD=$!
+  i=0; until grep -q ready /tmp/vduse.out 2>/dev/null; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
+  ip addr add 192.0.2.1/24 dev tap0
+}}
+start_vm() {{
+  : >/tmp/console.log
+  microvm --kernel "$MICROVM_GUEST_KERNEL" --initramfs "$MICROVM_GUEST_INITRAMFS" --cpus 1 \
+    --memory size=512M,hotplug=1G --net vdpa=/dev/vhost-vdpa-0,iotlb-batch=off \
+    --api-socket /tmp/api.sock \
+    --cmdline "console=ttyS0 reboot=k panic=1 quiet microvm.cmd={cmd}" >/tmp/console.log 2>/tmp/microvm.err &
+  MV=$!
+  i=0; until grep -q memtotal= /tmp/console.log; do i=$((i+1)); if [ $i -gt 900 ] || ! kill -0 $MV 2>/dev/null; then break; fi; sleep 0.2; done
+}}
+updates() {{ grep -c 'iotlb update #[0-9]* \[' /tmp/vduse.err; }}
+
+# Run 1, no fault: how many IOTLB updates up to and including the first plug.
+start_device
+start_vm
+echo "@@section calibration-plug"; microvm-ctl --socket /tmp/api.sock memory-resize 128M --timeout 120
+K=$(updates)
+echo "@@section calibration"; echo $K
+until echo go | nc 192.0.2.2 5000 2>/dev/null; do sleep 0.2; done
+wait $MV
+kill $VD; wait $VD
+rm -f /tmp/api.sock
+
+# Run 2: the update after those K is refused.
+start_device --fail-iotlb $((K+1))
+start_vm
+echo "@@section first-plug"; microvm-ctl --socket /tmp/api.sock memory-resize 128M --timeout 120
+echo "@@section iotlb-before"; cat /tmp/iotlb
+echo "@@section refused-plug"; microvm-ctl --socket /tmp/api.sock memory-resize 256M --timeout 20 2>&1; echo "exit=$?"
+sleep 1
+echo "@@section device-log"; grep -E 'iotlb update #[0-9]+ (\[|refused)' /tmp/vduse.err | tail -4
+echo "@@section iotlb-after"; cat /tmp/iotlb
+echo "@@section info-after"; microvm-ctl --socket /tmp/api.sock info
+echo "@@section counters-after"; microvm-ctl --socket /tmp/api.sock counters
+echo "@@section ping"; ping -c 5 -i 0.2 192.0.2.2 | tail -2
+echo "@@section next-plug"; microvm-ctl --socket /tmp/api.sock memory-resize 256M --timeout 120 2>&1; echo "exit=$?"
+echo "@@section iotlb-next"; cat /tmp/iotlb
+echo "@@section info-next"; microvm-ctl --socket /tmp/api.sock info
+until echo go | nc 192.0.2.2 5000 2>/dev/null; do sleep 0.2; done
+wait $MV; echo "@@section exit"; echo $?
+echo "@@section stderr"; cat /tmp/microvm.err
+echo "@@section console"; grep -v memtotal= /tmp/console.log
+kill $VD; wait $VD
+"#
+    )
+}
+
+fn run() -> &'static SectionedRun {
+    static RUN: OnceLock<SectionedRun> = OnceLock::new();
+    RUN.get_or_init(|| SectionedRun::in_test_host("fault_injection", host_script()))
+}
+
+fn section(name: &str) -> &'static str {
+    run().section(name)
+}
+
+fn json(name: &str) -> Value {
+    run().json(name)
+}
+
+fn hex(text: &str) -> u64 {
+    u64::from_str_radix(text.trim_start_matches("0x"), 16)
+        .unwrap_or_else(|_| panic!("not hex: {text}"))
+}
+
+/// [start, end) ranges, adjacent ones merged.
+fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (start, end) in ranges {
+        match out.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => out.push((start, end)),
+        }
+    }
+    out
+}
+
+/// vduse-net's dump (`start last perm` per line) as merged [start, end).
+fn dump_ranges(dump: &str) -> Vec<(u64, u64)> {
+    merged(
+        dump.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                (hex(fields[0]), hex(fields[1]) + 1)
+            })
+            .collect(),
+    )
+}
+
+/// Boot RAM plus the plugged ranges `info` reports, merged.
+fn expected_iotlb(info: &Value) -> Vec<(u64, u64)> {
+    let mut expected = vec![(0, BOOT)];
+    for range in info["memory"]["hotplug"]["plugged"].as_array().unwrap() {
+        let start = hex(range["guest_addr"].as_str().unwrap());
+        expected.push((start, start + range["size"].as_u64().unwrap()));
+    }
+    merged(expected)
+}
+
+/// The text before the `exit=` line of a section, and the exit status.
+fn output_and_exit(name: &str) -> (&'static str, String) {
+    let text = section(name);
+    let (output, exit) = text.rsplit_once("exit=").unwrap_or((text, ""));
+    (output, exit.trim().to_string())
+}
+
+#[test]
+fn the_refused_update_is_the_next_plug_and_the_device_says_so() {
+    let calibration: u64 = section("calibration").trim().parse().expect("a count");
+    let first = json("first-plug");
+    assert_eq!(first["done"], true, "{first}");
+    let log = section("device-log");
+    assert!(
+        log.contains(&format!("iotlb update #{} refused", calibration + 1)),
+        "{log}"
+    );
+}
+
+#[test]
+fn the_guest_request_fails_and_nothing_is_left_half_mapped() {
+    let info = json("info-after");
+    let hotplug = &info["memory"]["hotplug"];
+    assert_eq!(hotplug["plugged_size"], 128 * MIB, "{info}");
+    // The device holds exactly boot RAM plus the block plugged before.
+    let expected = expected_iotlb(&info);
+    assert_eq!(
+        expected.iter().map(|(s, e)| e - s).sum::<u64>(),
+        BOOT + 128 * MIB
+    );
+    assert_eq!(dump_ranges(section("iotlb-after")), expected);
+    assert_eq!(dump_ranges(section("iotlb-before")), expected);
+    // The engine's view agrees.
+    let engine: Vec<(u64, u64)> = info["devices"][0]["iotlb"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let start = hex(m["iova"].as_str().unwrap());
+            (start, start + m["size"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(merged(engine), expected);
+    // The guest's request failed (answered BUSY, recorded as an error).
+    let counters = json("counters-after");
+    let requests = counters["memory_hotplug"]["guest_requests"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no request history: {counters}"));
+    assert!(
+        requests
+            .iter()
+            .any(|r| r["kind"] == "plug" && r["result"] == "error"),
+        "{counters}"
+    );
+    let (output, exit) = output_and_exit("refused-plug");
+    assert_ne!(exit, "0", "the resize cannot complete: {output}");
+}
+
+#[test]
+fn the_vm_keeps_running_and_the_next_plug_succeeds() {
+    let ping = section("ping");
+    assert!(ping.contains(" 0% packet loss"), "{ping}");
+    let (output, exit) = output_and_exit("next-plug");
+    assert_eq!(exit, "0", "{output}\nconsole:\n{}", section("console"));
+    let next: Value =
+        serde_json::from_str(output.trim()).unwrap_or_else(|e| panic!("{e}: {output}"));
+    assert_eq!(next["done"], true, "{next}");
+    assert_eq!(next["plugged_size"], 256 * MIB, "{next}");
+    let info = json("info-next");
+    assert_eq!(dump_ranges(section("iotlb-next")), expected_iotlb(&info));
+    assert_eq!(section("exit").trim(), "0", "{}", section("stderr"));
+}

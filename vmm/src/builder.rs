@@ -1,0 +1,273 @@
+//! Turns a validated `VmmConfig` into a running VM, in explicit steps:
+//! memory → VM → platform devices → PCI devices → ACPI tables (last, so
+//! they can describe the devices) → kernel → vCPUs → API → event loop.
+
+use std::sync::{Arc, Mutex};
+
+use devices::bus::{Bus, BusError};
+use devices::exit::{ExitReason, ExitSignal};
+use devices::legacy::{AcpiPm, I8042, SERIAL_COM1_BASE, SERIAL_COM1_IRQ, SERIAL_COM1_LEN};
+use devices::serial::SerialDevice;
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use seccompiler::BpfProgram;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::api::{self, control::VmSummary};
+use crate::boot::{acpi, loader};
+use crate::config::{self, HostLimits, SerialConfig, VmmConfig};
+use crate::console;
+use crate::device_manager::DeviceManager;
+use crate::seccomp::{self, ThreadKind};
+use crate::vstate::memory::GuestRam;
+use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vm::Vm;
+use crate::{GuestExit, VmmError};
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A VM built and ready to run: every device exists, the guest is loaded,
+/// vCPUs are created but not started.
+pub struct Vmm {
+    config: VmmConfig,
+    // Kept alive for the VM's lifetime (dropped after the guest is done).
+    vm: Vm,
+    ram: Arc<GuestRam>,
+    devices: DeviceManager,
+    serial: Arc<Mutex<SerialDevice>>,
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    exit: ExitSignal,
+    vcpus: Vec<Vcpu>,
+}
+
+/// Checks the configuration against the host, then builds the VM.
+pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
+    // Files, sizes and counts first, so bad input never waits on KVM.
+    config.validate(&HostLimits::probe(u64::from(config::MAX_VCPUS)))?;
+    let kvm = Vm::open_kvm()?;
+    // Only the vCPU count depends on KVM; the rest was checked above.
+    let kvm_limits = HostLimits {
+        max_vcpus: Vm::max_vcpus(&kvm),
+        memory_bytes: u64::MAX,
+    };
+    config::check_vcpus(u64::from(config.vcpus), &kvm_limits)?;
+
+    let ram = Arc::new(build_memory(config)?);
+    let vm = Vm::new(kvm)?;
+    vm.register_memory(&ram)?;
+
+    let exit = ExitSignal::new().map_err(VmmError::EventFd)?;
+    let serial = build_serial(&vm, config)?;
+    let io_bus = legacy_io_bus(&serial, &exit)?;
+    let mmio_bus = Arc::new(Bus::new());
+    let devices = build_devices(config, &vm, &ram, &io_bus, &mmio_bus)?;
+
+    let rsdp = acpi::write_tables(&ram.memory, config.vcpus, &devices.acpi_tables())?;
+    let boot_entry = loader::load(&ram, &config.kernel, rsdp)?;
+    let vcpus = (0..config.vcpus)
+        .map(|id| {
+            let boot = (id == 0).then_some(&boot_entry);
+            Vcpu::new(&vm, &ram.memory, id, config.vcpus, boot)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Vmm {
+        config: config.clone(),
+        vm,
+        ram,
+        devices,
+        serial,
+        io_bus: Arc::new(io_bus),
+        mmio_bus,
+        exit,
+        vcpus,
+    })
+}
+
+fn build_memory(config: &VmmConfig) -> Result<GuestRam, VmmError> {
+    let hotplug = config
+        .memory
+        .hotplug
+        .map(|size| (size.0, config.memory.block.0));
+    Ok(GuestRam::with_hotplug(config.memory.size.0, hotplug)?)
+}
+
+fn build_serial(vm: &Vm, config: &VmmConfig) -> Result<Arc<Mutex<SerialDevice>>, VmmError> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    vm.connect_irq(&irq, SERIAL_COM1_IRQ)?;
+    Ok(Arc::new(Mutex::new(SerialDevice::new(
+        irq,
+        console::serial_output(&config.serial)?,
+    ))))
+}
+
+/// The platform devices on the port I/O bus.
+fn legacy_io_bus(serial: &Arc<Mutex<SerialDevice>>, exit: &ExitSignal) -> Result<Bus, BusError> {
+    let bus = Bus::new();
+    bus.insert(u64::from(SERIAL_COM1_BASE), SERIAL_COM1_LEN, serial.clone())?;
+    bus.insert(
+        u64::from(I8042::BASE),
+        I8042::LEN,
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+    )?;
+    bus.insert(
+        u64::from(AcpiPm::BASE),
+        AcpiPm::LEN,
+        Arc::new(Mutex::new(AcpiPm::new(exit.clone(), acpi::S5_SLEEP_TYPE))),
+    )?;
+    Ok(bus)
+}
+
+/// The PCI segment and its devices: vDPA net devices first, then the
+/// virtio-iommu in front of those that asked for it, then virtio-mem
+/// (which maps hot-plugged memory for them).
+fn build_devices(
+    config: &VmmConfig,
+    vm: &Vm,
+    ram: &Arc<GuestRam>,
+    io_bus: &Bus,
+    mmio_bus: &Arc<Bus>,
+) -> Result<DeviceManager, VmmError> {
+    let mut devices = DeviceManager::new(io_bus, mmio_bus, vm, ram.clone(), config.seccomp)?;
+    for net in &config.net {
+        devices.add_vdpa_net(net)?;
+    }
+    devices.add_virtio_iommu()?;
+    devices.add_virtio_mem()?;
+    Ok(devices)
+}
+
+impl Vmm {
+    /// Starts the vCPUs, the API and the event loop, and runs until the
+    /// guest powers off or resets, or something fails.
+    pub fn run(self) -> Result<GuestExit, VmmError> {
+        let Vmm {
+            config,
+            vm,
+            ram,
+            devices,
+            serial,
+            io_bus,
+            mmio_bus,
+            exit,
+            vcpus,
+        } = self;
+        let filters = match config.seccomp {
+            true => {
+                seccomp::install_sigsys_handler()?;
+                Some((
+                    seccomp::filter(ThreadKind::Vmm)?,
+                    seccomp::filter(ThreadKind::Vcpu)?,
+                ))
+            }
+            false => None,
+        };
+        if let Some(path) = &config.api_socket {
+            let summary = VmSummary {
+                vcpus: config.vcpus,
+                memory_bytes: config.memory.size.0,
+                ram: ram.ranges.iter().map(|r| (r.start, r.size)).collect(),
+            };
+            let listener = api::bind(path)?;
+            let filter = match config.seccomp {
+                true => Some(seccomp::filter(ThreadKind::Api)?),
+                false => None,
+            };
+            api::spawn(listener, Arc::new(devices.api_view(summary)), filter)?;
+        }
+
+        let mut event_manager =
+            EventManager::<Subscriber>::new().map_err(|e| VmmError::EventLoop(e.to_string()))?;
+        // The exit eventfd is watched like any other source so the loop
+        // wakes at once; the reason itself is kept by the signal.
+        event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
+            fd: exit.event_fd().try_clone().map_err(VmmError::EventFd)?,
+        })));
+        let _raw_terminal = match config.serial {
+            SerialConfig::Stdout => {
+                let terminal = console::RawTerminal::enter();
+                if terminal.is_some() {
+                    event_manager.add_subscriber(Arc::new(Mutex::new(
+                        console::StdinForwarder::new(serial.clone()),
+                    )));
+                }
+                terminal
+            }
+            _ => None,
+        };
+
+        let vcpu_filter = filters.as_ref().map(|(_, f)| f.clone());
+        start_vcpus(vcpus, &io_bus, &mmio_bus, &exit, vcpu_filter)?;
+        if let Some((vmm_filter, _)) = &filters {
+            seccomp::apply(vmm_filter)?;
+        }
+
+        // Nothing past this point may need a syscall outside the filters.
+        let reason = wait_for_exit(&mut event_manager, &exit)?;
+        drop((devices, ram, vm));
+        match reason {
+            ExitReason::PowerOff => Ok(GuestExit::PowerOff),
+            ExitReason::Reset => Ok(GuestExit::Reset),
+            ExitReason::Error(message) => Err(VmmError::Guest(message)),
+        }
+    }
+}
+
+/// One thread per vCPU, each under its filter.
+fn start_vcpus(
+    vcpus: Vec<Vcpu>,
+    io_bus: &Arc<Bus>,
+    mmio_bus: &Arc<Bus>,
+    exit: &ExitSignal,
+    filter: Option<BpfProgram>,
+) -> Result<(), VmmError> {
+    for vcpu in vcpus {
+        let id = vcpu.id();
+        let (io_bus, mmio_bus, exit) = (io_bus.clone(), mmio_bus.clone(), exit.clone());
+        let filter = filter.clone();
+        std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                if let Some(filter) = filter {
+                    if let Err(e) = seccomp::apply(&filter) {
+                        exit.request(ExitReason::Error(format!("vCPU {id}: {e}")));
+                        return;
+                    }
+                }
+                vcpu.run(io_bus, mmio_bus, exit)
+            })
+            .map_err(|source| VmmError::Thread { id, source })?;
+    }
+    Ok(())
+}
+
+/// Serves host events until someone requests the end of the VM.
+fn wait_for_exit(
+    event_manager: &mut EventManager<Subscriber>,
+    exit: &ExitSignal,
+) -> Result<ExitReason, VmmError> {
+    loop {
+        if let Some(reason) = exit.reason() {
+            return Ok(reason);
+        }
+        event_manager
+            .run()
+            .map_err(|e| VmmError::EventLoop(e.to_string()))?;
+    }
+}
+
+struct ExitWatcher {
+    fd: EventFd,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, _events: event_manager::Events, _ops: &mut event_manager::EventOps) {
+        let _ = self.fd.read();
+    }
+
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        let _ = ops.add(event_manager::Events::new(
+            &self.fd,
+            vmm_sys_util::epoll::EventSet::IN,
+        ));
+    }
+}

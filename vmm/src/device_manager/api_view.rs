@@ -1,0 +1,129 @@
+//! The control API's view of the devices: the operations of
+//! [`VmControl`], answered from the live devices and address spaces.
+
+use std::sync::{Mutex, MutexGuard};
+
+use devices::dma::{SharedSpaces, TransactionRecord};
+
+use super::iommu::IommuDevice;
+use super::lock;
+use super::net::NetHandle;
+use super::virtio_mem::MemHandle;
+use crate::api::control::{
+    IommuStatus, MemoryRequestError, MemoryStatus, NetStatus, VmControl, VmSummary,
+};
+
+pub struct ApiView {
+    summary: VmSummary,
+    nets: Vec<NetHandle>,
+    memory: Option<MemHandle>,
+    iommu: Option<IommuDevice>,
+    spaces: SharedSpaces,
+}
+
+fn locked<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn pci_address(slot: u8) -> String {
+    format!("0000:00:{slot:02x}.0")
+}
+
+impl ApiView {
+    pub fn new(
+        summary: VmSummary,
+        nets: Vec<NetHandle>,
+        memory: Option<MemHandle>,
+        iommu: Option<IommuDevice>,
+        spaces: SharedSpaces,
+    ) -> ApiView {
+        ApiView {
+            summary,
+            nets,
+            memory,
+            iommu,
+            spaces,
+        }
+    }
+}
+
+impl VmControl for ApiView {
+    fn summary(&self) -> VmSummary {
+        self.summary.clone()
+    }
+
+    fn nets(&self) -> Vec<NetStatus> {
+        self.nets
+            .iter()
+            .map(|net| {
+                let address_space = match lock(&self.spaces).space_of(&net.id) {
+                    Ok(Some(space)) => space.to_string(),
+                    _ => "none".to_string(),
+                };
+                let pci = locked(&net.pci);
+                let info = pci.device().info(pci.negotiated_features());
+                let counters = pci.device().counters();
+                NetStatus {
+                    id: net.id.clone(),
+                    pci_address: pci_address(net.slot),
+                    iotlb: info.mappings.clone(),
+                    info,
+                    transport_status: pci.status(),
+                    transport: pci.counters(),
+                    dma: counters.dma,
+                    activations: counters.activations,
+                    resets: counters.resets,
+                    iotlb_replays: counters.iotlb_replays,
+                    queues: counters.queues,
+                    boot_mapping: net.boot_mapping.clone(),
+                    address_space,
+                }
+            })
+            .collect()
+    }
+
+    fn memory(&self) -> Option<MemoryStatus> {
+        let view = self.memory.as_ref()?;
+        let state = locked(&view.state);
+        Some(MemoryStatus {
+            region_addr: state.region.addr,
+            region_size: state.region.size,
+            block_size: state.region.block_size,
+            pci_address: pci_address(view.slot),
+            driver_active: state.driver_active,
+            requested_size: state.requested_size,
+            plugged_size: state.plugged_size(),
+            plugged: state.plugged_ranges(),
+            requests: state.history.clone(),
+            release_failures: view.backend.release_failures(),
+        })
+    }
+
+    fn iommu(&self) -> Option<IommuStatus> {
+        let iommu = self.iommu.as_ref()?;
+        let snapshot = iommu.handle.snapshot();
+        let mappings = snapshot
+            .domains
+            .iter()
+            .map(|d| (d.id, iommu.handle.mappings(d.id).unwrap_or_default()))
+            .collect();
+        Some(IommuStatus {
+            pci_address: pci_address(iommu.slot),
+            counters: iommu.handle.counters(),
+            snapshot,
+            mappings,
+        })
+    }
+
+    fn request_memory(&self, size: u64) -> Result<(), MemoryRequestError> {
+        let view = self.memory.as_ref().ok_or(MemoryRequestError::NoHotplug)?;
+        let mut pci = locked(&view.pci);
+        pci.device().request_size(size)?;
+        pci.signal_config_change();
+        Ok(())
+    }
+
+    fn transactions(&self) -> Vec<TransactionRecord> {
+        lock(&self.spaces).history()
+    }
+}
