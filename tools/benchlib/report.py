@@ -115,7 +115,7 @@ def plot(summaries, path):
             for j, key in enumerate(keys):
                 if not s["metrics"][key]["values"].get(vid):
                     ax.text(j + (i - (len(vids) - 1) / 2) * width, 0, "n/a", ha="center",
-                            va="bottom", fontsize=7, rotation=90)
+                            va="bottom", fontsize=7, color=COLORS.get(vid, "#888888"))
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels([s["metrics"][k]["label"].split(":")[0] if scenario == "hotplug"
                             else s["metrics"][k]["label"] for k in keys], fontsize=8)
