@@ -141,7 +141,7 @@ def render(records, image_name="comparison.png"):
            "do not edit by hand: the command rewrites this page and its plot. Every run boots a fresh "
            "emulated test host (QEMU TCG with nested SVM, see ../README.md), so the absolute figures are "
            "nested-virtualisation figures: compare the columns with each other, not with bare metal.", "",
-           "Every VMM boots the same guest (kernel and initramfs), with the same vCPUs and memory, and "
+           "`microvm` is this project. Every VMM boots the same guest (kernel and initramfs), with the same vCPUs and memory, and "
            "the same vDPA device: vduse-net behind the kernel's vhost-vdpa at /dev/vhost-vdpa-0. Device "
            "IOTLB rebuilds are counted by vduse-net (each is one VDUSE_UPDATE_IOTLB request, i.e. VDUSE "
            "rebuilding its whole IOTLB); IOTLB messages are this project's `counters` and, for QEMU, its "
@@ -195,7 +195,12 @@ def render(records, image_name="comparison.png"):
                     "refused next to vhost-vdpa, see the notes), then its best alternative: DIMMs "
                     "(`object-add` memory-backend-memfd share=on + `device_add pc-dimm` over QMP; "
                     "`device_del` to unplug). Every step is timed by the same meter (microvm-time "
-                    "around the client). Counts are per step; ranges are what the device maps after it.", ""]
+                    "around the client). Counts are per step; ranges are what the device maps after it. "
+                    "The steps are not the same work for the guest: the project's guest onlines "
+                    "(and offlines) the virtio-mem memory before the step returns, while the guest "
+                    "kernel (built for virtio-mem) has no ACPI memory-hotplug driver and never onlines "
+                    "the DIMMs; QEMU maps a DIMM for the device at device_add all the same, which is "
+                    "what the counts show, and the guest's ACPI core ejects it on device_del.", ""]
         if s.get("not_run"):
             out += [s["not_run"], ""]
             continue
