@@ -195,6 +195,8 @@ def compare(args):
     if not args.no_docs:
         from . import report
         report.write(records_all, args.docs)
+        import shutil
+        shutil.copy(args.json_out, os.path.join(args.docs, "comparison.jsonl"))
         log(f"wrote {args.docs}/comparison.md and {args.docs}/comparison.png")
     return 0
 

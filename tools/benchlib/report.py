@@ -66,12 +66,10 @@ def _notes(summary):
     for vid, errors in (summary.get("failures") or {}).items():
         for e in sorted(set(errors)):
             lines.append(f"- {summary['vmms'][vid]}: {errors.count(e)} run(s) did not complete: {e}")
-    retries = {v: n for v, n in (summary.get("retries") or {}).items() if n}
-    for vid, n in retries.items():
-        lines.append(f"- {summary['vmms'][vid]}: {n} run(s) retried after the test host was lost")
-    completed = summary.get("completed") or {}
-    for vid, n in completed.items():
-        lines.append(f"- {summary['vmms'][vid]}: {n} run(s) completed")
+    retries = summary.get("retries") or {}
+    for vid, n in (summary.get("completed") or {}).items():
+        lines.append(f"- {summary['vmms'][vid]}: {n} run(s) completed; "
+                     f"{retries.get(vid, 0)} retried after the test host was lost")
     return "\n".join(lines)
 
 
@@ -89,8 +87,8 @@ def plot(summaries, path):
                     "boot: device IOTLB rebuilds and IOTLB messages at ready", "count")]
     if hot:
         steps = [k[:-len("_rebuilds")] for k in hot["metrics"] if k.endswith("_rebuilds")]
-        panels += [("hotplug", [f"{s}_rebuilds" for s in steps], "hotplug: device IOTLB rebuilds per step", "count"),
-                   ("hotplug", [f"{s}_ms" for s in steps], "hotplug: time to complete each step", "ms")]
+        panels += [("hotplug", [f"{s}_rebuilds" for s in steps], "hotplug: device IOTLB rebuilds per step (microvm: virtio-mem; QEMU: DIMMs)", "count"),
+                   ("hotplug", [f"{s}_ms" for s in steps], "hotplug: time to complete each step (microvm: virtio-mem; QEMU: DIMMs)", "ms")]
     if not panels:
         return False
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.3 * len(panels)), squeeze=False)
@@ -210,8 +208,8 @@ def render(records, image_name="comparison.png"):
             out += ["Notes:", "", notes, ""]
         out += ["Command lines (exactly as run in the test host):", "", _commands(s, runs), ""]
     out += ["## Raw data", "", "`tools/bench compare` prints one JSON line per run and one summary per "
-            "scenario (also kept in `--json-out`); `tools/bench report --input FILE` rewrites this page "
-            "from such a file.", ""]
+            "scenario (also kept in `--json-out`, and beside this page as comparison.jsonl when the "
+            "command writes it); `tools/bench report --input FILE` rewrites this page from such a file.", ""]
     return "\n".join(out), summaries
 
 
