@@ -414,15 +414,20 @@ impl VirtioDevice for VirtioMem {
             .and_then(|_| queue.try_set_used_ring_address(GuestAddress(config.device)))
             .map_err(queue_error)?;
         queue.set_ready(true);
-        self.worker
-            .serve(Serve {
-                queue,
-                index: 0,
-                kick,
-                interrupt: activation.interrupt,
-            })
-            .map_err(|e| ActivateError::Backend(Box::new(e)))?;
+        // Active before the worker starts: its first drain holds the state
+        // lock for as long as a plug takes, and this thread (a vCPU) must
+        // not wait for that.
         self.lock().driver_active = true;
+        let served = self.worker.serve(Serve {
+            queue,
+            index: 0,
+            kick,
+            interrupt: activation.interrupt,
+        });
+        if let Err(e) = served {
+            self.lock().driver_active = false;
+            return Err(ActivateError::Backend(Box::new(e)));
+        }
         Ok(())
     }
 
