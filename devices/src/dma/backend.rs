@@ -143,7 +143,8 @@ impl RecordingBackend {
 
     fn apply(&mut self, msg: &IotlbMessage) -> Result<(), BackendError> {
         if let Some(n) = self.fail_countdown.as_mut() {
-            *n -= 1;
+            // `fail_nth(0)` means the next message, like `fail_nth(1)`.
+            *n = n.saturating_sub(1);
             if *n == 0 {
                 self.fail_countdown = None;
                 return Err(errno(libc::EFAULT));
