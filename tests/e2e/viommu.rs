@@ -67,8 +67,16 @@ run_vm() {{
   # Rebuilds before drains: every rebuild seen here was counted by then.
   echo "@@section $name-rebuilds-1"; rebuilds $mark
   echo "@@section $name-counters-1"; microvm-ctl --socket /tmp/api.sock counters
-  echo "@@section $name-iotlb-1"; cat /tmp/iotlb
-  echo "@@section $name-info-1"; microvm-ctl --socket /tmp/api.sock info
+  # A consistent snapshot: the device's dump taken between two identical
+  # answers of info (the guest may still map or unmap a buffer now and then).
+  for try in 1 2 3 4 5 6 7 8; do
+    microvm-ctl --socket /tmp/api.sock info >/tmp/info-a; cp /tmp/iotlb /tmp/iotlb-snap
+    microvm-ctl --socket /tmp/api.sock info >/tmp/info-b
+    cmp -s /tmp/info-a /tmp/info-b && break
+    sleep 0.5
+  done
+  echo "@@section $name-iotlb-1"; cat /tmp/iotlb-snap
+  echo "@@section $name-info-1"; cat /tmp/info-a
   echo "@@section $name-sink"; cat /tmp/sink.out
   if [ "$name" = passthrough ]; then
     echo "@@section $name-resize"; microvm-ctl --socket /tmp/api.sock memory-resize 256M --timeout 120
