@@ -144,14 +144,6 @@ impl DeviceManager {
         Ok(())
     }
 
-    pub fn spaces(&self) -> &SharedSpaces {
-        &self.spaces
-    }
-
-    pub fn ram(&self) -> &Arc<GuestRam> {
-        &self.ram
-    }
-
     /// ACPI tables that describe the devices: the VIOT when there is a
     /// vIOMMU (how the guest finds it and its endpoints).
     pub fn acpi_tables(&self) -> Vec<Vec<u8>> {
