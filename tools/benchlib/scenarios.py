@@ -3,6 +3,7 @@ a parser from its `@@section` output to the run's metrics. tools/bench boot
 and tools/bench compare share them."""
 
 import json
+import re
 
 from . import vmms
 from .vmms import Vmm
@@ -281,10 +282,151 @@ HOTPLUG_METRICS = [("ranges_at_ready", "device map ranges at ready", "count")] +
 
 # ---------------------------------------------------------------- viommu
 
-VIOMMU_PENDING = ("not run by `tools/bench compare` yet. This project's side exists as "
-                  "`tools/bench viommu` (--net ...,iommu=on; batched and iotlb-batch=off, lazy and "
-                  "strict); the hook for the comparison is viommu_script()/parse_viommu() in "
-                  "tools/benchlib/scenarios.py, to run the same guest workload for microvm and for "
-                  "QEMU 10 (q35 + virtio-iommu-pci + vhost-vdpa: QEMU 10's virtio-iommu-pci needs q35, "
-                  "and q35 has reset the emulated test host before, so it needs the retry bound) and "
-                  "report device rebuilds per second, requests per batch and throughput.")
+VIOMMU_MEMORY_MIB = 512
+VIOMMU_CPUS = 1
+# The guest's two ways of driving the IOMMU: lazy (Linux's default, unmaps
+# flushed per flush-queue period) and strict (a sync after every unmap).
+VIOMMU_MODES = {"lazy": "", "strict": "iommu.strict=1"}
+VIOMMU_TCP = "192.0.2"
+
+# The guest brings its link up, says it is ready, waits for the host's go,
+# then sends a TCP stream and a ping burst, says done, and waits for the
+# host's second go before it powers off (which ends every VMM here).
+VIOMMU_GUEST = """ip link set eth0 up && ip addr add {net}.2/24 dev eth0
+ping -c 3 {net}.1 >/dev/null
+echo viommu-ready
+nc -l -p 5000 >/dev/null
+dd if=/dev/zero bs=64k count={blocks} 2>/dev/null | nc {net}.1 5001
+ping -c {pings} -i 0.02 -s 1000 {net}.1 | tail -2
+echo viommu-done
+nc -l -p 5000 >/dev/null
+"""
+
+VIOMMU_HOST_START = f"""vduse-net --name net0 --tap tap0 >/tmp/vduse.out 2>/tmp/vduse.err &
+VD=$!
+i=0; until grep -q ready /tmp/vduse.out 2>/dev/null; do i=$((i+1)); [ $i -gt 200 ] && break; sleep 0.1; done
+echo '@@section vduse-ready'; cat /tmp/vduse.out
+ip addr add {VIOMMU_TCP}.1/24 dev tap0
+# Finished rebuilds only: vduse-net logs "iotlb update #N: E entries ..." once one is served.
+rebuilds() {{ grep -cE 'iotlb update #[0-9]+: ' /tmp/vduse.err; }}
+now() {{ cut -d' ' -f1 /proc/uptime; }}
+# wait_for PATTERN SECONDS: until the console shows PATTERN, the VMM exits or time runs out.
+wait_for() {{
+  end=$(( $(cut -d. -f1 /proc/uptime) + $2 ))
+  until grep -q "$1" /tmp/console.log; do
+    kill -0 $MV 2>/dev/null || return 1
+    [ $(cut -d. -f1 /proc/uptime) -ge $end ] && return 1
+    sleep 0.2
+  done
+}}
+go() {{ n=0; until echo go | nc {VIOMMU_TCP}.2 5000 2>/dev/null; do n=$((n+1)); [ $n -gt 300 ] && return 1; kill -0 $MV 2>/dev/null || return 1; sleep 0.1; done; }}
+"""
+
+
+def viommu_argv(vmm, mode, guest_cmd):
+    extra = VIOMMU_MODES[mode]
+    if vmm.is_qemu:
+        return vmms.qemu_argv(vmm, "pc", VIOMMU_MEMORY_MIB, VIOMMU_CPUS, guest_cmd, iommu=True,
+                              cmdline_extra=extra)
+    return vmms.project_argv(vmm, VIOMMU_MEMORY_MIB, VIOMMU_CPUS, guest_cmd, iommu=True,
+                             cmdline_extra=extra)
+
+
+def viommu_script(vmm_list, transfer_mib, pings, window_limit_s=1200):
+    """One test host: vduse-net on a TAP, then for each VMM and guest mode one
+    VM that streams `transfer_mib` MiB of TCP and `pings` pings to the test
+    host. Around the window (host's go → guest's viommu-done): the device's
+    rebuilds, the VMM's IOTLB messages and vIOMMU requests, the clock.
+    Sections are named VMM-MODE-*. Returns (script, {vmm id: {mode: command}})."""
+    guest = VIOMMU_GUEST.format(net=VIOMMU_TCP, blocks=transfer_mib * 16, pings=pings)
+    script = VIOMMU_HOST_START
+    commands = {}
+    for vmm in vmm_list:
+        commands[vmm.id] = {}
+        for mode in VIOMMU_MODES:
+            tag = f"{vmm.id}-{mode}"
+            argv = vmms.shell(viommu_argv(vmm, mode, guest))
+            commands[vmm.id][mode] = argv
+            script += _quoted_heredoc(f"{tag}-command", argv)
+            script += (f"rm -f {vmms.API_SOCKET} {vmms.QMP_SOCKET} {vmms.QEMU_TRACE_LOG}; : >/tmp/console.log\n"
+                       f"microvm-tcp-sink --port 5001 --bytes {transfer_mib << 20} >/tmp/sink.out 2>/tmp/sink.err &\n"
+                       "SINK=$!\n"
+                       f"{argv} >/tmp/console.log 2>/tmp/vmm.err &\nMV=$!\n"
+                       f"wait_for viommu-ready 600; echo '@@section {tag}-ready'; grep -c viommu-ready /tmp/console.log\n"
+                       f"{vmms.message_snapshot(vmm, '/tmp/before')}\n"
+                       "r0=$(rebuilds); t0=$(now)\n"
+                       "go\n"
+                       f"wait_for viommu-done {window_limit_s}\n"
+                       "t1=$(now); r1=$(rebuilds)\n"
+                       f"{vmms.message_snapshot(vmm, '/tmp/after')}\n"
+                       f"echo '@@section {tag}-window'; echo \"$t0 $t1 $r0 $r1\"\n"
+                       f"echo '@@section {tag}-before'; cat /tmp/before\n"
+                       f"echo '@@section {tag}-after'; cat /tmp/after\n"
+                       f"echo '@@section {tag}-sink'; cat /tmp/sink.out\n"
+                       f"echo '@@section {tag}-ping'; grep -E 'packets transmitted|round-trip' /tmp/console.log\n"
+                       "go; n=0; while kill -0 $MV 2>/dev/null && [ $n -lt 300 ]; do n=$((n+1)); sleep 0.2; done\n"
+                       "kill $MV 2>/dev/null; wait $MV; st=$?\n"
+                       "kill $SINK 2>/dev/null; wait $SINK 2>/dev/null\n"
+                       f"echo '@@section {tag}-exit'; echo $st\n"
+                       f"echo '@@section {tag}-vmm-stderr'; grep -v 'Fail to invalidate device iotlb' /tmp/vmm.err | tail -20\n"
+                       f"echo '@@section {tag}-console-tail'; tail -8 /tmp/console.log\n")
+    script += VDUSE_STOP
+    return script, commands
+
+
+def parse_viommu(run, vmm: Vmm, transfer_mib):
+    """Per guest mode, over the window: throughput, the vIOMMU's MAP/UNMAP
+    requests, the device's IOTLB rebuilds (vduse-net) and requests per
+    rebuild (how many requests each device batch carried), the VMM's IOTLB
+    messages, ping round trip. ScenarioError if a mode did not complete."""
+    metrics = {}
+    for mode in VIOMMU_MODES:
+        tag = f"{vmm.id}-{mode}"
+        stderr = _tail(run.section(f"{tag}-vmm-stderr"), 6)
+        if (run.section(f"{tag}-ready") or "").strip() in ("", "0"):
+            raise ScenarioError(f"{mode}: the guest never reported its link ready (test host exit "
+                                f"{run.status}); VMM stderr: {stderr}; console: "
+                                f"{_tail(run.section(f'{tag}-console-tail'), 4)}")
+        try:
+            t0, t1, r0, r1 = run.section(f"{tag}-window").split()
+            seconds = float(t1) - float(t0)
+            rebuilds = int(r1) - int(r0)
+            before, after = run.section(f"{tag}-before"), run.section(f"{tag}-after")
+            requests = vmms.parse_iommu_requests(after) - vmms.parse_iommu_requests(before)
+            messages = vmms.parse_messages(after)["total"] - vmms.parse_messages(before)["total"]
+            sink = json.loads(run.section(f"{tag}-sink"))
+        except (ValueError, KeyError, AttributeError, TypeError, json.JSONDecodeError) as e:
+            raise ScenarioError(f"{mode}: counters around the window unreadable ({e}); VMM stderr: {stderr}")
+        if sink.get("bytes") != transfer_mib << 20 or not sink.get("seconds"):
+            raise ScenarioError(f"{mode}: the TCP stream did not arrive complete ({sink}); VMM stderr: {stderr}")
+        ping = run.section(f"{tag}-ping") or ""
+        loss = re.search(r"(\d+)% packet loss", ping)
+        rtt = re.search(r"= [0-9.]+/([0-9.]+)/", ping)
+        if seconds <= 0 or requests <= 0 or not loss:
+            raise ScenarioError(f"{mode}: no window, no vIOMMU request or no ping summary "
+                                f"(window {seconds:.2f} s, {requests} requests, ping {ping.strip()!r})")
+        metrics.update({
+            f"{mode}_tcp_kib_per_s": round(sink["bytes"] / sink["seconds"] / 1024, 1),
+            f"{mode}_window_s": round(seconds, 2),
+            f"{mode}_requests": requests,
+            f"{mode}_device_rebuilds": rebuilds,
+            f"{mode}_rebuilds_per_s": round(rebuilds / seconds, 1),
+            f"{mode}_requests_per_rebuild": round(requests / rebuilds, 2) if rebuilds else None,
+            f"{mode}_iotlb_messages": messages,
+            f"{mode}_ping_loss_pct": int(loss.group(1)),
+            f"{mode}_ping_avg_ms": float(rtt.group(1)) if rtt else None,
+        })
+    return metrics
+
+
+VIOMMU_METRICS = [m for mode in VIOMMU_MODES for m in (
+    (f"{mode}_tcp_kib_per_s", f"{mode}: TCP throughput, guest to test host", "KiB/s"),
+    (f"{mode}_window_s", f"{mode}: window (stream and pings)", "s"),
+    (f"{mode}_requests", f"{mode}: vIOMMU MAP+UNMAP requests in the window", "count"),
+    (f"{mode}_device_rebuilds", f"{mode}: device IOTLB rebuilds in the window (vduse-net)", "count"),
+    (f"{mode}_rebuilds_per_s", f"{mode}: device IOTLB rebuilds per second", "1/s"),
+    (f"{mode}_requests_per_rebuild", f"{mode}: vIOMMU requests per device rebuild (per batch the device sees)", "count"),
+    (f"{mode}_iotlb_messages", f"{mode}: IOTLB messages in the window", "count"),
+    (f"{mode}_ping_avg_ms", f"{mode}: ping round trip, average", "ms"),
+    (f"{mode}_ping_loss_pct", f"{mode}: ping loss", "%"),
+)]

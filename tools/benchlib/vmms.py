@@ -26,6 +26,9 @@ QEMU_IOTLB_EVENTS = {
     "vhost_vdpa_listener_begin_batch": "batch_begin",
     "vhost_vdpa_listener_commit": "batch_end",
 }
+# QEMU's trace events for the guest's virtio-iommu requests
+# (hw/virtio/trace-events): one event per MAP or UNMAP it serves.
+QEMU_IOMMU_EVENTS = {"virtio_iommu_map": "map", "virtio_iommu_unmap": "unmap"}
 # memfd names of guest RAM, left out of "RSS outside guest RAM".
 GUEST_RAM_MEMFDS = ["microvm-guest-ram", "memory-backend-memfd"]
 
@@ -62,19 +65,22 @@ BOOT_MACHINE_WHY = {
 }
 
 
-def guest_cmdline(guest_cmd):
-    return BASE_CMDLINE + " microvm.cmd=" + base64.b64encode(guest_cmd.encode()).decode()
+def guest_cmdline(guest_cmd, extra=""):
+    return (BASE_CMDLINE + (f" {extra}" if extra else "") + " microvm.cmd="
+            + base64.b64encode(guest_cmd.encode()).decode())
 
 
-def project_argv(vmm, memory_mib, cpus, guest_cmd=None, hotplug_mib=None, net=True, api=True):
+def project_argv(vmm, memory_mib, cpus, guest_cmd=None, hotplug_mib=None, net=True, api=True,
+                 iommu=False, cmdline_extra=""):
     memory = f"size={memory_mib}M" + (f",hotplug={hotplug_mib}M" if hotplug_mib else "")
     argv = ["microvm", "--kernel", KERNEL, "--initramfs", INITRD, "--cpus", str(cpus),
             "--memory", memory]
     if net:
-        argv += ["--net", f"vdpa={VDPA}" + ("" if vmm.iotlb_batch else ",iotlb-batch=off")]
+        argv += ["--net", f"vdpa={VDPA}" + (",iommu=on" if iommu else "")
+                 + ("" if vmm.iotlb_batch else ",iotlb-batch=off")]
     if api:
         argv += ["--api-socket", API_SOCKET]
-    cmdline = guest_cmdline(guest_cmd) if guest_cmd is not None else BASE_CMDLINE
+    cmdline = guest_cmdline(guest_cmd, cmdline_extra) if guest_cmd is not None else BASE_CMDLINE
     return argv + ["--cmdline", cmdline, "--serial", "stdout"]
 
 
@@ -86,17 +92,24 @@ MACHINES = {
 }
 
 
-def qemu_argv(vmm, machine, memory_mib, cpus, guest_cmd, maxmem_mib=None, extra=()):
+def qemu_argv(vmm, machine, memory_mib, cpus, guest_cmd, maxmem_mib=None, extra=(), iommu=False,
+              cmdline_extra=""):
+    """`iommu`: the net device behind a virtio-iommu-pci (which pc carries, with
+    an ACPI VIOT), with the IOMMU's MAP/UNMAP trace events on too."""
     memory = f"{memory_mib}M" + (f",slots=4,maxmem={maxmem_mib}M" if maxmem_mib else "")
     argv = [f"/opt/peers/{vmm.peer}/qemu", "-M", MACHINES[machine], "-accel", "kvm",
             "-cpu", "host", "-smp", str(cpus), "-m", memory,
             "-object", f"memory-backend-memfd,id=mem0,size={memory_mib}M,share=on",
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
-            "-no-reboot", "-kernel", KERNEL, "-initrd", INITRD, "-append", guest_cmdline(guest_cmd),
-            "-netdev", f"vhost-vdpa,id=n0,vhostdev={VDPA}",
-            "-device", "virtio-net-pci,netdev=n0,romfile=",
-            "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off", "-D", QEMU_TRACE_LOG]
-    for event in QEMU_IOTLB_EVENTS:
+            "-no-reboot", "-kernel", KERNEL, "-initrd", INITRD,
+            "-append", guest_cmdline(guest_cmd, cmdline_extra)]
+    if iommu:
+        argv += ["-device", "virtio-iommu-pci"]
+    argv += ["-netdev", f"vhost-vdpa,id=n0,vhostdev={VDPA}",
+             "-device", "virtio-net-pci,netdev=n0,romfile="
+             + (",iommu_platform=on,disable-legacy=on" if iommu else ""),
+             "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off", "-D", QEMU_TRACE_LOG]
+    for event in list(QEMU_IOTLB_EVENTS) + (list(QEMU_IOMMU_EVENTS) if iommu else []):
         argv += ["-trace", event]
     return argv + list(extra)
 
@@ -112,12 +125,25 @@ def message_snapshot(vmm, path):
     vhost-vdpa fd)."""
     if not vmm.is_qemu:
         return f"microvm-ctl --socket {API_SOCKET} counters > {path}"
+    events = {**QEMU_IOTLB_EVENTS, **QEMU_IOMMU_EVENTS}
     parts = [f"\\\"{key}\\\":$(cat {QEMU_TRACE_LOG} 2>/dev/null | grep -c '{event} ')"
-             for event, key in QEMU_IOTLB_EVENTS.items()]
+             for event, key in events.items()]
     return f"echo \"{{{','.join(parts)}}}\" > {path}"
 
 
 MESSAGE_KEYS = ("iotlb_update", "iotlb_invalidate", "batch_begin", "batch_end")
+
+
+def parse_iommu_requests(text):
+    """MAP + UNMAP requests the vIOMMU has served so far, from a
+    message_snapshot file: this project's `counters` → iommu → requests (every
+    status), or QEMU's virtio_iommu_map/unmap trace events."""
+    import json
+    data, _end = json.JSONDecoder().raw_decode(text.lstrip())
+    if "iommu" in data:
+        by_type = data["iommu"]["requests"]
+        return sum(int(n) for kind in ("map", "unmap") for n in by_type.get(kind, {}).values())
+    return int(data["map"]) + int(data["unmap"])
 
 
 def parse_messages(text):
