@@ -11,8 +11,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::queue_worker::{Drain, QueueHandler, QueueWorker, Serve};
 use super::*;
@@ -406,14 +405,7 @@ impl VirtioDevice for VirtioMem {
             return Err(ActivateError::QueueNotEnabled { index: 0 });
         };
         let queue_error = |source| ActivateError::Queue { index: 0, source };
-        let mut queue = Queue::new(QUEUE_SIZE).map_err(queue_error)?;
-        queue
-            .try_set_size(config.size)
-            .and_then(|_| queue.try_set_desc_table_address(GuestAddress(config.desc)))
-            .and_then(|_| queue.try_set_avail_ring_address(GuestAddress(config.driver)))
-            .and_then(|_| queue.try_set_used_ring_address(GuestAddress(config.device)))
-            .map_err(queue_error)?;
-        queue.set_ready(true);
+        let queue = config.to_queue(QUEUE_SIZE).map_err(queue_error)?;
         // Active before the worker starts: its first drain holds the state
         // lock for as long as a plug takes, and this thread (a vCPU) must
         // not wait for that.

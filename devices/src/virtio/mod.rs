@@ -14,6 +14,8 @@ pub mod vdpa_net;
 
 use std::io;
 
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -37,6 +39,20 @@ pub struct QueueConfig {
     pub desc: u64,
     pub driver: u64,
     pub device: u64,
+}
+
+impl QueueConfig {
+    /// A ready split queue of at most `max_size` entries on the rings the
+    /// driver configured, for a device that serves the queue itself.
+    pub fn to_queue(&self, max_size: u16) -> Result<Queue, virtio_queue::Error> {
+        let mut queue = Queue::new(max_size)?;
+        queue.try_set_size(self.size)?;
+        queue.try_set_desc_table_address(GuestAddress(self.desc))?;
+        queue.try_set_avail_ring_address(GuestAddress(self.driver))?;
+        queue.try_set_used_ring_address(GuestAddress(self.device))?;
+        queue.set_ready(true);
+        Ok(queue)
+    }
 }
 
 /// How a device raises interrupts: per queue and for config changes.

@@ -11,7 +11,7 @@ use devices::dma::{
 use devices::virtio::iommu::{IommuConfig, IommuEndpoint, RequestServer};
 use devices::virtio::queue_worker::{Drain, QueueHandler};
 use devices::virtio::test_ring::TestRing;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::input::Input;
@@ -74,16 +74,7 @@ impl GuestTranslate for FakeRam {
 }
 
 fn queue(ring: &TestRing) -> Queue {
-    let config = ring.config(0);
-    let mut queue = Queue::new(256).expect("a valid maximum size");
-    queue
-        .try_set_size(config.size)
-        .and_then(|_| queue.try_set_desc_table_address(GuestAddress(config.desc)))
-        .and_then(|_| queue.try_set_avail_ring_address(GuestAddress(config.driver)))
-        .and_then(|_| queue.try_set_used_ring_address(GuestAddress(config.device)))
-        .expect("a valid ring");
-    queue.set_ready(true);
-    queue
+    ring.config(0).to_queue(256).expect("a valid ring")
 }
 
 /// A request's device-readable part, fields mostly plausible.

@@ -101,16 +101,7 @@ impl HotplugBackend for ModelBackend {
 }
 
 fn queue(ring: &TestRing) -> Queue {
-    let config = ring.config(0);
-    let mut queue = Queue::new(256).expect("a valid maximum size");
-    queue
-        .try_set_size(config.size)
-        .and_then(|_| queue.try_set_desc_table_address(GuestAddress(config.desc)))
-        .and_then(|_| queue.try_set_avail_ring_address(GuestAddress(config.driver)))
-        .and_then(|_| queue.try_set_used_ring_address(GuestAddress(config.device)))
-        .expect("a valid ring");
-    queue.set_ready(true);
-    queue
+    ring.config(0).to_queue(256).expect("a valid ring")
 }
 
 fn request(kind: u16, addr: u64, nb_blocks: u16) -> [u8; REQ_SIZE as usize] {

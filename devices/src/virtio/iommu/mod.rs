@@ -26,7 +26,6 @@ use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::queue_worker::{Drain, QueueHandler, QueueWorker, Serve};
@@ -399,14 +398,7 @@ impl VirtioDevice for VirtioIommu {
             index: REQUEST_QUEUE,
             source,
         };
-        let mut queue = Queue::new(QUEUE_SIZE).map_err(queue_error)?;
-        queue
-            .try_set_size(config.size)
-            .and_then(|_| queue.try_set_desc_table_address(GuestAddress(config.desc)))
-            .and_then(|_| queue.try_set_avail_ring_address(GuestAddress(config.driver)))
-            .and_then(|_| queue.try_set_used_ring_address(GuestAddress(config.device)))
-            .map_err(queue_error)?;
-        queue.set_ready(true);
+        let queue = config.to_queue(QUEUE_SIZE).map_err(queue_error)?;
         let features = activation.features;
         self.handle.lock().set_acked(
             features & VIRTIO_IOMMU_F_MAP_UNMAP != 0,
