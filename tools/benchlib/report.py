@@ -73,6 +73,16 @@ def _notes(summary):
     return "\n".join(lines)
 
 
+def _host_vcpus(meta):
+    """"1 vCPU", or per scenario where they differ (older pages: one number)."""
+    v = meta.get("test_host", {}).get("vcpus", "?")
+    if not isinstance(v, dict):
+        return f"{v} vCPU"
+    if len(set(v.values())) == 1:
+        return f"{next(iter(v.values()))} vCPU"
+    return "vCPUs " + ", ".join(f"{n} for {sc}" for sc, n in v.items())
+
+
 IMAGE_ALT = "times, device IOTLB rebuilds and throughput per scenario"
 
 
@@ -163,7 +173,7 @@ def render(records, image_name="comparison.png"):
            f"- machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('memory_gib', '?')} GiB, "
            f"Linux {m.get('kernel', '?')}",
            f"- test host: {meta.get('test_host', {}).get('kind', '?')}, "
-           f"{meta.get('test_host', {}).get('vcpus', '?')} vCPU, {meta.get('test_host', {}).get('memory_mib', '?')} MiB, "
+           f"{_host_vcpus(meta)}, {meta.get('test_host', {}).get('memory_mib', '?')} MiB, "
            f"Linux {meta.get('test_host', {}).get('kernel', '?')}",
            f"- guest: Linux {meta.get('guest', {}).get('kernel', '?')}, {meta.get('guest', {}).get('vcpus', '?')} vCPU",
            f"- runs per VMM and scenario: {meta.get('runs', '?')}, each in a fresh test host, VMMs alternating",
@@ -232,6 +242,19 @@ def render(records, image_name="comparison.png"):
             out += [s["not_run"], ""]
             continue
         out += [_table(s), ""]
+        vcpus = ((s.get("generated") or meta).get("test_host") or {}).get("vcpus")
+        if isinstance(vcpus, dict):
+            vcpus = vcpus.get(name)
+        if vcpus:
+            out += [f"Each run's test host had {vcpus} vCPU{'s' if vcpus != 1 else ''} (host CPUs for the VMM, "
+                    "its threads and vduse-net)." + (" Two, because the guest's virtio-iommu driver spins on "
+                    "its vCPU until each request completes: with one CPU the VMM's request thread and "
+                    "vduse-net run only when the scheduler preempts that spinning vCPU." if name == "viommu" and vcpus > 1 else ""), ""]
+        loads = [r["host_load_1m"] for r in runs if r.get("scenario") == name and "host_load_1m" in r]
+        if loads:
+            out += [f"This machine's load average (1 min) when the runs started: {min(loads):g}–{max(loads):g} "
+                    f"on {m.get('cores', '?')} cores; the emulated test host slows down with it, so runs "
+                    "under different loads spread.", ""]
         notes = _notes(s)
         if notes:
             out += ["Notes:", "", notes, ""]

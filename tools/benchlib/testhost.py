@@ -29,7 +29,7 @@ class Run:
         return self.sections.get(name, default)
 
 
-def run(script, peers=(), timeout=900, host="emulated", retries=2, memory=None, keep=None):
+def run(script, peers=(), timeout=900, host="emulated", retries=2, memory=None, keep=None, cpus=None):
     """Runs `script` with `sh -c` in a fresh test host; up to `retries` more
     attempts while the test host is lost. `keep`: a file for the raw output of
     every attempt, for diagnosis."""
@@ -40,6 +40,8 @@ def run(script, peers=(), timeout=900, host="emulated", retries=2, memory=None, 
             cmd += ["--peers", ",".join(peers)]
         if memory:
             cmd += ["--memory", str(memory)]
+        if cpus:
+            cmd += ["--cpus", str(cpus)]
         result = subprocess.run(cmd + ["--", "sh", "-c", script], stdout=subprocess.PIPE,
                                 text=True, errors="replace")
         if keep:
