@@ -1,8 +1,10 @@
-//! `tools/bench compare` end to end, kept short: the boot scenario once for
-//! this project and QEMU 10 (two fresh test hosts). Checks that every field
-//! is there for both VMMs, that each ratio is the project's median over the
-//! peer's as the run rows give them, and that the docs page and its plot are
-//! written from that JSON (no timing is asserted).
+//! `tools/bench compare` end to end, kept short: the boot and viommu
+//! scenarios once for this project and QEMU 10 (viommu also for this project
+//! with iotlb-batch=off; five fresh test hosts). Checks that every field is
+//! there for every VMM, that each ratio is one median over the other as the
+//! run rows give them, that batching merges vIOMMU requests into fewer device
+//! rebuilds, and that the docs page and its plot are written from that JSON
+//! (no timing is asserted).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -20,6 +22,18 @@ const METRICS: [&str; 6] = [
     "iotlb_messages",
 ];
 const VMMS: [&str; 2] = ["project", "qemu10"];
+const VIOMMU_METRICS: [&str; 9] = [
+    "tcp_kib_per_s",
+    "window_s",
+    "requests",
+    "device_rebuilds",
+    "rebuilds_per_s",
+    "requests_per_rebuild",
+    "iotlb_messages",
+    "ping_avg_ms",
+    "ping_loss_pct",
+];
+const VIOMMU_VMMS: [&str; 3] = ["project", "project-unbatched", "qemu10"];
 
 struct Compare {
     dir: PathBuf,
@@ -42,7 +56,7 @@ fn compare() -> &'static Compare {
                 "--peers",
                 "qemu10",
                 "--scenarios",
-                "boot",
+                "boot,viommu",
             ])
             .args(["--no-assets", "--json-out"])
             .arg(&jsonl)
@@ -70,12 +84,46 @@ fn compare() -> &'static Compare {
     })
 }
 
-fn record(kind: &str, key: &str, value: &str) -> &'static Value {
+/// The run of `vmm` in `scenario`.
+fn run(scenario: &str, vmm: &str) -> &'static Value {
     compare()
         .records
         .iter()
-        .find(|r| r["type"] == kind && r[key] == value)
-        .unwrap_or_else(|| panic!("no {kind} record with {key}={value}:\n{}", compare().stderr))
+        .find(|r| r["type"] == "run" && r["scenario"] == scenario && r["vmm"] == vmm)
+        .unwrap_or_else(|| panic!("no {scenario} run of {vmm}:\n{}", compare().stderr))
+}
+
+fn summary(scenario: &str) -> &'static Value {
+    compare()
+        .records
+        .iter()
+        .find(|r| r["type"] == "summary" && r["scenario"] == scenario)
+        .unwrap_or_else(|| panic!("no {scenario} summary:\n{}", compare().stderr))
+}
+
+/// The summary's ratio `mine/theirs` of `metric` is the two rows' medians'
+/// ratio, and each median is the single run's figure.
+fn assert_ratio(scenario: &str, metric: &str, mine: &str, theirs: &str) {
+    let m = &summary(scenario)["metrics"][metric];
+    let median = |vmm: &str| {
+        let median = m["values"][vmm]["median"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{scenario} {metric}: no median for {vmm}: {m}"));
+        let figure = run(scenario, vmm)["metrics"][metric]
+            .as_f64()
+            .expect("a figure");
+        assert_eq!(median, rounded(figure), "{scenario} {metric} {vmm}");
+        median
+    };
+    let (a, b) = (median(mine), median(theirs));
+    let ratio = m["ratios"][format!("{mine}/{theirs}")]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{scenario} {metric}: no ratio {mine}/{theirs}: {m}"));
+    let expected = (a / b * 1000.0).round() / 1000.0;
+    assert!(
+        (ratio - expected).abs() < 1e-9,
+        "{scenario} {metric}: {ratio} != {expected}"
+    );
 }
 
 /// Rounded as the summary rounds medians (0.1).
@@ -86,7 +134,7 @@ fn rounded(v: f64) -> f64 {
 #[test]
 fn every_vmm_has_every_boot_field() {
     for vmm in VMMS {
-        let run = record("run", "vmm", vmm);
+        let run = run("boot", vmm);
         assert_eq!(run["ok"], true, "{run}");
         assert!(
             run["command"].as_str().is_some_and(|c| !c.is_empty()),
@@ -109,7 +157,7 @@ fn every_vmm_has_every_boot_field() {
             "{run}"
         );
     }
-    assert!(record("run", "vmm", "qemu10")["command"]
+    assert!(run("boot", "qemu10")["command"]
         .as_str()
         .unwrap_or("")
         .contains("vhost-vdpa,id=n0,vhostdev=/dev/vhost-vdpa-0"));
@@ -117,25 +165,64 @@ fn every_vmm_has_every_boot_field() {
 
 #[test]
 fn each_ratio_is_computed_from_the_two_rows() {
-    let summary = record("summary", "scenario", "boot");
-    let project = &record("run", "vmm", "project")["metrics"];
-    let qemu = &record("run", "vmm", "qemu10")["metrics"];
     for metric in METRICS {
-        let m = &summary["metrics"][metric];
-        let mine = m["values"]["project"]["median"]
+        assert_ratio("boot", metric, "project", "qemu10");
+    }
+}
+
+#[test]
+fn every_vmm_has_every_viommu_field_in_both_guest_modes() {
+    for vmm in VIOMMU_VMMS {
+        let run = run("viommu", vmm);
+        assert_eq!(run["ok"], true, "{run}");
+        for mode in ["lazy", "strict"] {
+            for metric in VIOMMU_METRICS {
+                let v = &run["metrics"][format!("{mode}_{metric}")];
+                assert!(
+                    v.as_f64().is_some_and(|x| x >= 0.0),
+                    "{vmm} {mode}_{metric}: {run}"
+                );
+            }
+            // The window saw the guest map and unmap, and the device rebuild.
+            assert!(run["metrics"][format!("{mode}_requests")].as_f64() >= Some(1.0));
+            assert!(run["metrics"][format!("{mode}_device_rebuilds")].as_f64() >= Some(1.0));
+        }
+    }
+    assert!(run("viommu", "qemu10")["commands"]["lazy"]
+        .as_str()
+        .unwrap_or("")
+        .contains("-device virtio-iommu-pci"));
+    assert!(run("viommu", "project-unbatched")["commands"]["strict"]
+        .as_str()
+        .unwrap_or("")
+        .contains("iommu=on,iotlb-batch=off"));
+}
+
+#[test]
+fn batching_merges_lazy_viommu_requests_into_fewer_device_rebuilds() {
+    let per_rebuild = |vmm: &str| {
+        run("viommu", vmm)["metrics"]["lazy_requests_per_rebuild"]
             .as_f64()
-            .expect("project median");
-        let theirs = m["values"]["qemu10"]["median"]
-            .as_f64()
-            .expect("qemu10 median");
-        assert_eq!(mine, rounded(project[metric].as_f64().unwrap()), "{metric}");
-        assert_eq!(theirs, rounded(qemu[metric].as_f64().unwrap()), "{metric}");
-        let ratio = m["ratios"]["project/qemu10"].as_f64().expect("ratio");
-        let expected = (mine / theirs * 1000.0).round() / 1000.0;
-        assert!(
-            (ratio - expected).abs() < 1e-9,
-            "{metric}: {ratio} != {expected}"
-        );
+            .expect("requests per rebuild")
+    };
+    assert!(
+        per_rebuild("project") > per_rebuild("project-unbatched"),
+        "batched {} vs unbatched {}",
+        per_rebuild("project"),
+        per_rebuild("project-unbatched")
+    );
+    assert!(
+        per_rebuild("project") > per_rebuild("qemu10"),
+        "microvm {} vs QEMU {}",
+        per_rebuild("project"),
+        per_rebuild("qemu10")
+    );
+    for metric in VIOMMU_METRICS.map(|m| format!("lazy_{m}")) {
+        if metric == "lazy_ping_loss_pct" {
+            continue; // 0 for the peer: no ratio
+        }
+        assert_ratio("viommu", &metric, "project", "qemu10");
+        assert_ratio("viommu", &metric, "project", "project-unbatched");
     }
 }
 
@@ -147,6 +234,11 @@ fn docs_are_written_from_the_json() {
     assert!(page.contains("| metric | microvm | QEMU 10.0 |"), "{page}");
     assert!(page.contains("VMM start to guest ready [ms]"), "{page}");
     assert!(page.contains("/opt/peers/qemu10/qemu -M pc"), "{page}");
+    assert!(page.contains("## viommu"), "{page}");
+    assert!(
+        page.contains("| metric | microvm | microvm, iotlb-batch=off | QEMU 10.0 |"),
+        "{page}"
+    );
     let png = std::fs::read(c.dir.join("docs/comparison.png")).expect("comparison.png");
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
 
