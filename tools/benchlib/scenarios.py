@@ -387,6 +387,10 @@ def parse_viommu(run, vmm: Vmm, transfer_mib):
             raise ScenarioError(f"{mode}: the guest never reported its link ready (test host exit "
                                 f"{run.status}); VMM stderr: {stderr}; console: "
                                 f"{_tail(run.section(f'{tag}-console-tail'), 4)}")
+        if not (run.section(f"{tag}-after") or "").strip():
+            raise ScenarioError(f"{mode}: the VM ended inside the window (VMM exit "
+                                f"{(run.section(f'{tag}-exit') or '?').strip()}); VMM stderr: {stderr}; "
+                                f"console: {_tail(run.section(f'{tag}-console-tail'), 4)}")
         try:
             t0, t1, r0, r1 = run.section(f"{tag}-window").split()
             seconds = float(t1) - float(t0)
