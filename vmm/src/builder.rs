@@ -1,8 +1,8 @@
 //! Turns a validated `VmmConfig` into a running VM, in explicit steps:
-//! memory → VM → platform devices → PCI devices → ACPI tables (last, so
-//! they can describe the devices) → kernel → vCPUs; then seccomp filters
-//! (once every descriptor they bind exists) → vCPU threads → API thread →
-//! event loop.
+//! API socket → memory → VM → platform devices → PCI devices → ACPI tables
+//! (last, so they can describe the devices) → kernel → vCPUs; then seccomp
+//! filters (once every descriptor they bind exists) → vCPU threads → API
+//! thread → event loop.
 
 use std::sync::{Arc, Mutex};
 
@@ -40,12 +40,20 @@ pub struct Vmm {
     mmio_bus: Arc<Bus>,
     exit: ExitSignal,
     vcpus: Vec<Vcpu>,
+    api_socket: Option<api::ApiSocket>,
 }
 
 /// Checks the configuration against the host, then builds the VM.
 pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
     // Files, sizes and counts first, so bad input never waits on KVM.
     config.validate(&HostLimits::probe(u64::from(config::MAX_VCPUS)))?;
+    // Bound before KVM is opened and any guest memory exists, so a bad
+    // path is reported at once; removed again if the build fails.
+    let api_socket = config
+        .api_socket
+        .as_deref()
+        .map(api::ApiSocket::bind)
+        .transpose()?;
     let kvm = Vm::open_kvm()?;
     // Only the vCPU count depends on KVM; the rest was checked above.
     let kvm_limits = HostLimits {
@@ -82,6 +90,7 @@ pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
         mmio_bus,
         exit,
         vcpus,
+        api_socket,
     })
 }
 
@@ -152,12 +161,13 @@ impl Vmm {
             mmio_bus,
             exit,
             vcpus,
+            api_socket,
         } = self;
         let filters = match config.seccomp {
             true => Some(Filters::build(&devices)?),
             false => None,
         };
-        if let Some(path) = &config.api_socket {
+        if let Some(socket) = api_socket {
             let summary = VmSummary {
                 vcpus: config.vcpus,
                 memory_bytes: config.memory.size.0,
@@ -165,7 +175,7 @@ impl Vmm {
             };
             let filter = filters.as_ref().map(|f| f.api.clone());
             let view = Arc::new(devices.api_view(summary));
-            api::spawn(api::bind(path)?, view, filter)?;
+            api::spawn(socket.into_listener(), view, filter)?;
         }
 
         let mut event_manager =
