@@ -251,8 +251,8 @@ const VHOST_FROM_API: &[u64] = &[VHOST_GET_VRING_BASE, VHOST_VDPA_GET_STATUS];
 const VM_FROM_DEVICE_WORKER: &[u64] = &[KVM_SET_USER_MEMORY_REGION];
 
 /// The descriptors ioctl rules are bound to. They exist once the VM and
-/// its devices are built, and never change afterwards: no filtered thread
-/// may open anything, so a number cannot come to mean another file.
+/// its devices are built and stay open for the VM's life; no filtered
+/// thread may open a file, so a number keeps meaning the same file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FilterFds {
     /// The VM (KVM_CREATE_VM's descriptor).
