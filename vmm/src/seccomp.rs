@@ -710,6 +710,12 @@ mod tests {
         assert_eq!(VHOST_VDPA_SET_CONFIG_CALL, 0x4004_af77);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
+        // The sizes encoded in them are those of the structs kvm-ioctls passes.
+        assert_eq!(std::mem::size_of::<kvm_bindings::kvm_regs>(), 144);
+        assert_eq!(
+            std::mem::size_of::<kvm_bindings::kvm_userspace_memory_region>(),
+            32
+        );
     }
 
     #[test]
