@@ -193,3 +193,86 @@ fn a_serial_cap_of_zero() {
         "malformed serial option",
     );
 }
+
+/// A directory of its own for one API socket case, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let path =
+            std::env::temp_dir().join(format!("microvm-e2e-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    fn socket(&self) -> String {
+        self.0
+            .join("api.sock")
+            .to_str()
+            .expect("temp paths are UTF-8")
+            .to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// These API socket cases give a file that is no kernel: that is found
+// only when the kernel is loaded, after the VM is built. An API socket
+// error reported instead shows the socket is checked before any of it.
+
+#[test]
+fn an_api_socket_path_holding_a_file_is_refused_before_the_vm_is_built() {
+    let kernel = NotAKernel::new();
+    let dir = TempDir::new("file");
+    let socket = dir.socket();
+    std::fs::write(&socket, b"precious").expect("write temp file");
+    refuse(
+        &["--kernel", kernel.as_str(), "--api-socket", &socket],
+        "it exists and is not a socket",
+    );
+    assert_eq!(std::fs::read(&socket).expect("the file stays"), b"precious");
+}
+
+#[test]
+fn an_api_socket_in_a_missing_directory_is_refused_before_the_vm_is_built() {
+    let kernel = NotAKernel::new();
+    let dir = TempDir::new("missing");
+    let socket = format!("{}/nowhere/api.sock", dir.0.display());
+    refuse(
+        &["--kernel", kernel.as_str(), "--api-socket", &socket],
+        &format!("cannot bind the API socket '{socket}': No such file or directory"),
+    );
+}
+
+#[test]
+fn a_live_api_socket_of_another_vmm_is_refused_before_the_vm_is_built() {
+    let kernel = NotAKernel::new();
+    let dir = TempDir::new("live");
+    let socket = dir.socket();
+    let _other = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    refuse(
+        &["--kernel", kernel.as_str(), "--api-socket", &socket],
+        "is in use by a running process",
+    );
+    std::os::unix::net::UnixStream::connect(&socket).expect("the live socket is untouched");
+}
+
+#[test]
+fn a_build_that_fails_leaves_no_api_socket_behind() {
+    let kernel = NotAKernel::new();
+    let dir = TempDir::new("leftover");
+    let socket = dir.socket();
+    refuse(
+        &["--kernel", kernel.as_str(), "--api-socket", &socket],
+        "is not a Linux kernel",
+    );
+    assert!(
+        std::fs::symlink_metadata(&socket).is_err(),
+        "{socket} was left behind"
+    );
+}

@@ -1,6 +1,8 @@
 //! Turns a validated `VmmConfig` into a running VM, in explicit steps:
-//! memory → VM → platform devices → PCI devices → ACPI tables (last, so
-//! they can describe the devices) → kernel → vCPUs → API → event loop.
+//! API socket → memory → VM → platform devices → PCI devices → ACPI tables
+//! (last, so they can describe the devices) → kernel → vCPUs; then seccomp
+//! filters (once every descriptor they bind exists) → vCPU threads → API
+//! thread → event loop.
 
 use std::sync::{Arc, Mutex};
 
@@ -17,7 +19,7 @@ use crate::boot::{acpi, loader};
 use crate::config::{self, HostLimits, SerialConfig, VmmConfig};
 use crate::console;
 use crate::device_manager::DeviceManager;
-use crate::seccomp::{self, ThreadKind};
+use crate::seccomp::{self, FilterFds, SeccompError, ThreadKind};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
@@ -38,12 +40,20 @@ pub struct Vmm {
     mmio_bus: Arc<Bus>,
     exit: ExitSignal,
     vcpus: Vec<Vcpu>,
+    api_socket: Option<api::ApiSocket>,
 }
 
 /// Checks the configuration against the host, then builds the VM.
 pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
     // Files, sizes and counts first, so bad input never waits on KVM.
     config.validate(&HostLimits::probe(u64::from(config::MAX_VCPUS)))?;
+    // Bound before KVM is opened and any guest memory exists, so a bad
+    // path is reported at once; removed again if the build fails.
+    let api_socket = config
+        .api_socket
+        .as_deref()
+        .map(api::ApiSocket::bind)
+        .transpose()?;
     let kvm = Vm::open_kvm()?;
     // Only the vCPU count depends on KVM; the rest was checked above.
     let kvm_limits = HostLimits {
@@ -80,6 +90,7 @@ pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
         mmio_bus,
         exit,
         vcpus,
+        api_socket,
     })
 }
 
@@ -150,29 +161,21 @@ impl Vmm {
             mmio_bus,
             exit,
             vcpus,
+            api_socket,
         } = self;
         let filters = match config.seccomp {
-            true => {
-                seccomp::install_sigsys_handler()?;
-                Some((
-                    seccomp::filter(ThreadKind::Vmm)?,
-                    seccomp::filter(ThreadKind::Vcpu)?,
-                ))
-            }
+            true => Some(Filters::build(&devices)?),
             false => None,
         };
-        if let Some(path) = &config.api_socket {
+        if let Some(socket) = api_socket {
             let summary = VmSummary {
                 vcpus: config.vcpus,
                 memory_bytes: config.memory.size.0,
                 ram: ram.ranges.iter().map(|r| (r.start, r.size)).collect(),
             };
-            let listener = api::bind(path)?;
-            let filter = match config.seccomp {
-                true => Some(seccomp::filter(ThreadKind::Api)?),
-                false => None,
-            };
-            api::spawn(listener, Arc::new(devices.api_view(summary)), filter)?;
+            let filter = filters.as_ref().map(|f| f.api.clone());
+            let view = Arc::new(devices.api_view(summary));
+            api::spawn(socket.into_listener(), view, filter)?;
         }
 
         let mut event_manager =
@@ -195,10 +198,9 @@ impl Vmm {
             _ => None,
         };
 
-        let vcpu_filter = filters.as_ref().map(|(_, f)| f.clone());
-        start_vcpus(vcpus, &io_bus, &mmio_bus, &exit, vcpu_filter)?;
-        if let Some((vmm_filter, _)) = &filters {
-            seccomp::apply(vmm_filter)?;
+        start_vcpus(vcpus, &io_bus, &mmio_bus, &exit, filters.as_ref())?;
+        if let Some(filters) = &filters {
+            seccomp::apply(&filters.vmm)?;
         }
 
         // Nothing past this point may need a syscall outside the filters.
@@ -212,18 +214,45 @@ impl Vmm {
     }
 }
 
-/// One thread per vCPU, each under its filter.
+/// The filters of the threads `Vmm::run` starts. Built once the VM, the
+/// devices and the vCPUs exist: each binds its ioctls to their descriptors.
+/// (Device workers start with their device; the device manager builds
+/// theirs.)
+struct Filters {
+    vmm: BpfProgram,
+    api: BpfProgram,
+    fds: FilterFds,
+}
+
+impl Filters {
+    fn build(devices: &DeviceManager) -> Result<Filters, SeccompError> {
+        seccomp::install_sigsys_handler()?;
+        let fds = devices.filter_fds();
+        Ok(Filters {
+            vmm: seccomp::filter(ThreadKind::Vmm, &fds)?,
+            api: seccomp::filter(ThreadKind::Api, &fds)?,
+            fds,
+        })
+    }
+
+    /// A vCPU thread may run only its own vCPU.
+    fn vcpu(&self, vcpu: &Vcpu) -> Result<BpfProgram, SeccompError> {
+        seccomp::filter(ThreadKind::Vcpu, &self.fds.for_vcpu(vcpu.raw_fd()))
+    }
+}
+
+/// One thread per vCPU, each under its own filter.
 fn start_vcpus(
     vcpus: Vec<Vcpu>,
     io_bus: &Arc<Bus>,
     mmio_bus: &Arc<Bus>,
     exit: &ExitSignal,
-    filter: Option<BpfProgram>,
+    filters: Option<&Filters>,
 ) -> Result<(), VmmError> {
     for vcpu in vcpus {
         let id = vcpu.id();
         let (io_bus, mmio_bus, exit) = (io_bus.clone(), mmio_bus.clone(), exit.clone());
-        let filter = filter.clone();
+        let filter = filters.map(|f| f.vcpu(&vcpu)).transpose()?;
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {

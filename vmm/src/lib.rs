@@ -2,7 +2,8 @@
 //! runs it until the guest powers off or something fails.
 //!
 //! Bring-up (builder.rs) is a sequence of small steps with explicit
-//! inputs: validate → memory → VM → devices → ACPI → kernel → vCPUs → run.
+//! inputs: validate → API socket → memory → VM → devices → ACPI → kernel →
+//! vCPUs → run.
 
 pub mod api;
 pub mod boot;

@@ -1,8 +1,14 @@
 //! Seccomp filters, one per thread kind, kept as data: the syscalls each
 //! thread needs once the VM is built. Anything else traps; the SIGSYS
 //! handler names the syscall on stderr and ends the VMM.
+//!
+//! Filters are built once the VM and its devices exist, so every ioctl
+//! rule names the descriptor its request is meant for (`FilterFds`): a
+//! vCPU thread may run only its own vCPU, and a request on any other
+//! descriptor (a dup included) traps like a syscall outside the filter.
 
 use std::collections::BTreeMap;
+use std::os::fd::RawFd;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -23,6 +29,10 @@ const KVMIO: u64 = 0xae;
 const VHOST_VIRTIO: u64 = 0xaf;
 
 const KVM_RUN: u64 = ioc(IOC_NONE, KVMIO, 0x80, 0);
+/// struct kvm_regs.
+const KVM_GET_REGS: u64 = ioc(IOC_READ, KVMIO, 0x81, 144);
+/// struct kvm_userspace_memory_region.
+const KVM_SET_USER_MEMORY_REGION: u64 = ioc(IOC_WRITE, KVMIO, 0x46, 32);
 /// struct kvm_irq_routing (header; entries follow).
 const KVM_SET_GSI_ROUTING: u64 = ioc(IOC_WRITE, KVMIO, 0x6a, 8);
 /// struct kvm_ioeventfd.
@@ -209,45 +219,91 @@ const VMM_ONLY: &[Allowed] = &[
 /// its kick and call fds when the guest starts it.
 const VCPU_ONLY: &[Allowed] = &[(libc::SYS_fcntl, &[&[eq(1, libc::F_DUPFD_CLOEXEC as u32)]])];
 
-/// The ioctl requests a thread may make. vCPU threads run device
-/// emulation: a guest write can reprogram MSI-X routes, move a BAR (its
-/// ioeventfds), or start and reset a vhost-vdpa device. Requests are
-/// matched by number; the descriptor is not known when filters are built,
-/// except for the terminal (see `ioctl_fd`).
-fn ioctl_rules(kind: ThreadKind) -> Vec<u64> {
-    match kind {
-        ThreadKind::Vmm => vec![TCGETS, TCSETS, TIOCGWINSZ],
-        ThreadKind::Api => vec![VHOST_GET_VRING_BASE, VHOST_VDPA_GET_STATUS],
-        ThreadKind::DeviceWorker => vec![],
-        ThreadKind::Vcpu => vec![
-            KVM_RUN,
-            KVM_SET_GSI_ROUTING,
-            KVM_IOEVENTFD,
-            VHOST_GET_FEATURES,
-            VHOST_SET_FEATURES,
-            VHOST_SET_VRING_NUM,
-            VHOST_SET_VRING_ADDR,
-            VHOST_SET_VRING_BASE,
-            VHOST_GET_VRING_BASE,
-            VHOST_SET_VRING_KICK,
-            VHOST_SET_VRING_CALL,
-            VHOST_VDPA_GET_STATUS,
-            VHOST_VDPA_SET_STATUS,
-            VHOST_VDPA_GET_CONFIG,
-            VHOST_VDPA_SET_CONFIG,
-            VHOST_VDPA_SET_VRING_ENABLE,
-            VHOST_VDPA_SET_CONFIG_CALL,
-        ],
+/// The terminal requests of the VMM thread: stdin into raw mode and back.
+const TERMINAL: &[u64] = &[TCGETS, TCSETS, TIOCGWINSZ];
+/// On its own vCPU: run it, and read the registers to report a failed exit.
+const VCPU_OWN: &[u64] = &[KVM_RUN, KVM_GET_REGS];
+/// On the VM, from device emulation: a guest write can reprogram MSI-X
+/// routes or move a BAR (its ioeventfds).
+const VM_FROM_VCPU: &[u64] = &[KVM_SET_GSI_ROUTING, KVM_IOEVENTFD];
+/// On each vhost-vdpa device, from device emulation: the guest starts,
+/// configures and resets the device through its PCI registers.
+const VHOST_FROM_VCPU: &[u64] = &[
+    VHOST_GET_FEATURES,
+    VHOST_SET_FEATURES,
+    VHOST_SET_VRING_NUM,
+    VHOST_SET_VRING_ADDR,
+    VHOST_SET_VRING_BASE,
+    VHOST_GET_VRING_BASE,
+    VHOST_SET_VRING_KICK,
+    VHOST_SET_VRING_CALL,
+    VHOST_VDPA_GET_STATUS,
+    VHOST_VDPA_SET_STATUS,
+    VHOST_VDPA_GET_CONFIG,
+    VHOST_VDPA_SET_CONFIG,
+    VHOST_VDPA_SET_VRING_ENABLE,
+    VHOST_VDPA_SET_CONFIG_CALL,
+];
+/// On each vhost-vdpa device, from the API: the counters read queue state.
+const VHOST_FROM_API: &[u64] = &[VHOST_GET_VRING_BASE, VHOST_VDPA_GET_STATUS];
+/// On the VM, from the virtio-mem worker: plugged blocks get a memory slot
+/// of their own and unplugged ones lose it (guest-inaccessible unplug).
+const VM_FROM_DEVICE_WORKER: &[u64] = &[KVM_SET_USER_MEMORY_REGION];
+
+/// The descriptors ioctl rules are bound to. They exist once the VM and
+/// its devices are built and stay open for the VM's life; no filtered
+/// thread may open a file, so a number keeps meaning the same file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FilterFds {
+    /// The VM (KVM_CREATE_VM's descriptor).
+    pub vm: RawFd,
+    /// Every vhost-vdpa device's control descriptor.
+    pub vhost: Vec<RawFd>,
+    /// The vCPU a vCPU thread runs; other threads have none.
+    pub vcpu: Option<RawFd>,
+}
+
+impl FilterFds {
+    pub fn new(vm: RawFd, vhost: Vec<RawFd>) -> FilterFds {
+        FilterFds {
+            vm,
+            vhost,
+            vcpu: None,
+        }
+    }
+
+    /// The same descriptors, for the thread that runs vCPU `vcpu`.
+    pub fn for_vcpu(&self, vcpu: RawFd) -> FilterFds {
+        FilterFds {
+            vcpu: Some(vcpu),
+            ..self.clone()
+        }
     }
 }
 
-/// The one descriptor a thread's ioctls may target, when there is one:
-/// the VMM thread only puts the terminal on stdin in raw mode and back.
-fn ioctl_fd(kind: ThreadKind) -> Option<libc::c_int> {
-    match kind {
-        ThreadKind::Vmm => Some(libc::STDIN_FILENO),
-        _ => None,
-    }
+/// The ioctls a thread may make, each as (descriptor, request).
+fn ioctl_rules(kind: ThreadKind, fds: &FilterFds) -> Result<Vec<(RawFd, u64)>, &'static str> {
+    let on = |fd: RawFd, requests: &'static [u64]| requests.iter().map(move |&r| (fd, r));
+    let on_vhost = |requests: &'static [u64]| {
+        fds.vhost
+            .iter()
+            .flat_map(move |&fd| on(fd, requests))
+            .collect::<Vec<_>>()
+    };
+    Ok(match kind {
+        ThreadKind::Vmm => on(libc::STDIN_FILENO, TERMINAL).collect(),
+        ThreadKind::Api => on_vhost(VHOST_FROM_API),
+        ThreadKind::DeviceWorker => on(fds.vm, VM_FROM_DEVICE_WORKER).collect(),
+        ThreadKind::Vcpu => {
+            let vcpu = fds
+                .vcpu
+                .ok_or("a vCPU filter needs the vCPU's descriptor")?;
+            on(vcpu, VCPU_OWN)
+                .chain(on(fds.vm, VM_FROM_VCPU))
+                .chain(on_vhost(VHOST_FROM_VCPU))
+                .collect()
+        }
+    })
 }
 
 fn condition(arg: Arg) -> Result<SeccompCondition, seccompiler::BackendError> {
@@ -292,8 +348,19 @@ fn prepare_malloc() {
     });
 }
 
-/// Compiles the filter for one kind of thread.
-pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+/// `ioctl(fd, request, ...)`: a rule's conditions must all hold, so the
+/// request is allowed on this descriptor only.
+fn ioctl_rule(fd: RawFd, request: u64) -> Result<SeccompRule, String> {
+    let fd = u64::try_from(fd).map_err(|_| format!("invalid descriptor {fd}"))?;
+    let equals = |index, value| {
+        SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+    };
+    let rule = || SeccompRule::new(vec![equals(0, fd)?, equals(1, request)?]);
+    rule().map_err(|e| e.to_string())
+}
+
+/// Compiles the filter for one kind of thread, its ioctls bound to `fds`.
+pub fn filter(kind: ThreadKind, fds: &FilterFds) -> Result<BpfProgram, SeccompError> {
     prepare_malloc();
     let error = |e: &dyn std::fmt::Display| SeccompError::Build(kind, e.to_string());
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
@@ -305,25 +372,10 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     };
     add(&mut rules, COMMON).map_err(|e| error(&e))?;
     add(&mut rules, extra).map_err(|e| error(&e))?;
-    let ioctls = ioctl_rules(kind)
+    let ioctls = ioctl_rules(kind, fds)
+        .map_err(|e| error(&e))?
         .into_iter()
-        .map(|request| {
-            let mut conditions = vec![SeccompCondition::new(
-                1,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::Eq,
-                request,
-            )?];
-            if let Some(fd) = ioctl_fd(kind) {
-                conditions.push(SeccompCondition::new(
-                    0,
-                    SeccompCmpArgLen::Dword,
-                    SeccompCmpOp::Eq,
-                    fd as u64,
-                )?);
-            }
-            SeccompRule::new(conditions)
-        })
+        .map(|(fd, request)| ioctl_rule(fd, request))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| error(&e))?;
     // An empty rule list would allow the syscall unconditionally: a thread
@@ -402,10 +454,25 @@ pub fn install_sigsys_handler() -> Result<(), SeccompError> {
 mod tests {
     use super::*;
 
+    /// Descriptors for tests that do not exercise the binding: numbers no
+    /// test opens.
+    fn unused_fds() -> FilterFds {
+        FilterFds::new(900, vec![901, 902]).for_vcpu(903)
+    }
+
     /// Runs `body` in a forked child under `kind`'s filter; returns the
     /// child's wait status and what it wrote to the pipe.
-    fn in_filtered_child(kind: ThreadKind, body: fn(libc::c_int)) -> (libc::c_int, Vec<u8>) {
-        let program = filter(kind).unwrap();
+    fn in_filtered_child(kind: ThreadKind, body: impl Fn(libc::c_int)) -> (libc::c_int, Vec<u8>) {
+        in_bound_child(kind, &unused_fds(), body)
+    }
+
+    /// As `in_filtered_child`, with the filter's ioctls bound to `fds`.
+    fn in_bound_child(
+        kind: ThreadKind,
+        fds: &FilterFds,
+        body: impl Fn(libc::c_int),
+    ) -> (libc::c_int, Vec<u8>) {
+        let program = filter(kind, fds).unwrap();
         let mut fds = [0; 2];
         // SAFETY: fds has room for the two descriptors pipe(2) returns.
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
@@ -641,13 +708,180 @@ mod tests {
         assert_eq!(VHOST_GET_VRING_BASE, 0xc008_af12);
         assert_eq!(VHOST_VDPA_SET_STATUS, 0x4001_af72);
         assert_eq!(VHOST_VDPA_SET_CONFIG_CALL, 0x4004_af77);
+        assert_eq!(KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
+        // The sizes encoded in them are those of the structs kvm-ioctls passes.
+        assert_eq!(std::mem::size_of::<kvm_bindings::kvm_regs>(), 144);
+        assert_eq!(
+            std::mem::size_of::<kvm_bindings::kvm_userspace_memory_region>(),
+            32
+        );
     }
 
     #[test]
-    fn the_hotplug_thread_may_not_issue_any_ioctl() {
+    fn device_workers_may_not_issue_terminal_ioctls() {
         let (status, output) = in_filtered_child(ThreadKind::DeviceWorker, terminal_ioctl);
         assert_eq!(output, b"alive");
         assert_killed_by_sigsys(status);
+    }
+
+    /// Distinct descriptors standing for the VM, vCPUs and vhost devices:
+    /// each its own open of /dev/null, which answers ENOTTY to every KVM
+    /// and vhost request, so a child that survives the call was let
+    /// through by the filter. `dup` is a second number for `vm`'s file.
+    struct Files {
+        vm: std::fs::File,
+        vcpu: std::fs::File,
+        other_vcpu: std::fs::File,
+        vhost: [std::fs::File; 2],
+        dup: std::os::fd::OwnedFd,
+    }
+
+    impl Files {
+        fn open() -> Files {
+            let open = || std::fs::File::open("/dev/null").unwrap();
+            let vm = open();
+            let dup = std::os::fd::AsFd::as_fd(&vm).try_clone_to_owned().unwrap();
+            Files {
+                vm,
+                vcpu: open(),
+                other_vcpu: open(),
+                vhost: [open(), open()],
+                dup,
+            }
+        }
+
+        fn fds(&self) -> FilterFds {
+            use std::os::fd::AsRawFd;
+            let vhost = self.vhost.iter().map(|f| f.as_raw_fd()).collect();
+            FilterFds::new(self.vm.as_raw_fd(), vhost).for_vcpu(self.vcpu.as_raw_fd())
+        }
+    }
+
+    /// Whether `kind`'s filter, bound to `fds`, lets `ioctl(target,
+    /// request)` through; any other ending of the child fails the test.
+    fn allows(kind: ThreadKind, fds: &FilterFds, target: RawFd, request: u64) -> bool {
+        let (status, output) = in_bound_child(kind, fds, |pipe| {
+            say_alive(pipe);
+            // SAFETY: no pointer argument; /dev/null refuses the request
+            // with ENOTTY if the filter lets it through.
+            unsafe { libc::ioctl(target, request as libc::c_ulong, 0usize) };
+        });
+        assert_eq!(output, b"alive", "{kind:?} {request:#x} on {target}");
+        if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+            return true;
+        }
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "{kind:?} {request:#x} on {target}: status {status:#x}"
+        );
+        false
+    }
+
+    #[test]
+    fn a_vcpu_thread_may_run_only_its_own_vcpu() {
+        use std::os::fd::AsRawFd;
+        let files = Files::open();
+        let fds = files.fds();
+        let vcpu = files.vcpu.as_raw_fd();
+        assert!(allows(ThreadKind::Vcpu, &fds, vcpu, KVM_RUN));
+        assert!(allows(ThreadKind::Vcpu, &fds, vcpu, KVM_GET_REGS));
+        for other in [files.other_vcpu.as_raw_fd(), fds.vm, fds.vhost[0]] {
+            assert!(
+                !allows(ThreadKind::Vcpu, &fds, other, KVM_RUN),
+                "fd {other}"
+            );
+        }
+        // Only the vCPU threads run vCPUs.
+        assert!(!allows(ThreadKind::Api, &fds, vcpu, KVM_RUN));
+        assert!(!allows(ThreadKind::DeviceWorker, &fds, vcpu, KVM_RUN));
+    }
+
+    #[test]
+    fn vcpu_threads_program_the_vm_and_vhost_devices_on_their_descriptors_only() {
+        use std::os::fd::AsRawFd;
+        let files = Files::open();
+        let fds = files.fds();
+        let dup = files.dup.as_raw_fd();
+        for request in [KVM_SET_GSI_ROUTING, KVM_IOEVENTFD] {
+            assert!(allows(ThreadKind::Vcpu, &fds, fds.vm, request));
+            assert!(
+                !allows(ThreadKind::Vcpu, &fds, dup, request),
+                "{request:#x} on a dup"
+            );
+            assert!(!allows(
+                ThreadKind::Vcpu,
+                &fds,
+                files.vcpu.as_raw_fd(),
+                request
+            ));
+        }
+        for request in [VHOST_VDPA_SET_STATUS, VHOST_SET_VRING_KICK] {
+            for vhost in &fds.vhost {
+                assert!(allows(ThreadKind::Vcpu, &fds, *vhost, request));
+            }
+            assert!(!allows(ThreadKind::Vcpu, &fds, fds.vm, request));
+        }
+    }
+
+    #[test]
+    fn the_api_thread_may_only_read_vhost_state_on_vhost_devices() {
+        use std::os::fd::AsRawFd;
+        let files = Files::open();
+        let fds = files.fds();
+        for vhost in &fds.vhost {
+            assert!(allows(ThreadKind::Api, &fds, *vhost, VHOST_VDPA_GET_STATUS));
+            assert!(allows(ThreadKind::Api, &fds, *vhost, VHOST_GET_VRING_BASE));
+            assert!(!allows(
+                ThreadKind::Api,
+                &fds,
+                *vhost,
+                VHOST_VDPA_SET_STATUS
+            ));
+        }
+        let dup = files.dup.as_raw_fd();
+        assert!(!allows(ThreadKind::Api, &fds, dup, VHOST_VDPA_GET_STATUS));
+        assert!(!allows(ThreadKind::Api, &fds, fds.vm, KVM_SET_GSI_ROUTING));
+    }
+
+    #[test]
+    fn device_workers_may_set_memory_regions_on_the_vm_only() {
+        use std::os::fd::AsRawFd;
+        let files = Files::open();
+        let fds = files.fds();
+        let region = KVM_SET_USER_MEMORY_REGION;
+        assert!(allows(ThreadKind::DeviceWorker, &fds, fds.vm, region));
+        assert!(!allows(
+            ThreadKind::DeviceWorker,
+            &fds,
+            files.dup.as_raw_fd(),
+            region
+        ));
+        assert!(!allows(
+            ThreadKind::DeviceWorker,
+            &fds,
+            fds.vhost[0],
+            region
+        ));
+        assert!(!allows(
+            ThreadKind::DeviceWorker,
+            &fds,
+            fds.vm,
+            KVM_SET_GSI_ROUTING
+        ));
+        // Nobody else changes the guest's memory map once running.
+        assert!(!allows(ThreadKind::Vcpu, &fds, fds.vm, region));
+        assert!(!allows(ThreadKind::Api, &fds, fds.vm, region));
+    }
+
+    #[test]
+    fn a_vcpu_filter_needs_its_vcpu_descriptor() {
+        let fds = FilterFds::new(900, vec![]);
+        assert!(matches!(
+            filter(ThreadKind::Vcpu, &fds),
+            Err(SeccompError::Build(ThreadKind::Vcpu, _))
+        ));
+        assert!(filter(ThreadKind::Vcpu, &fds.for_vcpu(901)).is_ok());
     }
 
     fn stdin_terminal_ioctl(fd: libc::c_int) {

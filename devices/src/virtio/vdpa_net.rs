@@ -315,6 +315,12 @@ impl VdpaNet {
         self.mapper.clone()
     }
 
+    /// The descriptor every vhost ioctl goes to (the seccomp filters bind
+    /// those ioctls to it). IOTLB messages go through a dup of it.
+    pub fn control_fd(&self) -> std::os::fd::RawFd {
+        self.vhost.as_raw_fd()
+    }
+
     /// How many queues the guest will see.
     pub fn queue_max_sizes_len(&self) -> usize {
         usize::from(self.queue_count)

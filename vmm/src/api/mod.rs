@@ -26,7 +26,7 @@ use std::time::Duration;
 use seccompiler::BpfProgram;
 
 pub use routes::{ApiState, MAX_RESIZE_TIMEOUT};
-pub use socket::bind;
+pub use socket::{bind, ApiSocket};
 
 /// How long a client has to send its whole request, and to take its answer.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);

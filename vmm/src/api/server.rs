@@ -355,7 +355,8 @@ mod tests {
         let path = dir.join("api.sock");
         let listener = crate::api::bind(&path).unwrap();
         listener.set_nonblocking(true).unwrap();
-        let program = crate::seccomp::filter(crate::seccomp::ThreadKind::Api).unwrap();
+        let fds = crate::seccomp::FilterFds::new(900, vec![901]);
+        let program = crate::seccomp::filter(crate::seccomp::ThreadKind::Api, &fds).unwrap();
         let state = empty_state();
         // SAFETY: the child applies the filter and serves until killed; glibc's
         // fork resets malloc's locks in the child.

@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::ApiError;
 
@@ -52,6 +52,45 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
         },
         _ => error(e),
     })
+}
+
+/// The API socket, bound before the VM is built so a bad path is reported
+/// before any guest memory exists. Until the API thread takes the listener,
+/// dropping it removes the socket file: a VM that fails to build leaves
+/// nothing behind.
+pub struct ApiSocket {
+    listener: UnixListener,
+    remove_on_drop: RemoveOnDrop,
+}
+
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            // Ours: nobody replaces a live socket (see `bind`).
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl ApiSocket {
+    pub fn bind(path: &Path) -> Result<ApiSocket, ApiError> {
+        Ok(ApiSocket {
+            listener: bind(path)?,
+            remove_on_drop: RemoveOnDrop(Some(path.to_path_buf())),
+        })
+    }
+
+    /// The listener, for the API thread; the socket file then stays.
+    pub fn into_listener(self) -> UnixListener {
+        let ApiSocket {
+            listener,
+            mut remove_on_drop,
+        } = self;
+        remove_on_drop.0 = None;
+        listener
+    }
 }
 
 /// A `sockaddr_un` for a filesystem path.
@@ -275,6 +314,18 @@ mod tests {
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
         assert_eq!(mode(&path), 0o600, "umask 000");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_api_socket_dropped_before_the_api_starts_is_removed() {
+        let dir = temp_dir("drop");
+        let path = dir.join("api.sock");
+        drop(ApiSocket::bind(&path).unwrap());
+        assert!(!path.exists(), "a failed build leaves its socket behind");
+        let listener = ApiSocket::bind(&path).unwrap().into_listener();
+        UnixStream::connect(&path).expect("a running API keeps its socket");
+        drop(listener);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -10,15 +10,14 @@ use devices::virtio::iommu::{IommuConfig, IommuEndpoint, IommuError, IommuHandle
 
 use super::net::NetHandle;
 use super::pci::{plug_virtio, PciWiring, PlugError, Plugged};
-use crate::seccomp::{self, ThreadKind};
+use crate::seccomp;
 use crate::vstate::memory::GuestRam;
+use seccompiler::BpfProgram;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IommuSetupError {
     #[error("cannot create the virtio-iommu: {0}")]
     Device(#[from] IommuError),
-    #[error(transparent)]
-    Seccomp(#[from] seccomp::SeccompError),
     #[error(transparent)]
     Plug(#[from] PlugError),
 }
@@ -57,7 +56,7 @@ pub fn add_virtio_iommu(
     endpoints: &[&NetHandle],
     ram: &Arc<GuestRam>,
     spaces: SharedSpaces,
-    use_seccomp: bool,
+    filter: Option<BpfProgram>,
     wiring: PciWiring<'_>,
 ) -> Result<IommuDevice, IommuSetupError> {
     // What every endpoint's device can address.
@@ -78,10 +77,6 @@ pub fn add_virtio_iommu(
         input_range: first..=last,
         domain_range: DOMAIN_RANGE,
         bypass: BYPASS_AT_RESET,
-    };
-    let filter = match use_seccomp {
-        true => Some(seccomp::filter(ThreadKind::DeviceWorker)?),
-        false => None,
     };
     let install = Box::new(move || match filter {
         Some(filter) => seccomp::apply(&filter).map_err(|e| e.to_string()),

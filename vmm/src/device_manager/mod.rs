@@ -12,15 +12,18 @@ pub mod net;
 pub mod pci;
 pub mod virtio_mem;
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use devices::bus::Bus;
 use devices::dma::{
     Change, ChangeKind, DmaSpaces, Plan, SharedSpaces, SpaceError, SpaceId, TranslateError,
 };
+use seccompiler::BpfProgram;
 
 use crate::api::control::VmSummary;
 use crate::config::NetConfig;
+use crate::seccomp::{self, FilterFds, SeccompError, ThreadKind};
 use crate::vstate::interrupts::{KvmIoEvents, KvmMsiRouter};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vm::Vm;
@@ -46,6 +49,8 @@ pub enum DeviceError {
     Hotplug(#[from] MemError),
     #[error(transparent)]
     Iommu(#[from] IommuSetupError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 pub struct DeviceManager {
@@ -54,6 +59,7 @@ pub struct DeviceManager {
     ioevents: Arc<KvmIoEvents>,
     ram: Arc<GuestRam>,
     spaces: SharedSpaces,
+    vm_fd: RawFd,
     use_seccomp: bool,
     pub nets: Vec<NetHandle>,
     pub hotplug: Option<MemHandle>,
@@ -87,11 +93,27 @@ impl DeviceManager {
             ioevents,
             ram,
             spaces,
+            vm_fd: vm.fd.as_raw_fd(),
             use_seccomp,
             nets: Vec::new(),
             hotplug: None,
             iommu: None,
         })
+    }
+
+    /// The descriptors the seccomp filters bind ioctls to: the VM and
+    /// every vhost-vdpa device added so far.
+    pub fn filter_fds(&self) -> FilterFds {
+        FilterFds::new(self.vm_fd, self.nets.iter().map(|n| n.control_fd).collect())
+    }
+
+    /// A device worker's filter, when seccomp is on. Workers start with
+    /// their device, once the VM exists.
+    fn worker_filter(&self) -> Result<Option<BpfProgram>, SeccompError> {
+        match self.use_seccomp {
+            true => seccomp::filter(ThreadKind::DeviceWorker, &self.filter_fds()).map(Some),
+            false => Ok(None),
+        }
     }
 
     fn wiring(&mut self) -> PciWiring<'_> {
@@ -120,8 +142,8 @@ impl DeviceManager {
         if endpoints.is_empty() {
             return Ok(());
         }
-        let (ram, spaces, seccomp) = (self.ram.clone(), self.spaces.clone(), self.use_seccomp);
-        let device = iommu::add_virtio_iommu(&endpoints, &ram, spaces, seccomp, self.wiring())?;
+        let (ram, spaces, filter) = (self.ram.clone(), self.spaces.clone(), self.worker_filter()?);
+        let device = iommu::add_virtio_iommu(&endpoints, &ram, spaces, filter, self.wiring())?;
         self.iommu = Some(device);
         Ok(())
     }
@@ -132,13 +154,13 @@ impl DeviceManager {
         if self.ram.hotplug.is_none() {
             return Ok(());
         }
-        let (ram, spaces, seccomp) = (self.ram.clone(), self.spaces.clone(), self.use_seccomp);
+        let (ram, spaces, filter) = (self.ram.clone(), self.spaces.clone(), self.worker_filter()?);
         let iommu = self.iommu.as_ref().map(|i| i.handle.clone());
         self.hotplug = Some(virtio_mem::add_virtio_mem(
             ram,
             spaces,
             iommu,
-            seccomp,
+            filter,
             self.wiring(),
         )?);
         Ok(())

@@ -3,6 +3,7 @@
 //! address space, and plug it into the PCI segment.
 
 use std::ops::RangeInclusive;
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
 use devices::dma::{
@@ -41,6 +42,8 @@ pub struct NetHandle {
     pub behind_iommu: bool,
     /// What the device can address (VHOST_VDPA_GET_IOVA_RANGE).
     pub iova_range: RangeInclusive<u64>,
+    /// Where its vhost ioctls go, for the seccomp filters.
+    pub control_fd: RawFd,
 }
 
 pub fn add_vdpa_net(
@@ -90,6 +93,7 @@ pub fn add_vdpa_net(
     };
     // One vector per queue, one for configuration changes.
     let vectors = device.queue_max_sizes_len() + 1;
+    let control_fd = device.control_fd();
     let Plugged { pci, slot } = plug_virtio(device, vectors, wiring)?;
     Ok(NetHandle {
         id: id.to_string(),
@@ -98,6 +102,7 @@ pub fn add_vdpa_net(
         boot_mapping,
         behind_iommu: translation == Translation::Iommu,
         iova_range,
+        control_fd,
     })
 }
 

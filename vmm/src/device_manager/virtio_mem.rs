@@ -10,8 +10,9 @@ use devices::virtio::pci::VirtioPciDevice;
 
 use super::memory_hotplug::DmaHotplug;
 use super::pci::{plug_virtio, PciWiring, PlugError, Plugged};
-use crate::seccomp::{self, ThreadKind};
+use crate::seccomp;
 use crate::vstate::memory::GuestRam;
+use seccompiler::BpfProgram;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemError {
@@ -21,8 +22,6 @@ pub enum MemError {
     File(std::io::Error),
     #[error("cannot start the virtio-mem device: {0}")]
     Worker(std::io::Error),
-    #[error(transparent)]
-    Seccomp(#[from] seccomp::SeccompError),
     #[error(transparent)]
     Plug(#[from] PlugError),
 }
@@ -44,7 +43,7 @@ pub fn add_virtio_mem(
     ram: Arc<GuestRam>,
     spaces: SharedSpaces,
     iommu: Option<IommuHandle>,
-    use_seccomp: bool,
+    filter: Option<BpfProgram>,
     wiring: PciWiring<'_>,
 ) -> Result<MemHandle, MemError> {
     let Some(region) = &ram.hotplug else {
@@ -59,10 +58,6 @@ pub fn add_virtio_mem(
     let memory = Arc::new(ram.memory.clone());
     let backend =
         Arc::new(DmaHotplug::new(ram.clone(), spaces, geometry.addr, file).with_iommu(iommu));
-    let filter = match use_seccomp {
-        true => Some(seccomp::filter(ThreadKind::DeviceWorker)?),
-        false => None,
-    };
     let install = Box::new(move || match filter {
         Some(filter) => seccomp::apply(&filter).map_err(|e| e.to_string()),
         None => Ok(()),

@@ -110,6 +110,12 @@ impl Vcpu {
         self.id
     }
 
+    /// The vCPU's descriptor, which its thread's seccomp filter binds
+    /// KVM_RUN to.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+    }
+
     /// Runs the vCPU until the VM ends. Device accesses go to the buses;
     /// anything that ends the VM is reported through `exit`.
     pub fn run(mut self, io_bus: Arc<Bus>, mmio_bus: Arc<Bus>, exit: ExitSignal) {
