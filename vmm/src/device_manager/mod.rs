@@ -50,6 +50,11 @@ pub enum DeviceError {
 
 pub struct DeviceManager {
     segment: PciSegment,
+    vm: Arc<kvm_ioctls::VmFd>,
+    /// KVM memory slots boot RAM took (slots 0..n) and KVM's limit: the
+    /// plugged hotplug blocks take theirs from what is left.
+    boot_slots: u32,
+    max_slots: u32,
     router: Arc<KvmMsiRouter>,
     ioevents: Arc<KvmIoEvents>,
     ram: Arc<GuestRam>,
@@ -68,6 +73,7 @@ impl DeviceManager {
         mmio_bus: &Arc<Bus>,
         vm: &Vm,
         ram: Arc<GuestRam>,
+        (boot_slots, max_slots): (u32, u32),
         use_seccomp: bool,
     ) -> Result<DeviceManager, DeviceError> {
         let segment = PciSegment::new(io_bus, mmio_bus)?;
@@ -83,6 +89,9 @@ impl DeviceManager {
         lock(&spaces).commit(plan)?;
         Ok(DeviceManager {
             segment,
+            vm: vm.fd.clone(),
+            boot_slots,
+            max_slots,
             router,
             ioevents,
             ram,
@@ -134,10 +143,16 @@ impl DeviceManager {
         }
         let (ram, spaces, seccomp) = (self.ram.clone(), self.spaces.clone(), self.use_seccomp);
         let iommu = self.iommu.as_ref().map(|i| i.handle.clone());
+        let slots = virtio_mem::SlotSource {
+            vm: self.vm.clone(),
+            first: self.boot_slots,
+            count: self.max_slots.saturating_sub(self.boot_slots),
+        };
         self.hotplug = Some(virtio_mem::add_virtio_mem(
             ram,
             spaces,
             iommu,
+            slots,
             seccomp,
             self.wiring(),
         )?);
