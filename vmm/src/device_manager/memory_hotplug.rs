@@ -184,6 +184,10 @@ impl HotplugBackend for DmaHotplug {
         }
         Ok(())
     }
+
+    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        self.ram.translate(gpa, gpa, len, Perm::ReadOnly).is_ok()
+    }
 }
 
 #[cfg(test)]
