@@ -82,7 +82,7 @@ info() {{ microvm-ctl --socket /tmp/api.sock info; }}
 flat() {{ tr -d ' \n'; }}
 A=$(info | flat | grep -o '"region":{{[^}}]*}}' | grep -o '0x[0-9a-f]*')
 echo "@@section region"; echo $A
-echo "@@section smaps"; grep -A3 microvm-hotplug-ram /proc/$MV/smaps
+echo "@@section smaps"; grep -A6 microvm-hotplug-ram /proc/$MV/smaps
 
 # (b) never-plugged blocks
 echo "@@section unbind-1"; guest '{unbind}'
@@ -148,13 +148,14 @@ fn numbers(name: &str) -> Vec<u64> {
         .collect()
 }
 
-/// Rss growth in KiB between the two measures of a section.
-fn growth(name: &str) -> u64 {
+/// Rss growth in KiB between the two measures of a section, after the
+/// guest wrote `what`.
+fn growth(name: &str, what: &str) -> u64 {
     let figures = numbers(name);
     assert!(figures.len() >= 2, "{name}: {figures:?}\n{}", run().raw);
     let growth = figures[1].saturating_sub(figures[0]);
     eprintln!(
-        "{name}: hotplug region Rss {} KiB -> {} KiB (+{growth} KiB) for {PAGES} pages written",
+        "{name}: hotplug region Rss {} KiB -> {} KiB (+{growth} KiB) after writing {what}",
         figures[0], figures[1]
     );
     growth
@@ -180,7 +181,7 @@ fn the_hotplug_region_is_its_own_mapping() {
 fn writes_to_never_plugged_blocks_do_not_grow_the_vmm() {
     assert_command_ok("unbind-1");
     assert_command_ok("write-never-plugged");
-    let growth = growth("never-plugged");
+    let growth = growth("never-plugged", "1 byte in each of 256 pages");
     assert!(
         growth < 64,
         "the guest's writes to never-plugged blocks raised the VMM's memory by {growth} KiB"
@@ -204,7 +205,7 @@ fn control_writes_to_plugged_memory_do_grow_the_vmm() {
     let plug: serde_json::Value = serde_json::from_str(section("plug")).unwrap();
     assert_eq!(plug["done"], true, "{plug}");
     assert_command_ok("fill");
-    let growth = growth("control");
+    let growth = growth("control", "an 8 MiB tmpfs file");
     assert!(
         growth >= PAGES * 4096 / KIB,
         "8 MiB written to plugged memory raised the Rss by only {growth} KiB: the meter does not see the guest's writes"
@@ -219,7 +220,7 @@ fn writes_to_just_unplugged_blocks_do_not_grow_the_vmm_and_the_guest_goes_on() {
     assert_command_ok("write-unplugged");
     let figures = numbers("unplugged");
     assert_eq!(figures.len(), 3, "the just-unplugged address is known");
-    let growth = growth("unplugged");
+    let growth = growth("unplugged", "1 byte in each of 256 pages");
     assert!(
         growth < 64,
         "the guest's writes to unplugged blocks raised the VMM's memory by {growth} KiB"
