@@ -167,9 +167,10 @@ impl HotplugBackend for DmaHotplug {
             self.set_plugged(ranges, true);
             return Err(e.into());
         }
-        // Then out of the guest's view. If KVM refuses, the guest keeps
-        // the blocks, so the identity devices get them back (vIOMMU
-        // domains do not: the guest maps again what it needs).
+        // Then out of the guest's view. If KVM refuses (not expected for a
+        // delete), the guest keeps the blocks and the identity devices get
+        // them back; vIOMMU domain mappings of them stay removed, which a
+        // device behind the vIOMMU sees as a fault (a known gap).
         if let Err(e) = self.slots().unmap(ranges) {
             self.set_plugged(ranges, true);
             if let Err(again) = self.map_devices(ranges) {
