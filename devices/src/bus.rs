@@ -2,6 +2,7 @@
 //! owns the address.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// A device reachable on a bus. Offsets are relative to the device's base.
@@ -26,6 +27,8 @@ pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 #[derive(Default)]
 pub struct Bus {
     devices: RwLock<BTreeMap<u64, (u64, SharedDevice)>>,
+    /// Accesses no device claimed (a guest touching unplugged memory, say).
+    unclaimed: AtomicU64,
 }
 
 impl Bus {
@@ -72,6 +75,7 @@ impl Bus {
             }
             None => {
                 data.fill(0xff);
+                self.unclaimed.fetch_add(1, Ordering::Relaxed);
                 false
             }
         }
@@ -84,8 +88,16 @@ impl Bus {
                 lock(&device).write(offset, data);
                 true
             }
-            None => false,
+            None => {
+                self.unclaimed.fetch_add(1, Ordering::Relaxed);
+                false
+            }
         }
+    }
+
+    /// Reads and writes that reached no device so far.
+    pub fn unclaimed(&self) -> u64 {
+        self.unclaimed.load(Ordering::Relaxed)
     }
 }
 
@@ -134,6 +146,7 @@ mod tests {
         assert!(!bus.read(0xcfc, &mut data));
         assert_eq!(data, [0xff; 4]);
         assert!(!bus.write(0x80, &[1]));
+        assert_eq!(bus.unclaimed(), 2);
     }
 
     #[test]

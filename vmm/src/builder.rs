@@ -61,16 +61,20 @@ pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
         memory_bytes: u64::MAX,
     };
     config::check_vcpus(u64::from(config.vcpus), &kvm_limits)?;
+    // Every hotplug block may need a KVM slot of its own.
+    let max_slots = Vm::max_memslots(&kvm);
+    config::check_memslots(&config.memory, max_slots)?;
 
     let ram = Arc::new(build_memory(config)?);
     let vm = Vm::new(kvm)?;
-    vm.register_memory(&ram)?;
+    let boot_slots = vm.register_memory(&ram)?;
+    let slots = (boot_slots, u32::try_from(max_slots).unwrap_or(u32::MAX));
 
     let exit = ExitSignal::new().map_err(VmmError::EventFd)?;
     let serial = build_serial(&vm, config)?;
     let io_bus = legacy_io_bus(&serial, &exit)?;
     let mmio_bus = Arc::new(Bus::new());
-    let devices = build_devices(config, &vm, &ram, &io_bus, &mmio_bus)?;
+    let devices = build_devices(config, &vm, &ram, slots, &io_bus, &mmio_bus)?;
 
     let rsdp = acpi::write_tables(&ram.memory, config.vcpus, &devices.acpi_tables())?;
     let boot_entry = loader::load(&ram, &config.kernel, rsdp)?;
@@ -135,10 +139,11 @@ fn build_devices(
     config: &VmmConfig,
     vm: &Vm,
     ram: &Arc<GuestRam>,
+    slots: (u32, u32),
     io_bus: &Bus,
     mmio_bus: &Arc<Bus>,
 ) -> Result<DeviceManager, VmmError> {
-    let mut devices = DeviceManager::new(io_bus, mmio_bus, vm, ram.clone(), config.seccomp)?;
+    let mut devices = DeviceManager::new(io_bus, mmio_bus, vm, ram.clone(), slots, config.seccomp)?;
     for net in &config.net {
         devices.add_vdpa_net(net)?;
     }

@@ -17,6 +17,10 @@ use super::queue_worker::{Drain, QueueHandler, QueueWorker, Serve};
 use super::*;
 
 pub const VIRTIO_ID_MEM: u32 = 24;
+/// The driver must not touch unplugged memory (include/uapi/linux/
+/// virtio_mem.h). Offered because it is true here: an unplugged block has
+/// no KVM memory slot, whether or not the driver acks the bit.
+pub const VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE: u32 = 1;
 const QUEUE_SIZE: u16 = 128;
 
 const REQ_PLUG: u16 = 0;
@@ -57,6 +61,10 @@ pub enum HotplugError {
     /// A device refused the change; no device or space changed.
     #[error(transparent)]
     Map(#[from] crate::dma::SpaceError),
+    /// The guest could not be given (or be denied) the memory; nothing
+    /// changed for it or for any device.
+    #[error("cannot change the guest's view of its memory: {0}")]
+    Guest(Box<dyn std::error::Error + Send + Sync>),
     /// No device reaches the memory any more, but giving it back to the
     /// host failed.
     #[error("cannot release guest memory {gpa:#x} size {size:#x}: {source}")]
@@ -74,6 +82,10 @@ pub trait HotplugBackend: Send + Sync {
     fn plug(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError>;
     /// Takes the ranges away; an error fails the guest's request.
     fn unplug(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError>;
+    /// Whether `[gpa, gpa + len)` is guest RAM now. The worker reads a
+    /// request and writes its response only there: touching an unplugged
+    /// block would make the host allocate it again.
+    fn is_ram(&self, gpa: u64, len: u64) -> bool;
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -337,12 +349,16 @@ fn serve_requests(drain: &mut Drain<'_>, state: &Mutex<MemState>, backend: &dyn 
         let mut response_addr = None;
         let mut have_request = false;
         for descriptor in chain {
+            let addr = descriptor.addr();
             if descriptor.is_write_only() {
-                if descriptor.len() >= RESP_SIZE {
-                    response_addr.get_or_insert(descriptor.addr());
+                if descriptor.len() >= RESP_SIZE && backend.is_ram(addr.0, u64::from(RESP_SIZE)) {
+                    response_addr.get_or_insert(addr);
                 }
-            } else if !have_request && descriptor.len() as usize >= REQ_SIZE {
-                have_request = memory.read_slice(&mut request, descriptor.addr()).is_ok();
+            } else if !have_request
+                && descriptor.len() as usize >= REQ_SIZE
+                && backend.is_ram(addr.0, REQ_SIZE as u64)
+            {
+                have_request = memory.read_slice(&mut request, addr).is_ok();
             }
         }
         let mut written = 0;
@@ -372,7 +388,7 @@ impl VirtioDevice for VirtioMem {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        VIRTIO_F_VERSION_1 | 1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE
     }
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
@@ -460,7 +476,14 @@ mod tests {
             self.calls.lock().unwrap().push((false, ranges.to_vec()));
             Ok(())
         }
+        fn is_ram(&self, gpa: u64, len: u64) -> bool {
+            // Everything but [UNPLUGGED, UNPLUGGED + 1 MiB).
+            gpa.saturating_add(len) <= UNPLUGGED || gpa >= UNPLUGGED + (1 << 20)
+        }
     }
+
+    /// Guest memory the recording backend says is not RAM.
+    const UNPLUGGED: u64 = 0x8_0000;
 
     const BASE: u64 = 4 << 30;
     const BLOCK: u64 = 2 << 20;
@@ -643,6 +666,64 @@ mod tests {
         assert_eq!(device.lock().requested_size, 8 * BLOCK);
         device.request_size(0).unwrap();
         assert_eq!(device.lock().requested_size, 0);
+        // Bit 1 of the device features, next to VERSION_1.
+        assert_eq!(device.features(), VIRTIO_F_VERSION_1 | 0b10);
+    }
+
+    #[test]
+    fn buffers_in_unplugged_memory_are_neither_read_nor_written() {
+        use super::super::test_ring::TestRing;
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let state = Mutex::new(state());
+        let backend = RecordingBackend::default();
+        let plug = req(REQ_PLUG, BASE, 1);
+        memory.write_slice(&plug, GuestAddress(0x10000)).unwrap();
+        memory
+            .write_slice(&plug, GuestAddress(UNPLUGGED + 0x100))
+            .unwrap();
+        memory
+            .write_slice(&[0xee; 16], GuestAddress(UNPLUGGED))
+            .unwrap();
+        let mut ring = TestRing::new(0x1000, 16);
+        let request = REQ_SIZE as u32;
+        // Response in unplugged memory; request there; both in RAM.
+        ring.add_chain(
+            &memory,
+            &[(0x10000, request, false), (UNPLUGGED, RESP_SIZE, true)],
+        );
+        ring.add_chain(
+            &memory,
+            &[
+                (UNPLUGGED + 0x100, request, false),
+                (0x10080, RESP_SIZE, true),
+            ],
+        );
+        ring.add_chain(
+            &memory,
+            &[(0x10000, request, false), (0x10100, RESP_SIZE, true)],
+        );
+        let config = ring.config(0);
+        let mut queue = Queue::new(QUEUE_SIZE).unwrap();
+        queue.try_set_size(config.size).unwrap();
+        queue
+            .try_set_desc_table_address(GuestAddress(config.desc))
+            .unwrap();
+        queue
+            .try_set_avail_ring_address(GuestAddress(config.driver))
+            .unwrap();
+        queue
+            .try_set_used_ring_address(GuestAddress(config.device))
+            .unwrap();
+        queue.set_ready(true);
+        serve_requests(&mut Drain::new(&mut queue, &memory), &state, &backend);
+        let used: Vec<u32> = (0..3).map(|n| ring.used_entry(&memory, n).1).collect();
+        assert_eq!(used, vec![0, 0, RESP_SIZE], "only the third was answered");
+        let mut untouched = [0u8; 16];
+        memory
+            .read_slice(&mut untouched, GuestAddress(UNPLUGGED))
+            .unwrap();
+        assert_eq!(untouched, [0xee; 16]);
+        assert_eq!(backend.calls.lock().unwrap().len(), 1, "one plug served");
     }
 
     /// Counts plug calls; each one waits for the test to let it finish.
@@ -661,6 +742,9 @@ mod tests {
         }
         fn unplug(&self, _ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
             Ok(())
+        }
+        fn is_ram(&self, _gpa: u64, _len: u64) -> bool {
+            true
         }
     }
 

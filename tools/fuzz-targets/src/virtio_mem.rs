@@ -98,6 +98,20 @@ impl HotplugBackend for ModelBackend {
     fn unplug(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
         self.change(ranges, false)
     }
+    /// Outside the region everything is RAM (the ring lives there); inside
+    /// only plugged blocks are.
+    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        let region = self.region;
+        let end = gpa.saturating_add(len);
+        if end <= region.addr || gpa >= region.addr.saturating_add(region.size) {
+            return true;
+        }
+        let plugged = self.plugged.lock().expect("not poisoned");
+        (gpa.max(region.addr)..end.min(region.addr + region.size))
+            .step_by(region.block_size as usize)
+            .chain(std::iter::once(end.min(region.addr + region.size) - 1))
+            .all(|at| plugged[((at - region.addr) / region.block_size) as usize])
+    }
 }
 
 fn queue(ring: &TestRing) -> Queue {

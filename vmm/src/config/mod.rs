@@ -68,6 +68,19 @@ pub enum ConfigError {
         end: Size,
         limit: Size,
     },
+    #[error(
+        "hotplug {hotplug} in blocks of {block} needs {blocks} KVM memory slots (one per \
+         plugged block) plus {boot} for boot RAM, but KVM gives a VM {limit}: use \
+         block={suggested} or larger, or a smaller hotplug="
+    )]
+    TooManyMemslots {
+        hotplug: Size,
+        block: Size,
+        blocks: u64,
+        boot: u64,
+        limit: u64,
+        suggested: Size,
+    },
     #[error("kernel command line is {len} bytes; the guest kernel accepts at most {max}")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("cannot read {what} '{path}': {reason}")]
@@ -359,6 +372,37 @@ pub fn check_vcpus(requested: u64, limits: &HostLimits) -> Result<u8, ConfigErro
         }),
         n => Ok(n as u8),
     }
+}
+
+/// Checks that boot RAM and every hotplug block can have a KVM memory slot
+/// of its own at once: `limit` is KVM's KVM_CAP_NR_MEMSLOTS, so this runs
+/// once KVM is open. Call after `validate` (block and hotplug checked).
+pub fn check_memslots(memory: &MemoryConfig, limit: u64) -> Result<(), ConfigError> {
+    let boot = crate::vstate::memory::ram_ranges(memory.size.0).len() as u64;
+    let Some(hotplug) = memory.hotplug else {
+        return Ok(());
+    };
+    let block = memory.block;
+    let blocks = hotplug.0.checked_div(block.0).unwrap_or(u64::MAX);
+    if boot.saturating_add(blocks) <= limit {
+        return Ok(());
+    }
+    // The smallest power-of-two block that fits, if any does.
+    let room = limit.saturating_sub(boot).max(1);
+    let suggested = hotplug
+        .0
+        .div_ceil(room)
+        .max(DEFAULT_HOTPLUG_BLOCK)
+        .checked_next_power_of_two()
+        .unwrap_or(u64::MAX);
+    Err(ConfigError::TooManyMemslots {
+        hotplug,
+        block,
+        blocks,
+        boot,
+        limit,
+        suggested: Size(suggested),
+    })
 }
 
 impl VmmConfig {
@@ -683,6 +727,52 @@ mod tests {
         ));
         hotplug.memory.block = Size(2 << 20);
         assert_eq!(hotplug.validate(&LIMITS), Ok(()));
+    }
+
+    #[test]
+    fn every_hotplug_block_must_be_able_to_have_a_kvm_slot() {
+        let memory = |size: u64, hotplug: u64, block: u64| MemoryConfig {
+            size: Size(size),
+            hotplug: Some(Size(hotplug)),
+            block: Size(block),
+        };
+        const MIB: u64 = 1 << 20;
+        const GIB: u64 = 1 << 30;
+        // x86 KVM's documented limit: 1 boot slot + 32763 blocks fit.
+        let limit = 32764;
+        check_memslots(&memory(512 * MIB, 32763 * 2 * MIB, 2 * MIB), limit).unwrap();
+        let error = check_memslots(&memory(512 * MIB, 64 * GIB, 2 * MIB), limit).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                ConfigError::TooManyMemslots {
+                    blocks: 32768,
+                    boot: 1,
+                    suggested: Size(s),
+                    ..
+                } if s == 4 * MIB
+            ),
+            "{error:?}"
+        );
+        assert!(
+            error.to_string().contains("use block=4M or larger"),
+            "{error}"
+        );
+        // Above the MMIO hole boot RAM takes two slots.
+        let error = check_memslots(&memory(4 * GIB, 64 * MIB, 2 * MIB), 33).unwrap_err();
+        assert!(
+            matches!(error, ConfigError::TooManyMemslots { boot: 2, .. }),
+            "{error:?}"
+        );
+        check_memslots(&memory(4 * GIB, 62 * MIB, 2 * MIB), 33).unwrap();
+        check_memslots(
+            &MemoryConfig {
+                hotplug: None,
+                ..memory(4 * GIB, 0, 2 * MIB)
+            },
+            2,
+        )
+        .unwrap();
     }
 
     #[test]

@@ -1,8 +1,14 @@
 //! What memory hotplug means on the host: every guest PLUG or UNPLUG is one
 //! plan on the identity address space (so each device attached to it sees
-//! one batch per request, all or nothing across devices), and unplugged
-//! memory is released — hole punched in its memfd — only once no device
-//! can reach it any more.
+//! one batch per request, all or nothing across devices), the guest reaches
+//! a block only while it is plugged (its own KVM slot, `block_slots`), and
+//! unplugged memory is released — hole punched in its memfd — only once
+//! neither a device nor the guest can reach it any more.
+//!
+//! PLUG: KVM slots, then the devices' mappings; UNPLUG: the devices'
+//! mappings (vIOMMU domains included), then the KVM slots, then release.
+//! A step that fails undoes the earlier steps of the same request, and the
+//! guest's request fails.
 //!
 //! If that release fails, the unplug still stands: the memory is out of
 //! every device and no longer guest RAM, and the guest's request succeeds.
@@ -11,18 +17,23 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::dma::{Change, ChangeKind, GuestTranslate, Perm, Plan, SharedSpaces, SpaceId};
 use devices::virtio::iommu::IommuHandle;
 use devices::virtio::mem::{HotplugBackend, HotplugError};
 
 use super::lock;
+use crate::vstate::block_slots::{BlockSlots, SlotIoctl};
 use crate::vstate::memory::GuestRam;
+
+/// The KVM slots of the plugged blocks.
+pub type GuestSlots = BlockSlots<Box<dyn SlotIoctl>>;
 
 pub struct DmaHotplug {
     ram: Arc<GuestRam>,
     spaces: SharedSpaces,
+    slots: Mutex<GuestSlots>,
     /// The hotplug region's first guest address and its memfd.
     region_addr: u64,
     file: File,
@@ -32,10 +43,17 @@ pub struct DmaHotplug {
 }
 
 impl DmaHotplug {
-    pub fn new(ram: Arc<GuestRam>, spaces: SharedSpaces, region_addr: u64, file: File) -> Self {
+    pub fn new(
+        ram: Arc<GuestRam>,
+        spaces: SharedSpaces,
+        slots: GuestSlots,
+        region_addr: u64,
+        file: File,
+    ) -> Self {
         DmaHotplug {
             ram,
             spaces,
+            slots: Mutex::new(slots),
             region_addr,
             file,
             release_failures: AtomicU64::new(0),
@@ -52,6 +70,24 @@ impl DmaHotplug {
     /// Unplugs whose memory could not be given back to the host.
     pub fn release_failures(&self) -> u64 {
         self.release_failures.load(Ordering::Relaxed)
+    }
+
+    fn slots(&self) -> MutexGuard<'_, GuestSlots> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Maps `ranges` for every identity device, as one transaction.
+    fn map_devices(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
+        let mut change = Change::new();
+        for &(gpa, size) in ranges {
+            for range in self.ram.translate(gpa, gpa, size, Perm::ReadWrite)? {
+                change.add(range);
+            }
+        }
+        let mut plan = Plan::new(ChangeKind::Plug);
+        plan.change(SpaceId::IDENTITY, change);
+        lock(&self.spaces).commit(plan)?;
+        Ok(())
     }
 
     fn set_plugged(&self, ranges: &[(u64, u64)], plugged: bool) {
@@ -90,22 +126,19 @@ impl DmaHotplug {
 
 impl HotplugBackend for DmaHotplug {
     fn plug(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
+        // The guest's KVM slots first: if KVM refuses, no device was told.
+        let mut slots = self.slots();
+        slots
+            .map(ranges)
+            .map_err(|e| HotplugError::Guest(Box::new(e)))?;
         // RAM from now on, so it translates; undone if a device refuses.
         self.set_plugged(ranges, true);
-        let result = (|| {
-            let mut change = Change::new();
-            for &(gpa, size) in ranges {
-                for range in self.ram.translate(gpa, gpa, size, Perm::ReadWrite)? {
-                    change.add(range);
-                }
-            }
-            let mut plan = Plan::new(ChangeKind::Plug);
-            plan.change(SpaceId::IDENTITY, change);
-            lock(&self.spaces).commit(plan)?;
-            Ok(())
-        })();
+        let result = self.map_devices(ranges);
         if result.is_err() {
             self.set_plugged(ranges, false);
+            if let Err(e) = slots.unmap(ranges) {
+                eprintln!("microvm: a failed plug leaves guest memory slots behind: {e}");
+            }
         }
         result
     }
@@ -134,18 +167,35 @@ impl HotplugBackend for DmaHotplug {
             self.set_plugged(ranges, true);
             return Err(e.into());
         }
-        // Only now can no device reach the memory: release it.
+        // Then out of the guest's view. If KVM refuses (not expected for a
+        // delete), the guest keeps the blocks and the identity devices get
+        // them back; vIOMMU domain mappings of them stay removed, which a
+        // device behind the vIOMMU sees as a fault (a known gap).
+        if let Err(e) = self.slots().unmap(ranges) {
+            self.set_plugged(ranges, true);
+            if let Err(again) = self.map_devices(ranges) {
+                eprintln!("microvm: unplug failed and devices lost the memory: {again}");
+            }
+            return Err(HotplugError::Guest(Box::new(e)));
+        }
+        // Only now can neither a device nor the guest reach the memory.
         if let Err(e) = self.release(ranges) {
             self.release_failures.fetch_add(1, Ordering::Relaxed);
             eprintln!("microvm: unplugged memory stays allocated on the host: {e}");
         }
         Ok(())
     }
+
+    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        self.ram.translate(gpa, gpa, len, Perm::ReadOnly).is_ok()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vstate::block_slots::fake::RecordingSlots;
+    use crate::vstate::block_slots::SlotRegion;
     use devices::dma::{DmaMapper, DmaSpaces, RecordingBackend, SharedDmaDevice};
     use std::io::{Read, Seek, SeekFrom};
     use std::sync::Mutex;
@@ -154,9 +204,36 @@ mod tests {
 
     type Recorder = Arc<Mutex<DmaMapper<RecordingBackend>>>;
 
+    /// KVM slots over the region of `ram`, recorded: 32 slots from 1.
+    fn slots(ram: &GuestRam) -> (GuestSlots, RecordingSlots) {
+        let region = ram.hotplug.as_ref().unwrap();
+        let kvm = RecordingSlots::default();
+        let slot_region = SlotRegion {
+            addr: region.addr,
+            size: region.size,
+            block_size: region.block_size,
+            host_addr: region.host_addr,
+        };
+        let ioctl: Box<dyn SlotIoctl> = Box::new(kvm.clone());
+        (BlockSlots::new(ioctl, slot_region, 1, 32), kvm)
+    }
+
     /// 64 MiB of boot RAM, 64 MiB of hotplug room, and `n` recording
     /// devices attached to the identity space.
     fn setup(n: usize) -> (DmaHotplug, Arc<GuestRam>, SharedSpaces, Vec<Recorder>) {
+        let (hotplug, ram, spaces, devices, _) = setup_with_kvm(n);
+        (hotplug, ram, spaces, devices)
+    }
+
+    fn setup_with_kvm(
+        n: usize,
+    ) -> (
+        DmaHotplug,
+        Arc<GuestRam>,
+        SharedSpaces,
+        Vec<Recorder>,
+        RecordingSlots,
+    ) {
         let ram = Arc::new(GuestRam::with_hotplug(64 * MIB, Some((64 * MIB, 2 * MIB))).unwrap());
         let mut spaces = DmaSpaces::new();
         let mut boot = Change::new();
@@ -180,13 +257,15 @@ mod tests {
         spaces.commit(plan).unwrap();
         let spaces = spaces.shared();
         let region = ram.hotplug.as_ref().unwrap();
+        let (slots, kvm) = slots(&ram);
         let hotplug = DmaHotplug::new(
             ram.clone(),
             spaces.clone(),
+            slots,
             region.addr,
             region.file.try_clone().unwrap(),
         );
-        (hotplug, ram, spaces, devices)
+        (hotplug, ram, spaces, devices, kvm)
     }
 
     fn held(device: &Recorder) -> Vec<(u64, u64)> {
@@ -243,12 +322,98 @@ mod tests {
         }
     }
 
+    const BLOCK: u64 = 2 * MIB;
+
+    #[test]
+    fn plugged_blocks_get_a_kvm_slot_each_and_lose_it_on_unplug() {
+        let (hotplug, ram, _spaces, devices, kvm) = setup_with_kvm(1);
+        let region = ram.hotplug.as_ref().unwrap();
+        let (addr, host) = (region.addr, region.host_addr);
+        hotplug.plug(&[(addr, 2 * BLOCK)]).unwrap();
+        assert_eq!(
+            kvm.calls(),
+            vec![
+                (1, addr, BLOCK, host),
+                (2, addr + BLOCK, BLOCK, host + BLOCK)
+            ]
+        );
+        kvm.clear();
+        hotplug.unplug(&[(addr + BLOCK, BLOCK)]).unwrap();
+        assert_eq!(
+            kvm.calls(),
+            vec![(2, addr + BLOCK, 0, 0)],
+            "its own slot only"
+        );
+        assert_eq!(held(&devices[0]), vec![(0, 64 * MIB), (addr, BLOCK)]);
+    }
+
+    #[test]
+    fn a_slot_kvm_refuses_fails_the_plug_before_any_device_is_told() {
+        let (hotplug, ram, _spaces, devices, kvm) = setup_with_kvm(1);
+        let addr = ram.hotplug.as_ref().unwrap().addr;
+        kvm.fail_nth(2);
+        let error = hotplug.plug(&[(addr, 2 * BLOCK)]).unwrap_err();
+        assert!(matches!(error, HotplugError::Guest(_)), "{error}");
+        assert!(
+            kvm.held().is_empty(),
+            "the first block's slot is gone again"
+        );
+        assert_eq!(
+            devices[0].lock().unwrap().counters().batch_begin,
+            1,
+            "boot only"
+        );
+        assert!(ram.translate(addr, addr, BLOCK, Perm::ReadWrite).is_err());
+        hotplug.plug(&[(addr, 2 * BLOCK)]).unwrap();
+        assert_eq!(kvm.held().len(), 2);
+    }
+
+    #[test]
+    fn a_device_refusing_the_plug_takes_the_new_slots_away_again() {
+        let (hotplug, ram, _spaces, devices, kvm) = setup_with_kvm(1);
+        let addr = ram.hotplug.as_ref().unwrap().addr;
+        devices[0].lock().unwrap().backend_mut().fail_nth(1);
+        assert!(hotplug.plug(&[(addr, 2 * BLOCK)]).is_err());
+        assert!(kvm.held().is_empty(), "{:?}", kvm.calls());
+        assert_eq!(held(&devices[0]), vec![(0, 64 * MIB)]);
+    }
+
+    #[test]
+    fn unplug_unmaps_devices_then_deletes_slots_then_releases() {
+        let (hotplug, ram, _spaces, devices, kvm) = setup_with_kvm(1);
+        let region = ram.hotplug.as_ref().unwrap();
+        hotplug.plug(&[(region.addr, BLOCK)]).unwrap();
+        // SAFETY: test-only write through the region's own live mapping.
+        unsafe { std::ptr::write_bytes(region.host_addr as *mut u8, 0xaa, 4096) };
+        // A device refusing the unplug: the slot and the memory stay.
+        devices[0].lock().unwrap().backend_mut().fail_nth(1);
+        assert!(hotplug.unplug(&[(region.addr, BLOCK)]).is_err());
+        assert_eq!(kvm.held().len(), 1, "the guest keeps the block");
+        // KVM refusing the delete: devices get the block back, nothing is
+        // released, the guest's request fails.
+        kvm.fail_nth(1);
+        let error = hotplug.unplug(&[(region.addr, BLOCK)]).unwrap_err();
+        assert!(matches!(error, HotplugError::Guest(_)), "{error}");
+        assert_eq!(held(&devices[0]), vec![(0, 64 * MIB), (region.addr, BLOCK)]);
+        assert_eq!(kvm.held().len(), 1);
+        // SAFETY: reading back through the same live mapping.
+        let byte = unsafe { std::ptr::read(region.host_addr as *const u8) };
+        assert_eq!(byte, 0xaa, "not released while the guest can reach it");
+        // Then it goes through.
+        hotplug.unplug(&[(region.addr, BLOCK)]).unwrap();
+        assert!(kvm.held().is_empty());
+        // SAFETY: as above; the hole reads as zeros.
+        let byte = unsafe { std::ptr::read(region.host_addr as *const u8) };
+        assert_eq!(byte, 0);
+    }
+
     #[test]
     fn memory_outside_the_region_is_refused_before_anything_is_sent() {
-        let (hotplug, _ram, _spaces, devices) = setup(1);
+        let (hotplug, _ram, _spaces, devices, kvm) = setup_with_kvm(1);
         let error = hotplug.plug(&[(64 * MIB, 2 * MIB)]).unwrap_err();
-        assert!(matches!(error, HotplugError::Translate(_)), "{error}");
+        assert!(matches!(error, HotplugError::Guest(_)), "{error}");
         assert_eq!(devices[0].lock().unwrap().counters().batch_begin, 1);
+        assert!(kvm.calls().is_empty());
     }
 
     #[test]
@@ -257,7 +422,7 @@ mod tests {
         let region = ram.hotplug.as_ref().unwrap();
         // A read-only descriptor: fallocate fails with EBADF.
         let read_only = File::open(format!("/proc/self/fd/{}", region.file.as_raw_fd())).unwrap();
-        let hotplug = DmaHotplug::new(ram.clone(), spaces, region.addr, read_only);
+        let hotplug = DmaHotplug::new(ram.clone(), spaces, slots(&ram).0, region.addr, read_only);
         hotplug.plug(&[(region.addr, 2 * MIB)]).unwrap();
         hotplug.unplug(&[(region.addr, 2 * MIB)]).unwrap();
         assert_eq!(hotplug.release_failures(), 1);
@@ -274,19 +439,21 @@ mod tests {
         let (hotplug, ram, _spaces, _devices) = setup(0);
         let region = ram.hotplug.as_ref().unwrap();
         let mut file = region.file.try_clone().unwrap();
+        let len = 3 * BLOCK as usize;
         // SAFETY: test-only write through the region's own live mapping,
         // inside its 64 MiB.
-        unsafe { std::ptr::write_bytes(region.host_addr as *mut u8, 0xaa, 3 * 4096) };
-        hotplug.plug(&[(region.addr, 2 * MIB)]).unwrap();
-        hotplug.unplug(&[(region.addr + 4096, 4096)]).unwrap();
-        let mut bytes = vec![0u8; 3 * 4096];
+        unsafe { std::ptr::write_bytes(region.host_addr as *mut u8, 0xaa, len) };
+        hotplug.plug(&[(region.addr, 3 * BLOCK)]).unwrap();
+        hotplug.unplug(&[(region.addr + BLOCK, BLOCK)]).unwrap();
+        let mut bytes = vec![0u8; len];
         file.seek(SeekFrom::Start(0)).unwrap();
         file.read_exact(&mut bytes).unwrap();
-        assert!(bytes[..4096].iter().all(|b| *b == 0xaa));
+        let block = BLOCK as usize;
+        assert!(bytes[..block].iter().all(|b| *b == 0xaa));
         assert!(
-            bytes[4096..8192].iter().all(|b| *b == 0),
+            bytes[block..2 * block].iter().all(|b| *b == 0),
             "the unplugged block was released"
         );
-        assert!(bytes[8192..].iter().all(|b| *b == 0xaa));
+        assert!(bytes[2 * block..].iter().all(|b| *b == 0xaa));
     }
 }

@@ -12,7 +12,7 @@ pub mod net;
 pub mod pci;
 pub mod virtio_mem;
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use devices::bus::Bus;
@@ -55,11 +55,15 @@ pub enum DeviceError {
 
 pub struct DeviceManager {
     segment: PciSegment,
+    vm: Arc<kvm_ioctls::VmFd>,
+    /// KVM memory slots boot RAM took (slots 0..n) and KVM's limit: the
+    /// plugged hotplug blocks take theirs from what is left.
+    boot_slots: u32,
+    max_slots: u32,
     router: Arc<KvmMsiRouter>,
     ioevents: Arc<KvmIoEvents>,
     ram: Arc<GuestRam>,
     spaces: SharedSpaces,
-    vm_fd: RawFd,
     use_seccomp: bool,
     pub nets: Vec<NetHandle>,
     pub hotplug: Option<MemHandle>,
@@ -74,6 +78,7 @@ impl DeviceManager {
         mmio_bus: &Arc<Bus>,
         vm: &Vm,
         ram: Arc<GuestRam>,
+        (boot_slots, max_slots): (u32, u32),
         use_seccomp: bool,
     ) -> Result<DeviceManager, DeviceError> {
         let segment = PciSegment::new(io_bus, mmio_bus)?;
@@ -89,11 +94,13 @@ impl DeviceManager {
         lock(&spaces).commit(plan)?;
         Ok(DeviceManager {
             segment,
+            vm: vm.fd.clone(),
+            boot_slots,
+            max_slots,
             router,
             ioevents,
             ram,
             spaces,
-            vm_fd: vm.fd.as_raw_fd(),
             use_seccomp,
             nets: Vec::new(),
             hotplug: None,
@@ -104,7 +111,10 @@ impl DeviceManager {
     /// The descriptors the seccomp filters bind ioctls to: the VM and
     /// every vhost-vdpa device added so far.
     pub fn filter_fds(&self) -> FilterFds {
-        FilterFds::new(self.vm_fd, self.nets.iter().map(|n| n.control_fd).collect())
+        FilterFds::new(
+            self.vm.as_raw_fd(),
+            self.nets.iter().map(|n| n.control_fd).collect(),
+        )
     }
 
     /// A device worker's filter, when seccomp is on. Workers start with
@@ -156,10 +166,16 @@ impl DeviceManager {
         }
         let (ram, spaces, filter) = (self.ram.clone(), self.spaces.clone(), self.worker_filter()?);
         let iommu = self.iommu.as_ref().map(|i| i.handle.clone());
+        let slots = virtio_mem::SlotSource {
+            vm: self.vm.clone(),
+            first: self.boot_slots,
+            count: self.max_slots.saturating_sub(self.boot_slots),
+        };
         self.hotplug = Some(virtio_mem::add_virtio_mem(
             ram,
             spaces,
             iommu,
+            slots,
             filter,
             self.wiring(),
         )?);

@@ -3,6 +3,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use kvm_ioctls::VmFd;
+
 use devices::dma::SharedSpaces;
 use devices::virtio::iommu::IommuHandle;
 use devices::virtio::mem::{MemRegion, MemState, VirtioMem};
@@ -11,6 +13,7 @@ use devices::virtio::pci::VirtioPciDevice;
 use super::memory_hotplug::DmaHotplug;
 use super::pci::{plug_virtio, PciWiring, PlugError, Plugged};
 use crate::seccomp;
+use crate::vstate::block_slots::{BlockSlots, KvmSlotIoctl, SlotRegion};
 use crate::vstate::memory::GuestRam;
 use seccompiler::BpfProgram;
 
@@ -18,6 +21,10 @@ use seccompiler::BpfProgram;
 pub enum MemError {
     #[error("virtio-mem needs a hotplug region (--memory ...,hotplug=MAX)")]
     NoRegion,
+    #[error(
+        "the hotplug region's {blocks} blocks need more KVM memory slots than the {free} left"
+    )]
+    Slots { blocks: u64, free: u32 },
     #[error("cannot duplicate the hotplug memory file: {0}")]
     File(std::io::Error),
     #[error("cannot start the virtio-mem device: {0}")]
@@ -38,11 +45,20 @@ pub struct MemHandle {
     pub backend: Arc<DmaHotplug>,
 }
 
+/// Where the plugged blocks' KVM slots come from: slots `first ..
+/// first + count` of `vm`.
+pub struct SlotSource {
+    pub vm: Arc<VmFd>,
+    pub first: u32,
+    pub count: u32,
+}
+
 /// `ram` must have a hotplug region (the caller checks).
 pub fn add_virtio_mem(
     ram: Arc<GuestRam>,
     spaces: SharedSpaces,
     iommu: Option<IommuHandle>,
+    slots: SlotSource,
     filter: Option<BpfProgram>,
     wiring: PciWiring<'_>,
 ) -> Result<MemHandle, MemError> {
@@ -54,10 +70,27 @@ pub fn add_virtio_mem(
         size: region.size,
         block_size: region.block_size,
     };
+    // One slot per block, so the configuration check guarantees enough.
+    let blocks = region.size / region.block_size;
+    if blocks > u64::from(slots.count) {
+        return Err(MemError::Slots {
+            blocks,
+            free: slots.count,
+        });
+    }
+    let slot_region = SlotRegion {
+        addr: region.addr,
+        size: region.size,
+        block_size: region.block_size,
+        host_addr: region.host_addr,
+    };
+    let ioctl = Box::new(KvmSlotIoctl::new(slots.vm, ram.clone()));
+    let slots = BlockSlots::new(ioctl as _, slot_region, slots.first, slots.count);
     let file = region.file.try_clone().map_err(MemError::File)?;
     let memory = Arc::new(ram.memory.clone());
-    let backend =
-        Arc::new(DmaHotplug::new(ram.clone(), spaces, geometry.addr, file).with_iommu(iommu));
+    let backend = Arc::new(
+        DmaHotplug::new(ram.clone(), spaces, slots, geometry.addr, file).with_iommu(iommu),
+    );
     let install = Box::new(move || match filter {
         Some(filter) => seccomp::apply(&filter).map_err(|e| e.to_string()),
         None => Ok(()),

@@ -1,6 +1,7 @@
 //! The VM's hardware state on KVM: the VM and its memory slots, vCPUs with
 //! their registers and CPUID, guest memory, and interrupt routing.
 
+pub mod block_slots;
 pub mod cpuid;
 pub mod interrupts;
 pub mod memory;

@@ -1,6 +1,7 @@
 //! vCPUs: creation and boot-time register state, and the run loop that
 //! serves their exits on a thread of their own.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use devices::bus::Bus;
@@ -129,12 +130,19 @@ impl Vcpu {
                     io_bus.write(u64::from(port), data);
                     continue;
                 }
+                // An address no device claims (unplugged hotplug memory has
+                // no KVM slot, so it lands here too) reads as all ones and
+                // drops writes; the bus counts them, the first is logged.
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    mmio_bus.read(addr, data);
+                    if !mmio_bus.read(addr, data) {
+                        note_unclaimed(addr);
+                    }
                     continue;
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    mmio_bus.write(addr, data);
+                    if !mmio_bus.write(addr, data) {
+                        note_unclaimed(addr);
+                    }
                     continue;
                 }
                 // With the in-kernel LAPIC, HLT is handled by KVM; an exit
@@ -176,6 +184,19 @@ impl Vcpu {
             Ok(regs) => format!("{:#x}", regs.rip),
             Err(_) => "unknown".to_string(),
         }
+    }
+}
+
+/// Logs the first guest access to an address no device claims, once per
+/// VMM: a guest can make any number of them, so the rest are only counted
+/// (`Bus::unclaimed`).
+fn note_unclaimed(addr: u64) {
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    if !LOGGED.swap(true, Ordering::Relaxed) {
+        eprintln!(
+            "microvm: the guest accessed {addr:#x}, which no device or RAM claims; such \
+             accesses read as all ones and writes are dropped (logged once)"
+        );
     }
 }
 
@@ -268,13 +289,37 @@ mod tests {
         0xf4, // hlt
     ];
 
+    /// 32-bit code: write to and read from 256 MiB, where nothing is
+    /// mapped (an MMIO exit), print the byte read, then GUEST_CODE.
+    const UNCLAIMED_ACCESS: &[u8] = &[
+        0xa3, 0x00, 0x00, 0x00, 0x10, // mov [0x10000000], eax
+        0xa1, 0x00, 0x00, 0x00, 0x10, // mov eax, [0x10000000]
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xee, // out dx, al
+    ];
+
     #[test]
     fn a_tiny_guest_runs_through_the_pvh_entry_and_powers_off() {
+        assert_eq!(run_tiny_guest(GUEST_CODE).0, b"OK");
+    }
+
+    #[test]
+    fn an_access_to_unclaimed_memory_reads_all_ones_and_the_guest_goes_on() {
+        let code = [UNCLAIMED_ACCESS, GUEST_CODE].concat();
+        let (console, unclaimed) = run_tiny_guest(&code);
+        assert_eq!(console, b"\xffOK");
+        assert_eq!(unclaimed, 2, "one write, one read");
+    }
+
+    /// Runs `code` at the PVH entry of a 64 MiB guest until it powers off;
+    /// returns what it wrote to the serial port and the MMIO bus's count
+    /// of unclaimed accesses.
+    fn run_tiny_guest(code: &[u8]) -> (Vec<u8>, u64) {
         let ram = GuestRam::new(64 << 20).unwrap();
         let vm = Vm::new(Vm::open_kvm().unwrap()).unwrap();
         vm.register_memory(&ram).unwrap();
         let entry = GuestAddress(layout::HIMEM_START);
-        ram.memory.write_slice(GUEST_CODE, entry).unwrap();
+        ram.memory.write_slice(code, entry).unwrap();
         let boot = BootEntry {
             entry,
             protocol: BootProtocol::Pvh {
@@ -296,13 +341,15 @@ mod tests {
             .unwrap();
         let (io_bus, mmio_bus) = (Arc::new(io_bus), Arc::new(Bus::new()));
         let signal = exit.clone();
-        std::thread::spawn(move || vcpu.run(io_bus, mmio_bus, signal));
+        let mmio = mmio_bus.clone();
+        std::thread::spawn(move || vcpu.run(io_bus, mmio, signal));
 
         let deadline = Instant::now() + Duration::from_secs(20);
         while exit.reason().is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(exit.reason(), Some(ExitReason::PowerOff));
-        assert_eq!(console.lock().unwrap().0, b"OK");
+        let written = console.lock().unwrap().0.clone();
+        (written, mmio_bus.unclaimed())
     }
 }

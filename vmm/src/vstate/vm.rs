@@ -69,9 +69,22 @@ impl Vm {
         self.kvm.check_extension(Cap::TscDeadlineTimer)
     }
 
-    /// Gives KVM every RAM region, one slot each.
-    pub fn register_memory(&self, ram: &GuestRam) -> Result<(), VmError> {
-        for (slot, region) in ram.memory.iter().enumerate() {
+    /// How many memory slots KVM gives one VM (KVM_CAP_NR_MEMSLOTS).
+    pub fn max_memslots(kvm: &Kvm) -> u64 {
+        kvm.get_nr_memslots() as u64
+    }
+
+    /// Gives KVM the boot RAM regions, one slot each, from slot 0; returns
+    /// how many slots that took. The hotplug region gets no slot here: its
+    /// blocks get theirs when plugged (`block_slots`), from the next number.
+    pub fn register_memory(&self, ram: &GuestRam) -> Result<u32, VmError> {
+        let hotplug = ram.hotplug.as_ref().map(|h| h.addr);
+        let boot = ram
+            .memory
+            .iter()
+            .filter(|region| Some(region.start_addr().0) != hotplug);
+        let mut slots = 0;
+        for (slot, region) in boot.enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
                 .map_err(|_| VmError::MemorySlot(kvm_ioctls::Error::new(libc::EFAULT)))?;
@@ -87,8 +100,9 @@ impl Vm {
             // distinct and the guest ranges do not overlap (GuestMemoryMmap
             // refuses overlapping regions).
             unsafe { self.fd.set_user_memory_region(descriptor) }.map_err(VmError::MemorySlot)?;
+            slots += 1;
         }
-        Ok(())
+        Ok(slots)
     }
 
     /// Makes every write to `event` raise GSI `gsi` in the guest.

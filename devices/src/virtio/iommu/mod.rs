@@ -434,7 +434,7 @@ fn serve_drain(drain: &mut Drain<'_>, context: &Context) {
     let mut writable = Vec::new();
     while let Some(chain) = drain.next_chain() {
         heads.push(chain.head_index());
-        let (request, segments) = read_chain(chain, memory);
+        let (request, segments) = read_chain(chain, memory, context.translate.as_ref());
         requests.push(request);
         writable.push(segments);
     }
@@ -446,7 +446,15 @@ fn serve_drain(drain: &mut Drain<'_>, context: &Context) {
     });
     for ((head, reply), segments) in heads.into_iter().zip(replies).zip(writable) {
         let used = match &reply {
-            Reply::Write { offset, bytes } if write_at(memory, &segments, *offset, bytes) => {
+            Reply::Write { offset, bytes }
+                if write_at(
+                    memory,
+                    context.translate.as_ref(),
+                    &segments,
+                    *offset,
+                    bytes,
+                ) =>
+            {
                 u32::try_from(reply.used_len()).unwrap_or(u32::MAX)
             }
             _ => 0,
@@ -466,11 +474,19 @@ fn serve_queue(queue: &mut Queue, context: &Context, interrupt: &dyn VirtioInter
     }
 }
 
-/// A chain's request bytes (at most [`MAX_READABLE`] are read) and its
-/// writable segments.
+/// Whether the driver's buffer is guest RAM now: the worker touches no
+/// other memory (an unplugged block would be allocated again).
+fn is_ram(translate: &dyn GuestTranslate, addr: u64, len: usize) -> bool {
+    let perm = crate::dma::Perm::ReadOnly;
+    len == 0 || translate.translate(addr, addr, len as u64, perm).is_ok()
+}
+
+/// A chain's request bytes (at most [`MAX_READABLE`] are read, and only
+/// from guest RAM) and its writable segments.
 fn read_chain<M>(
     chain: virtio_queue::DescriptorChain<M>,
     memory: &GuestMemoryMmap,
+    translate: &dyn GuestTranslate,
 ) -> (RawRequest, Vec<(GuestAddress, u32)>)
 where
     M: std::ops::Deref,
@@ -491,7 +507,8 @@ where
         let take = room.min(len as usize);
         if take > 0 && readable_ok {
             let mut bytes = vec![0u8; take];
-            readable_ok = memory.read_slice(&mut bytes, descriptor.addr()).is_ok();
+            readable_ok = is_ram(translate, descriptor.addr().0, take)
+                && memory.read_slice(&mut bytes, descriptor.addr()).is_ok();
             request.head.extend_from_slice(&bytes);
         }
     }
@@ -505,6 +522,7 @@ where
 /// Writes `bytes` at `offset` of the writable part made of `segments`.
 fn write_at(
     memory: &GuestMemoryMmap,
+    translate: &dyn GuestTranslate,
     segments: &[(GuestAddress, u32)],
     offset: u64,
     bytes: &[u8],
@@ -525,7 +543,7 @@ fn write_at(
         let Some(at) = addr.0.checked_add(skip) else {
             return false;
         };
-        if memory.write_slice(&rest[..n], GuestAddress(at)).is_err() {
+        if !is_ram(translate, at, n) || memory.write_slice(&rest[..n], GuestAddress(at)).is_err() {
             return false;
         }
         rest = &rest[n..];

@@ -1152,6 +1152,45 @@ fn a_queue_drain_is_served_from_guest_memory_with_one_batch_and_one_interrupt() 
     assert_eq!(interrupt.queue.load(Ordering::SeqCst), 1);
 }
 
+/// Nothing is RAM: as if the driver's buffers sat in unplugged memory.
+struct NoRam;
+
+impl GuestTranslate for NoRam {
+    fn translate(
+        &self,
+        _iova: u64,
+        gpa: u64,
+        size: u64,
+        _perm: Perm,
+    ) -> Result<Vec<DmaRange>, TranslateError> {
+        Err(TranslateError::NotRam { gpa, size })
+    }
+}
+
+#[test]
+fn buffers_outside_guest_ram_are_neither_read_nor_written() {
+    let f = fixture(true);
+    let device = f.devices[0].clone();
+    let mut driver = queue::Driver::new();
+    let mut queue = driver.queue();
+    driver.push(&attach(1, EP0, 0));
+    let context = Context {
+        memory: driver.memory.clone(),
+        spaces: f.spaces.shared(),
+        translate: Arc::new(NoRam),
+        state: Arc::new(Mutex::new(f.state)),
+    };
+    serve_queue(&mut queue, &context, &CountingInterrupt::default());
+    assert_eq!(driver.used_idx(), 1, "returned to the driver");
+    assert_eq!(driver.used(0), (0, 0), "with nothing written");
+    assert_eq!(driver.writable(0), vec![0xee; 4]);
+    let messages = device.lock().unwrap().backend_mut().take_messages();
+    assert!(
+        messages.is_empty(),
+        "the unread ATTACH did nothing: {messages:?}"
+    );
+}
+
 #[test]
 fn the_device_offers_its_features_and_config_and_places_endpoints() {
     let spaces = DmaSpaces::new().shared();
