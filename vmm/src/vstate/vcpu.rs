@@ -148,7 +148,15 @@ impl Vcpu {
                 // With the in-kernel LAPIC, HLT is handled by KVM; an exit
                 // here is spurious, and an interrupt window needs nothing.
                 Ok(VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr) => continue,
-                Ok(VcpuExit::Shutdown) => ExitReason::Reset, // triple fault
+                Ok(VcpuExit::Shutdown) => {
+                    // A triple fault: the guest cannot say why, so say where.
+                    eprintln!(
+                        "microvm: vCPU {} triple-faulted at rip {}; the guest is reset",
+                        self.id,
+                        self.rip()
+                    );
+                    ExitReason::Reset
+                }
                 Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => ExitReason::PowerOff,
                 Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => ExitReason::Reset,
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
