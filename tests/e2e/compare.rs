@@ -57,6 +57,12 @@ fn compare() -> &'static Compare {
                 "qemu10",
                 "--scenarios",
                 "boot,viommu",
+                // viommu defaults to 2-vCPU test hosts, where guests behind the
+                // vIOMMU have triple-faulted now and then (under investigation,
+                // see the README); this test checks the pipeline and what
+                // batching merges, which 1-vCPU hosts show the same way.
+                "--host-cpus",
+                "1",
             ])
             .args(["--no-assets", "--json-out"])
             .arg(&jsonl)

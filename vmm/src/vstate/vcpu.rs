@@ -149,12 +149,9 @@ impl Vcpu {
                 // here is spurious, and an interrupt window needs nothing.
                 Ok(VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr) => continue,
                 Ok(VcpuExit::Shutdown) => {
-                    // A triple fault: the guest cannot say why, so say where.
-                    eprintln!(
-                        "microvm: vCPU {} triple-faulted at rip {}; the guest is reset",
-                        self.id,
-                        self.rip()
-                    );
+                    // A triple fault: the guest cannot say so itself. No
+                    // registers: AMD's KVM has already reset the vCPU here.
+                    eprintln!("microvm: vCPU {} triple-faulted; the guest is reset", self.id);
                     ExitReason::Reset
                 }
                 Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => ExitReason::PowerOff,
