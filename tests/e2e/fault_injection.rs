@@ -10,9 +10,7 @@
 //! the guest's request VIRTIO_MEM_RESP_BUSY: with RESP_ERROR a Linux guest
 //! marks its virtio-mem device broken and never plugs again.
 
-use std::sync::OnceLock;
-
-use e2e::{base64, SectionedRun};
+use e2e::{base64, hex, iotlb_dump, merged};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -83,46 +81,14 @@ kill $VD; wait $VD
     )
 }
 
-fn run() -> &'static SectionedRun {
-    static RUN: OnceLock<SectionedRun> = OnceLock::new();
-    RUN.get_or_init(|| SectionedRun::in_test_host("fault_injection", host_script()))
-}
+e2e::shared_test_host_run!("fault_injection", host_script());
 
-fn section(name: &str) -> &'static str {
-    run().section(name)
-}
-
-fn json(name: &str) -> Value {
-    run().json(name)
-}
-
-fn hex(text: &str) -> u64 {
-    u64::from_str_radix(text.trim_start_matches("0x"), 16)
-        .unwrap_or_else(|_| panic!("not hex: {text}"))
-}
-
-/// [start, end) ranges, adjacent ones merged.
-fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    ranges.sort();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (start, end) in ranges {
-        match out.last_mut() {
-            Some(last) if last.1 == start => last.1 = end,
-            _ => out.push((start, end)),
-        }
-    }
-    out
-}
-
-/// vduse-net's dump (`start last perm` per line) as merged [start, end).
+/// vduse-net's dump as merged [start, end).
 fn dump_ranges(dump: &str) -> Vec<(u64, u64)> {
     merged(
-        dump.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                (hex(fields[0]), hex(fields[1]) + 1)
-            })
+        iotlb_dump(dump)
+            .into_iter()
+            .map(|(range, _)| range)
             .collect(),
     )
 }

@@ -4,10 +4,7 @@
 //! After each step: the guest's MemTotal, the IOTLB the device holds, and
 //! the messages each guest request cost.
 
-use std::sync::OnceLock;
-
-use e2e::{base64, hex, iotlb_dump, merged, SectionedRun};
-use serde_json::Value;
+use e2e::{base64, hex, iotlb_dump, merged};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -100,18 +97,7 @@ kill $VD
     )
 }
 
-fn run() -> &'static SectionedRun {
-    static RUN: OnceLock<SectionedRun> = OnceLock::new();
-    RUN.get_or_init(|| SectionedRun::in_test_host("hotplug", host_script()))
-}
-
-fn section(name: &str) -> &'static str {
-    run().section(name)
-}
-
-fn json(name: &str) -> Value {
-    run().json(name)
-}
+e2e::shared_test_host_run!("hotplug", host_script());
 
 /// The device's IOTLB from vduse-net's dump; every entry read-write.
 fn dump_ranges(dump: &str) -> Vec<(u64, u64)> {

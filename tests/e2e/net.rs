@@ -2,10 +2,7 @@
 //! device (vduse-net on a TAP), the kernel's vhost-vdpa, our VMM and the
 //! guest's virtio-net driver. One test-host boot serves every check.
 
-use std::sync::OnceLock;
-
-use e2e::{base64, SectionedRun, DEBUG_MICROVM};
-use serde_json::Value;
+use e2e::{base64, DEBUG_MICROVM};
 
 const GUEST_IP: &str = "192.0.2.2";
 const HOST_IP: &str = "192.0.2.1";
@@ -97,18 +94,7 @@ echo "@@section vduse-log"; cat /tmp/vduse.err
     )
 }
 
-fn run() -> &'static SectionedRun {
-    static RUN: OnceLock<SectionedRun> = OnceLock::new();
-    RUN.get_or_init(|| SectionedRun::in_test_host("vdpa_net", host_script()))
-}
-
-fn section(name: &str) -> &'static str {
-    run().section(name)
-}
-
-fn json(name: &str) -> Value {
-    run().json(name)
-}
+e2e::shared_test_host_run!("vdpa_net", host_script());
 
 fn ping_summary(console: &str, transmitted: u32) -> &str {
     console

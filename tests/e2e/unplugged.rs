@@ -14,9 +14,7 @@
 //! The host drives the guest through a small command loop over the network
 //! (vduse-net + TAP): each command's output comes back on the console.
 
-use std::sync::OnceLock;
-
-use e2e::{base64, hex, SectionedRun};
+use e2e::{base64, hex};
 
 const KIB: u64 = 1024;
 /// Pages the guest writes in each probe (one byte each): 1 MiB.
@@ -126,14 +124,7 @@ kill $VD
     )
 }
 
-fn run() -> &'static SectionedRun {
-    static RUN: OnceLock<SectionedRun> = OnceLock::new();
-    RUN.get_or_init(|| SectionedRun::in_test_host("unplugged", host_script()))
-}
-
-fn section(name: &str) -> &'static str {
-    run().section(name)
-}
+e2e::shared_test_host_run!("unplugged", host_script());
 
 /// Two or more whitespace-separated numbers of a section.
 fn numbers(name: &str) -> Vec<u64> {

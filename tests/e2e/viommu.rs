@@ -11,9 +11,7 @@
 //! looks at the device's IOTLB (vduse-net's dump and its log of rebuilds)
 //! and at the VMM's API.
 
-use std::sync::OnceLock;
-
-use e2e::{base64, hex, iotlb_dump, merged, SectionedRun};
+use e2e::{base64, hex, iotlb_dump, merged};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -104,18 +102,7 @@ echo "@@section vduse-log"; tail -50 /tmp/vduse.err
     )
 }
 
-fn run() -> &'static SectionedRun {
-    static RUN: OnceLock<SectionedRun> = OnceLock::new();
-    RUN.get_or_init(|| SectionedRun::in_test_host("viommu", host_script()))
-}
-
-fn section(name: &str) -> &'static str {
-    run().section(name)
-}
-
-fn json(name: &str) -> Value {
-    run().json(name)
-}
+e2e::shared_test_host_run!("viommu", host_script());
 
 /// (entries, bytes) after each rebuild vduse-net logged.
 fn rebuilds(name: &str) -> Vec<(u64, u64)> {

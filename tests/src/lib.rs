@@ -265,7 +265,6 @@ pub fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
 }
 
-/// Standard base64, as the guest's `microvm.cmd=` expects.
 /// A `0x`-prefixed hexadecimal number from a log or the API.
 pub fn hex(text: &str) -> u64 {
     u64::from_str_radix(text.trim().trim_start_matches("0x"), 16)
@@ -298,6 +297,7 @@ pub fn iotlb_dump(dump: &str) -> Vec<((u64, u64), String)> {
         .collect()
 }
 
+/// Standard base64, as the guest's `microvm.cmd=` expects.
 pub fn base64(input: &[u8]) -> String {
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
@@ -368,6 +368,28 @@ impl MicrovmRun {
             self.extra_args
         )
     }
+}
+
+/// Declares the one test-host run an e2e file's tests share, started by the
+/// first test that asks, and `section`/`json` to read it.
+#[macro_export]
+macro_rules! shared_test_host_run {
+    ($name:expr, $script:expr) => {
+        fn run() -> &'static $crate::SectionedRun {
+            static RUN: ::std::sync::OnceLock<$crate::SectionedRun> = ::std::sync::OnceLock::new();
+            RUN.get_or_init(|| $crate::SectionedRun::in_test_host($name, $script))
+        }
+
+        #[allow(dead_code)]
+        fn section(name: &str) -> &'static str {
+            run().section(name)
+        }
+
+        #[allow(dead_code)]
+        fn json(name: &str) -> ::serde_json::Value {
+            run().json(name)
+        }
+    };
 }
 
 #[cfg(test)]
