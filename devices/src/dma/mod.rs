@@ -37,6 +37,8 @@ pub use space::{
     Change, ChangeKind, DeviceReport, DmaDevice, DmaSpaces, Plan, SharedDmaDevice, SharedSpaces,
     SpaceError, SpaceId, TransactionRecord, DEVICE_ASID,
 };
+#[cfg(any(test, feature = "test-utils"))]
+pub use translate::TableTranslate;
 pub use translate::{GuestTranslate, TranslateError};
 pub use vhost_vdpa::{
     VhostIotlbMsg, VhostMsgV2, VhostVdpaIotlb, VHOST_IOTLB_BATCH_BEGIN, VHOST_IOTLB_BATCH_END,

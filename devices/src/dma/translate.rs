@@ -28,3 +28,44 @@ pub trait GuestTranslate: Send + Sync {
         perm: Perm,
     ) -> Result<Vec<DmaRange>, TranslateError>;
 }
+
+/// Guest RAM as a fixed table of `(gpa, size, host)` pieces, for tests and
+/// fuzz targets that need a translation without a guest memory manager;
+/// anything outside the table is not RAM.
+#[cfg(any(test, feature = "test-utils"))]
+pub struct TableTranslate(pub &'static [(u64, u64, u64)]);
+
+#[cfg(any(test, feature = "test-utils"))]
+impl GuestTranslate for TableTranslate {
+    fn translate(
+        &self,
+        iova: u64,
+        gpa: u64,
+        size: u64,
+        perm: Perm,
+    ) -> Result<Vec<DmaRange>, TranslateError> {
+        let last = size
+            .checked_sub(1)
+            .and_then(|s| gpa.checked_add(s))
+            .ok_or(TranslateError::Invalid { gpa, size })?;
+        let mut ranges = Vec::new();
+        let mut at = gpa;
+        loop {
+            let Some(&(base, len, host)) = self.0.iter().find(|(b, l, _)| at >= *b && at - b < *l)
+            else {
+                return Err(TranslateError::NotRam { gpa, size });
+            };
+            let end = (base + len - 1).min(last);
+            ranges.push(DmaRange::new(
+                iova + (at - gpa),
+                end - at + 1,
+                host + (at - base),
+                perm,
+            ));
+            if end == last {
+                return Ok(ranges);
+            }
+            at = end + 1;
+        }
+    }
+}

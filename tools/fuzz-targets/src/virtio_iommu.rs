@@ -5,8 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::dma::{
-    DmaMapper, DmaRange, DmaSpaces, GuestTranslate, Perm, RecordingBackend, SharedDmaDevice,
-    TranslateError, DEVICE_ASID,
+    DmaMapper, DmaSpaces, RecordingBackend, SharedDmaDevice, TableTranslate, DEVICE_ASID,
 };
 use devices::virtio::iommu::{IommuConfig, IommuEndpoint, RequestServer};
 use devices::virtio::queue_worker::{Drain, QueueHandler};
@@ -36,42 +35,6 @@ const RAM: [(u64, u64, u64); 2] = [
     (0, 0x40_0000, 0x7f00_0000_0000),
     (0x40_0000, 0x40_0000, 0x7e00_0000_0000),
 ];
-
-struct FakeRam;
-
-impl GuestTranslate for FakeRam {
-    fn translate(
-        &self,
-        iova: u64,
-        gpa: u64,
-        size: u64,
-        perm: Perm,
-    ) -> Result<Vec<DmaRange>, TranslateError> {
-        let last = size
-            .checked_sub(1)
-            .and_then(|s| gpa.checked_add(s))
-            .ok_or(TranslateError::Invalid { gpa, size })?;
-        let mut ranges = Vec::new();
-        let mut at = gpa;
-        loop {
-            let Some(&(base, len, host)) = RAM.iter().find(|(b, l, _)| at >= *b && at - b < *l)
-            else {
-                return Err(TranslateError::NotRam { gpa, size });
-            };
-            let end = (base + len - 1).min(last);
-            ranges.push(DmaRange::new(
-                iova + (at - gpa),
-                end - at + 1,
-                host + (at - base),
-                perm,
-            ));
-            if end == last {
-                return Ok(ranges);
-            }
-            at = end + 1;
-        }
-    }
-}
 
 fn queue(ring: &TestRing) -> Queue {
     ring.config(0).to_queue(256).expect("a valid ring")
@@ -186,9 +149,12 @@ fn run(data: &[u8]) -> Option<Recorder> {
         bypass: input.bool(),
     };
     let memory = Arc::new(memory);
-    let Ok((mut server, handle)) =
-        RequestServer::new(&config, spaces, Arc::new(FakeRam), memory.clone())
-    else {
+    let Ok((mut server, handle)) = RequestServer::new(
+        &config,
+        spaces,
+        Arc::new(TableTranslate(&RAM)),
+        memory.clone(),
+    ) else {
         // A configuration the device refuses (an input range the device
         // cannot reach, say) is not a finding.
         return None;
@@ -246,6 +212,7 @@ fn run(data: &[u8]) -> Option<Recorder> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use devices::dma::{DmaRange, Perm};
 
     #[test]
     fn the_seed_attaches_and_maps_through_the_device() {

@@ -16,7 +16,8 @@ use super::state::IommuState;
 use super::*;
 use crate::dma::{
     Change, ChangeKind, DmaError, DmaMapper, DmaRange, DmaSpaces, GuestTranslate, IotlbMessage,
-    Perm, Plan, RecordingBackend, SharedDmaDevice, SpaceId, TranslateError, DEVICE_ASID,
+    Perm, Plan, RecordingBackend, SharedDmaDevice, SpaceId, TableTranslate, TranslateError,
+    DEVICE_ASID,
 };
 
 const MIB: u64 = 1 << 20;
@@ -42,41 +43,8 @@ const RW: u32 = MAP_F_READ | MAP_F_WRITE;
 const OK: Option<u8> = Some(S_OK);
 
 /// Translates over [`RAM`]; anything else is not RAM.
-struct FakeRam;
-
-impl GuestTranslate for FakeRam {
-    fn translate(
-        &self,
-        iova: u64,
-        gpa: u64,
-        size: u64,
-        perm: Perm,
-    ) -> Result<Vec<DmaRange>, TranslateError> {
-        let invalid = TranslateError::Invalid { gpa, size };
-        let last = size
-            .checked_sub(1)
-            .and_then(|s| gpa.checked_add(s))
-            .ok_or(invalid)?;
-        let mut ranges = Vec::new();
-        let mut at = gpa;
-        loop {
-            let Some(&(base, len, host)) = RAM.iter().find(|(b, l, _)| at >= *b && at - b < *l)
-            else {
-                return Err(TranslateError::NotRam { gpa, size });
-            };
-            let end = (base + len - 1).min(last);
-            ranges.push(DmaRange::new(
-                iova + (at - gpa),
-                end - at + 1,
-                host + (at - base),
-                perm,
-            ));
-            if end == last {
-                return Ok(ranges);
-            }
-            at = end + 1;
-        }
-    }
+fn fake_ram() -> TableTranslate {
+    TableTranslate(&RAM)
 }
 
 type Recorder = Arc<Mutex<DmaMapper<RecordingBackend>>>;
@@ -150,7 +118,7 @@ fn fixture_with(bypass: bool, iova_ranges: &[RangeInclusive<u64>]) -> Fixture {
 impl Fixture {
     fn replies(&mut self, requests: &[RawRequest]) -> Vec<Reply> {
         self.state
-            .drain(&mut self.spaces, &FakeRam, requests, Instant::now())
+            .drain(&mut self.spaces, &fake_ram(), requests, Instant::now())
     }
 
     /// Serves one drain; the status of each request (`None`: unwritten).
@@ -1119,7 +1087,7 @@ fn a_queue_drain_is_served_from_guest_memory_with_one_batch_and_one_interrupt() 
     let context = Context {
         memory: driver.memory.clone(),
         spaces: f.spaces.shared(),
-        translate: Arc::new(FakeRam),
+        translate: Arc::new(fake_ram()),
         state: Arc::new(Mutex::new(f.state)),
     };
     let interrupt = CountingInterrupt::default();
@@ -1214,7 +1182,7 @@ fn the_device_offers_its_features_and_config_and_places_endpoints() {
     let mut device = VirtioIommu::new(
         config.clone(),
         spaces.clone(),
-        Arc::new(FakeRam),
+        Arc::new(fake_ram()),
         memory.clone(),
         Box::new(|| Ok(())),
     )
@@ -1263,7 +1231,7 @@ fn the_device_offers_its_features_and_config_and_places_endpoints() {
         VirtioIommu::new(
             bad,
             spaces.clone(),
-            Arc::new(FakeRam),
+            Arc::new(fake_ram()),
             memory.clone(),
             Box::new(|| Ok(()))
         ),
@@ -1275,7 +1243,7 @@ fn the_device_offers_its_features_and_config_and_places_endpoints() {
         VirtioIommu::new(
             twice,
             spaces,
-            Arc::new(FakeRam),
+            Arc::new(fake_ram()),
             memory,
             Box::new(|| Ok(()))
         ),
@@ -1392,7 +1360,7 @@ fn malformed_chains_are_answered_where_possible_and_never_panic() {
     let context = Context {
         memory: driver.memory.clone(),
         spaces: f.spaces.shared(),
-        translate: Arc::new(FakeRam),
+        translate: Arc::new(fake_ram()),
         state: Arc::new(Mutex::new(f.state)),
     };
     let interrupt = CountingInterrupt::default();
@@ -1432,7 +1400,7 @@ fn the_worker_serves_kicks_after_activation_and_resets() {
     let mut device = VirtioIommu::new(
         config,
         spaces.clone(),
-        Arc::new(FakeRam),
+        Arc::new(fake_ram()),
         driver.memory.clone(),
         Box::new(|| Ok(())),
     )
