@@ -748,28 +748,9 @@ mod tests {
         }
     }
 
-    #[derive(Default)]
-    struct CountingInterrupt(std::sync::atomic::AtomicUsize);
-
-    impl VirtioInterrupt for CountingInterrupt {
-        fn signal_queue(&self, _queue: u16) -> io::Result<()> {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(())
-        }
-        fn signal_config(&self) -> io::Result<()> {
-            Ok(())
-        }
-        fn queue_irqfd(&self, _queue: u16) -> Option<vmm_sys_util::eventfd::EventFd> {
-            None
-        }
-        fn config_irqfd(&self) -> Option<vmm_sys_util::eventfd::EventFd> {
-            None
-        }
-    }
-
     #[test]
     fn reset_returns_only_once_the_worker_let_go_of_the_ring() {
-        use super::super::test_ring::TestRing;
+        use super::super::test_ring::{CountingInterrupt, TestRing};
         use std::sync::atomic::Ordering;
         use std::sync::mpsc::channel;
         use std::time::Duration;

@@ -299,33 +299,13 @@ fn pollfd(fd: &EventFd) -> libc::pollfd {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
     use vm_memory::GuestAddress;
 
     use super::*;
-    use crate::virtio::test_ring::TestRing;
-
-    #[derive(Default)]
-    struct CountingInterrupt(AtomicUsize);
-
-    impl VirtioInterrupt for CountingInterrupt {
-        fn signal_queue(&self, _queue: u16) -> io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-        fn signal_config(&self) -> io::Result<()> {
-            Ok(())
-        }
-        fn queue_irqfd(&self, _queue: u16) -> Option<EventFd> {
-            None
-        }
-        fn config_irqfd(&self) -> Option<EventFd> {
-            None
-        }
-    }
+    use crate::virtio::test_ring::{CountingInterrupt, TestRing};
 
     fn memory() -> Arc<GuestMemoryMmap> {
         Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap())
@@ -389,7 +369,7 @@ mod tests {
         wait_until("the second chain", || ring.used_idx(&memory) == 2);
         assert_eq!(*seen.lock().unwrap(), vec![0, 1]);
         assert_eq!(ring.used_entry(&memory, 1), (1, 7));
-        wait_until("two interrupts", || interrupt.0.load(Ordering::SeqCst) == 2);
+        wait_until("two interrupts", || interrupt.queue_interrupts() == 2);
     }
 
     #[test]

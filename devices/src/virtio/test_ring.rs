@@ -2,9 +2,13 @@
 //! targets that drive devices through real rings (compiled for tests and
 //! with the `test-utils` feature only).
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::QueueConfig;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{QueueConfig, VirtioInterrupt};
 
 const DESC_SIZE: u64 = 16;
 pub const DESC_F_NEXT: u16 = 1;
@@ -121,5 +125,31 @@ impl TestRing {
             .read_obj(GuestAddress(at + 4))
             .expect("used ring in memory");
         (u32::from_le(id), u32::from_le(len))
+    }
+}
+
+/// Counts the queue interrupts a device raises; it offers no irqfds.
+#[derive(Default)]
+pub struct CountingInterrupt(AtomicUsize);
+
+impl CountingInterrupt {
+    pub fn queue_interrupts(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl VirtioInterrupt for CountingInterrupt {
+    fn signal_queue(&self, _queue: u16) -> io::Result<()> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn signal_config(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn queue_irqfd(&self, _queue: u16) -> Option<EventFd> {
+        None
+    }
+    fn config_irqfd(&self) -> Option<EventFd> {
+        None
     }
 }

@@ -3,7 +3,6 @@
 //! every device received and what it holds.
 
 use std::ops::RangeInclusive;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -19,6 +18,7 @@ use crate::dma::{
     Perm, Plan, RecordingBackend, SharedDmaDevice, SpaceId, TableTranslate, TranslateError,
     DEVICE_ASID,
 };
+use crate::virtio::test_ring::CountingInterrupt;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -1050,27 +1050,6 @@ mod queue {
     }
 }
 
-#[derive(Default)]
-struct CountingInterrupt {
-    queue: AtomicU32,
-}
-
-impl VirtioInterrupt for CountingInterrupt {
-    fn signal_queue(&self, _queue: u16) -> std::io::Result<()> {
-        self.queue.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-    fn signal_config(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn queue_irqfd(&self, _queue: u16) -> Option<vmm_sys_util::eventfd::EventFd> {
-        None
-    }
-    fn config_irqfd(&self) -> Option<vmm_sys_util::eventfd::EventFd> {
-        None
-    }
-}
-
 #[test]
 fn a_queue_drain_is_served_from_guest_memory_with_one_batch_and_one_interrupt() {
     let f = fixture(true);
@@ -1094,7 +1073,7 @@ fn a_queue_drain_is_served_from_guest_memory_with_one_batch_and_one_interrupt() 
     serve_queue(&mut queue, &context, &interrupt);
 
     assert_eq!(driver.used_idx(), 5);
-    assert_eq!(interrupt.queue.load(Ordering::SeqCst), 1);
+    assert_eq!(interrupt.queue_interrupts(), 1);
     let heads: Vec<(u32, u32)> = (0..5).map(|i| driver.used(i)).collect();
     assert_eq!(
         heads,
@@ -1117,7 +1096,7 @@ fn a_queue_drain_is_served_from_guest_memory_with_one_batch_and_one_interrupt() 
     );
     // Nothing new: no reply, no interrupt.
     serve_queue(&mut queue, &context, &interrupt);
-    assert_eq!(interrupt.queue.load(Ordering::SeqCst), 1);
+    assert_eq!(interrupt.queue_interrupts(), 1);
 }
 
 /// Nothing is RAM: as if the driver's buffers sat in unplugged memory.
