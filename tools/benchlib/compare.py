@@ -28,13 +28,6 @@ def host_cpus(args, scenario):
     return args.host_cpus or HOST_CPUS[scenario]
 
 
-def iotlb_batch_switch_exists():
-    """Whether this tree's VMM has `--net vdpa=PATH,iotlb-batch=off`."""
-    r = subprocess.run(["grep", "-rlq", "iotlb-batch", str(REPO / "vmm" / "src")],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return r.returncode == 0
-
-
 def machine_info():
     cpu = ""
     try:
@@ -200,11 +193,7 @@ def compare(args):
                     notes["QEMU 7.2"] = ("no row: it cannot put a vhost-vdpa device behind a vIOMMU "
                                        "(vhost-vdpa's IOMMU notifier support came in QEMU 8.1)")
             if scenario == "hotplug":
-                if iotlb_batch_switch_exists():
-                    rows.insert(1, vmms.PROJECT_UNBATCHED)
-                else:
-                    notes["project-unbatched"] = ("no row: this tree's VMM has no "
-                                                  "`--net vdpa=PATH,iotlb-batch=off` switch yet")
+                rows.insert(1, vmms.PROJECT_UNBATCHED)
             runner = {"boot": run_boot, "hotplug": run_hotplug, "viommu": run_viommu}[scenario]
             records = []
             for n in range(args.runs):

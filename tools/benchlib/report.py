@@ -238,9 +238,6 @@ def render(records, image_name="comparison.png"):
             out += [f"This section is kept from an earlier run, `{gen.get('command')}` on {gen.get('date')} "
                     f"(microvm {(gen.get('versions') or {}).get('microvm', '?')}); the command above did "
                     "not re-run this scenario.", ""]
-        if s.get("not_run"):
-            out += [s["not_run"], ""]
-            continue
         out += [_table(s), ""]
         vcpus = ((s.get("generated") or meta).get("test_host") or {}).get("vcpus")
         if isinstance(vcpus, dict):
