@@ -67,9 +67,12 @@ def _notes(summary):
         for e in sorted(set(errors)):
             lines.append(f"- {summary['vmms'][vid]}: {errors.count(e)} run(s) did not complete: {e}")
     retries = summary.get("retries") or {}
+    resets = summary.get("guest_resets") or {}
     for vid, n in (summary.get("completed") or {}).items():
+        reset_note = (f"; {resets[vid]} run again after the guest reset itself mid-run "
+                      "(the emulated test host's guest triple faults, see the README)") if resets.get(vid) else ""
         lines.append(f"- {summary['vmms'][vid]}: {n} run(s) completed; "
-                     f"{retries.get(vid, 0)} retried after the test host was lost")
+                     f"{retries.get(vid, 0)} retried after the test host was lost{reset_note}")
     return "\n".join(lines)
 
 

@@ -12,7 +12,17 @@ READY = "microvm-guest: ready"
 
 
 class ScenarioError(Exception):
-    """A run that did not complete; the message says why."""
+    """A run that did not complete; the message says why. `guest_reset`: the
+    VM ended on its own before it was done, with no kernel panic on its
+    console (the signature of the emulated test host's guest triple faults,
+    see the README; a caller may retry such a run and must report it)."""
+
+    def __init__(self, message, guest_reset=False):
+        super().__init__(message)
+        self.guest_reset = guest_reset
+
+
+GUEST_CRASH_MARKERS = ("Kernel panic", "Oops", "BUG:", "general protection fault")
 
 
 def _quoted_heredoc(section, text):
@@ -289,6 +299,29 @@ VIOMMU_CPUS = 1
 VIOMMU_MODES = {"lazy": "", "strict": "iommu.strict=1"}
 VIOMMU_TCP = "192.0.2"
 
+# Bounds per VM and guest mode. In the test host a guest is ready within
+# ~15 s and a 1 MiB window takes 15-60 s; the bounds only stop a wedged guest
+# from holding the test host until its own timeout (which would lose every
+# section of the run). They add up (viommu_host_timeout), so a test host that
+# outlives them has stopped itself.
+VIOMMU_READY_LIMIT_S = 120
+VIOMMU_WINDOW_LIMIT_S_PER_MIB = 300
+VIOMMU_GO_TRIES = 24          # each try at most 5 s, then 0.2 s apart
+VIOMMU_POWEROFF_LIMIT_S = 60
+
+
+def viommu_window_limit(transfer_mib):
+    return VIOMMU_WINDOW_LIMIT_S_PER_MIB * max(1, transfer_mib)
+
+
+def viommu_host_timeout(vmm_count, transfer_mib):
+    """The test host timeout of viommu_script: every bounded step of every VM,
+    plus the test host's own start."""
+    snapshots = 2 * 20  # the VMM's counters before and after (microvm-ctl waits 15 s at most)
+    per_mode = (VIOMMU_READY_LIMIT_S + 2 * VIOMMU_GO_TRIES * 6 + viommu_window_limit(transfer_mib)
+                + VIOMMU_POWEROFF_LIMIT_S + snapshots)
+    return 120 + vmm_count * len(VIOMMU_MODES) * per_mode
+
 # The guest brings its link up, says it is ready, waits for the host's go,
 # then sends a TCP stream and a ping burst, says done, and waits for the
 # host's second go before it powers off (which ends every VMM here).
@@ -319,7 +352,10 @@ wait_for() {{
     sleep 0.2
   done
 }}
-go() {{ n=0; until echo go | nc {VIOMMU_TCP}.2 5000 2>/dev/null; do n=$((n+1)); [ $n -gt 300 ] && return 1; kill -0 $MV 2>/dev/null || return 1; sleep 0.1; done; }}
+# go: the host's signal to the guest. Each try is bounded (a wedged guest
+# with a cached ARP entry would hold a plain nc in SYN retries for minutes),
+# and so is the number of tries.
+go() {{ n=0; until echo go | timeout 5 nc {VIOMMU_TCP}.2 5000 2>/dev/null; do n=$((n+1)); [ $n -ge {VIOMMU_GO_TRIES} ] && return 1; kill -0 $MV 2>/dev/null || return 1; sleep 0.2; done; }}
 """
 
 
@@ -332,7 +368,7 @@ def viommu_argv(vmm, mode, guest_cmd):
                              cmdline_extra=extra)
 
 
-def viommu_script(vmm_list, transfer_mib, pings, window_limit_s=1200):
+def viommu_script(vmm_list, transfer_mib, pings):
     """One test host: vduse-net on a TAP, then for each VMM and guest mode one
     VM that streams `transfer_mib` MiB of TCP and `pings` pings to the test
     host. Around the window (host's go → guest's viommu-done): the device's
@@ -352,11 +388,13 @@ def viommu_script(vmm_list, transfer_mib, pings, window_limit_s=1200):
                        f"microvm-tcp-sink --port 5001 --bytes {transfer_mib << 20} >/tmp/sink.out 2>/tmp/sink.err &\n"
                        "SINK=$!\n"
                        f"{argv} >/tmp/console.log 2>/tmp/vmm.err &\nMV=$!\n"
-                       f"wait_for viommu-ready 600; echo '@@section {tag}-ready'; grep -c viommu-ready /tmp/console.log\n"
+                       f"wait_for viommu-ready {VIOMMU_READY_LIMIT_S}; echo '@@section {tag}-ready'; grep -c viommu-ready /tmp/console.log\n"
+                       # No window for a guest that never got its link up.
+                       "if grep -q viommu-ready /tmp/console.log; then\n"
                        f"{vmms.message_snapshot(vmm, '/tmp/before')}\n"
                        "r0=$(rebuilds); t0=$(now)\n"
                        "go\n"
-                       f"wait_for viommu-done {window_limit_s}\n"
+                       f"wait_for viommu-done {viommu_window_limit(transfer_mib)}\n"
                        "t1=$(now); r1=$(rebuilds)\n"
                        f"{vmms.message_snapshot(vmm, '/tmp/after')}\n"
                        f"echo '@@section {tag}-window'; echo \"$t0 $t1 $r0 $r1\"\n"
@@ -364,12 +402,23 @@ def viommu_script(vmm_list, transfer_mib, pings, window_limit_s=1200):
                        f"echo '@@section {tag}-after'; cat /tmp/after\n"
                        f"echo '@@section {tag}-sink'; cat /tmp/sink.out\n"
                        f"echo '@@section {tag}-ping'; grep -E 'packets transmitted|round-trip' /tmp/console.log\n"
-                       "go; n=0; while kill -0 $MV 2>/dev/null && [ $n -lt 300 ]; do n=$((n+1)); sleep 0.2; done\n"
+                       # Done: the second go lets the guest power off.
+                       "if grep -q viommu-done /tmp/console.log; then go; n=0\n"
+                       f"  while kill -0 $MV 2>/dev/null && [ $n -lt {VIOMMU_POWEROFF_LIMIT_S * 5} ]; do n=$((n+1)); sleep 0.2; done\n"
+                       "fi\nfi\n"
+                       # Whether the VM ended on its own before it was done (a guest
+                       # reset or poweroff) rather than hanging until a limit.
+                       f"grep -q viommu-done /tmp/console.log || kill -0 $MV 2>/dev/null || echo '@@section {tag}-ended-early'\n"
                        "kill $MV 2>/dev/null; wait $MV; st=$?\n"
                        "kill $SINK 2>/dev/null; wait $SINK 2>/dev/null\n"
                        f"echo '@@section {tag}-exit'; echo $st\n"
                        f"echo '@@section {tag}-vmm-stderr'; grep -v 'Fail to invalidate device iotlb' /tmp/vmm.err | tail -20\n"
-                       f"echo '@@section {tag}-console-tail'; tail -8 /tmp/console.log\n")
+                       f"echo '@@section {tag}-console-tail'; tail -8 /tmp/console.log\n"
+                       # A VM that did not finish: what the device and the test host's
+                       # kernel said last (a device marked broken, a kernel warning).
+                       "grep -q viommu-done /tmp/console.log || { "
+                       f"echo '@@section {tag}-device-log'; grep -v '^vduse-net:   ' /tmp/vduse.err | tail -6; "
+                       "dmesg | tail -4; }\n")
     script += VDUSE_STOP
     return script, commands
 
@@ -383,14 +432,21 @@ def parse_viommu(run, vmm: Vmm, transfer_mib):
     for mode in VIOMMU_MODES:
         tag = f"{vmm.id}-{mode}"
         stderr = _tail(run.section(f"{tag}-vmm-stderr"), 6)
+        console = run.section(f"{tag}-console-tail") or ""
+        # The VM ended on its own before it was done: whatever the counters
+        # say after that is no window.
+        ended_early = run.section(f"{tag}-ended-early") is not None
+        guest_reset = ended_early and not any(m in console for m in GUEST_CRASH_MARKERS)
         if (run.section(f"{tag}-ready") or "").strip() in ("", "0"):
             raise ScenarioError(f"{mode}: the guest never reported its link ready (test host exit "
                                 f"{run.status}); VMM stderr: {stderr}; console: "
-                                f"{_tail(run.section(f'{tag}-console-tail'), 4)}")
-        if not (run.section(f"{tag}-after") or "").strip():
+                                f"{_tail(run.section(f'{tag}-console-tail'), 4)}; device and test host: "
+                                f"{_tail(run.section(f'{tag}-device-log'), 10)}", guest_reset)
+        if ended_early or not (run.section(f"{tag}-after") or "").strip():
             raise ScenarioError(f"{mode}: the VM ended inside the window (VMM exit "
                                 f"{(run.section(f'{tag}-exit') or '?').strip()}); VMM stderr: {stderr}; "
-                                f"console: {_tail(run.section(f'{tag}-console-tail'), 4)}")
+                                f"console: {_tail(run.section(f'{tag}-console-tail'), 4)}; device and "
+                                f"test host: {_tail(run.section(f'{tag}-device-log'), 10)}", guest_reset)
         try:
             t0, t1, r0, r1 = run.section(f"{tag}-window").split()
             seconds = float(t1) - float(t0)

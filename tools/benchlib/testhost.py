@@ -29,10 +29,19 @@ class Run:
         return self.sections.get(name, default)
 
 
-def run(script, peers=(), timeout=900, host="emulated", retries=2, memory=None, keep=None, cpus=None):
+# tools/testbed's exit code for a command that outlived --timeout.
+TIMED_OUT = 103
+
+
+def run(script, peers=(), timeout=900, host="emulated", retries=2, memory=None, keep=None, cpus=None,
+        bounded=False):
     """Runs `script` with `sh -c` in a fresh test host; up to `retries` more
-    attempts while the test host is lost. `keep`: a file for the raw output of
-    every attempt, for diagnosis."""
+    attempts while the test host is lost. `bounded`: every step of `script`
+    has its own limit and they add up to less than `timeout`, so a timeout
+    means the test host itself stopped, and counts as lost too. `keep`: a
+    file for the raw output of every attempt, for diagnosis."""
+    lost_codes = {**LOST, TIMED_OUT: "the test host stopped (the bounded script outlived its timeout)"} \
+        if bounded else LOST
     lost = []
     while True:
         cmd = [str(TESTBED), "run", "--host", host, "--timeout", str(timeout)]
@@ -47,13 +56,14 @@ def run(script, peers=(), timeout=900, host="emulated", retries=2, memory=None, 
         if keep:
             with open(keep, "a") as f:
                 f.write(f"=== attempt {len(lost) + 1}: tools/testbed exit {result.returncode}\n{result.stdout}")
-        if result.returncode in LOST and len(lost) < retries:
-            lost.append(LOST[result.returncode])
-            log(f"{LOST[result.returncode]} (attempt {len(lost)}); retrying in a fresh test host")
+        if result.returncode in lost_codes and len(lost) < retries:
+            lost.append(lost_codes[result.returncode])
+            log(f"{lost_codes[result.returncode]} (attempt {len(lost)}); retrying in a fresh test host")
             continue
-        if result.returncode in LOST:
-            lost.append(LOST[result.returncode])
-        return Run(result.stdout, result.returncode, len(lost) - (1 if result.returncode in LOST else 0), lost)
+        if result.returncode in lost_codes:
+            lost.append(lost_codes[result.returncode])
+        return Run(result.stdout, result.returncode,
+                   len(lost) - (1 if result.returncode in lost_codes else 0), lost)
 
 
 def sections(stdout):
