@@ -331,16 +331,7 @@ mod tests {
     }
 
     fn test_device() -> Arc<Mutex<TestDevice>> {
-        let mut config = PciConfiguration::new(PciIdentity {
-            vendor_id: 0x1af4,
-            device_id: 0x1041,
-            subsystem_vendor_id: 0x1af4,
-            subsystem_id: 1,
-            class: 2,
-            subclass: 0,
-            prog_if: 0,
-            revision: 1,
-        });
+        let mut config = PciConfiguration::new(PciIdentity::virtio_net_for_tests());
         config
             .add_memory_bar(Bar {
                 index: 0,

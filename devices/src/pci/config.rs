@@ -60,6 +60,24 @@ pub struct PciIdentity {
     pub revision: u8,
 }
 
+impl PciIdentity {
+    /// A virtio-net function (vendor 0x1af4, device 0x1041), for tests and
+    /// fuzz targets that need some identity.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn virtio_net_for_tests() -> PciIdentity {
+        PciIdentity {
+            vendor_id: 0x1af4,
+            device_id: 0x1041,
+            subsystem_vendor_id: 0x1af4,
+            subsystem_id: 1,
+            class: 0x02,
+            subclass: 0,
+            prog_if: 0,
+            revision: 1,
+        }
+    }
+}
+
 pub struct PciConfiguration {
     bytes: [u8; CONFIG_SPACE_SIZE],
     /// Bits of each dword the guest may change.
@@ -257,16 +275,7 @@ mod tests {
     use super::*;
 
     fn identity() -> PciIdentity {
-        PciIdentity {
-            vendor_id: 0x1af4,
-            device_id: 0x1041,
-            subsystem_vendor_id: 0x1af4,
-            subsystem_id: 1,
-            class: 0x02,
-            subclass: 0,
-            prog_if: 0,
-            revision: 1,
-        }
+        PciIdentity::virtio_net_for_tests()
     }
 
     fn read_u32(config: &PciConfiguration, offset: usize) -> u32 {

@@ -25,19 +25,6 @@ use crate::input::Input;
 /// Operations per input: enough to reach deep states, bounded per run.
 const MAX_OPS: usize = 256;
 
-fn identity() -> PciIdentity {
-    PciIdentity {
-        vendor_id: 0x1af4,
-        device_id: 0x1041,
-        subsystem_vendor_id: 0x1af4,
-        subsystem_id: 1,
-        class: 2,
-        subclass: 0,
-        prog_if: 0,
-        revision: 1,
-    }
-}
-
 const BAR0_ADDR: u64 = 0xc000_0000;
 const BAR0_SIZE: u64 = 0x1000;
 const BAR2_ADDR: u64 = 0x1_0000_0000;
@@ -51,7 +38,7 @@ struct BarDevice {
 
 impl BarDevice {
     fn new() -> BarDevice {
-        let mut config = PciConfiguration::new(identity());
+        let mut config = PciConfiguration::new(PciIdentity::virtio_net_for_tests());
         let bars = [
             Bar {
                 index: 0,
