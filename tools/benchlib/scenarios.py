@@ -306,7 +306,8 @@ VIOMMU_TCP = "192.0.2"
 # outlives them has stopped itself.
 VIOMMU_READY_LIMIT_S = 120
 VIOMMU_WINDOW_LIMIT_S_PER_MIB = 300
-VIOMMU_GO_TRIES = 24          # each try at most 5 s, then 0.2 s apart
+VIOMMU_GO_TRIES = 24
+VIOMMU_GO_TRY_S = 5           # each try's own limit; tries are 0.2 s apart
 VIOMMU_POWEROFF_LIMIT_S = 60
 
 
@@ -318,7 +319,8 @@ def viommu_host_timeout(vmm_count, transfer_mib):
     """The test host timeout of viommu_script: every bounded step of every VM,
     plus the test host's own start."""
     snapshots = 2 * 20  # the VMM's counters before and after (microvm-ctl waits 15 s at most)
-    per_mode = (VIOMMU_READY_LIMIT_S + 2 * VIOMMU_GO_TRIES * 6 + viommu_window_limit(transfer_mib)
+    go = VIOMMU_GO_TRIES * (VIOMMU_GO_TRY_S + 1)  # + the pause and the liveness check, rounded up
+    per_mode = (VIOMMU_READY_LIMIT_S + 2 * go + viommu_window_limit(transfer_mib)
                 + VIOMMU_POWEROFF_LIMIT_S + snapshots)
     return 120 + vmm_count * len(VIOMMU_MODES) * per_mode
 
@@ -355,7 +357,7 @@ wait_for() {{
 # go: the host's signal to the guest. Each try is bounded (a wedged guest
 # with a cached ARP entry would hold a plain nc in SYN retries for minutes),
 # and so is the number of tries.
-go() {{ n=0; until echo go | timeout 5 nc {VIOMMU_TCP}.2 5000 2>/dev/null; do n=$((n+1)); [ $n -ge {VIOMMU_GO_TRIES} ] && return 1; kill -0 $MV 2>/dev/null || return 1; sleep 0.2; done; }}
+go() {{ n=0; until echo go | timeout {VIOMMU_GO_TRY_S} nc {VIOMMU_TCP}.2 5000 2>/dev/null; do n=$((n+1)); [ $n -ge {VIOMMU_GO_TRIES} ] && return 1; kill -0 $MV 2>/dev/null || return 1; sleep 0.2; done; }}
 """
 
 
@@ -433,20 +435,19 @@ def parse_viommu(run, vmm: Vmm, transfer_mib):
         tag = f"{vmm.id}-{mode}"
         stderr = _tail(run.section(f"{tag}-vmm-stderr"), 6)
         console = run.section(f"{tag}-console-tail") or ""
+        last_words = (f"console: {_tail(console, 4)}; device and test host: "
+                      f"{_tail(run.section(f'{tag}-device-log'), 10)}")
         # The VM ended on its own before it was done: whatever the counters
         # say after that is no window.
         ended_early = run.section(f"{tag}-ended-early") is not None
         guest_reset = ended_early and not any(m in console for m in GUEST_CRASH_MARKERS)
         if (run.section(f"{tag}-ready") or "").strip() in ("", "0"):
             raise ScenarioError(f"{mode}: the guest never reported its link ready (test host exit "
-                                f"{run.status}); VMM stderr: {stderr}; console: "
-                                f"{_tail(run.section(f'{tag}-console-tail'), 4)}; device and test host: "
-                                f"{_tail(run.section(f'{tag}-device-log'), 10)}", guest_reset)
+                                f"{run.status}); VMM stderr: {stderr}; {last_words}", guest_reset)
         if ended_early or not (run.section(f"{tag}-after") or "").strip():
             raise ScenarioError(f"{mode}: the VM ended inside the window (VMM exit "
                                 f"{(run.section(f'{tag}-exit') or '?').strip()}); VMM stderr: {stderr}; "
-                                f"console: {_tail(run.section(f'{tag}-console-tail'), 4)}; device and "
-                                f"test host: {_tail(run.section(f'{tag}-device-log'), 10)}", guest_reset)
+                                f"{last_words}", guest_reset)
         try:
             t0, t1, r0, r1 = run.section(f"{tag}-window").split()
             seconds = float(t1) - float(t0)
