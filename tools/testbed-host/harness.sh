@@ -1,0 +1,286 @@
+# The test-host side of every end-to-end run: the demo, the e2e tests, the
+# benchmarks and the soak command all start their devices and VMMs and wait
+# on them through these functions, so that every wait has a bound and every
+# failure says which step it was waiting for and shows the last words of the
+# guest console, the VMM's stderr, the device's log and the test host's dmesg.
+#
+# Sourced (POSIX sh, busybox): . "$MICROVM_HARNESS". tools/testbed puts it at
+# /opt/microvm/lib/harness.sh in the emulated test host and points
+# MICROVM_HARNESS at it in every mode.
+#
+# What the harness started is recorded in files under $H_DIR, not in shell
+# variables, so subshells, the watchdog and the test host's own timeout
+# handler (tools/testbed-host/init) see the same VMM and device.
+#
+#   h_vduse_start NAME ARGS...   start vduse-net, wait for its /dev/vhost-vdpa-N
+#   h_vmm_start ARGS...          start a VMM (console and stderr to files)
+#   h_wait_console PATTERN SECS STEP   wait for a console line
+#   h_wait_file FILE PATTERN SECS STEP  wait for a line in any file
+#   h_go ADDR [PORT]             the host's signal to a guest's `nc -l`
+#   h_ctl ARGS...                microvm-ctl on the VMM's API socket, bounded
+#   h_vmm_wait SECS              wait for the VMM to exit; prints its status
+#   h_vmm_stop                   end the VMM (TERM, then KILL)
+#   h_fail STEP                  say what failed, show every tail, return 1
+#   h_diag                       every tail and the threads' states
+
+H_DIR=${H_DIR:-/run/harness}
+mkdir -p "$H_DIR"
+H_TAIL=${H_TAIL:-25}
+
+h_log() { echo "harness: $*" >&2; }
+
+h_now() { cut -d. -f1 /proc/uptime; }
+
+# h_set KEY VALUE / h_get KEY: the harness's records.
+h_set() { printf '%s\n' "$2" >"$H_DIR/$1"; }
+h_get() { cat "$H_DIR/$1" 2>/dev/null; }
+
+# A zombie (exited, not yet reaped by the shell that started it) is not alive.
+h_alive() {
+	[ -n "$1" ] && kill -0 "$1" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null
+}
+
+h_tail() {
+	# h_tail TITLE FILE [LINES]
+	[ -n "$2" ] || return 0
+	echo "---- $1 ($2, last ${3:-$H_TAIL} lines)"
+	if [ -f "$2" ]; then
+		tail -n "${3:-$H_TAIL}" "$2" | sed 's/^/  | /'
+	else
+		echo "  (no such file)"
+	fi
+}
+
+# The kernel's view of each thread of a process: state, where it sleeps
+# (wchan) and its kernel stack, which is what tells a deadlock from a
+# guest that stopped talking.
+h_threads() {
+	# h_threads TITLE PID
+	local t name state wchan
+	h_alive "$2" || { echo "---- $1: process ${2:-?} is not running"; return 0; }
+	echo "---- $1 (pid $2) threads: name state wchan"
+	for t in /proc/"$2"/task/*; do
+		[ -d "$t" ] || continue
+		name=$(cat "$t/comm" 2>/dev/null)
+		state=$(sed -n 's/^State:[[:space:]]*//p' "$t/status" 2>/dev/null)
+		wchan=$(cat "$t/wchan" 2>/dev/null)
+		echo "  | ${t##*/} $name [$state] ${wchan:--}"
+		sed 's/^/  |     /' "$t/stack" 2>/dev/null | head -n 12
+	done
+}
+
+h_diag() {
+	local d
+	{
+		echo "==== harness diagnostics at $(cut -d' ' -f1 /proc/uptime)s of test-host uptime"
+		h_tail "guest console" "$(h_get console)"
+		h_tail "VMM stderr" "$(h_get vmm_err)"
+		for d in "$H_DIR"/dev_log.*; do
+			[ -f "$d" ] || continue
+			h_tail "device log ${d##*.}" "$(cat "$d")" 15
+		done
+		h_threads "VMM" "$(h_get vmm_pid)"
+		for d in "$H_DIR"/dev_pid.*; do
+			[ -f "$d" ] || continue
+			h_threads "device ${d##*.}" "$(cat "$d")"
+		done
+		echo "---- test host dmesg (last 15 lines)"
+		dmesg 2>/dev/null | tail -n 15 | sed 's/^/  | /'
+		echo "==== end of diagnostics"
+	} >&2
+}
+
+h_fail() {
+	h_log "FAILED: $*"
+	h_diag
+	return 1
+}
+
+h_wait_file() {
+	# h_wait_file FILE PATTERN SECS STEP: until FILE has a line matching
+	# PATTERN (grep -E), the VMM exits, or SECS pass.
+	local f pattern secs end vmm
+	f=$1 pattern=$2 secs=$3
+	shift 3
+	end=$(($(h_now) + secs))
+	until grep -qE "$pattern" "$f" 2>/dev/null; do
+		vmm=$(h_get vmm_pid)
+		if [ -n "$vmm" ] && ! h_alive "$vmm"; then
+			grep -qE "$pattern" "$f" 2>/dev/null && return 0
+			h_fail "$* (the VMM exited before '$pattern' appeared)"
+			return 1
+		fi
+		if [ "$(h_now)" -ge "$end" ]; then
+			h_fail "$* ('$pattern' did not appear in $f within ${secs}s)"
+			return 1
+		fi
+		sleep 0.2
+	done
+}
+
+h_wait_console() {
+	h_wait_file "$(h_get console)" "$@"
+}
+
+h_vduse_start() {
+	# h_vduse_start NAME ARGS...: vduse-net --name NAME ARGS, waited for up
+	# to 30 s; prints the device path (/dev/vhost-vdpa-N).
+	local name out err end
+	name=$1
+	shift
+	out=/tmp/vduse-$name.out err=/tmp/vduse-$name.err
+	vduse-net --name "$name" "$@" >"$out" 2>"$err" &
+	h_set "dev_pid.$name" $!
+	h_set "dev_log.$name" "$err"
+	end=$(($(h_now) + 30))
+	until grep -q " ready at " "$out" 2>/dev/null; do
+		if ! h_alive "$(h_get "dev_pid.$name")"; then
+			h_fail "vduse-net $name to start (it exited)"
+			return 1
+		fi
+		if [ "$(h_now)" -ge "$end" ]; then
+			h_fail "vduse-net $name to start (no 'ready' within 30s)"
+			return 1
+		fi
+		sleep 0.1
+	done
+	sed -n 's/.* ready at \(\/dev\/[^ ]*\).*/\1/p' "$out" | head -n 1
+}
+
+h_vduse_stop() {
+	# h_vduse_stop NAME
+	local pid n
+	pid=$(h_get "dev_pid.$1")
+	h_alive "$pid" && kill "$pid" 2>/dev/null
+	n=0
+	while h_alive "$pid" && [ $n -lt 50 ]; do n=$((n + 1)); sleep 0.1; done
+	h_alive "$pid" && kill -9 "$pid" 2>/dev/null
+	return 0
+}
+
+h_vmm_start() {
+	# h_vmm_start ARGS...: runs ARGS (a VMM command line) in the background,
+	# console (stdout) to $H_CONSOLE, stderr to $H_VMM_ERR.
+	local console err n
+	console=${H_CONSOLE:-/tmp/console.log}
+	err=${H_VMM_ERR:-/tmp/vmm.err}
+	: >"$console"
+	: >"$err"
+	h_set console "$console"
+	h_set vmm_err "$err"
+	rm -f "$H_DIR/vmm_status" "$H_DIR/vmm_pid"
+	# A subshell that is the VMM's parent records its exit status, so any
+	# shell (a command substitution too) can learn it.
+	(
+		"$@" >>"$console" 2>>"$err" &
+		h_set vmm_pid $!
+		wait $!
+		h_set vmm_status $?
+	) &
+	n=0
+	while [ ! -s "$H_DIR/vmm_pid" ] && [ $n -lt 50 ]; do n=$((n + 1)); sleep 0.02; done
+}
+
+h_vmm_pid() { h_get vmm_pid; }
+
+h_vmm_wait() {
+	# h_vmm_wait SECS: waits for the VMM to exit; prints its exit status, or
+	# fails (and ends it) after SECS.
+	local pid end n
+	pid=$(h_get vmm_pid)
+	end=$(($(h_now) + $1))
+	while h_alive "$pid"; do
+		if [ "$(h_now)" -ge "$end" ]; then
+			h_fail "the VMM to exit (still running after ${1}s)"
+			h_vmm_stop
+			echo timeout
+			return 1
+		fi
+		sleep 0.2
+	done
+	n=0
+	while [ ! -s "$H_DIR/vmm_status" ] && [ $n -lt 50 ]; do n=$((n + 1)); sleep 0.1; done
+	h_get vmm_status
+}
+
+h_vmm_stop() {
+	local pid n
+	pid=$(h_get vmm_pid)
+	h_alive "$pid" || return 0
+	kill "$pid" 2>/dev/null
+	n=0
+	while h_alive "$pid" && [ $n -lt 25 ]; do n=$((n + 1)); sleep 0.2; done
+	h_alive "$pid" && kill -9 "$pid" 2>/dev/null
+	return 0
+}
+
+h_go() {
+	# h_go ADDR [PORT]: sends "go" to a guest's `nc -l -p PORT`. Each try is
+	# bounded (a plain nc to a wedged guest sits in SYN retries for
+	# minutes), and so is the number of tries (60, about 20 s when the
+	# guest refuses, 5 min when it never answers).
+	local port n vmm
+	port=${2:-5000}
+	n=0
+	until echo go | timeout 5 nc "$1" "$port" 2>/dev/null; do
+		n=$((n + 1))
+		vmm=$(h_get vmm_pid)
+		if [ -n "$vmm" ] && ! h_alive "$vmm"; then
+			h_fail "the guest to take 'go' on $1:$port (the VMM exited)"
+			return 1
+		fi
+		if [ $n -ge 60 ]; then
+			h_fail "the guest to take 'go' on $1:$port (60 tries)"
+			return 1
+		fi
+		sleep 0.3
+	done
+}
+
+h_ctl() {
+	# h_ctl ARGS...: microvm-ctl --socket $H_API ARGS, ended after
+	# H_CTL_TIMEOUT seconds (default: 90, past microvm-ctl's own bound for
+	# a resize at its default timeout).
+	local st
+	timeout "${H_CTL_TIMEOUT:-90}" microvm-ctl --socket "${H_API:-/tmp/api.sock}" "$@"
+	st=$?
+	if [ $st -eq 124 ] || [ $st -eq 143 ]; then
+		h_fail "microvm-ctl $* to answer within ${H_CTL_TIMEOUT:-90}s"
+		return 1
+	fi
+	return $st
+}
+
+h_watchdog() {
+	# h_watchdog SECS: in the background, dumps h_diag once whenever the
+	# guest console has been silent for SECS while the VMM runs (a guest
+	# that waits on purpose for long may print nothing; the dump says where
+	# everything was, it does not end anything).
+	(
+		last=-1 quiet=0
+		while :; do
+			sleep 5
+			pid=$(h_get vmm_pid)
+			h_alive "$pid" || { quiet=0; last=-1; continue; }
+			size=$(wc -c <"$(h_get console)" 2>/dev/null || echo 0)
+			if [ "$size" = "$last" ]; then
+				quiet=$((quiet + 5))
+				if [ $quiet -eq "$1" ]; then
+					h_log "watchdog: no console output for ${1}s while the VMM runs"
+					h_diag
+				fi
+			else
+				quiet=0
+				last=$size
+			fi
+		done
+	) &
+	h_set watchdog_pid $!
+}
+
+h_watchdog_stop() {
+	local pid
+	pid=$(h_get watchdog_pid)
+	h_alive "$pid" && kill "$pid" 2>/dev/null
+	return 0
+}
