@@ -51,15 +51,16 @@ impl<B: IotlbBackend> DmaDevice for DmaMapper<B> {
 
 pub type SharedDmaDevice = Arc<Mutex<dyn DmaDevice>>;
 
-/// Names an address space.
+/// Names an address space. 64 bits, and never one of a live space: see
+/// [`DmaSpaces::create_space`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SpaceId(u32);
+pub struct SpaceId(u64);
 
 impl SpaceId {
     /// IOVA = guest physical address over all guest RAM.
     pub const IDENTITY: SpaceId = SpaceId(0);
 
-    pub fn raw(self) -> u32 {
+    pub fn raw(self) -> u64 {
         self.0
     }
 }
@@ -297,7 +298,7 @@ struct Attached {
 pub struct DmaSpaces {
     spaces: BTreeMap<SpaceId, SegMap>,
     devices: BTreeMap<String, Attached>,
-    next_space: u32,
+    next_space: u64,
     sequence: u64,
     history: VecDeque<TransactionRecord>,
 }
@@ -330,12 +331,25 @@ impl DmaSpaces {
         Arc::new(Mutex::new(self))
     }
 
-    /// A new, empty translated space.
+    /// A new, empty translated space. Its id is no live space's: ids
+    /// count up in 64 bits and, should they ever wrap, skip live ones
+    /// (fewer than 2^64 - 1 spaces can live, so one is free).
     pub fn create_space(&mut self) -> SpaceId {
-        let id = SpaceId(self.next_space);
-        self.next_space = self.next_space.wrapping_add(1).max(1);
-        self.spaces.insert(id, SegMap::new());
-        id
+        loop {
+            let id = SpaceId(self.next_space);
+            self.next_space = self.next_space.checked_add(1).unwrap_or(1);
+            if let std::collections::btree_map::Entry::Vacant(slot) = self.spaces.entry(id) {
+                slot.insert(SegMap::new());
+                return id;
+            }
+        }
+    }
+
+    /// The next id handed out becomes `next` (at least 1): tests of what
+    /// happens after very many spaces.
+    #[cfg(test)]
+    pub(crate) fn skip_space_ids_for_tests(&mut self, next: u64) {
+        self.next_space = next.max(1);
     }
 
     /// Forgets a space no device is attached to (the identity space stays).

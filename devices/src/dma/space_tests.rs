@@ -292,3 +292,30 @@ fn a_device_whose_iova_range_is_too_small_refuses_and_the_others_are_put_back() 
     assert_eq!(held(&devices[0]), vec![rw(0, GIB, HOST)]);
     assert_eq!(held(&small), vec![rw(0, GIB, HOST)]);
 }
+
+/// Defect 10: ids must not come back while their space lives, however
+/// many spaces were created and destroyed before.
+#[test]
+fn space_ids_never_collide_with_a_live_space() {
+    let mut spaces = DmaSpaces::new();
+    let live = spaces.create_space();
+    let mut change = Change::new();
+    change.add(rw(0, MIB, HOST));
+    let mut plan = Plan::new(ChangeKind::Iommu);
+    plan.change(live, change);
+    spaces.commit(plan).unwrap();
+    // As after 2^32 - 2 create/destroy pairs.
+    spaces.skip_space_ids_for_tests(u32::MAX as u64 - 1);
+    let mut seen = vec![live];
+    for _ in 0..4 {
+        let id = spaces.create_space();
+        assert!(!seen.contains(&id), "{id} handed out twice");
+        seen.push(id);
+        spaces.destroy_space(id).unwrap();
+    }
+    assert_eq!(
+        spaces.mapping_count(live),
+        Some(1),
+        "the live space kept its mappings"
+    );
+}
