@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use super::backend::IotlbBackend;
-use super::engine::{apply_ops, CommitReport, DmaError, DmaMapper, Op, SegMap, Transaction};
+use super::engine::{
+    apply_ops, intersecting, CommitReport, DmaError, DmaMapper, Op, SegMap, Transaction,
+};
 use super::DmaRange;
 
 /// The ASID a device's IOTLB is programmed in. Our vDPA net devices keep
@@ -146,6 +148,9 @@ pub enum ChangeKind {
     Unplug,
     /// One drain of the vIOMMU's request queue.
     Iommu,
+    /// Puts back what an earlier plan changed, when a step after it failed
+    /// (see [`DmaSpaces::commit_undoable`]).
+    Undo,
 }
 
 impl ChangeKind {
@@ -156,6 +161,7 @@ impl ChangeKind {
             ChangeKind::Plug => "plug",
             ChangeKind::Unplug => "unplug",
             ChangeKind::Iommu => "iommu",
+            ChangeKind::Undo => "undo",
         }
     }
 }
@@ -426,6 +432,60 @@ impl DmaSpaces {
         let error = result.as_ref().err().map(ToString::to_string);
         self.record(&plan, reports.clone(), error);
         result.map(|()| reports)
+    }
+
+    /// Like [`DmaSpaces::commit`], and returns the plan that puts every
+    /// space and device back as they were before it: for a source whose
+    /// later step (a KVM slot, say) may still fail after the devices
+    /// changed. Costs what the plan touches, not what the spaces hold.
+    pub fn commit_undoable(&mut self, plan: Plan) -> Result<(Vec<DeviceReport>, Plan), SpaceError> {
+        let undo = self.undo_of(&plan);
+        self.commit(plan).map(|reports| (reports, undo))
+    }
+
+    /// For every space `plan` changes: its spans out, then what the space
+    /// holds in them now back in; every device that moves goes back.
+    fn undo_of(&self, plan: &Plan) -> Plan {
+        let mut undo = Plan::started_at(ChangeKind::Undo, plan.started);
+        let mut spans: BTreeMap<SpaceId, Vec<(u64, u64)>> = BTreeMap::new();
+        for (space, change) in &plan.changes {
+            let entry = spans.entry(*space).or_default();
+            for op in &change.ops {
+                let (iova, size) = match *op {
+                    Op::Add(r) => (r.iova, r.size),
+                    Op::Remove { iova, size } => (iova, size),
+                };
+                // An invalid op fails the plan itself: nothing to undo.
+                if let Some(last) = super::inclusive_last(iova, size) {
+                    entry.push((iova, last));
+                }
+            }
+        }
+        for (space, spans) in spans {
+            let Some(table) = self.spaces.get(&space) else {
+                continue;
+            };
+            let mut change = Change::new();
+            let mut held = BTreeMap::new();
+            for &(iova, last) in &spans {
+                change.remove(iova, last - iova + 1);
+                held.extend(
+                    intersecting(table, iova, last)
+                        .into_iter()
+                        .map(|s| (s.start, s)),
+                );
+            }
+            for seg in held.values() {
+                change.add(seg.to_range());
+            }
+            undo.change(space, change);
+        }
+        for (device, _) in &plan.moves {
+            if let Some(attached) = self.devices.get(device) {
+                undo.attach(device, attached.space);
+            }
+        }
+        undo
     }
 
     /// Fills `reports` with the devices it reached, even when it fails.

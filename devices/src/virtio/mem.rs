@@ -14,6 +14,8 @@ use std::time::Instant;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::queue_worker::{Drain, QueueHandler, QueueWorker, Serve};
+
+pub mod dma;
 use super::*;
 
 pub const VIRTIO_ID_MEM: u32 = 24;
