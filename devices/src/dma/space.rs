@@ -39,6 +39,9 @@ pub trait DmaDevice: Send {
     fn commit_change(&mut self, change: &Change) -> Result<CommitReport, DmaError>;
     /// What the device holds now, sorted by IOVA.
     fn device_mappings(&self) -> Vec<DmaRange>;
+    /// Re-sends everything the device holds as one transaction, for a
+    /// device that may have dropped its IOTLB (see [`DmaMapper::replay`]).
+    fn replay_all(&mut self) -> Result<CommitReport, DmaError>;
 }
 
 impl<B: IotlbBackend> DmaDevice for DmaMapper<B> {
@@ -48,6 +51,10 @@ impl<B: IotlbBackend> DmaDevice for DmaMapper<B> {
 
     fn device_mappings(&self) -> Vec<DmaRange> {
         self.mappings(DEVICE_ASID)
+    }
+
+    fn replay_all(&mut self) -> Result<CommitReport, DmaError> {
+        self.replay(DEVICE_ASID)
     }
 }
 
@@ -148,6 +155,9 @@ pub enum ChangeKind {
     Unplug,
     /// One drain of the vIOMMU's request queue.
     Iommu,
+    /// A device's space sent to it again after a device reset that may
+    /// have dropped its IOTLB.
+    Replay,
     /// Puts back what an earlier plan changed, when a step after it failed
     /// (see [`DmaSpaces::commit_undoable`]).
     Undo,
@@ -161,6 +171,7 @@ impl ChangeKind {
             ChangeKind::Plug => "plug",
             ChangeKind::Unplug => "unplug",
             ChangeKind::Iommu => "iommu",
+            ChangeKind::Replay => "replay",
             ChangeKind::Undo => "undo",
         }
     }
@@ -486,6 +497,55 @@ impl DmaSpaces {
             }
         }
         undo
+    }
+
+    /// Sends `device` everything its space holds again, as one transaction
+    /// (kind [`ChangeKind::Replay`], kept in the history): after a device
+    /// reset that may have dropped its IOTLB. A device in no space holds
+    /// nothing and gets nothing.
+    pub fn replay(&mut self, device: &str) -> Result<DeviceReport, SpaceError> {
+        let started = Instant::now();
+        let attached = self
+            .devices
+            .get(device)
+            .ok_or_else(|| SpaceError::NoDevice(device.to_string()))?;
+        let mut plan = Plan::started_at(ChangeKind::Replay, started);
+        // The record names what was sent again: the device's space.
+        if let Some(table) = attached
+            .space
+            .and_then(|s| self.spaces.get(&s).map(|t| (s, t)))
+        {
+            let mut change = Change::new();
+            for seg in table.1.values() {
+                change.add(seg.to_range());
+            }
+            plan.change(table.0, change);
+        }
+        let result = lock(&attached.device).replay_all();
+        let (report, error) = match result {
+            Ok(report) => {
+                let report = DeviceReport {
+                    device: device.to_string(),
+                    updates: report.updates,
+                    invalidates: report.invalidates,
+                    batched: report.batched,
+                    micros_to_end: micros_since(started),
+                };
+                (Ok(report), None)
+            }
+            Err(source) => {
+                let error = SpaceError::Device {
+                    device: device.to_string(),
+                    source: Box::new(source),
+                    restore_failed: Vec::new(),
+                };
+                let text = error.to_string();
+                (Err(error), Some(text))
+            }
+        };
+        let reports = report.iter().cloned().collect();
+        self.record(&plan, reports, error);
+        report
     }
 
     /// Fills `reports` with the devices it reached, even when it fails.
