@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use super::backend::IotlbBackend;
 use super::engine::{
-    apply_ops, intersecting, CommitReport, DmaError, DmaMapper, Op, SegMap, Transaction,
+    apply_ops, checked_op, intersecting, CommitReport, DmaError, DmaMapper, Op, SegMap, Transaction,
 };
 use super::DmaRange;
 
@@ -554,17 +554,15 @@ impl DmaSpaces {
         plan: &Plan,
         reports: &mut Vec<DeviceReport>,
     ) -> Result<(), SpaceError> {
-        // Every check first, so a bad plan sends nothing.
-        let mut tables: BTreeMap<SpaceId, SegMap> = BTreeMap::new();
+        // Every check first, so a bad plan sends nothing and changes no
+        // space.
         for (space, change) in &plan.changes {
-            let table = match tables.get_mut(space) {
-                Some(table) => table,
-                None => {
-                    let current = self.spaces.get(space).ok_or(SpaceError::NoSpace(*space));
-                    tables.entry(*space).or_insert(current?.clone())
-                }
-            };
-            apply_ops(table, &change.ops).map_err(SpaceError::Invalid)?;
+            if !self.spaces.contains_key(space) {
+                return Err(SpaceError::NoSpace(*space));
+            }
+            for op in &change.ops {
+                checked_op(op).map_err(SpaceError::Invalid)?;
+            }
         }
         for (device, target) in &plan.moves {
             if !self.devices.contains_key(device) {
@@ -576,6 +574,10 @@ impl DmaSpaces {
                 }
             }
         }
+        // The spaces change in place (no copy of what the plan does not
+        // touch); `undo` puts them back if a device refuses.
+        let undo = self.undo_of(plan);
+        apply_changes(&mut self.spaces, &plan.changes);
 
         // One change per affected device, in a stable order.
         let mut work: Vec<(&String, &Attached, Change)> = Vec::new();
@@ -588,10 +590,7 @@ impl DmaSpaces {
             let change = if target != attached.space {
                 let empty = SegMap::new();
                 let table = match target {
-                    Some(space) => tables
-                        .get(&space)
-                        .or_else(|| self.spaces.get(&space))
-                        .unwrap_or(&empty),
+                    Some(space) => self.spaces.get(&space).unwrap_or(&empty),
                     None => &empty,
                 };
                 Change::replace_all(&table.values().map(|s| s.to_range()).collect::<Vec<_>>())
@@ -619,6 +618,9 @@ impl DmaSpaces {
                     micros_to_end: micros_since(plan.started),
                 }),
                 Err(source) => {
+                    // The spaces first: restoring a device sends it its
+                    // space as it was.
+                    apply_changes(&mut self.spaces, &undo.changes);
                     let restore_failed = work
                         .iter()
                         .take(index)
@@ -635,7 +637,6 @@ impl DmaSpaces {
             }
         }
 
-        self.spaces.extend(tables);
         for (device, target) in &plan.moves {
             if let Some(attached) = self.devices.get_mut(device) {
                 attached.space = *target;
@@ -672,6 +673,17 @@ impl DmaSpaces {
             devices,
             error,
         });
+    }
+}
+
+/// Applies checked `changes` to their spaces, in order.
+fn apply_changes(spaces: &mut BTreeMap<SpaceId, SegMap>, changes: &[(SpaceId, Change)]) {
+    for (space, change) in changes {
+        if let Some(table) = spaces.get_mut(space) {
+            // Checked before: an invalid op cannot come up here, and one
+            // would leave its table as it was.
+            let _ = apply_ops(table, &change.ops);
+        }
     }
 }
 
