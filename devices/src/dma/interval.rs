@@ -12,23 +12,23 @@
 //! start (query left of the midpoint) or a suffix of those ordered by last
 //! (right of it); a node wholly inside meets all of its own.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 /// Levels 0 (single addresses) to 64 (the whole address space).
 const LEVELS: usize = 65;
 
-#[derive(Clone, Debug)]
-struct Node<T> {
-    by_start: BTreeSet<(u64, T)>,
-    by_last: BTreeSet<(u64, T)>,
-}
-
 /// Intervals `[start, last]` (inclusive) tagged with a `T` that tells
 /// intervals with the same bounds apart.
+///
+/// Two flat sets rather than a set pair per node: most nodes hold one
+/// interval, and the vIOMMU copies its model (this index with it) once
+/// per request drain.
 #[derive(Clone, Debug)]
 pub(crate) struct IntervalIndex<T> {
-    /// (level, block number at that level) -> the intervals kept there.
-    nodes: BTreeMap<(u8, u64), Node<T>>,
+    /// (level, block number at that level, start, tag).
+    by_start: BTreeSet<(u8, u64, u64, T)>,
+    /// (level, block number at that level, last, tag).
+    by_last: BTreeSet<(u8, u64, u64, T)>,
     /// Intervals per level, so empty levels cost nothing.
     per_level: [usize; LEVELS],
 }
@@ -36,7 +36,8 @@ pub(crate) struct IntervalIndex<T> {
 impl<T> Default for IntervalIndex<T> {
     fn default() -> Self {
         IntervalIndex {
-            nodes: BTreeMap::new(),
+            by_start: BTreeSet::new(),
+            by_last: BTreeSet::new(),
             per_level: [0; LEVELS],
         }
     }
@@ -64,31 +65,21 @@ impl<T: Ord + Copy + Tag> IntervalIndex<T> {
     /// Adds `[start, last]` (`start <= last`) tagged `tag`.
     pub(crate) fn insert(&mut self, start: u64, last: u64, tag: T) {
         debug_assert!(start <= last);
-        let key = node_of(start, last);
-        let node = self.nodes.entry(key).or_insert_with(|| Node {
-            by_start: BTreeSet::new(),
-            by_last: BTreeSet::new(),
-        });
-        if node.by_start.insert((start, tag)) {
-            node.by_last.insert((last, tag));
-            self.per_level[usize::from(key.0)] += 1;
+        let (level, number) = node_of(start, last);
+        if self.by_start.insert((level, number, start, tag)) {
+            self.by_last.insert((level, number, last, tag));
+            self.per_level[usize::from(level)] += 1;
         }
     }
 
     /// Removes `[start, last]` tagged `tag`; false if it was not there.
     pub(crate) fn remove(&mut self, start: u64, last: u64, tag: T) -> bool {
-        let key = node_of(start, last);
-        let Some(node) = self.nodes.get_mut(&key) else {
-            return false;
-        };
-        if !node.by_start.remove(&(start, tag)) {
+        let (level, number) = node_of(start, last);
+        if !self.by_start.remove(&(level, number, start, tag)) {
             return false;
         }
-        node.by_last.remove(&(last, tag));
-        if node.by_start.is_empty() {
-            self.nodes.remove(&key);
-        }
-        self.per_level[usize::from(key.0)] -= 1;
+        self.by_last.remove(&(level, number, last, tag));
+        self.per_level[usize::from(level)] -= 1;
         true
     }
 
@@ -102,30 +93,45 @@ impl<T: Ord + Copy + Tag> IntervalIndex<T> {
             if self.per_level[usize::from(level)] == 0 {
                 continue;
             }
-            let span = (level, block(first, level))..=(level, block(last, level));
-            for (&(_, number), node) in self.nodes.range(span) {
-                let lo = number.checked_shl(u32::from(level)).unwrap_or(0);
-                // The node's intervals all hold `mid - 1` and `mid`
-                // (level 0: its one address, `lo`).
-                let mid = match level {
-                    0 => lo,
-                    _ => lo | (1u64 << (level - 1)),
-                };
-                let low = mid.saturating_sub(u64::from(level > 0));
-                if first <= low && mid <= last {
-                    found.extend(node.by_start.iter().map(|(_, t)| *t));
-                } else if last < mid {
-                    // Left of the midpoint: those starting by `last`.
-                    let reach = node.by_start.range(..=(last, T::max_tag()));
-                    found.extend(reach.map(|(_, t)| *t));
-                } else {
-                    // Right of it: those lasting up to `first` at least.
-                    let reach = node.by_last.range((first, T::min_tag())..);
-                    found.extend(reach.map(|(_, t)| *t));
+            let (first_block, last_block) = (block(first, level), block(last, level));
+            self.meeting_in(level, first_block, first, last, &mut found);
+            if last_block > first_block {
+                // Blocks strictly between lie wholly inside the range.
+                if last_block - first_block > 1 {
+                    let from = (level, first_block + 1, 0, T::min_tag());
+                    let to = (level, last_block, 0, T::min_tag());
+                    found.extend(self.by_start.range(from..to).map(|k| k.3));
                 }
+                self.meeting_in(level, last_block, first, last, &mut found);
             }
         }
         found
+    }
+
+    /// The intervals of node (`level`, `number`) that meet `[first, last]`.
+    fn meeting_in(&self, level: u8, number: u64, first: u64, last: u64, found: &mut Vec<T>) {
+        let lo = number.checked_shl(u32::from(level)).unwrap_or(0);
+        // The node's intervals all hold `mid - 1` and `mid` (level 0: its
+        // one address, `lo`).
+        let mid = match level {
+            0 => lo,
+            _ => lo | (1u64 << (level - 1)),
+        };
+        let below_mid = mid.saturating_sub(u64::from(level > 0));
+        let node_start = |bound: u64| (level, number, bound, T::min_tag());
+        let node_end = |bound: u64| (level, number, bound, T::max_tag());
+        if first <= below_mid && mid <= last {
+            let all = self.by_start.range(node_start(0)..=node_end(u64::MAX));
+            found.extend(all.map(|k| k.3));
+        } else if last < mid {
+            // Left of the midpoint: those starting by `last`.
+            let reach = self.by_start.range(node_start(0)..=node_end(last));
+            found.extend(reach.map(|k| k.3));
+        } else {
+            // Right of it: those lasting up to `first` at least.
+            let reach = self.by_last.range(node_start(first)..=node_end(u64::MAX));
+            found.extend(reach.map(|k| k.3));
+        }
     }
 
     #[cfg(test)]
