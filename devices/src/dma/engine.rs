@@ -208,7 +208,7 @@ pub(crate) fn cut(map: &mut SegMap, start: u64, last: u64) {
 
 /// Checks an operation and returns its inclusive span and, for an add, the
 /// segment it maps.
-fn checked_op(op: &Op) -> Result<(u64, u64, Option<Seg>), DmaError> {
+pub(crate) fn checked_op(op: &Op) -> Result<(u64, u64, Option<Seg>), DmaError> {
     let (iova, size) = match *op {
         Op::Add(r) => (r.iova, r.size),
         Op::Remove { iova, size } => (iova, size),

@@ -27,6 +27,7 @@
 
 mod backend;
 mod engine;
+pub(crate) mod interval;
 mod space;
 mod translate;
 mod vhost_vdpa;

@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use super::backend::IotlbBackend;
-use super::engine::{apply_ops, CommitReport, DmaError, DmaMapper, Op, SegMap, Transaction};
+use super::engine::{
+    apply_ops, checked_op, intersecting, CommitReport, DmaError, DmaMapper, Op, SegMap, Transaction,
+};
 use super::DmaRange;
 
 /// The ASID a device's IOTLB is programmed in. Our vDPA net devices keep
@@ -37,6 +39,9 @@ pub trait DmaDevice: Send {
     fn commit_change(&mut self, change: &Change) -> Result<CommitReport, DmaError>;
     /// What the device holds now, sorted by IOVA.
     fn device_mappings(&self) -> Vec<DmaRange>;
+    /// Re-sends everything the device holds as one transaction, for a
+    /// device that may have dropped its IOTLB (see [`DmaMapper::replay`]).
+    fn replay_all(&mut self) -> Result<CommitReport, DmaError>;
 }
 
 impl<B: IotlbBackend> DmaDevice for DmaMapper<B> {
@@ -47,19 +52,24 @@ impl<B: IotlbBackend> DmaDevice for DmaMapper<B> {
     fn device_mappings(&self) -> Vec<DmaRange> {
         self.mappings(DEVICE_ASID)
     }
+
+    fn replay_all(&mut self) -> Result<CommitReport, DmaError> {
+        self.replay(DEVICE_ASID)
+    }
 }
 
 pub type SharedDmaDevice = Arc<Mutex<dyn DmaDevice>>;
 
-/// Names an address space.
+/// Names an address space. 64 bits, and never one of a live space: see
+/// [`DmaSpaces::create_space`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SpaceId(u32);
+pub struct SpaceId(u64);
 
 impl SpaceId {
     /// IOVA = guest physical address over all guest RAM.
     pub const IDENTITY: SpaceId = SpaceId(0);
 
-    pub fn raw(self) -> u32 {
+    pub fn raw(self) -> u64 {
         self.0
     }
 }
@@ -145,6 +155,12 @@ pub enum ChangeKind {
     Unplug,
     /// One drain of the vIOMMU's request queue.
     Iommu,
+    /// A device's space sent to it again after a device reset that may
+    /// have dropped its IOTLB.
+    Replay,
+    /// Puts back what an earlier plan changed, when a step after it failed
+    /// (see [`DmaSpaces::commit_undoable`]).
+    Undo,
 }
 
 impl ChangeKind {
@@ -155,6 +171,8 @@ impl ChangeKind {
             ChangeKind::Plug => "plug",
             ChangeKind::Unplug => "unplug",
             ChangeKind::Iommu => "iommu",
+            ChangeKind::Replay => "replay",
+            ChangeKind::Undo => "undo",
         }
     }
 }
@@ -297,7 +315,7 @@ struct Attached {
 pub struct DmaSpaces {
     spaces: BTreeMap<SpaceId, SegMap>,
     devices: BTreeMap<String, Attached>,
-    next_space: u32,
+    next_space: u64,
     sequence: u64,
     history: VecDeque<TransactionRecord>,
 }
@@ -330,12 +348,25 @@ impl DmaSpaces {
         Arc::new(Mutex::new(self))
     }
 
-    /// A new, empty translated space.
+    /// A new, empty translated space. Its id is no live space's: ids
+    /// count up in 64 bits and, should they ever wrap, skip live ones
+    /// (fewer than 2^64 - 1 spaces can live, so one is free).
     pub fn create_space(&mut self) -> SpaceId {
-        let id = SpaceId(self.next_space);
-        self.next_space = self.next_space.wrapping_add(1).max(1);
-        self.spaces.insert(id, SegMap::new());
-        id
+        loop {
+            let id = SpaceId(self.next_space);
+            self.next_space = self.next_space.checked_add(1).unwrap_or(1);
+            if let std::collections::btree_map::Entry::Vacant(slot) = self.spaces.entry(id) {
+                slot.insert(SegMap::new());
+                return id;
+            }
+        }
+    }
+
+    /// The next id handed out becomes `next` (at least 1): tests of what
+    /// happens after very many spaces.
+    #[cfg(test)]
+    pub(crate) fn skip_space_ids_for_tests(&mut self, next: u64) {
+        self.next_space = next.max(1);
     }
 
     /// Forgets a space no device is attached to (the identity space stays).
@@ -414,23 +445,124 @@ impl DmaSpaces {
         result.map(|()| reports)
     }
 
+    /// Like [`DmaSpaces::commit`], and returns the plan that puts every
+    /// space and device back as they were before it: for a source whose
+    /// later step (a KVM slot, say) may still fail after the devices
+    /// changed. Costs what the plan touches, not what the spaces hold.
+    pub fn commit_undoable(&mut self, plan: Plan) -> Result<(Vec<DeviceReport>, Plan), SpaceError> {
+        let undo = self.undo_of(&plan);
+        self.commit(plan).map(|reports| (reports, undo))
+    }
+
+    /// For every space `plan` changes: its spans out, then what the space
+    /// holds in them now back in; every device that moves goes back.
+    fn undo_of(&self, plan: &Plan) -> Plan {
+        let mut undo = Plan::started_at(ChangeKind::Undo, plan.started);
+        let mut spans: BTreeMap<SpaceId, Vec<(u64, u64)>> = BTreeMap::new();
+        for (space, change) in &plan.changes {
+            let entry = spans.entry(*space).or_default();
+            for op in &change.ops {
+                let (iova, size) = match *op {
+                    Op::Add(r) => (r.iova, r.size),
+                    Op::Remove { iova, size } => (iova, size),
+                };
+                // An invalid op fails the plan itself: nothing to undo.
+                if let Some(last) = super::inclusive_last(iova, size) {
+                    entry.push((iova, last));
+                }
+            }
+        }
+        for (space, spans) in spans {
+            let Some(table) = self.spaces.get(&space) else {
+                continue;
+            };
+            let mut change = Change::new();
+            let mut held = BTreeMap::new();
+            for &(iova, last) in &spans {
+                change.remove(iova, last - iova + 1);
+                held.extend(
+                    intersecting(table, iova, last)
+                        .into_iter()
+                        .map(|s| (s.start, s)),
+                );
+            }
+            for seg in held.values() {
+                change.add(seg.to_range());
+            }
+            undo.change(space, change);
+        }
+        for (device, _) in &plan.moves {
+            if let Some(attached) = self.devices.get(device) {
+                undo.attach(device, attached.space);
+            }
+        }
+        undo
+    }
+
+    /// Sends `device` everything its space holds again, as one transaction
+    /// (kind [`ChangeKind::Replay`], kept in the history): after a device
+    /// reset that may have dropped its IOTLB. A device in no space holds
+    /// nothing and gets nothing.
+    pub fn replay(&mut self, device: &str) -> Result<DeviceReport, SpaceError> {
+        let started = Instant::now();
+        let attached = self
+            .devices
+            .get(device)
+            .ok_or_else(|| SpaceError::NoDevice(device.to_string()))?;
+        let mut plan = Plan::started_at(ChangeKind::Replay, started);
+        // The record names what was sent again: the device's space.
+        if let Some(table) = attached
+            .space
+            .and_then(|s| self.spaces.get(&s).map(|t| (s, t)))
+        {
+            let mut change = Change::new();
+            for seg in table.1.values() {
+                change.add(seg.to_range());
+            }
+            plan.change(table.0, change);
+        }
+        let result = lock(&attached.device).replay_all();
+        let (report, error) = match result {
+            Ok(report) => {
+                let report = DeviceReport {
+                    device: device.to_string(),
+                    updates: report.updates,
+                    invalidates: report.invalidates,
+                    batched: report.batched,
+                    micros_to_end: micros_since(started),
+                };
+                (Ok(report), None)
+            }
+            Err(source) => {
+                let error = SpaceError::Device {
+                    device: device.to_string(),
+                    source: Box::new(source),
+                    restore_failed: Vec::new(),
+                };
+                let text = error.to_string();
+                (Err(error), Some(text))
+            }
+        };
+        let reports = report.iter().cloned().collect();
+        self.record(&plan, reports, error);
+        report
+    }
+
     /// Fills `reports` with the devices it reached, even when it fails.
     fn try_commit(
         &mut self,
         plan: &Plan,
         reports: &mut Vec<DeviceReport>,
     ) -> Result<(), SpaceError> {
-        // Every check first, so a bad plan sends nothing.
-        let mut tables: BTreeMap<SpaceId, SegMap> = BTreeMap::new();
+        // Every check first, so a bad plan sends nothing and changes no
+        // space.
         for (space, change) in &plan.changes {
-            let table = match tables.get_mut(space) {
-                Some(table) => table,
-                None => {
-                    let current = self.spaces.get(space).ok_or(SpaceError::NoSpace(*space));
-                    tables.entry(*space).or_insert(current?.clone())
-                }
-            };
-            apply_ops(table, &change.ops).map_err(SpaceError::Invalid)?;
+            if !self.spaces.contains_key(space) {
+                return Err(SpaceError::NoSpace(*space));
+            }
+            for op in &change.ops {
+                checked_op(op).map_err(SpaceError::Invalid)?;
+            }
         }
         for (device, target) in &plan.moves {
             if !self.devices.contains_key(device) {
@@ -442,6 +574,10 @@ impl DmaSpaces {
                 }
             }
         }
+        // The spaces change in place (no copy of what the plan does not
+        // touch); `undo` puts them back if a device refuses.
+        let undo = self.undo_of(plan);
+        apply_changes(&mut self.spaces, &plan.changes);
 
         // One change per affected device, in a stable order.
         let mut work: Vec<(&String, &Attached, Change)> = Vec::new();
@@ -454,10 +590,7 @@ impl DmaSpaces {
             let change = if target != attached.space {
                 let empty = SegMap::new();
                 let table = match target {
-                    Some(space) => tables
-                        .get(&space)
-                        .or_else(|| self.spaces.get(&space))
-                        .unwrap_or(&empty),
+                    Some(space) => self.spaces.get(&space).unwrap_or(&empty),
                     None => &empty,
                 };
                 Change::replace_all(&table.values().map(|s| s.to_range()).collect::<Vec<_>>())
@@ -485,6 +618,9 @@ impl DmaSpaces {
                     micros_to_end: micros_since(plan.started),
                 }),
                 Err(source) => {
+                    // The spaces first: restoring a device sends it its
+                    // space as it was.
+                    apply_changes(&mut self.spaces, &undo.changes);
                     let restore_failed = work
                         .iter()
                         .take(index)
@@ -501,7 +637,6 @@ impl DmaSpaces {
             }
         }
 
-        self.spaces.extend(tables);
         for (device, target) in &plan.moves {
             if let Some(attached) = self.devices.get_mut(device) {
                 attached.space = *target;
@@ -538,6 +673,17 @@ impl DmaSpaces {
             devices,
             error,
         });
+    }
+}
+
+/// Applies checked `changes` to their spaces, in order.
+fn apply_changes(spaces: &mut BTreeMap<SpaceId, SegMap>, changes: &[(SpaceId, Change)]) {
+    for (space, change) in changes {
+        if let Some(table) = spaces.get_mut(space) {
+            // Checked before: an invalid op cannot come up here, and one
+            // would leave its table as it was.
+            let _ = apply_ops(table, &change.ops);
+        }
     }
 }
 

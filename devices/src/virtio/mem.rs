@@ -5,7 +5,9 @@
 //! requests (PLUG, UNPLUG, UNPLUG_ALL, STATE). What plugging means for the
 //! host — mapping the memory for vDPA devices, releasing it afterwards —
 //! is the `HotplugBackend`'s: one guest request is one call, so one
-//! transaction for the DMA-mapping engine.
+//! transaction for the DMA-mapping engine. [`dma::DmaHotplug`] is that
+//! backend: one plan per request over every address space that reaches
+//! the blocks, above the VMM's KVM slots and memory file.
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,6 +16,8 @@ use std::time::Instant;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::queue_worker::{Drain, QueueHandler, QueueWorker, Serve};
+
+pub mod dma;
 use super::*;
 
 pub const VIRTIO_ID_MEM: u32 = 24;

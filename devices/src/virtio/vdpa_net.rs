@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use super::*;
-use crate::dma::{DmaCounters, DmaMapper, DmaRange, VhostVdpaIotlb};
+use crate::dma::{DmaCounters, DmaMapper, DmaRange, DmaSpaces, SharedSpaces, VhostVdpaIotlb};
 
 pub const VIRTIO_ID_NET: u32 = 1;
 
@@ -182,6 +182,9 @@ pub struct VdpaNet {
     activations: u64,
     resets: u64,
     iotlb_replays: u64,
+    /// The address spaces and this device's name there: a reset's IOTLB
+    /// replay goes through them (see [`VdpaNet::replay_through`]).
+    spaces: Option<(SharedSpaces, String)>,
     /// Stand-in call fd for queues the guest left without a vector.
     no_interrupt: EventFd,
 }
@@ -305,6 +308,7 @@ impl VdpaNet {
             activations: 0,
             resets: 0,
             iotlb_replays: 0,
+            spaces: None,
             no_interrupt: EventFd::new(EFD_NONBLOCK).map_err(VdpaError::Dup)?,
         })
     }
@@ -313,6 +317,13 @@ impl VdpaNet {
     /// are committed to it as transactions.
     pub fn mapper(&self) -> Arc<Mutex<DmaMapper<VhostVdpaIotlb>>> {
         self.mapper.clone()
+    }
+
+    /// Where the device was registered as `id`: a reset's IOTLB replay is
+    /// then one transaction of the address spaces, in order with every
+    /// other plan and kept in their history.
+    pub fn replay_through(&mut self, spaces: SharedSpaces, id: &str) {
+        self.spaces = Some((spaces, id.to_string()));
     }
 
     /// The descriptor every vhost ioctl goes to (the seccomp filters bind
@@ -518,11 +529,80 @@ impl VirtioDevice for VdpaNet {
         self.active.clear();
         self.resets += 1;
         // Without IOTLB_PERSIST a parent may drop its mappings on reset
-        // (VDPA_RESET_F_CLEAN_MAP); put back exactly what the engine holds.
-        if self.backend_features & VHOST_BACKEND_F_IOTLB_PERSIST == 0
-            && self.lock_mapper().replay(0).is_ok()
-        {
+        // (VDPA_RESET_F_CLEAN_MAP); put back exactly what its space holds.
+        let persist = self.backend_features & VHOST_BACKEND_F_IOTLB_PERSIST != 0;
+        if !persist && replay_after_reset(self.spaces.as_ref()) {
             self.iotlb_replays += 1;
         }
+    }
+}
+
+/// Sends a reset device its space again through the address spaces;
+/// whether it was sent. A device in no address space holds nothing.
+fn replay_after_reset(spaces: Option<&(SharedSpaces, String)>) -> bool {
+    let Some((spaces, id)) = spaces else {
+        return false;
+    };
+    let mut spaces = spaces.lock().unwrap_or_else(|p| p.into_inner());
+    DmaSpaces::replay(&mut spaces, id).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dma::{
+        Change, ChangeKind, IotlbMessage, Perm, Plan, RecordingBackend, SharedDmaDevice, SpaceId,
+        DEVICE_ASID,
+    };
+
+    #[test]
+    fn a_reset_replay_is_one_transaction_of_the_spaces_and_is_recorded() {
+        let device = Arc::new(Mutex::new(DmaMapper::new(
+            RecordingBackend::new(),
+            0..=u64::MAX,
+            true,
+        )));
+        let mut spaces = DmaSpaces::new();
+        let shared: SharedDmaDevice = device.clone();
+        spaces.register("net0", shared).unwrap();
+        let ram = DmaRange::new(0, 1 << 30, 0x7f00_0000_0000, Perm::ReadWrite);
+        let mut change = Change::new();
+        change.add(ram);
+        let mut plan = Plan::new(ChangeKind::BootMemory);
+        plan.change(SpaceId::IDENTITY, change)
+            .attach("net0", Some(SpaceId::IDENTITY));
+        spaces.commit(plan).unwrap();
+        device.lock().unwrap().backend_mut().take_messages();
+        let spaces = spaces.shared();
+        let wired = (spaces.clone(), "net0".to_string());
+
+        assert!(replay_after_reset(Some(&wired)));
+        let asid = DEVICE_ASID;
+        assert_eq!(
+            device.lock().unwrap().backend_mut().take_messages(),
+            vec![
+                IotlbMessage::BatchBegin { asid },
+                IotlbMessage::Invalidate {
+                    asid,
+                    iova: 0,
+                    size: 1 << 30
+                },
+                IotlbMessage::Update { asid, range: ram },
+                IotlbMessage::BatchEnd { asid },
+            ]
+        );
+        let history = spaces.lock().unwrap().history();
+        let last = history.last().unwrap();
+        assert_eq!(last.kind, ChangeKind::Replay);
+        assert_eq!(last.added, vec![(0, 1 << 30)]);
+        assert_eq!(last.devices.len(), 1);
+        assert_eq!(last.devices[0].messages(), 4);
+
+        // A refusal is recorded too, and the replay is not counted.
+        device.lock().unwrap().backend_mut().fail_nth(2);
+        assert!(!replay_after_reset(Some(&wired)));
+        let history = spaces.lock().unwrap().history();
+        assert!(history.last().unwrap().error.is_some());
+        assert!(!replay_after_reset(None), "no spaces, nothing to replay");
     }
 }

@@ -1,102 +1,65 @@
-//! What memory hotplug means on the host: every guest PLUG or UNPLUG is one
-//! plan on the identity address space (so each device attached to it sees
-//! one batch per request, all or nothing across devices), the guest reaches
-//! a block only while it is plugged (its own KVM slot, `block_slots`), and
-//! unplugged memory is released — hole punched in its memfd — only once
-//! neither a device nor the guest can reach it any more.
-//!
-//! PLUG: KVM slots, then the devices' mappings; UNPLUG: the devices'
-//! mappings (vIOMMU domains included), then the KVM slots, then release.
-//! A step that fails undoes the earlier steps of the same request, and the
-//! guest's request fails.
-//!
-//! If that release fails, the unplug still stands: the memory is out of
-//! every device and no longer guest RAM, and the guest's request succeeds.
-//! Only the host keeps the pages; the failure is counted and logged.
+//! The VMM's side of memory hotplug: what needs KVM and the memory file.
+//! Which spaces and devices a PLUG or UNPLUG reaches, and in what order
+//! the steps run, is decided in devices (`virtio::mem::dma`); here each
+//! plugged block gets its own KVM slot (`block_slots`), RAM-ness is kept
+//! in the guest memory manager, and unplugged memory is released (hole
+//! punched in its memfd).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use devices::dma::{Change, ChangeKind, GuestTranslate, Perm, Plan, SharedSpaces, SpaceId};
-use devices::virtio::iommu::IommuHandle;
-use devices::virtio::mem::{HotplugBackend, HotplugError};
+use devices::virtio::mem::dma::HotplugHost;
+use devices::virtio::mem::HotplugError;
 
-use super::lock;
 use crate::vstate::block_slots::{BlockSlots, SlotIoctl};
 use crate::vstate::memory::GuestRam;
 
 /// The KVM slots of the plugged blocks.
 pub type GuestSlots = BlockSlots<Box<dyn SlotIoctl>>;
 
-pub struct DmaHotplug {
+pub struct KvmHotplugHost {
     ram: Arc<GuestRam>,
-    spaces: SharedSpaces,
     slots: Mutex<GuestSlots>,
     /// The hotplug region's first guest address and its memfd.
     region_addr: u64,
     file: File,
-    release_failures: AtomicU64,
-    /// Domains of the vIOMMU may map hotplug memory too.
-    iommu: Option<IommuHandle>,
 }
 
-impl DmaHotplug {
-    pub fn new(
-        ram: Arc<GuestRam>,
-        spaces: SharedSpaces,
-        slots: GuestSlots,
-        region_addr: u64,
-        file: File,
-    ) -> Self {
-        DmaHotplug {
+impl KvmHotplugHost {
+    pub fn new(ram: Arc<GuestRam>, slots: GuestSlots, region_addr: u64, file: File) -> Self {
+        KvmHotplugHost {
             ram,
-            spaces,
             slots: Mutex::new(slots),
             region_addr,
             file,
-            release_failures: AtomicU64::new(0),
-            iommu: None,
         }
-    }
-
-    /// Unplug also takes the memory out of every vIOMMU domain that maps it.
-    pub fn with_iommu(mut self, iommu: Option<IommuHandle>) -> Self {
-        self.iommu = iommu;
-        self
-    }
-
-    /// Unplugs whose memory could not be given back to the host.
-    pub fn release_failures(&self) -> u64 {
-        self.release_failures.load(Ordering::Relaxed)
     }
 
     fn slots(&self) -> MutexGuard<'_, GuestSlots> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
-    /// Maps `ranges` for every identity device, as one transaction.
-    fn map_devices(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
-        let mut change = Change::new();
-        for &(gpa, size) in ranges {
-            for range in self.ram.translate(gpa, gpa, size, Perm::ReadWrite)? {
-                change.add(range);
-            }
-        }
-        let mut plan = Plan::new(ChangeKind::Plug);
-        plan.change(SpaceId::IDENTITY, change);
-        lock(&self.spaces).commit(plan)?;
-        Ok(())
+impl HotplugHost for KvmHotplugHost {
+    fn add_slots(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
+        self.slots()
+            .map(ranges)
+            .map_err(|e| HotplugError::Guest(Box::new(e)))
     }
 
-    fn set_plugged(&self, ranges: &[(u64, u64)], plugged: bool) {
+    fn remove_slots(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
+        self.slots()
+            .unmap(ranges)
+            .map_err(|e| HotplugError::Guest(Box::new(e)))
+    }
+
+    fn set_ram(&self, ranges: &[(u64, u64)], ram: bool) {
         for &(gpa, size) in ranges {
-            self.ram.set_plugged(gpa, size, plugged);
+            self.ram.set_plugged(gpa, size, ram);
         }
     }
 
-    /// Gives the memory of `ranges` back to the host.
     fn release(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
         for &(gpa, size) in ranges {
             let failed = |source| HotplugError::Release { gpa, size, source };
@@ -124,79 +87,16 @@ impl DmaHotplug {
     }
 }
 
-impl HotplugBackend for DmaHotplug {
-    fn plug(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
-        // The guest's KVM slots first: if KVM refuses, no device was told.
-        let mut slots = self.slots();
-        slots
-            .map(ranges)
-            .map_err(|e| HotplugError::Guest(Box::new(e)))?;
-        // RAM from now on, so it translates; undone if a device refuses.
-        self.set_plugged(ranges, true);
-        let result = self.map_devices(ranges);
-        if result.is_err() {
-            self.set_plugged(ranges, false);
-            if let Err(e) = slots.unmap(ranges) {
-                eprintln!("microvm: a failed plug leaves guest memory slots behind: {e}");
-            }
-        }
-        result
-    }
-
-    fn unplug(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
-        // No longer RAM for new mappings, then out of every device.
-        self.set_plugged(ranges, false);
-        let mut change = Change::new();
-        for &(gpa, size) in ranges {
-            change.remove(gpa, size);
-        }
-        let mut plan = Plan::new(ChangeKind::Unplug);
-        plan.change(SpaceId::IDENTITY, change);
-        let result = {
-            let mut spaces = lock(&self.spaces);
-            // Domains first: a translated device never reaches released
-            // memory either. Identity devices are not in any domain, so
-            // each device still gets one transaction.
-            let domains = match &self.iommu {
-                Some(iommu) => iommu.unmap_guest_ranges(&mut spaces, ranges).map(|_| ()),
-                None => Ok(()),
-            };
-            domains.and_then(|()| spaces.commit(plan).map(|_| ()))
-        };
-        if let Err(e) = result {
-            self.set_plugged(ranges, true);
-            return Err(e.into());
-        }
-        // Then out of the guest's view. If KVM refuses (not expected for a
-        // delete), the guest keeps the blocks and the identity devices get
-        // them back; vIOMMU domain mappings of them stay removed, which a
-        // device behind the vIOMMU sees as a fault (a known gap).
-        if let Err(e) = self.slots().unmap(ranges) {
-            self.set_plugged(ranges, true);
-            if let Err(again) = self.map_devices(ranges) {
-                eprintln!("microvm: unplug failed and devices lost the memory: {again}");
-            }
-            return Err(HotplugError::Guest(Box::new(e)));
-        }
-        // Only now can neither a device nor the guest reach the memory.
-        if let Err(e) = self.release(ranges) {
-            self.release_failures.fetch_add(1, Ordering::Relaxed);
-            eprintln!("microvm: unplugged memory stays allocated on the host: {e}");
-        }
-        Ok(())
-    }
-
-    fn is_ram(&self, gpa: u64, len: u64) -> bool {
-        self.ram.translate(gpa, gpa, len, Perm::ReadOnly).is_ok()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device_manager::lock;
     use crate::vstate::block_slots::fake::RecordingSlots;
     use crate::vstate::block_slots::SlotRegion;
+    use devices::dma::{Change, ChangeKind, GuestTranslate, Perm, Plan, SharedSpaces, SpaceId};
     use devices::dma::{DmaMapper, DmaSpaces, RecordingBackend, SharedDmaDevice};
+    use devices::virtio::mem::dma::DmaHotplug;
+    use devices::virtio::mem::HotplugBackend;
     use std::io::{Read, Seek, SeekFrom};
     use std::sync::Mutex;
 
@@ -258,13 +158,13 @@ mod tests {
         let spaces = spaces.shared();
         let region = ram.hotplug.as_ref().unwrap();
         let (slots, kvm) = slots(&ram);
-        let hotplug = DmaHotplug::new(
+        let host = KvmHotplugHost::new(
             ram.clone(),
-            spaces.clone(),
             slots,
             region.addr,
             region.file.try_clone().unwrap(),
         );
+        let hotplug = DmaHotplug::new(Box::new(host), ram.clone(), spaces.clone(), None);
         (hotplug, ram, spaces, devices, kvm)
     }
 
@@ -422,7 +322,8 @@ mod tests {
         let region = ram.hotplug.as_ref().unwrap();
         // A read-only descriptor: fallocate fails with EBADF.
         let read_only = File::open(format!("/proc/self/fd/{}", region.file.as_raw_fd())).unwrap();
-        let hotplug = DmaHotplug::new(ram.clone(), spaces, slots(&ram).0, region.addr, read_only);
+        let host = KvmHotplugHost::new(ram.clone(), slots(&ram).0, region.addr, read_only);
+        let hotplug = DmaHotplug::new(Box::new(host), ram.clone(), spaces, None);
         hotplug.plug(&[(region.addr, 2 * MIB)]).unwrap();
         hotplug.unplug(&[(region.addr, 2 * MIB)]).unwrap();
         assert_eq!(hotplug.release_failures(), 1);

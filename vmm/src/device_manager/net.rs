@@ -58,7 +58,7 @@ pub fn add_vdpa_net(
         true => Translation::Iommu,
         false => Translation::Identity,
     };
-    let device = VdpaNet::open(
+    let mut device = VdpaNet::open(
         &VdpaNetConfig {
             path: config.vdpa_path.clone(),
             mac: config.mac,
@@ -91,6 +91,8 @@ pub fn add_vdpa_net(
             micros_to_end: 0,
         })
     };
+    // A reset's IOTLB replay goes through the spaces, like every change.
+    device.replay_through(spaces.clone(), id);
     // One vector per queue, one for configuration changes.
     let vectors = device.queue_max_sizes_len() + 1;
     let control_fd = device.control_fd();

@@ -1,5 +1,6 @@
-//! Bring-up of the virtio-mem device over the hotplug region, with the
-//! backend that turns each guest request into one DMA plan.
+//! Bring-up of the virtio-mem device over the hotplug region: its DMA
+//! backend (devices' `virtio::mem::dma`, one plan per guest request) over
+//! the KVM slots and memory file of `memory_hotplug`.
 
 use std::sync::{Arc, Mutex};
 
@@ -10,7 +11,9 @@ use devices::virtio::iommu::IommuHandle;
 use devices::virtio::mem::{MemRegion, MemState, VirtioMem};
 use devices::virtio::pci::VirtioPciDevice;
 
-use super::memory_hotplug::DmaHotplug;
+use devices::virtio::mem::dma::DmaHotplug;
+
+use super::memory_hotplug::KvmHotplugHost;
 use super::pci::{plug_virtio, PciWiring, PlugError, Plugged};
 use crate::seccomp;
 use crate::vstate::block_slots::{BlockSlots, KvmSlotIoctl, SlotRegion};
@@ -88,9 +91,8 @@ pub fn add_virtio_mem(
     let slots = BlockSlots::new(ioctl as _, slot_region, slots.first, slots.count);
     let file = region.file.try_clone().map_err(MemError::File)?;
     let memory = Arc::new(ram.memory.clone());
-    let backend = Arc::new(
-        DmaHotplug::new(ram.clone(), spaces, slots, geometry.addr, file).with_iommu(iommu),
-    );
+    let host = KvmHotplugHost::new(ram.clone(), slots, geometry.addr, file);
+    let backend = Arc::new(DmaHotplug::new(Box::new(host), ram.clone(), spaces, iommu));
     let install = Box::new(move || match filter {
         Some(filter) => seccomp::apply(&filter).map_err(|e| e.to_string()),
         None => Ok(()),

@@ -4,9 +4,10 @@
 //! it means for the devices to a [`Pending`] plan. The caller works on a
 //! copy and keeps it only if the plan is committed.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::ops::RangeInclusive;
+use std::collections::{btree_map, BTreeMap, BTreeSet};
+use std::ops::{RangeBounds, RangeInclusive};
 
+use crate::dma::interval::IntervalIndex;
 use crate::dma::{
     Change, ChangeKind, DmaSpaces, GuestTranslate, Perm, Plan, SpaceId, TranslateError,
 };
@@ -59,13 +60,59 @@ impl Mapping {
     }
 }
 
+/// A domain's mappings by virt_start (never overlapping), and by the
+/// guest memory they reach (overlapping at will), so that unplugging
+/// memory finds the mappings into it without visiting the others.
+#[derive(Clone, Debug, Default)]
+struct MappingIndex {
+    by_virt: BTreeMap<u64, Mapping>,
+    by_phys: IntervalIndex<u64>,
+}
+
+impl MappingIndex {
+    fn insert(&mut self, virt_start: u64, map: Mapping) {
+        if let Some(old) = self.by_virt.insert(virt_start, map) {
+            self.by_phys
+                .remove(old.phys_start, old.phys_last(), old.virt_start);
+        }
+        self.by_phys
+            .insert(map.phys_start, map.phys_last(), map.virt_start);
+    }
+
+    fn remove(&mut self, virt_start: &u64) -> Option<Mapping> {
+        let map = self.by_virt.remove(virt_start)?;
+        self.by_phys
+            .remove(map.phys_start, map.phys_last(), map.virt_start);
+        Some(map)
+    }
+
+    fn range(&self, range: impl RangeBounds<u64>) -> btree_map::Range<'_, u64, Mapping> {
+        self.by_virt.range(range)
+    }
+
+    fn values(&self) -> btree_map::Values<'_, u64, Mapping> {
+        self.by_virt.values()
+    }
+
+    fn len(&self) -> usize {
+        self.by_virt.len()
+    }
+
+    /// Mappings that reach any of guest memory `[first, last]`.
+    fn reaching(&self, first: u64, last: u64) -> Vec<Mapping> {
+        let found = self.by_phys.meeting(first, last).into_iter();
+        found
+            .filter_map(|v| self.by_virt.get(&v).copied())
+            .collect()
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Domain {
     kind: DomainKind,
     space: SpaceId,
     endpoints: BTreeSet<u32>,
-    /// By virt_start; never overlapping.
-    mappings: BTreeMap<u64, Mapping>,
+    mappings: MappingIndex,
 }
 
 #[derive(Clone, Debug)]
@@ -360,7 +407,7 @@ impl Domains {
                     kind,
                     space,
                     endpoints: BTreeSet::from([endpoint]),
-                    mappings: BTreeMap::new(),
+                    mappings: MappingIndex::default(),
                 };
                 self.domains.insert(domain, created);
                 space
@@ -540,33 +587,48 @@ impl Domains {
         Ok(Effect::Changed)
     }
 
-    /// Guest RAM [gpa, gpa + size) goes away: every mapping that reaches
-    /// any of it is removed, from here and (through `plan`) from the
-    /// spaces. Returns how many mappings went.
-    pub fn drop_guest_range(&mut self, gpa: u64, size: u64, plan: &mut Plan) -> usize {
-        let Some(last) = size.checked_sub(1).and_then(|s| gpa.checked_add(s)) else {
-            return 0;
-        };
-        let mut dropped = 0;
-        for domain in self.domains.values_mut() {
-            let hit: Vec<Mapping> = domain
-                .mappings
-                .values()
-                .filter(|m| m.phys_start <= last && m.phys_last() >= gpa)
-                .copied()
-                .collect();
+    /// Guest RAM `ranges` (gpa, size) goes away: adds to `plan` the
+    /// removal of every domain mapping that reaches any of it, and returns
+    /// those mappings by domain, for [`Domains::remove_mappings`] once the
+    /// plan stands. The model does not change here. Costs what it finds:
+    /// mappings elsewhere are never visited.
+    pub fn guest_range_cut(&self, ranges: &[(u64, u64)], plan: &mut Plan) -> Vec<(u32, Mapping)> {
+        let mut cut = Vec::new();
+        for (&id, domain) in &self.domains {
+            let mut hit: BTreeMap<u64, Mapping> = BTreeMap::new();
+            for &(gpa, size) in ranges {
+                let Some(last) = size.checked_sub(1).and_then(|s| gpa.checked_add(s)) else {
+                    continue;
+                };
+                hit.extend(
+                    domain
+                        .mappings
+                        .reaching(gpa, last)
+                        .into_iter()
+                        .map(|m| (m.virt_start, m)),
+                );
+            }
             if hit.is_empty() {
                 continue;
             }
             let mut change = Change::new();
-            for m in &hit {
-                domain.mappings.remove(&m.virt_start);
+            for m in hit.values() {
                 change.remove(m.virt_start, m.size());
             }
-            dropped += hit.len();
             plan.change(domain.space, change);
+            cut.extend(hit.into_values().map(|m| (id, m)));
         }
-        dropped
+        cut
+    }
+
+    /// Forgets the mappings of a [`Domains::guest_range_cut`] whose plan
+    /// was committed.
+    pub fn remove_mappings(&mut self, cut: &[(u32, Mapping)]) {
+        for (id, m) in cut {
+            if let Some(domain) = self.domains.get_mut(id) {
+                domain.mappings.remove(&m.virt_start);
+            }
+        }
     }
 
     pub fn domain_infos(&self) -> Vec<DomainInfo> {

@@ -30,7 +30,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::queue_worker::{Drain, QueueHandler, QueueWorker, Serve};
 use super::*;
-use crate::dma::{DmaSpaces, GuestTranslate, SharedSpaces, SpaceError};
+use crate::dma::{DeviceReport, DmaSpaces, GuestTranslate, Plan, SharedSpaces, SpaceError};
 
 pub use domains::{DomainInfo, DomainKind, EndpointInfo, Mapping, GRANULE};
 pub use request::RequestKind;
@@ -165,18 +165,48 @@ impl IommuHandle {
         self.lock().mappings(domain)
     }
 
-    /// Memory unplug hook. Call it with the spaces locked, BEFORE removing
-    /// `ranges` (gpa, size) from the identity space and releasing them:
-    /// every domain mapping that reaches that memory is removed from the
-    /// devices (one plan, kind Unplug) and from the IOMMU's model. Returns
-    /// how many mappings went. On an error nothing changed and the memory
-    /// must stay.
-    pub fn unmap_guest_ranges(
-        &self,
-        spaces: &mut DmaSpaces,
-        ranges: &[(u64, u64)],
-    ) -> Result<usize, SpaceError> {
-        self.lock().unmap_guest_ranges(spaces, ranges)
+    /// Memory unplug's part in the vIOMMU. Call it with the spaces locked
+    /// (spaces first, then the IOMMU: the order every path takes), while
+    /// building the unplug's one plan: adds to `plan` the removal of every
+    /// domain mapping that reaches `ranges` (gpa, size). The returned cut
+    /// holds the IOMMU until the unplug is decided, so no drain sees a
+    /// model that is neither before nor after it; the model loses those
+    /// mappings only through [`GuestRangeCut::committed`].
+    pub fn unmap_guest_ranges(&self, ranges: &[(u64, u64)], plan: &mut Plan) -> GuestRangeCut<'_> {
+        let state = self.lock();
+        let cut = state.unmap_guest_ranges(ranges, plan);
+        GuestRangeCut { state, cut }
+    }
+}
+
+/// The domain mappings an unplug's plan removes, while that plan is
+/// decided. Dropped without [`GuestRangeCut::committed`], the IOMMU's
+/// model stays as it was.
+pub struct GuestRangeCut<'a> {
+    state: MutexGuard<'a, IommuState>,
+    cut: Vec<(u32, Mapping)>,
+}
+
+impl GuestRangeCut<'_> {
+    /// How many domain mappings the plan removes.
+    pub fn len(&self) -> usize {
+        self.cut.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cut.is_empty()
+    }
+
+    /// The unplug stands: the mappings leave the model. Returns how many.
+    pub fn committed(mut self, reports: &[DeviceReport]) -> usize {
+        self.state.unmap_guest_ranges_done(&self.cut, Some(reports));
+        self.cut.len()
+    }
+
+    /// The unplug was refused or undone: the model stays, the refusal is
+    /// counted.
+    pub fn refused(mut self) {
+        self.state.unmap_guest_ranges_done(&self.cut, None);
     }
 }
 

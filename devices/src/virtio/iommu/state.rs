@@ -352,29 +352,38 @@ impl IommuState {
         result.map(|_| ())
     }
 
-    /// Memory hotplug: guest RAM `ranges` (gpa, size) is about to be
-    /// released. Every domain mapping that reaches any of it is removed,
-    /// from the model and from the devices, in one plan (kind Unplug),
-    /// before the caller removes the ranges from the identity space and
-    /// releases them. Returns how many mappings went; on a refusal nothing
-    /// changed and the memory must not be released.
+    /// Memory unplug: guest RAM `ranges` (gpa, size) is about to go.
+    /// Adds to `plan` (the unplug's one plan, which also takes the ranges
+    /// out of the identity space) the removal of every domain mapping that
+    /// reaches any of it, and returns those mappings; the model changes
+    /// only in [`IommuState::unmap_guest_ranges_done`], once the whole
+    /// unplug stands.
     pub fn unmap_guest_ranges(
-        &mut self,
-        spaces: &mut DmaSpaces,
+        &self,
         ranges: &[(u64, u64)],
-    ) -> Result<usize, SpaceError> {
-        let mut model = self.domains.clone();
-        let mut plan = Plan::new(ChangeKind::Unplug);
-        let dropped: usize = ranges
-            .iter()
-            .map(|&(gpa, size)| model.drop_guest_range(gpa, size, &mut plan))
-            .sum();
-        if dropped == 0 {
-            return Ok(0);
+        plan: &mut Plan,
+    ) -> Vec<(u32, Mapping)> {
+        self.domains.guest_range_cut(ranges, plan)
+    }
+
+    /// The unplug that [`IommuState::unmap_guest_ranges`] took part in
+    /// stands (`Some`: what its plan sent) or was undone (`None`): the cut
+    /// mappings leave the model, or the model stays as it was.
+    pub fn unmap_guest_ranges_done(
+        &mut self,
+        cut: &[(u32, Mapping)],
+        reports: Option<&[DeviceReport]>,
+    ) {
+        if cut.is_empty() {
+            return;
         }
-        self.count(spaces.commit(plan))?;
-        self.domains = model;
-        Ok(dropped)
+        match reports {
+            Some(reports) => {
+                self.domains.remove_mappings(cut);
+                self.counters.note_reports(reports);
+            }
+            None => self.counters.plans_refused += 1,
+        }
     }
 }
 

@@ -15,8 +15,8 @@ use super::state::IommuState;
 use super::*;
 use crate::dma::{
     Change, ChangeKind, DmaError, DmaMapper, DmaRange, DmaSpaces, GuestTranslate, IotlbMessage,
-    Perm, Plan, RecordingBackend, SharedDmaDevice, SpaceId, TableTranslate, TranslateError,
-    DEVICE_ASID,
+    Perm, Plan, RecordingBackend, SharedDmaDevice, SpaceError, SpaceId, TableTranslate,
+    TranslateError, DEVICE_ASID,
 };
 use crate::virtio::test_ring::CountingInterrupt;
 
@@ -177,6 +177,26 @@ impl Fixture {
             .find(|d| d.id == domain)
             .map(|d| d.space)
             .unwrap_or_else(|| panic!("no domain {domain}"))
+    }
+
+    /// What an unplug of `ranges` does to the domains alone, as its own
+    /// plan (the hotplug source adds the identity space's part).
+    fn unplug_domains(&mut self, ranges: &[(u64, u64)]) -> Result<usize, SpaceError> {
+        let mut plan = Plan::new(ChangeKind::Unplug);
+        let cut = self.state.unmap_guest_ranges(ranges, &mut plan);
+        if cut.is_empty() {
+            return Ok(0);
+        }
+        match self.spaces.commit(plan) {
+            Ok(reports) => {
+                self.state.unmap_guest_ranges_done(&cut, Some(&reports));
+                Ok(cut.len())
+            }
+            Err(e) => {
+                self.state.unmap_guest_ranges_done(&cut, None);
+                Err(e)
+            }
+        }
     }
 
     fn mapping_count(&self, domain: u32) -> usize {
@@ -753,10 +773,7 @@ fn memory_hotplug_reaches_identity_endpoints_and_unplug_drops_domain_mappings_fi
     assert_one_batch(&f.take(1));
 
     // Unplug: the IOMMU drops the domain mappings into it first ...
-    let dropped = f
-        .state
-        .unmap_guest_ranges(&mut f.spaces, &[(PLUG_BASE, PLUG_SIZE)])
-        .unwrap();
+    let dropped = f.unplug_domains(&[(PLUG_BASE, PLUG_SIZE)]).unwrap();
     assert_eq!(dropped, 1);
     assert_eq!(
         f.take(0),
@@ -785,12 +802,7 @@ fn memory_hotplug_reaches_identity_endpoints_and_unplug_drops_domain_mappings_fi
     assert_eq!(&kinds[kinds.len() - 2..], &[ChangeKind::Unplug; 2]);
     // Nothing mapped there: nothing sent, no plan.
     let records = f.spaces.history().len();
-    assert_eq!(
-        f.state
-            .unmap_guest_ranges(&mut f.spaces, &[(PLUG_BASE, PLUG_SIZE)])
-            .unwrap(),
-        0
-    );
+    assert_eq!(f.unplug_domains(&[(PLUG_BASE, PLUG_SIZE)]).unwrap(), 0);
     assert_eq!(f.spaces.history().len(), records);
 }
 
@@ -801,10 +813,7 @@ fn an_unplug_a_device_refuses_changes_nothing() {
     assert_eq!(setup, vec![OK, OK]);
     f.take(0);
     f.devices[0].lock().unwrap().backend_mut().fail_nth(2);
-    let error = f
-        .state
-        .unmap_guest_ranges(&mut f.spaces, &[(PLUG_BASE, PAGE)])
-        .unwrap_err();
+    let error = f.unplug_domains(&[(PLUG_BASE, PAGE)]).unwrap_err();
     assert!(matches!(error.dma_error(), Some(DmaError::Backend { .. })));
     assert_eq!(f.mapping_count(1), 1);
     assert_eq!(f.held(0), vec![rw(PAGE, PAGE, PLUG_HOST)]);
@@ -1260,10 +1269,7 @@ fn an_unplug_of_several_ranges_is_one_plan() {
     f.take(0);
     let records = f.spaces.history().len();
     let ranges = [(PLUG_BASE, 2 * MIB), (PLUG_BASE + 4 * MIB, 2 * MIB)];
-    assert_eq!(
-        f.state.unmap_guest_ranges(&mut f.spaces, &ranges).unwrap(),
-        2
-    );
+    assert_eq!(f.unplug_domains(&ranges).unwrap(), 2);
     assert_one_batch(&f.take(0));
     assert_eq!(f.spaces.history().len(), records + 1);
     assert_eq!(
@@ -1435,4 +1441,287 @@ fn the_worker_serves_kicks_after_activation_and_resets() {
         spaces.lock().unwrap().space_of("net0").unwrap() == Some(SpaceId::IDENTITY)
     });
     assert!(device.handle().snapshot().domains.is_empty());
+}
+
+/// Defect 3: an UNPLUG_ALL of many ranges against many domain mappings
+/// must cost what it cuts, not ranges x mappings (16000 x 2^18 held both
+/// locks for 31 s).
+#[test]
+fn unmapping_many_guest_ranges_costs_what_it_cuts() {
+    const MAPPINGS: u64 = 1 << 16;
+    const RANGES: u64 = 16_000;
+    let mut f = fixture(false);
+    f.state = IommuState::new(
+        &[(EP0, "net0".to_string()), (EP1, "net1".to_string())],
+        false,
+        Limits {
+            max_mappings: MAPPINGS as usize + 8,
+            ..limits()
+        },
+        PROBE_SIZE,
+    );
+    f.state.place_endpoints(&mut f.spaces).unwrap();
+    let mut requests = vec![attach(1, EP0, 0)];
+    // Boot RAM pages, one mapping each, and one mapping into every other
+    // hotplug page that the unplug cuts.
+    requests.extend((0..MAPPINGS).map(|i| map_pages(1, i, 1, i * PAGE, RW)));
+    let cut: Vec<RawRequest> = (0..8)
+        .map(|i| map_pages(1, MAPPINGS + i, 1, PLUG_BASE + 2 * i * PAGE, RW))
+        .collect();
+    requests.extend(cut);
+    let statuses = f.drain(&requests);
+    assert!(statuses.iter().all(|s| *s == OK), "setup");
+    let ranges: Vec<(u64, u64)> = (0..RANGES)
+        .map(|i| (PLUG_BASE + 2 * i * PAGE, PAGE))
+        .collect();
+    let started = Instant::now();
+    let dropped = f.unplug_domains(&ranges).unwrap();
+    let took = started.elapsed();
+    eprintln!("unmap of {RANGES} ranges over {MAPPINGS} mappings: {took:?}");
+    assert_eq!(dropped, 8);
+    assert_eq!(f.mapping_count(1), MAPPINGS as usize);
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "{took:?} for {RANGES} ranges over {MAPPINGS} mappings"
+    );
+}
+
+/// Memory hotplug through the one plan per request
+/// (`crate::virtio::mem::dma`), with the vIOMMU's domains in it.
+mod hotplug {
+    use std::collections::BTreeSet;
+    use std::sync::mpsc::{channel, Sender};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::virtio::mem::dma::{DmaHotplug, HotplugHost};
+    use crate::virtio::mem::{HotplugBackend, HotplugError};
+
+    /// The VMM's side, recorded: which blocks have slots and are RAM.
+    #[derive(Default)]
+    struct FakeHost {
+        slots: Mutex<BTreeSet<(u64, u64)>>,
+        ram: Mutex<BTreeSet<(u64, u64)>>,
+        refuse_slot_delete: Mutex<bool>,
+        /// Told when a plug asked for its slots.
+        slots_added: Mutex<Option<Sender<()>>>,
+    }
+
+    struct Host(Arc<FakeHost>);
+
+    impl HotplugHost for Host {
+        fn add_slots(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
+            self.0.slots.lock().unwrap().extend(ranges);
+            if let Some(tx) = self.0.slots_added.lock().unwrap().as_ref() {
+                let _ = tx.send(());
+            }
+            Ok(())
+        }
+        fn remove_slots(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
+            if *self.0.refuse_slot_delete.lock().unwrap() {
+                return Err(HotplugError::Guest("KVM refused".into()));
+            }
+            let mut slots = self.0.slots.lock().unwrap();
+            ranges.iter().for_each(|r| {
+                slots.remove(r);
+            });
+            Ok(())
+        }
+        fn set_ram(&self, ranges: &[(u64, u64)], ram: bool) {
+            let mut set = self.0.ram.lock().unwrap();
+            for r in ranges {
+                match ram {
+                    true => set.insert(*r),
+                    false => set.remove(r),
+                };
+            }
+        }
+        fn release(&self, _ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
+            Ok(())
+        }
+    }
+
+    /// Boot RAM always; hotplug memory while the host says it is RAM.
+    impl GuestTranslate for FakeHost {
+        fn translate(
+            &self,
+            iova: u64,
+            gpa: u64,
+            size: u64,
+            perm: Perm,
+        ) -> Result<Vec<DmaRange>, TranslateError> {
+            let plugged = self.ram.lock().unwrap();
+            let inside = |&(start, len): &(u64, u64)| {
+                gpa >= start && gpa.checked_add(size).is_some_and(|e| e <= start + len)
+            };
+            if gpa >= PLUG_BASE && !plugged.iter().any(inside) {
+                return Err(TranslateError::NotRam { gpa, size });
+            }
+            fake_ram().translate(iova, gpa, size, perm)
+        }
+    }
+
+    const BLOCK: u64 = 2 * MIB;
+
+    struct Rig {
+        hotplug: DmaHotplug,
+        host: Arc<FakeHost>,
+        spaces: Arc<Mutex<DmaSpaces>>,
+        iommu: IommuHandle,
+        devices: Vec<Recorder>,
+    }
+
+    /// net0 behind domain 1 (translated), net1 in identity domain 2.
+    fn rig() -> Rig {
+        let mut f = fixture(false);
+        let setup = f.drain(&[attach(1, EP0, 0), attach(2, EP1, ATTACH_F_BYPASS)]);
+        assert_eq!(setup, vec![OK, OK]);
+        f.take(0);
+        f.take(1);
+        let host = Arc::new(FakeHost::default());
+        let spaces = Arc::new(Mutex::new(f.spaces));
+        let iommu = IommuHandle {
+            state: Arc::new(Mutex::new(f.state)),
+        };
+        let hotplug = DmaHotplug::new(
+            Box::new(Host(host.clone())),
+            host.clone(),
+            spaces.clone(),
+            Some(iommu.clone()),
+        );
+        Rig {
+            hotplug,
+            host,
+            spaces,
+            iommu,
+            devices: f.devices,
+        }
+    }
+
+    impl Rig {
+        fn held(&self, device: usize) -> Vec<DmaRange> {
+            let device = self.devices[device].lock().unwrap();
+            device.backend().device_iotlb(DEVICE_ASID)
+        }
+
+        fn drain(&self, requests: &[RawRequest]) -> Vec<Option<u8>> {
+            let mut spaces = self.spaces.lock().unwrap();
+            self.drain_held(&mut spaces, requests)
+        }
+
+        fn drain_held(&self, spaces: &mut DmaSpaces, requests: &[RawRequest]) -> Vec<Option<u8>> {
+            let mut state = self.iommu.lock();
+            let replies = state.drain(spaces, self.host.as_ref(), requests, Instant::now());
+            replies.iter().map(Reply::status_code).collect()
+        }
+
+        fn identity(&self) -> Vec<DmaRange> {
+            let spaces = self.spaces.lock().unwrap();
+            spaces.mappings(SpaceId::IDENTITY).unwrap()
+        }
+    }
+
+    /// Defect 5: a refused UNPLUG leaves every device, every space and the
+    /// vIOMMU's model as before, whoever refuses: a device or KVM.
+    #[test]
+    fn a_refused_unplug_leaves_domains_and_identity_as_before() {
+        let r = rig();
+        let block = [(PLUG_BASE, BLOCK)];
+        r.hotplug.plug(&block).unwrap();
+        assert_eq!(r.drain(&[map_pages(1, 1, 1, PLUG_BASE, RW)]), vec![OK]);
+        let before = (r.held(0), r.held(1), r.identity(), r.iommu.mappings(1));
+        assert_eq!(before.0, vec![rw(PAGE, PAGE, PLUG_HOST)]);
+        let history = r.spaces.lock().unwrap().history().len();
+
+        // net1 (identity) refuses, after net0 (the domain) took its part.
+        r.devices[1].lock().unwrap().backend_mut().fail_nth(2);
+        let error = r.hotplug.unplug(&block).unwrap_err();
+        assert!(matches!(error, HotplugError::Map(_)), "{error}");
+        let after = (r.held(0), r.held(1), r.identity(), r.iommu.mappings(1));
+        assert_eq!(after, before, "a device refused");
+        assert_eq!(
+            r.spaces.lock().unwrap().history().len(),
+            history + 1,
+            "one plan for the domain and identity alike"
+        );
+
+        // KVM refuses to delete the slot after every device let go.
+        *r.host.refuse_slot_delete.lock().unwrap() = true;
+        assert!(matches!(
+            r.hotplug.unplug(&block),
+            Err(HotplugError::Guest(_))
+        ));
+        let after = (r.held(0), r.held(1), r.identity(), r.iommu.mappings(1));
+        assert_eq!(after, before, "KVM refused");
+        assert!(r.host.ram.lock().unwrap().contains(&block[0]), "still RAM");
+
+        *r.host.refuse_slot_delete.lock().unwrap() = false;
+        r.hotplug.unplug(&block).unwrap();
+        assert!(r.held(0).is_empty(), "out of the domain");
+        assert_eq!(r.held_merged_identity(), identity_ram(), "out of identity");
+        assert_eq!(r.iommu.mappings(1), Some(vec![]));
+        let kinds: Vec<ChangeKind> = r
+            .spaces
+            .lock()
+            .unwrap()
+            .history()
+            .iter()
+            .map(|t| t.kind)
+            .collect();
+        assert_eq!(
+            &kinds[kinds.len() - 4..],
+            &[
+                ChangeKind::Unplug,
+                ChangeKind::Unplug,
+                ChangeKind::Undo,
+                ChangeKind::Unplug
+            ]
+        );
+    }
+
+    impl Rig {
+        fn held_merged_identity(&self) -> Vec<DmaRange> {
+            let mut merged: Vec<DmaRange> = Vec::new();
+            for r in self.held(1) {
+                match merged.last_mut() {
+                    Some(m) if m.iova + m.size == r.iova && m.host_addr + m.size == r.host_addr => {
+                        m.size += r.size
+                    }
+                    _ => merged.push(r),
+                }
+            }
+            merged
+        }
+    }
+
+    /// Defect 2: a MAP drained while a PLUG waits for the address spaces
+    /// must not see the block as RAM, or a refused plug leaves a domain
+    /// mapping into memory that is gone.
+    #[test]
+    fn a_map_racing_a_refused_plug_leaves_no_mapping_behind() {
+        let r = Arc::new(rig());
+        let (tx, slots_added) = channel();
+        *r.host.slots_added.lock().unwrap() = Some(tx);
+        // net1 (identity) refuses the plug's mapping.
+        r.devices[1].lock().unwrap().backend_mut().fail_nth(1);
+        let mut spaces = r.spaces.lock().unwrap();
+        let plugging = {
+            let r = r.clone();
+            std::thread::spawn(move || r.hotplug.plug(&[(PLUG_BASE, BLOCK)]))
+        };
+        slots_added.recv_timeout(Duration::from_secs(5)).unwrap();
+        // Let the plug run on to where it waits for the spaces.
+        std::thread::sleep(Duration::from_millis(200));
+        let status = r.drain_held(&mut spaces, &[map_pages(1, 1, 1, PLUG_BASE, RW)]);
+        drop(spaces);
+        assert!(plugging.join().unwrap().is_err(), "net1 refused the plug");
+        assert_eq!(
+            status,
+            vec![Some(S_FAULT)],
+            "not RAM before the plug stands"
+        );
+        assert_eq!(r.iommu.mappings(1), Some(vec![]));
+        assert!(r.held(0).is_empty(), "the domain's device reaches nothing");
+        assert!(r.host.ram.lock().unwrap().is_empty());
+    }
 }
