@@ -81,11 +81,11 @@ done
 echo guest-memtotal-grew-by=$((now - base))";
     let cmd = base64(guest.as_bytes());
     format!(
-        r#"{DEBUG_MICROVM} --kernel "$MICROVM_GUEST_KERNEL" --initramfs "$MICROVM_GUEST_INITRAMFS" --cpus 2 \
+        r#"H_CONSOLE=/tmp/debug-console.log H_VMM_ERR=/tmp/debug-microvm.err h_vmm_start {DEBUG_MICROVM} \
+  --kernel "$MICROVM_GUEST_KERNEL" --initramfs "$MICROVM_GUEST_INITRAMFS" --cpus 2 \
   --memory size=256M,hotplug=256M --api-socket /tmp/debug-api.sock \
-  --cmdline "console=ttyS0 reboot=k panic=1 microvm.cmd={cmd}" >/tmp/debug-console.log 2>/tmp/debug-microvm.err &
-MV=$!
-i=0; until grep -q "microvm-guest: ready" /tmp/debug-console.log; do i=$((i+1)); if [ $i -gt 900 ] || ! kill -0 $MV 2>/dev/null; then break; fi; sleep 0.2; done
+  --cmdline "console=ttyS0 reboot=k panic=1 microvm.cmd={cmd}"
+h_wait_console "microvm-guest: ready" 240 "the debug build's guest to boot"
 ls -l /tmp/debug-api.sock | cut -c1-10 | sed 's/^/socket-mode=/'
 microvm-ctl --socket /tmp/debug-api.sock info >/dev/null; echo "info-exit=$?"
 printf 'GET / HTTP/1.1
@@ -98,7 +98,7 @@ cat /tmp/r1.err
 microvm-ctl --socket /tmp/debug-api.sock memory-resize 192M --timeout 120 >/tmp/r2.out 2>/tmp/r2.err; echo "resize-192M-exit=$?"
 grep '"done"' /tmp/r2.out; cat /tmp/r2.err
 microvm-ctl --socket /tmp/debug-api.sock counters >/dev/null; echo "counters-exit=$?"
-wait $MV; echo "microvm-exit=$?"
+echo "microvm-exit=$(h_vmm_wait 120)"
 echo "--- microvm stderr"; cat /tmp/debug-microvm.err
 echo "--- console"; cat /tmp/debug-console.log
 "#

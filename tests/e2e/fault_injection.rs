@@ -10,11 +10,13 @@
 //! the guest's request VIRTIO_MEM_RESP_BUSY: with RESP_ERROR a Linux guest
 //! marks its virtio-mem device broken and never plugs again.
 
-use e2e::{base64, hex, iotlb_dump, merged};
+use e2e::host_script::guest_cmd_arg;
+use e2e::{hex, iotlb_dump, merged, HostScript, MicrovmRun, VduseNet};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 const BOOT: u64 = 512 * MIB;
+const GUEST_IP: &str = "192.0.2.2";
 
 fn guest_script() -> String {
     "ip link set eth0 up && ip addr add 192.0.2.2/24 dev eth0
@@ -27,58 +29,64 @@ echo guest-done
 }
 
 fn host_script() -> String {
-    let cmd = base64(guest_script().as_bytes());
-    format!(
-        r#"start_device() {{
-  vduse-net --name net0 --tap tap0 --iotlb-dump /tmp/iotlb "$@" >/tmp/vduse.out 2>/tmp/vduse.err &
-  VD=$!
-  i=0; until grep -q ready /tmp/vduse.out 2>/dev/null; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
-  ip addr add 192.0.2.1/24 dev tap0
-}}
-start_vm() {{
-  : >/tmp/console.log
-  microvm --kernel "$MICROVM_GUEST_KERNEL" --initramfs "$MICROVM_GUEST_INITRAMFS" --cpus 1 \
-    --memory size=512M,hotplug=1G --net vdpa=/dev/vhost-vdpa-0,iotlb-batch=off \
-    --api-socket /tmp/api.sock \
-    --cmdline "console=ttyS0 reboot=k panic=1 quiet microvm.cmd={cmd}" >/tmp/console.log 2>/tmp/microvm.err &
-  MV=$!
-  i=0; until grep -q memtotal= /tmp/console.log; do i=$((i+1)); if [ $i -gt 900 ] || ! kill -0 $MV 2>/dev/null; then break; fi; sleep 0.2; done
-}}
-updates() {{ grep -c 'iotlb update #[0-9]* \[' /tmp/vduse.err; }}
-
-# Run 1, no fault: how many IOTLB updates up to and including the first plug.
-start_device
-start_vm
-echo "@@section calibration-plug"; microvm-ctl --socket /tmp/api.sock memory-resize 128M --timeout 120
-K=$(updates)
-echo "@@section calibration"; echo $K
-until echo go | nc 192.0.2.2 5000 2>/dev/null; do sleep 0.2; done
-wait $MV
-kill $VD; wait $VD
-rm -f /tmp/api.sock
-
-# Run 2: the update after those K is refused.
-start_device --fail-iotlb $((K+1))
-start_vm
-echo "@@section first-plug"; microvm-ctl --socket /tmp/api.sock memory-resize 128M --timeout 120
-echo "@@section iotlb-before"; cat /tmp/iotlb
-echo "@@section refused-plug"; microvm-ctl --socket /tmp/api.sock memory-resize 256M --timeout 20 2>&1; echo "exit=$?"
-sleep 1
-echo "@@section device-log"; grep -E 'iotlb update #[0-9]+ (\[|refused)' /tmp/vduse.err | tail -4
-echo "@@section iotlb-after"; cat /tmp/iotlb
-echo "@@section info-after"; microvm-ctl --socket /tmp/api.sock info
-echo "@@section counters-after"; microvm-ctl --socket /tmp/api.sock counters
-echo "@@section ping"; ping -c 5 -i 0.2 192.0.2.2 | tail -2
-echo "@@section next-plug"; microvm-ctl --socket /tmp/api.sock memory-resize 256M --timeout 120 2>&1; echo "exit=$?"
-echo "@@section iotlb-next"; cat /tmp/iotlb
-echo "@@section info-next"; microvm-ctl --socket /tmp/api.sock info
-until echo go | nc 192.0.2.2 5000 2>/dev/null; do sleep 0.2; done
-wait $MV; echo "@@section exit"; echo $?
-echo "@@section stderr"; cat /tmp/microvm.err
-echo "@@section console"; grep -v memtotal= /tmp/console.log
-kill $VD; wait $VD
-"#
-    )
+    let device = VduseNet::on_tap();
+    let refusing = VduseNet {
+        extra_args: "--fail-iotlb $((K+1))".to_string(),
+        ..VduseNet::on_tap()
+    };
+    let mut vm = MicrovmRun::new(1, "512M,hotplug=1G");
+    vm.cmdline_extra = format!("quiet {}", guest_cmd_arg(&guest_script()));
+    vm.extra_args = format!(
+        "--net vdpa={},iotlb-batch=off --api-socket \"$H_API\"",
+        device.path_var()
+    );
+    let updates = "grep -c 'iotlb update #[0-9]* \\[' /tmp/vduse-net0.err";
+    let mut script = HostScript::new();
+    // Run 1, no fault: how many IOTLB updates up to and including the first plug.
+    script
+        .vduse_net(&device)
+        .microvm(&vm)
+        .wait_console("memtotal=", 180, "the guest to boot (calibration run)")
+        .ctl_section("calibration-plug", "memory-resize 128M --timeout 120")
+        .sh(&format!("K=$({updates})"))
+        .section("calibration", "echo $K")
+        .go(GUEST_IP)
+        .wait_exit("calibration", 60)
+        .sh("h_vduse_stop net0");
+    // Run 2: the update after those K is refused.
+    script
+        .vduse_net(&refusing)
+        .microvm(&vm)
+        .wait_console("memtotal=", 180, "the guest to boot (refusal run)")
+        .ctl_section("first-plug", "memory-resize 128M --timeout 120")
+        .section("iotlb-before", "cat /tmp/iotlb")
+        .section(
+            "refused-plug",
+            "h_ctl memory-resize 256M --timeout 20 2>&1; echo \"exit=$?\"",
+        )
+        .sh("sleep 1")
+        .section(
+            "device-log",
+            "grep -E 'iotlb update #[0-9]+ (\\[|refused)' /tmp/vduse-net0.err | tail -4",
+        )
+        .section("iotlb-after", "cat /tmp/iotlb")
+        .ctl_section("info-after", "info")
+        .ctl_section("counters-after", "counters")
+        .section(
+            "ping",
+            &format!("ping -c 5 -i 0.2 -W 2 {GUEST_IP} | tail -2"),
+        )
+        .section(
+            "next-plug",
+            "h_ctl memory-resize 256M --timeout 120 2>&1; echo \"exit=$?\"",
+        )
+        .section("iotlb-next", "cat /tmp/iotlb")
+        .ctl_section("info-next", "info")
+        .go(GUEST_IP)
+        .wait_exit("vm", 60)
+        .section("console", "grep -v memtotal= /tmp/console.log")
+        .stop_devices();
+    script.build()
 }
 
 e2e::shared_test_host_run!("fault_injection", host_script());
@@ -173,5 +181,5 @@ fn the_vm_keeps_running_and_the_next_plug_succeeds() {
     assert_eq!(next["plugged_size"], 256 * MIB, "{next}");
     let info = json("info-next");
     assert_eq!(dump_ranges(section("iotlb-next")), expected_iotlb(&info));
-    assert_eq!(section("exit").trim(), "0", "{}", section("stderr"));
+    assert_eq!(section("vm-exit").trim(), "0", "{}", section("vm-stderr"));
 }

@@ -4,7 +4,10 @@
 //! After each step: the guest's MemTotal, the IOTLB the device holds, and
 //! the messages each guest request cost.
 
-use e2e::{base64, hex, iotlb_dump, merged};
+use e2e::host_script::guest_cmd_arg;
+use e2e::{hex, iotlb_dump, merged, HostScript, MicrovmRun, VduseNet};
+
+const GUEST_IP: &str = "192.0.2.2";
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -48,53 +51,60 @@ echo guest-done
 }
 
 fn host_script() -> String {
-    let cmd = base64(guest_script().as_bytes());
-    let steps: Vec<String> = STEPS
-        .iter()
-        .map(|(arg, bytes)| format!("{arg}:{}", bytes / 1024))
-        .collect();
-    format!(
-        r#"vduse-net --name net0 --tap tap0 --iotlb-dump /tmp/iotlb >/tmp/vduse.out 2>/tmp/vduse.err &
-VD=$!
-i=0; until grep -q ready /tmp/vduse.out 2>/dev/null; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
-ip addr add 192.0.2.1/24 dev tap0
-microvm --kernel "$MICROVM_GUEST_KERNEL" --initramfs "$MICROVM_GUEST_INITRAMFS" --cpus 2 \
-  --memory size=512M,hotplug=2G --net vdpa=/dev/vhost-vdpa-0 --api-socket /tmp/api.sock \
-  --cmdline "console=ttyS0 reboot=k panic=1 quiet microvm.cmd={cmd}" >/tmp/console.log 2>/tmp/microvm.err &
-MV=$!
-i=0; until grep -q memtotal= /tmp/console.log; do i=$((i+1)); if [ $i -gt 900 ] || ! kill -0 $MV 2>/dev/null; then break; fi; sleep 0.2; done
-memtotal() {{ grep memtotal= /tmp/console.log | tail -1 | cut -d= -f2; }}
-base=$(memtotal)
-echo "@@section base"; echo $base
-for step in {steps}; do
-  s=${{step%%:*}}; kib=${{step##*:}}
-  echo "@@section resize-$s"; microvm-ctl --socket /tmp/api.sock memory-resize $s --timeout 120
-  i=0; until [ "$(memtotal)" = "$((base + kib))" ] || [ $i -gt 150 ]; do sleep 0.2; i=$((i+1)); done
-  echo "@@section memtotal-$s"; memtotal
-  echo "@@section info-$s"; microvm-ctl --socket /tmp/api.sock info
-  echo "@@section iotlb-$s"; cat /tmp/iotlb
-done
-echo "@@section counters"; microvm-ctl --socket /tmp/api.sock counters
-echo go | nc 192.0.2.2 5000
-i=0; until grep -q fill-done /tmp/console.log; do i=$((i+1)); [ $i -gt 600 ] && break; sleep 0.2; done
-echo "@@section buffers-resize"; microvm-ctl --socket /tmp/api.sock memory-resize 512M --timeout 120
-until echo go | nc 192.0.2.2 5000 2>/dev/null; do sleep 0.2; done
-i=0; until grep -q rest-done /tmp/console.log; do i=$((i+1)); [ $i -gt 600 ] && break; sleep 0.2; done
-echo "@@section buffers-ping"; ping -c 300 -i 0.05 -s 1400 192.0.2.2 | tail -2
-kill -USR1 $VD; sleep 1
-echo "@@section buffers-info"; microvm-ctl --socket /tmp/api.sock info
-echo "@@section buffers-stats"; grep "stats iotlb_updates" /tmp/vduse.err | tail -1
-echo "@@section refused"
-microvm-ctl --socket /tmp/api.sock memory-resize 3M 2>&1; echo "exit=$?"
-microvm-ctl --socket /tmp/api.sock memory-resize 4G 2>&1; echo "exit=$?"
-until echo go | nc 192.0.2.2 5000 2>/dev/null; do sleep 0.2; done
-wait $MV; echo "@@section exit"; echo $?
-echo "@@section stderr"; cat /tmp/microvm.err
-echo "@@section console"; grep -v memtotal= /tmp/console.log
-kill $VD
-"#,
-        steps = steps.join(" ")
-    )
+    let device = VduseNet::on_tap();
+    let mut vm = MicrovmRun::new(2, "512M,hotplug=2G");
+    vm.cmdline_extra = format!("quiet {}", guest_cmd_arg(&guest_script()));
+    vm.extra_args = format!("--net vdpa={} --api-socket \"$H_API\"", device.path_var());
+    let mut script = HostScript::new();
+    script
+        .vduse_net(&device)
+        .microvm(&vm)
+        .wait_console("memtotal=", 180, "the guest to boot and report MemTotal")
+        .sh("memtotal() { grep memtotal= /tmp/console.log | tail -1 | cut -d= -f2; }\nbase=$(memtotal)")
+        .section("base", "echo $base");
+    for (arg, bytes) in STEPS {
+        let kib = bytes / 1024;
+        script
+            .ctl_section(
+                &format!("resize-{arg}"),
+                &format!("memory-resize {arg} --timeout 120"),
+            )
+            // MemTotal follows the plug a moment later (the guest onlines
+            // the blocks after answering); the wait is the test's check.
+            .sh(&format!(
+                "h_wait_file /tmp/console.log \"memtotal=$((base + {kib}))([^0-9]|$)\" 30 \
+                 'the guest MemTotal to follow the resize to {arg}' || true"
+            ))
+            .section(&format!("memtotal-{arg}"), "memtotal")
+            .ctl_section(&format!("info-{arg}"), "info")
+            .section(&format!("iotlb-{arg}"), "cat /tmp/iotlb");
+    }
+    script
+        .ctl_section("counters", "counters")
+        .go(GUEST_IP)
+        .wait_console("fill-done", 120, "the guest to fill its boot memory")
+        .ctl_section("buffers-resize", "memory-resize 512M --timeout 120")
+        .go(GUEST_IP)
+        .wait_console("rest-done", 120, "the guest to fill the plugged memory")
+        .section(
+            "buffers-ping",
+            &format!("ping -c 300 -i 0.05 -W 2 -s 1400 {GUEST_IP} | tail -2"),
+        )
+        .sh("kill -USR1 \"$(h_get dev_pid.net0)\"; sleep 1")
+        .ctl_section("buffers-info", "info")
+        .section(
+            "buffers-stats",
+            "grep 'stats iotlb_updates' /tmp/vduse-net0.err | tail -1",
+        )
+        .section(
+            "refused",
+            "h_ctl memory-resize 3M 2>&1; echo \"exit=$?\"\nh_ctl memory-resize 4G 2>&1; echo \"exit=$?\"",
+        )
+        .go(GUEST_IP)
+        .wait_exit("vm", 60)
+        .section("console", "grep -v memtotal= /tmp/console.log")
+        .stop_devices();
+    script.build()
 }
 
 e2e::shared_test_host_run!("hotplug", host_script());
@@ -215,7 +225,7 @@ fn a_ping_running_through_the_whole_sequence_loses_nothing() {
         .find(|l| l.contains("packets transmitted"))
         .unwrap_or_else(|| panic!("no ping summary:\n{console}"));
     assert!(summary.contains(" 0% packet loss"), "{summary}");
-    assert_eq!(section("exit").trim(), "0", "{}", section("stderr"));
+    assert_eq!(section("vm-exit").trim(), "0", "{}", section("vm-stderr"));
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! device (vduse-net on a TAP), the kernel's vhost-vdpa, our VMM and the
 //! guest's virtio-net driver. One test-host boot serves every check.
 
-use e2e::{base64, DEBUG_MICROVM};
+use e2e::host_script::guest_cmd_arg;
+use e2e::{HostScript, MicrovmRun, VduseNet, DEBUG_MICROVM};
 
 const GUEST_IP: &str = "192.0.2.2";
 const HOST_IP: &str = "192.0.2.1";
@@ -49,49 +50,46 @@ ping -c 4 -W 2 {HOST_IP}
 /// The host side: device, VMM, and a look at the device and the API at
 /// each phase. Sections are printed as `@@section name`.
 fn host_script() -> String {
-    let cmd = base64(guest_script().as_bytes());
-    let debug_cmd = base64(debug_guest_script().as_bytes());
-    format!(
-        r#"vduse-net --name net0 --tap tap0 --iotlb-dump /tmp/iotlb >/tmp/vduse.out 2>/tmp/vduse.err &
-VD=$!
-i=0; until grep -q ready /tmp/vduse.out 2>/dev/null; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
-echo "@@section vduse-ready"; cat /tmp/vduse.out
-ip addr add {HOST_IP}/24 dev tap0
-microvm --kernel "$MICROVM_GUEST_KERNEL" --initramfs "$MICROVM_GUEST_INITRAMFS" --cpus 2 --memory size=512M \
-  --net vdpa=/dev/vhost-vdpa-0 --api-socket /tmp/api.sock \
-  --cmdline "console=ttyS0 reboot=k panic=1 quiet microvm.cmd={cmd}" >/tmp/console.log 2>/tmp/microvm.err &
-MV=$!
-wait_for() {{ i=0; until grep -q "$1" /tmp/console.log; do i=$((i+1)); if [ $i -gt 900 ] || ! kill -0 $MV 2>/dev/null; then return 1; fi; sleep 0.2; done; }}
-wait_for phase1-done
-echo "@@section counters-1"; microvm-ctl --socket /tmp/api.sock counters
-echo "@@section info-1"; microvm-ctl --socket /tmp/api.sock info
-echo "@@section iotlb-1"; cat /tmp/iotlb
-kill -USR1 $VD; sleep 0.5
-echo "@@section vduse-stats-1"; grep "stats iotlb_updates" /tmp/vduse.err | tail -1
-echo "@@section bad-request"; printf 'BOGUS\r\n\r\n' | microvm-ctl --socket /tmp/api.sock send-raw
-echo; echo "@@section unknown-path"; printf 'GET /nope HTTP/1.1\r\n\r\n' | microvm-ctl --socket /tmp/api.sock send-raw
-echo
-echo go | nc {GUEST_IP} 5000
-wait_for phase2-done
-echo "@@section counters-2"; microvm-ctl --socket /tmp/api.sock counters
-echo "@@section iotlb-2"; cat /tmp/iotlb
-echo go | nc {GUEST_IP} 5000
-wait $MV; echo "@@section microvm-exit"; echo $?
-echo "@@section microvm-stderr"; cat /tmp/microvm.err
-echo "@@section console"; cat /tmp/console.log
-{DEBUG_MICROVM} --kernel "$MICROVM_GUEST_KERNEL" --initramfs "$MICROVM_GUEST_INITRAMFS" --cpus 2 --memory size=256M \
-  --net vdpa=/dev/vhost-vdpa-0 --api-socket /tmp/debug-api.sock \
-  --cmdline "console=ttyS0 reboot=k panic=1 quiet microvm.cmd={debug_cmd}" >/tmp/debug-console.log 2>/tmp/debug.err
-rc=$?; echo "@@section debug-exit"; echo $rc
-echo "@@section debug-stderr"; cat /tmp/debug.err
-echo "@@section debug-console"; cat /tmp/debug-console.log
-echo "@@section not-vdpa"
-microvm --kernel "$MICROVM_GUEST_KERNEL" --net vdpa=/dev/null 2>&1; echo "exit=$?"
-microvm --kernel "$MICROVM_GUEST_KERNEL" --net vdpa=/dev/vhost-vdpa-99 2>&1; echo "exit=$?"
-kill $VD; wait $VD
-echo "@@section vduse-log"; cat /tmp/vduse.err
-"#
-    )
+    let device = VduseNet::on_tap();
+    let mut vm = MicrovmRun::new(2, "512M");
+    vm.cmdline_extra = format!("quiet {}", guest_cmd_arg(&guest_script()));
+    vm.extra_args = format!("--net vdpa={} --api-socket \"$H_API\"", device.path_var());
+    let mut debug_vm = MicrovmRun::new(2, "256M");
+    debug_vm.binary = DEBUG_MICROVM;
+    debug_vm.cmdline_extra = format!("quiet {}", guest_cmd_arg(&debug_guest_script()));
+    debug_vm.extra_args = format!(
+        "--net vdpa={} --api-socket /tmp/debug-api.sock",
+        device.path_var()
+    );
+    let mut script = HostScript::new();
+    script
+        .vduse_net(&device)
+        .section("vduse-ready", "cat /tmp/vduse-net0.out")
+        .microvm(&vm)
+        .wait_console("phase1-done", 180, "the guest to boot and ping 20 times")
+        .ctl_section("counters-1", "counters")
+        .ctl_section("info-1", "info")
+        .section("iotlb-1", "cat /tmp/iotlb")
+        .sh("kill -USR1 \"$(h_get dev_pid.net0)\"; sleep 0.5")
+        .section("vduse-stats-1", "grep 'stats iotlb_updates' /tmp/vduse-net0.err | tail -1")
+        .section("bad-request", "printf 'BOGUS\\r\\n\\r\\n' | h_ctl send-raw; echo")
+        .section("unknown-path", "printf 'GET /nope HTTP/1.1\\r\\n\\r\\n' | h_ctl send-raw; echo")
+        .go(GUEST_IP)
+        .wait_console("phase2-done", 120, "the guest to reset its device and ping again")
+        .ctl_section("counters-2", "counters")
+        .section("iotlb-2", "cat /tmp/iotlb")
+        .go(GUEST_IP)
+        .wait_exit("microvm", 60)
+        .microvm(&debug_vm)
+        .wait_exit("debug", 240)
+        .section(
+            "not-vdpa",
+            "microvm --kernel \"$MICROVM_GUEST_KERNEL\" --net vdpa=/dev/null 2>&1; echo \"exit=$?\"\n\
+             microvm --kernel \"$MICROVM_GUEST_KERNEL\" --net vdpa=/dev/vhost-vdpa-99 2>&1; echo \"exit=$?\"",
+        )
+        .stop_devices()
+        .section("vduse-log", "sleep 0.5; cat /tmp/vduse-net0.err");
+    script.build()
 }
 
 e2e::shared_test_host_run!("vdpa_net", host_script());
@@ -105,7 +103,7 @@ fn ping_summary(console: &str, transmitted: u32) -> &str {
 
 #[test]
 fn guest_pings_the_test_host_through_the_vdpa_device_without_loss() {
-    let console = section("console");
+    let console = section("microvm-console");
     assert!(
         section("vduse-ready").contains("ready at /dev/vhost-vdpa-0"),
         "{}",
@@ -127,9 +125,9 @@ fn guest_pings_the_test_host_through_the_vdpa_device_without_loss() {
 #[test]
 fn guest_mac_comes_from_the_device_config_space() {
     assert!(
-        section("console").contains(&format!("guest-mac={DEVICE_MAC}")),
+        section("microvm-console").contains(&format!("guest-mac={DEVICE_MAC}")),
         "{}",
-        section("console")
+        section("microvm-console")
     );
 }
 
@@ -181,15 +179,15 @@ fn the_api_answers_bad_requests_with_http_errors_and_keeps_running() {
     );
     // ... and the VM went on to its second phase.
     assert!(
-        section("console").contains("phase2-done"),
+        section("microvm-console").contains("phase2-done"),
         "{}",
-        section("console")
+        section("microvm-console")
     );
 }
 
 #[test]
 fn after_a_device_reset_the_guest_pings_again() {
-    let summary = ping_summary(section("console"), 5);
+    let summary = ping_summary(section("microvm-console"), 5);
     assert!(
         summary.contains("5 packets received, 0% packet loss"),
         "{summary}"

@@ -25,23 +25,19 @@ ping -c 10 -W 2 {HOST_IP}
     // tools/benchlib/vmms.py); guest RAM is a shared memfd, as VDUSE needs.
     format!(
         r#"echo "@@section version"; cat /opt/peers/qemu10/version
-vduse-net --name net0 --tap tap0 >/tmp/vduse.out 2>/tmp/vduse.err &
-VD=$!
-i=0; until grep -q ready /tmp/vduse.out 2>/dev/null; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
+. "$MICROVM_HARNESS"
+dev=$(h_vduse_start net0 --tap tap0) || {{ echo "@@section harness-failure"; echo "vduse-net to start"; exit 1; }}
 ip addr add {HOST_IP}/24 dev tap0
-/opt/peers/qemu10/qemu -M pc,memory-backend=mem0 -accel kvm -cpu host -smp 1 -m 256M \
+H_CONSOLE=/tmp/console.log H_VMM_ERR=/tmp/qemu.err h_vmm_start /opt/peers/qemu10/qemu -M pc,memory-backend=mem0 -accel kvm -cpu host -smp 1 -m 256M \
   -object memory-backend-memfd,id=mem0,size=256M,share=on -nodefaults -no-user-config \
   -display none -serial stdio -no-reboot \
   -kernel "$MICROVM_GUEST_KERNEL" -initrd "$MICROVM_GUEST_INITRAMFS" -append '{cmdline}' \
-  -netdev vhost-vdpa,id=n0,vhostdev=/dev/vhost-vdpa-0 -device virtio-net-pci,netdev=n0,romfile= \
-  >/tmp/console.log 2>/tmp/qemu.err </dev/null &
-QM=$!
-i=0; while kill -0 $QM 2>/dev/null && [ $i -lt 900 ]; do i=$((i+1)); sleep 0.2; done
-kill $QM 2>/dev/null; wait $QM; echo "@@section qemu-exit"; echo $?
+  -netdev vhost-vdpa,id=n0,vhostdev="$dev" -device virtio-net-pci,netdev=n0,romfile= </dev/null
+st=$(h_vmm_wait 180); echo "@@section qemu-exit"; echo $st
 echo "@@section qemu-stderr"; cat /tmp/qemu.err
 echo "@@section console"; cat /tmp/console.log
-kill $VD; wait $VD
-echo "@@section vduse-log"; grep -v '^vduse-net:   iotlb 0x' /tmp/vduse.err
+h_vduse_stop net0
+echo "@@section vduse-log"; grep -v '^vduse-net:   iotlb 0x' /tmp/vduse-net0.err
 "#
     )
 }

@@ -56,27 +56,27 @@ fn write_pages() -> String {
 fn host_script() -> String {
     let cmd = base64(guest_script().as_bytes());
     format!(
-        r#"vduse-net --name net0 --tap tap0 >/tmp/vduse.out 2>/tmp/vduse.err &
-VD=$!
-i=0; until grep -q ready /tmp/vduse.out 2>/dev/null; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
+        r#". "$MICROVM_HARNESS"
+fail() {{ echo "@@section harness-failure"; echo "$1"; h_vmm_stop; h_vduse_stop net0; exit 1; }}
+dev=$(h_vduse_start net0 --tap tap0) || fail "vduse-net to start"
 ip addr add 192.0.2.1/24 dev tap0
-microvm --kernel "$MICROVM_GUEST_KERNEL" --initramfs "$MICROVM_GUEST_INITRAMFS" --cpus 1 \
-  --memory size=256M,hotplug=1G --net vdpa=/dev/vhost-vdpa-0 --api-socket /tmp/api.sock \
-  --cmdline "console=ttyS0 reboot=k panic=1 quiet microvm.cmd={cmd}" >/tmp/console.log 2>/tmp/microvm.err &
-MV=$!
-i=0; until grep -q guest-ready /tmp/console.log; do i=$((i+1)); if [ $i -gt 900 ] || ! kill -0 $MV 2>/dev/null; then break; fi; sleep 0.2; done
+H_CONSOLE=/tmp/console.log H_VMM_ERR=/tmp/microvm.err h_vmm_start microvm --kernel "$MICROVM_GUEST_KERNEL" --initramfs "$MICROVM_GUEST_INITRAMFS" --cpus 1 \
+  --memory size=256M,hotplug=1G --net vdpa="$dev" --api-socket /tmp/api.sock \
+  --cmdline "console=ttyS0 reboot=k panic=1 quiet microvm.cmd={cmd}"
+MV=$(h_vmm_pid)
+h_wait_console guest-ready 180 "the guest to boot" || fail "the guest to boot"
 n=0
 # Runs one shell command in the guest and prints its output and status.
 guest() {{
   n=$((n+1))
   printf '%s\n' "$1" >/tmp/cmd.$n
-  i=0; until nc 192.0.2.2 5000 </tmp/cmd.$n 2>/dev/null; do i=$((i+1)); [ $i -gt 300 ] && break; sleep 0.2; done
-  i=0; until grep -q "^cmd-done $n " /tmp/console.log; do i=$((i+1)); [ $i -gt 900 ] && break; sleep 0.2; done
+  h_send 192.0.2.2 5000 /tmp/cmd.$n || fail "guest command $n to be taken"
+  h_wait_console "^cmd-done $n " 180 "guest command $n to finish" || fail "guest command $n to finish"
   tr -d '\r' </tmp/console.log | sed -n "s/^out$n: //p; /^cmd-done $n /p"
 }}
 # Rss (KiB) of the VMM's mapping of the hotplug region.
 rss() {{ awk '/microvm-hotplug-ram/ {{f=1; next}} f && /^Rss:/ {{print $2; exit}}' /proc/$MV/smaps; }}
-info() {{ microvm-ctl --socket /tmp/api.sock info; }}
+info() {{ h_ctl info; }}
 flat() {{ tr -d ' \n'; }}
 A=$(info | flat | grep -o '"region":{{[^}}]*}}' | grep -o '0x[0-9a-f]*')
 echo "@@section region"; echo $A
@@ -91,7 +91,7 @@ echo "@@section never-plugged"; echo "$R0 $R1"
 echo "@@section bind-1"; guest '{bind}'
 
 # (a) control: plugged memory the guest writes
-echo "@@section plug"; microvm-ctl --socket /tmp/api.sock memory-resize 128M --timeout 120
+echo "@@section plug"; H_API=/tmp/api.sock h_ctl memory-resize 128M --timeout 120
 echo "@@section info-plugged"; info
 P=$(info | flat | grep -o '"plugged":\[{{[^}}]*}}' | grep -o '0x[0-9a-f]*')
 R2=$(rss)
@@ -101,21 +101,21 @@ echo "@@section control"; echo "$R2 $R3"
 
 # (c) just-unplugged blocks
 echo "@@section rm"; guest 'rm /fill/a; echo removed'
-echo "@@section unplug"; microvm-ctl --socket /tmp/api.sock memory-resize 0 --timeout 120
+echo "@@section unplug"; H_API=/tmp/api.sock h_ctl memory-resize 0 --timeout 120
 echo "@@section unbind-2"; guest '{unbind}'
 R4=$(rss)
 echo "@@section write-unplugged"; guest "$(printf '{write}' $P)"
 R5=$(rss)
 echo "@@section unplugged"; echo "$R4 $R5 $P"
 echo "@@section alive"; guest 'echo alive; {bind}'
-echo "@@section replug"; microvm-ctl --socket /tmp/api.sock memory-resize 128M --timeout 120
+echo "@@section replug"; H_API=/tmp/api.sock h_ctl memory-resize 128M --timeout 120
 echo "@@section ping"; ping -c 3 -i 0.2 192.0.2.2 | tail -2
-echo "@@section counters"; microvm-ctl --socket /tmp/api.sock counters
+echo "@@section counters"; H_API=/tmp/api.sock h_ctl counters
 guest 'touch /tmp/stop' >/dev/null
-wait $MV; echo "@@section exit"; echo $?
+st=$(h_vmm_wait 60) || fail "the VMM to exit"; echo "@@section exit"; echo $st
 echo "@@section stderr"; cat /tmp/microvm.err
 echo "@@section console"; tr -d '\r' </tmp/console.log | grep -v '^out[0-9]*: '
-kill $VD
+h_vduse_stop net0
 "#,
         unbind = UNBIND,
         bind = BIND,

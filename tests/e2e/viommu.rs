@@ -44,32 +44,32 @@ nc -l -p 5000 >/dev/null
 fn host_script() -> String {
     let cmd = base64(guest_script().as_bytes());
     format!(
-        r#"vduse-net --name net0 --tap tap0 --iotlb-dump /tmp/iotlb >/tmp/vduse.out 2>/tmp/vduse.err &
-VD=$!
-i=0; until grep -q ready /tmp/vduse.out 2>/dev/null; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done
+        r#". "$MICROVM_HARNESS"
+H_API=/tmp/api.sock
+fail() {{ echo "@@section harness-failure"; echo "$1"; h_vmm_stop; h_vduse_stop net0; exit 1; }}
+dev=$(h_vduse_start net0 --tap tap0 --iotlb-dump /tmp/iotlb) || fail "vduse-net to start"
 ip addr add 192.0.2.1/24 dev tap0
 # One line per finished IOTLB rebuild: "iotlb update #N: E entries ... bytes=B".
-rebuilds() {{ grep -E "iotlb update #[0-9]+: " /tmp/vduse.err | sed -n "$(($1 + 1)),\$p"; }}
+rebuilds() {{ grep -E "iotlb update #[0-9]+: " /tmp/vduse-net0.err | sed -n "$(($1 + 1)),\$p"; }}
 run_vm() {{
   name=$1; extra=$2
   rm -f /tmp/api.sock
-  mark=$(grep -cE "iotlb update #[0-9]+: " /tmp/vduse.err)
+  mark=$(grep -cE "iotlb update #[0-9]+: " /tmp/vduse-net0.err)
   microvm-tcp-sink --port 5001 --bytes {bytes} >/tmp/sink.out 2>/tmp/sink.err &
-  microvm --kernel "$MICROVM_GUEST_KERNEL" --initramfs "$MICROVM_GUEST_INITRAMFS" --cpus 2 \
-    --memory size=512M,hotplug=1G --net vdpa=/dev/vhost-vdpa-0,iommu=on --api-socket /tmp/api.sock \
-    --cmdline "console=ttyS0 reboot=k panic=1 quiet $extra microvm.cmd={cmd}" >/tmp/console.log 2>/tmp/microvm.err &
-  MV=$!
-  wait_for() {{ i=0; until grep -q "$1" /tmp/console.log; do i=$((i+1)); if [ $i -gt 1500 ] || ! kill -0 $MV 2>/dev/null; then return 1; fi; sleep 0.2; done; }}
-  wait_for phase1-done
+  H_CONSOLE=/tmp/console.log H_VMM_ERR=/tmp/microvm.err h_vmm_start microvm --kernel "$MICROVM_GUEST_KERNEL" \
+    --initramfs "$MICROVM_GUEST_INITRAMFS" --cpus 2 \
+    --memory size=512M,hotplug=1G --net vdpa="$dev",iommu=on --api-socket /tmp/api.sock \
+    --cmdline "console=ttyS0 reboot=k panic=1 quiet $extra microvm.cmd={cmd}"
+  h_wait_console phase1-done 300 "$name: the guest to ping and stream" || fail "$name: phase 1"
   sleep 1
   # Rebuilds before drains: every rebuild seen here was counted by then.
   echo "@@section $name-rebuilds-1"; rebuilds $mark
-  echo "@@section $name-counters-1"; microvm-ctl --socket /tmp/api.sock counters
+  echo "@@section $name-counters-1"; h_ctl counters
   # A consistent snapshot: the device's dump taken between two identical
   # answers of info (the guest may still map or unmap a buffer now and then).
   for try in 1 2 3 4 5 6 7 8; do
-    microvm-ctl --socket /tmp/api.sock info >/tmp/info-a; cp /tmp/iotlb /tmp/iotlb-snap
-    microvm-ctl --socket /tmp/api.sock info >/tmp/info-b
+    h_ctl info >/tmp/info-a; cp /tmp/iotlb /tmp/iotlb-snap
+    h_ctl info >/tmp/info-b
     cmp -s /tmp/info-a /tmp/info-b && break
     sleep 0.5
   done
@@ -77,17 +77,17 @@ run_vm() {{
   echo "@@section $name-info-1"; cat /tmp/info-a
   echo "@@section $name-sink"; cat /tmp/sink.out
   if [ "$name" = passthrough ]; then
-    echo "@@section $name-resize"; microvm-ctl --socket /tmp/api.sock memory-resize 256M --timeout 120
+    echo "@@section $name-resize"; h_ctl memory-resize 256M --timeout 120
     echo "@@section $name-iotlb-resized"; cat /tmp/iotlb
-    echo "@@section $name-info-resized"; microvm-ctl --socket /tmp/api.sock info
+    echo "@@section $name-info-resized"; h_ctl info
   fi
-  until echo go | nc 192.0.2.2 5000 2>/dev/null; do sleep 0.2; kill -0 $MV 2>/dev/null || break; done
-  wait_for phase2-done
+  h_go 192.0.2.2 || fail "$name: go"
+  h_wait_console phase2-done 180 "$name: the guest to reset its device and ping again" || fail "$name: phase 2"
   sleep 1
-  echo "@@section $name-counters-2"; microvm-ctl --socket /tmp/api.sock counters
+  echo "@@section $name-counters-2"; h_ctl counters
   echo "@@section $name-iotlb-2"; cat /tmp/iotlb
-  until echo go | nc 192.0.2.2 5000 2>/dev/null; do sleep 0.2; kill -0 $MV 2>/dev/null || break; done
-  wait $MV; echo "@@section $name-exit"; echo $?
+  h_go 192.0.2.2 || fail "$name: go"
+  st=$(h_vmm_wait 60) || fail "$name: the VMM to exit"; echo "@@section $name-exit"; echo $st
   echo "@@section $name-rebuilds-all"; rebuilds $mark
   echo "@@section $name-stderr"; cat /tmp/microvm.err
   echo "@@section $name-console"; cat /tmp/console.log
@@ -95,8 +95,8 @@ run_vm() {{
 run_vm lazy ""
 run_vm strict "iommu.strict=1"
 run_vm passthrough "iommu.passthrough=1"
-kill $VD; wait $VD
-echo "@@section vduse-log"; tail -50 /tmp/vduse.err
+h_vduse_stop net0
+echo "@@section vduse-log"; tail -50 /tmp/vduse-net0.err
 "#,
         bytes = STREAM_BYTES,
     )

@@ -4,6 +4,10 @@
 //! its scenarios up front; the first test to ask runs them all in one test
 //! host, and every test then asserts on its own scenario's framed output.
 
+pub mod host_script;
+
+pub use host_script::{HostScript, VduseNet};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -128,10 +132,12 @@ pub fn run_in_test_host_with_peers(
          }\n",
     );
     for scenario in scenarios {
+        // Every scenario has the harness (bounded waits, diagnostics).
+        let body = format!(". \"$MICROVM_HARNESS\"\n{}", scenario.script);
         script.push_str(&format!(
             "scenario {} {}\n",
             scenario.name,
-            shell_quote(&scenario.script)
+            shell_quote(&body)
         ));
     }
     let mut command = Command::new(repo_root().join("tools/testbed"));
@@ -227,10 +233,27 @@ impl SectionedRun {
     }
 
     pub fn section(&self, name: &str) -> &str {
+        if let Some(step) = self.sections.get(host_script::FAILURE_SECTION) {
+            if !self.sections.contains_key(name) {
+                panic!(
+                    "the test host run failed at a step before section {name}: {}\
+                     (the harness's diagnostics are in its stderr below)\n{}",
+                    step.trim(),
+                    self.raw
+                );
+            }
+        }
         self.sections
             .get(name)
             .map(String::as_str)
             .unwrap_or_else(|| panic!("no section {name}\n{}", self.raw))
+    }
+
+    /// The step that failed, if one did.
+    pub fn failed_step(&self) -> Option<&str> {
+        self.sections
+            .get(host_script::FAILURE_SECTION)
+            .map(|s| s.trim())
     }
 
     pub fn json(&self, name: &str) -> serde_json::Value {
@@ -420,6 +443,17 @@ mod tests {
         let s = sections("noise\n@@section a\nx\n--- not a marker\n@@section b\ny\n");
         assert_eq!(s["a"], "x\n--- not a marker\n");
         assert_eq!(s["b"], "y\n");
+    }
+
+    #[test]
+    fn sections_match_the_bench_library_on_the_shared_fixture() {
+        // tools/benchlib/tests/test_parsers.py reads the same fixture.
+        let fixtures = repo_root().join("tests/fixtures");
+        let text = std::fs::read_to_string(fixtures.join("sections.txt")).unwrap();
+        let expected: HashMap<String, String> =
+            serde_json::from_str(&std::fs::read_to_string(fixtures.join("sections.json")).unwrap())
+                .unwrap();
+        assert_eq!(sections(&text), expected);
     }
 
     #[test]

@@ -30,17 +30,18 @@ def _quoted_heredoc(section, text):
     return f"echo '@@section {section}'\ncat <<'@@END_OF_TEXT'\n{text}\n@@END_OF_TEXT\n"
 
 
-VDUSE_START = """vduse-net --name net0 --loopback --iotlb-dump /tmp/iotlb >/tmp/vduse.out 2>/tmp/vduse.err &
-VD=$!
-i=0; until grep -q ready /tmp/vduse.out 2>/dev/null; do i=$((i+1)); [ $i -gt 200 ] && break; sleep 0.1; done
-echo '@@section vduse-ready'; cat /tmp/vduse.out
+# The harness (tools/testbed-host/harness.sh) starts and waits for vduse-net;
+# its log is /tmp/vduse-net0.err.
+VDUSE_START = """. "$MICROVM_HARNESS"
+h_vduse_start net0 --loopback --iotlb-dump /tmp/iotlb >/dev/null
+echo '@@section vduse-ready'; cat /tmp/vduse-net0.out
 """
 # Each IOTLB rebuild reaches vduse-net as one VDUSE_UPDATE_IOTLB request,
 # which it logs as "iotlb update #N [first,last]".
-REBUILDS = "grep -cE 'iotlb update #[0-9]+ \\[' /tmp/vduse.err"
+REBUILDS = "grep -cE 'iotlb update #[0-9]+ \\[' /tmp/vduse-net0.err"
 RANGES = "grep -c '^0x' /tmp/iotlb"
-VDUSE_STOP = """kill $VD; wait $VD
-echo '@@section vduse-log'; grep -v '^vduse-net:   iotlb 0x' /tmp/vduse.err | tail -40
+VDUSE_STOP = """h_vduse_stop net0
+echo '@@section vduse-log'; grep -v '^vduse-net:   iotlb 0x' /tmp/vduse-net0.err | tail -40
 """
 
 
@@ -155,8 +156,7 @@ QMP_TIMEOUT = 15
 
 
 def _wait_ready(log):
-    return (f"i=0; until grep -q '{READY}' {log} 2>/dev/null; do i=$((i+1)); "
-            f"if [ $i -gt 1500 ] || ! kill -0 $MV 2>/dev/null; then break; fi; sleep 0.2; done\n"
+    return (f"h_wait_console '{READY}' 300 'the guest to boot to its ready line'\n"
             f"echo '@@section ready'; grep -c '{READY}' {log}\n")
 
 
@@ -195,7 +195,7 @@ def hotplug_script(vmm: Vmm):
     argv = vmms.shell(hotplug_argv(vmm))
     commands["hotplug"] = argv
     script += _quoted_heredoc("command", argv)
-    script += f"{argv} >/tmp/console.log 2>/tmp/vmm.err &\nMV=$!\n"
+    script += f"h_vmm_start {argv}\n"
     script += _wait_ready("/tmp/console.log")
     script += _snapshot(vmm, 0)
     for n, (name, _what, size, qmp_steps) in enumerate(HOTPLUG_STEPS, 1):
@@ -210,7 +210,7 @@ def hotplug_script(vmm: Vmm):
         script += _snapshot(vmm, n)
     if vmm.is_qemu:
         script += f"microvm-qmp --socket {vmms.QMP_SOCKET} '{{\"execute\":\"quit\"}}' >/dev/null 2>&1\n"
-    script += "kill $MV 2>/dev/null; wait $MV\n"
+    script += "h_vmm_stop\n"
     script += "echo '@@section vmm-stderr'; tail -30 /tmp/vmm.err\n"
     script += "echo '@@section console-tail'; tail -15 /tmp/console.log\n"
     script += VDUSE_STOP
@@ -337,27 +337,18 @@ echo viommu-done
 nc -l -p 5000 >/dev/null
 """
 
-VIOMMU_HOST_START = f"""vduse-net --name net0 --tap tap0 >/tmp/vduse.out 2>/tmp/vduse.err &
-VD=$!
-i=0; until grep -q ready /tmp/vduse.out 2>/dev/null; do i=$((i+1)); [ $i -gt 200 ] && break; sleep 0.1; done
-echo '@@section vduse-ready'; cat /tmp/vduse.out
+VIOMMU_HOST_START = f""". "$MICROVM_HARNESS"
+h_vduse_start net0 --tap tap0 >/dev/null
+echo '@@section vduse-ready'; cat /tmp/vduse-net0.out
 ip addr add {VIOMMU_TCP}.1/24 dev tap0
 # Finished rebuilds only: vduse-net logs "iotlb update #N: E entries ..." once one is served.
-rebuilds() {{ grep -cE 'iotlb update #[0-9]+: ' /tmp/vduse.err; }}
+rebuilds() {{ grep -cE 'iotlb update #[0-9]+: ' /tmp/vduse-net0.err; }}
 now() {{ cut -d' ' -f1 /proc/uptime; }}
 # wait_for PATTERN SECONDS: until the console shows PATTERN, the VMM exits or time runs out.
-wait_for() {{
-  end=$(( $(cut -d. -f1 /proc/uptime) + $2 ))
-  until grep -q "$1" /tmp/console.log; do
-    kill -0 $MV 2>/dev/null || return 1
-    [ $(cut -d. -f1 /proc/uptime) -ge $end ] && return 1
-    sleep 0.2
-  done
-}}
-# go: the host's signal to the guest. Each try is bounded (a wedged guest
-# with a cached ARP entry would hold a plain nc in SYN retries for minutes),
-# and so is the number of tries.
-go() {{ n=0; until echo go | timeout {VIOMMU_GO_TRY_S} nc {VIOMMU_TCP}.2 5000 2>/dev/null; do n=$((n+1)); [ $n -ge {VIOMMU_GO_TRIES} ] && return 1; kill -0 $MV 2>/dev/null || return 1; sleep 0.2; done; }}
+wait_for() {{ h_wait_console "$1" "$2" "the guest to print $1"; }}
+# go: the host's signal to the guest, each try and the number of tries bounded.
+go() {{ H_GO_TRIES={VIOMMU_GO_TRIES} H_GO_TRY_S={VIOMMU_GO_TRY_S} h_go {VIOMMU_TCP}.2; }}
+vmm_alive() {{ h_alive "$(h_vmm_pid)"; }}
 """
 
 
@@ -389,7 +380,7 @@ def viommu_script(vmm_list, transfer_mib, pings):
             script += (f"rm -f {vmms.API_SOCKET} {vmms.QMP_SOCKET} {vmms.QEMU_TRACE_LOG}; : >/tmp/console.log\n"
                        f"microvm-tcp-sink --port 5001 --bytes {transfer_mib << 20} >/tmp/sink.out 2>/tmp/sink.err &\n"
                        "SINK=$!\n"
-                       f"{argv} >/tmp/console.log 2>/tmp/vmm.err &\nMV=$!\n"
+                       f"h_vmm_start {argv}\n"
                        f"wait_for viommu-ready {VIOMMU_READY_LIMIT_S}; echo '@@section {tag}-ready'; grep -c viommu-ready /tmp/console.log\n"
                        # No window for a guest that never got its link up.
                        "if grep -q viommu-ready /tmp/console.log; then\n"
@@ -406,12 +397,12 @@ def viommu_script(vmm_list, transfer_mib, pings):
                        f"echo '@@section {tag}-ping'; grep -E 'packets transmitted|round-trip' /tmp/console.log\n"
                        # Done: the second go lets the guest power off.
                        "if grep -q viommu-done /tmp/console.log; then go; n=0\n"
-                       f"  while kill -0 $MV 2>/dev/null && [ $n -lt {VIOMMU_POWEROFF_LIMIT_S * 5} ]; do n=$((n+1)); sleep 0.2; done\n"
+                       f"  while vmm_alive && [ $n -lt {VIOMMU_POWEROFF_LIMIT_S * 5} ]; do n=$((n+1)); sleep 0.2; done\n"
                        "fi\nfi\n"
                        # Whether the VM ended on its own before it was done (a guest
                        # reset or poweroff) rather than hanging until a limit.
-                       f"grep -q viommu-done /tmp/console.log || kill -0 $MV 2>/dev/null || echo '@@section {tag}-ended-early'\n"
-                       "kill $MV 2>/dev/null; wait $MV; st=$?\n"
+                       f"grep -q viommu-done /tmp/console.log || vmm_alive || echo '@@section {tag}-ended-early'\n"
+                       "h_vmm_stop; st=$(h_get vmm_status)\n"
                        "kill $SINK 2>/dev/null; wait $SINK 2>/dev/null\n"
                        f"echo '@@section {tag}-exit'; echo $st\n"
                        f"echo '@@section {tag}-vmm-stderr'; grep -v 'Fail to invalidate device iotlb' /tmp/vmm.err | tail -20\n"
@@ -419,7 +410,7 @@ def viommu_script(vmm_list, transfer_mib, pings):
                        # A VM that did not finish: what the device and the test host's
                        # kernel said last (a device marked broken, a kernel warning).
                        "grep -q viommu-done /tmp/console.log || { "
-                       f"echo '@@section {tag}-device-log'; grep -v '^vduse-net:   ' /tmp/vduse.err | tail -6; "
+                       f"echo '@@section {tag}-device-log'; grep -v '^vduse-net:   ' /tmp/vduse-net0.err | tail -6; "
                        "dmesg | tail -4; }\n")
     script += VDUSE_STOP
     return script, commands

@@ -17,6 +17,7 @@
 #   h_wait_console PATTERN SECS STEP   wait for a console line
 #   h_wait_file FILE PATTERN SECS STEP  wait for a line in any file
 #   h_go ADDR [PORT]             the host's signal to a guest's `nc -l`
+#   h_send ADDR PORT FILE        a file to a guest's `nc -l`, bounded like h_go
 #   h_ctl ARGS...                microvm-ctl on the VMM's API socket, bounded
 #   h_vmm_wait SECS              wait for the VMM to exit; prints its status
 #   h_vmm_stop                   end the VMM (TERM, then KILL)
@@ -204,6 +205,7 @@ h_vmm_wait() {
 }
 
 h_vmm_stop() {
+	# Ends the VMM (TERM, then KILL after 5 s); its status is then recorded.
 	local pid n
 	pid=$(h_get vmm_pid)
 	h_alive "$pid" || return 0
@@ -211,26 +213,35 @@ h_vmm_stop() {
 	n=0
 	while h_alive "$pid" && [ $n -lt 25 ]; do n=$((n + 1)); sleep 0.2; done
 	h_alive "$pid" && kill -9 "$pid" 2>/dev/null
+	n=0
+	while [ ! -s "$H_DIR/vmm_status" ] && [ $n -lt 20 ]; do n=$((n + 1)); sleep 0.1; done
 	return 0
+}
+
+h_send() {
+	# h_send ADDR PORT FILE: sends FILE to a guest's `nc -l -p PORT`, with
+	# h_go's bounds.
+	H_GO_INPUT=$3 h_go "$1" "$2"
 }
 
 h_go() {
 	# h_go ADDR [PORT]: sends "go" to a guest's `nc -l -p PORT`. Each try is
-	# bounded (a plain nc to a wedged guest sits in SYN retries for
-	# minutes), and so is the number of tries (60, about 20 s when the
-	# guest refuses, 5 min when it never answers).
+	# bounded (H_GO_TRY_S, default 5: a plain nc to a wedged guest sits in
+	# SYN retries for minutes), and so is the number of tries (H_GO_TRIES,
+	# default 60: about 20 s when the guest refuses, 5 min when it never
+	# answers).
 	local port n vmm
 	port=${2:-5000}
 	n=0
-	until echo go | timeout 5 nc "$1" "$port" 2>/dev/null; do
+	until if [ -n "$H_GO_INPUT" ]; then timeout "${H_GO_TRY_S:-5}" nc "$1" "$port" <"$H_GO_INPUT"; else echo go | timeout "${H_GO_TRY_S:-5}" nc "$1" "$port"; fi 2>/dev/null; do
 		n=$((n + 1))
 		vmm=$(h_get vmm_pid)
 		if [ -n "$vmm" ] && ! h_alive "$vmm"; then
 			h_fail "the guest to take 'go' on $1:$port (the VMM exited)"
 			return 1
 		fi
-		if [ $n -ge 60 ]; then
-			h_fail "the guest to take 'go' on $1:$port (60 tries)"
+		if [ $n -ge "${H_GO_TRIES:-60}" ]; then
+			h_fail "the guest to take 'go' on $1:$port (${H_GO_TRIES:-60} tries)"
 			return 1
 		fi
 		sleep 0.3
