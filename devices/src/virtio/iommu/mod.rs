@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::queue_worker::{Drain, QueueHandler, QueueWorker, Serve};
+use super::queue_worker::{Chain, Drain, QueueHandler, QueueWorker, Serve};
 use super::*;
 use crate::dma::{DmaSpaces, GuestTranslate, SharedSpaces, SpaceError};
 
@@ -434,7 +434,7 @@ fn serve_drain(drain: &mut Drain<'_>, context: &Context) {
     let mut writable = Vec::new();
     while let Some(chain) = drain.next_chain() {
         heads.push(chain.head_index());
-        let (request, segments) = read_chain(chain, memory, context.translate.as_ref());
+        let (request, segments) = read_chain(&chain, memory, context.translate.as_ref());
         requests.push(request);
         writable.push(segments);
     }
@@ -482,24 +482,25 @@ fn is_ram(translate: &dyn GuestTranslate, addr: u64, len: usize) -> bool {
 }
 
 /// A chain's request bytes (at most [`MAX_READABLE`] are read, and only
-/// from guest RAM) and its writable segments.
-fn read_chain<M>(
-    chain: virtio_queue::DescriptorChain<M>,
+/// from guest RAM) and its writable segments. A malformed chain (see
+/// `queue_worker`) reads as a request with no room for a status, which is
+/// returned unwritten.
+fn read_chain(
+    chain: &Chain,
     memory: &GuestMemoryMmap,
     translate: &dyn GuestTranslate,
-) -> (RawRequest, Vec<(GuestAddress, u32)>)
-where
-    M: std::ops::Deref,
-    M::Target: vm_memory::GuestMemory,
-{
+) -> (RawRequest, Vec<(GuestAddress, u32)>) {
     let mut request = RawRequest::default();
     let mut segments = Vec::new();
+    let Ok(descriptors) = chain.segments() else {
+        return (request, segments);
+    };
     let mut readable_ok = true;
-    for descriptor in chain {
-        let len = descriptor.len();
-        if descriptor.is_write_only() {
+    for descriptor in descriptors {
+        let len = descriptor.len;
+        if descriptor.writable {
             request.writable_len = request.writable_len.saturating_add(u64::from(len));
-            segments.push((descriptor.addr(), len));
+            segments.push((descriptor.addr, len));
             continue;
         }
         request.readable_len = request.readable_len.saturating_add(u64::from(len));
@@ -507,8 +508,8 @@ where
         let take = room.min(len as usize);
         if take > 0 && readable_ok {
             let mut bytes = vec![0u8; take];
-            readable_ok = is_ram(translate, descriptor.addr().0, take)
-                && memory.read_slice(&mut bytes, descriptor.addr()).is_ok();
+            readable_ok = is_ram(translate, descriptor.addr.0, take)
+                && memory.read_slice(&mut bytes, descriptor.addr).is_ok();
             request.head.extend_from_slice(&bytes);
         }
     }
