@@ -7,9 +7,11 @@
 //! committed, and only then are statuses final: if a device refuses it, the
 //! copy is dropped (nothing half-mapped) and, when the drain held MAPs, it
 //! is tried once more without them, so UNMAPs, ATTACHes and DETACHes the
-//! guest already counts on still happen.
+//! guest already counts on still happen. If every try is refused, each
+//! request's status is decided against the model as it still is, so none
+//! reports a state that exists only through a refused request.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use crate::dma::{ChangeKind, DeviceReport, DmaError, DmaSpaces, GuestTranslate, Plan, SpaceError};
@@ -205,37 +207,119 @@ impl IommuState {
         self.counters.drains += 1;
         self.counters.largest_drain = self.counters.largest_drain.max(requests.len() as u64);
         let parsed: Vec<Parsed> = requests.iter().map(|r| parse(r, self.probe_size)).collect();
-
-        let mut pass = self.attempt(spaces, translate, &parsed, MapMode::Apply, started);
-        if let Some(error) = &pass.refused {
-            let maps = pass.outcomes.iter().any(Outcome::is_changing_map);
-            let others = pass
-                .outcomes
-                .iter()
-                .any(|o| o.changed() && !o.is_changing_map());
-            if maps && others {
-                let status = refused_status(RequestKind::Map, error);
-                pass = self.attempt(spaces, translate, &parsed, MapMode::Refuse(status), started);
-            }
-        }
-        let outcomes: Vec<Outcome> = match &pass.refused {
-            None => pass.outcomes,
-            // Nothing changed: what depended on the commit failed.
-            Some(error) => pass
-                .outcomes
-                .into_iter()
-                .map(|o| match o {
-                    Outcome::Done(kind, Ok(Effect::Changed)) => {
-                        Outcome::Done(kind, Err(refused_status(kind, error)))
-                    }
-                    other => other,
-                })
-                .collect(),
-        };
+        let outcomes = self.outcomes(spaces, translate, &parsed, started);
         requests
             .iter()
             .zip(outcomes)
             .map(|(raw, outcome)| self.reply(raw, outcome))
+            .collect()
+    }
+
+    /// Each request's outcome against what was committed: the pass the
+    /// devices accepted, or, if they refused every try, the model as it was.
+    fn outcomes(
+        &mut self,
+        spaces: &mut DmaSpaces,
+        translate: &dyn GuestTranslate,
+        parsed: &[Parsed],
+        started: Instant,
+    ) -> Vec<Outcome> {
+        let first = self.attempt(spaces, translate, parsed, MapMode::Apply, started);
+        let Some(first_error) = first.refused else {
+            return first.outcomes;
+        };
+        let map_status = refused_status(RequestKind::Map, &first_error);
+        let maps = first.outcomes.iter().any(Outcome::is_changing_map);
+        let others = first
+            .outcomes
+            .iter()
+            .any(|o| o.changed() && !o.is_changing_map());
+        let error = if maps && others {
+            let retry = self.attempt(
+                spaces,
+                translate,
+                parsed,
+                MapMode::Refuse(map_status),
+                started,
+            );
+            match retry.refused {
+                None => return retry.outcomes,
+                Some(error) => error,
+            }
+        } else {
+            first_error
+        };
+        self.unchanged_outcomes(spaces, translate, parsed, map_status, &error)
+    }
+
+    /// Every request checked against the committed model with none of
+    /// them applied, after the devices refused the drain: a request that
+    /// would change something gets the refusal's status (MAPs `map_status`,
+    /// as in the retry), the others what they get from that model alone, so
+    /// nothing reports a change an earlier refused request would have made.
+    ///
+    /// Requests run on one scratch copy; a request that changes it marks
+    /// what it touched ([`Touched`]), and a later request that would see
+    /// that gets a fresh copy. At most [`MAX_FRESH_COPIES`] are taken per
+    /// drain (each costs the whole model); past them, such a request gets
+    /// the refusal's status, which claims nothing about the devices.
+    fn unchanged_outcomes(
+        &self,
+        spaces: &mut DmaSpaces,
+        translate: &dyn GuestTranslate,
+        parsed: &[Parsed],
+        map_status: u8,
+        error: &SpaceError,
+    ) -> Vec<Outcome> {
+        let held: usize = self.domains.domain_infos().iter().map(|d| d.mappings).sum();
+        let at_limit = held >= self.limits.max_mappings;
+        let domain_of: BTreeMap<u32, Option<u32>> = self
+            .domains
+            .endpoint_infos()
+            .iter()
+            .map(|e| (e.id, e.domain))
+            .collect();
+        let mut scratch = self.domains.clone();
+        let mut touched = Touched::default();
+        let mut fresh_copies = 0;
+        parsed
+            .iter()
+            .map(|p| match p {
+                Parsed::Request(Request::Probe { .. }) if !self.limits.probe => {
+                    Outcome::Unanswerable(RequestKind::Probe)
+                }
+                Parsed::Request(request) => {
+                    let kind = request.kind();
+                    let refused = match kind {
+                        RequestKind::Map => map_status,
+                        _ => refused_status(kind, error),
+                    };
+                    if touched.seen_by(request, at_limit) {
+                        if fresh_copies == MAX_FRESH_COPIES {
+                            return Outcome::Done(kind, Err(refused));
+                        }
+                        fresh_copies += 1;
+                        scratch = self.domains.clone();
+                        touched = Touched::default();
+                    }
+                    let mut pending = Pending::new(spaces, Plan::new(ChangeKind::Iommu));
+                    let maps = MapMode::Refuse(map_status);
+                    let result =
+                        scratch.apply(request, &self.limits, translate, maps, &mut pending);
+                    // Spaces the request created for a new domain go again.
+                    pending.abandoned();
+                    let result = match result {
+                        Ok(Effect::Changed) => {
+                            touched.note(request, &domain_of);
+                            Err(refused)
+                        }
+                        other => other,
+                    };
+                    Outcome::Done(kind, result)
+                }
+                Parsed::Reject(kind, status) => Outcome::Rejected(*kind, *status),
+                Parsed::Unanswerable(kind) => Outcome::Unanswerable(*kind),
+            })
             .collect()
     }
 
@@ -375,6 +459,87 @@ impl IommuState {
         self.count(spaces.commit(plan))?;
         self.domains = model;
         Ok(dropped)
+    }
+}
+
+/// Fresh copies of the model one refused drain may take to decide its
+/// statuses (see `IommuState::unchanged_outcomes`).
+const MAX_FRESH_COPIES: usize = 8;
+
+/// What requests changed in a scratch copy of the model, so that a later
+/// request that would see it gets a fresh copy. A request sees a change
+/// when:
+/// - ATTACH/DETACH: any endpoint moved (membership, domains that came or
+///   went); UNMAPs do not change what they check;
+/// - MAP/UNMAP: its domain came, went or changed kind, or an UNMAP removed
+///   mappings in an overlapping range (an UNMAP only removes mappings
+///   inside its range), or, for a MAP with the model at its mapping limit,
+///   any UNMAP freed room;
+/// - PROBE: never (endpoints are fixed).
+#[derive(Default)]
+struct Touched {
+    membership: bool,
+    domains: BTreeSet<u32>,
+    /// (domain, first, last) of each changing UNMAP.
+    ranges: Vec<(u32, u64, u64)>,
+    /// A request whose effect is not tracked here changed the copy.
+    everything: bool,
+}
+
+impl Touched {
+    fn seen_by(&self, request: &Request, at_limit: bool) -> bool {
+        let overlaps = |domain: u32, first: u64, last: u64| {
+            self.ranges
+                .iter()
+                .any(|&(d, f, l)| d == domain && f <= last && first <= l)
+        };
+        self.everything
+            || match *request {
+                Request::Attach { .. } | Request::Detach { .. } => self.membership,
+                Request::Map {
+                    domain,
+                    virt_start,
+                    virt_end,
+                    ..
+                } => {
+                    self.domains.contains(&domain)
+                        || overlaps(domain, virt_start, virt_end)
+                        || (at_limit && !self.ranges.is_empty())
+                }
+                Request::Unmap {
+                    domain,
+                    virt_start,
+                    virt_end,
+                } => self.domains.contains(&domain) || overlaps(domain, virt_start, virt_end),
+                Request::Probe { .. } => false,
+            }
+    }
+
+    /// `request` changed the copy; `domain_of` is each endpoint's domain in
+    /// the committed model (what a fresh copy says).
+    fn note(&mut self, request: &Request, domain_of: &BTreeMap<u32, Option<u32>>) {
+        match *request {
+            Request::Attach {
+                domain, endpoint, ..
+            } => {
+                self.membership = true;
+                self.domains.insert(domain);
+                if let Some(Some(old)) = domain_of.get(&endpoint) {
+                    self.domains.insert(*old);
+                }
+            }
+            Request::Detach { domain, .. } => {
+                self.membership = true;
+                self.domains.insert(domain);
+            }
+            Request::Unmap {
+                domain,
+                virt_start,
+                virt_end,
+            } => self.ranges.push((domain, virt_start, virt_end)),
+            // MAPs are refused before they change anything.
+            Request::Map { .. } | Request::Probe { .. } => self.everything = true,
+        }
     }
 }
 
