@@ -92,7 +92,7 @@ pub struct IommuConfig {
     pub input_range: RangeInclusive<u64>,
     /// Domain IDs the guest may use.
     pub domain_range: RangeInclusive<u32>,
-    /// Initial (and system-reset) value of the bypass bit: whether
+    /// Initial (and device-reset) value of the bypass bit: whether
     /// endpoints in no domain reach all guest RAM (identity) or nothing.
     pub bypass: bool,
 }
@@ -135,9 +135,10 @@ fn limits(config: &IommuConfig) -> Result<Limits, IommuError> {
         domain_range: domains,
         reserved: vec![MSI_WINDOW],
         max_mappings: MAX_MAPPINGS,
-        map_unmap: true,
-        bypass_config: true,
-        probe: true,
+        // Nothing is negotiated until the driver sets FEATURES_OK.
+        map_unmap: false,
+        bypass_config: false,
+        probe: false,
     })
 }
 
@@ -300,16 +301,21 @@ impl RequestServer {
         Ok((RequestServer(context), handle))
     }
 
-    /// What a device reset does to the state.
+    /// What a device reset does to the state, then the driver's new
+    /// negotiation (every feature again).
     pub fn reset(&mut self) {
-        let _ = self.0.with_state(|spaces, state| state.reset(spaces));
+        let _ = self.0.with_state(|spaces, state| {
+            let reset = state.reset(spaces);
+            state.set_acked(true, true, true);
+            reset
+        });
     }
 
-    /// What a write of the bypass bit does.
+    /// What the driver's write of the bypass bit does.
     pub fn set_bypass(&mut self, bypass: bool) {
         let _ = self
             .0
-            .with_state(|spaces, state| state.set_bypass(spaces, bypass));
+            .with_state(|spaces, state| state.write_bypass(spaces, bypass));
     }
 }
 
@@ -366,8 +372,17 @@ impl VirtioDevice for VirtioIommu {
         }
     }
 
+    fn features_ok(&mut self, features: u64) {
+        self.handle.lock().set_acked(
+            features & VIRTIO_IOMMU_F_MAP_UNMAP != 0,
+            features & VIRTIO_IOMMU_F_BYPASS_CONFIG != 0,
+            features & VIRTIO_IOMMU_F_PROBE != 0,
+        );
+    }
+
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // Only `bypass` is writable; bits 1-7 carry nothing.
+        // Only `bypass` is writable, and only after BYPASS_CONFIG was
+        // negotiated (checked on the worker); bits 1-7 carry nothing.
         let Some(at) = (CFG_BYPASS as u64).checked_sub(offset) else {
             return;
         };
@@ -376,7 +391,7 @@ impl VirtioDevice for VirtioIommu {
             // On the worker, in order with the requests. It fails only if the
             // worker never started, and then no request is served either.
             let _ = self.worker.call(move |context: &mut Context| {
-                let _ = context.with_state(|spaces, state| state.set_bypass(spaces, bypass));
+                let _ = context.with_state(|spaces, state| state.write_bypass(spaces, bypass));
             });
         }
     }
@@ -399,12 +414,7 @@ impl VirtioDevice for VirtioIommu {
             source,
         };
         let queue = config.to_queue(QUEUE_SIZE).map_err(queue_error)?;
-        let features = activation.features;
-        self.handle.lock().set_acked(
-            features & VIRTIO_IOMMU_F_MAP_UNMAP != 0,
-            features & VIRTIO_IOMMU_F_BYPASS_CONFIG != 0,
-            features & VIRTIO_IOMMU_F_PROBE != 0,
-        );
+        self.features_ok(activation.features);
         self.worker
             .serve(Serve {
                 queue,

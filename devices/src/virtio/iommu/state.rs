@@ -119,6 +119,8 @@ fn refused_status(kind: RequestKind, error: &SpaceError) -> u8 {
 /// The IOMMU's state: its domain model, limits and counters.
 pub struct IommuState {
     domains: Domains,
+    /// The bypass bit at creation, and after every device reset.
+    initial_bypass: bool,
     limits: Limits,
     probe_size: u32,
     /// The RESV_MEM properties every PROBE answers.
@@ -140,6 +142,7 @@ impl IommuState {
             .collect();
         IommuState {
             domains: Domains::new(endpoints, bypass),
+            initial_bypass: bypass,
             limits,
             probe_size,
             properties,
@@ -390,9 +393,19 @@ impl IommuState {
         reply
     }
 
-    /// The driver wrote the bypass bit: unattached endpoints move in one
-    /// plan. If a device refuses, the bit keeps its old value (what the
-    /// devices still do).
+    /// The driver wrote the bypass field. Only a driver that negotiated
+    /// VIRTIO_IOMMU_F_BYPASS_CONFIG may write it (virtio 1.3, "Device
+    /// configuration layout"); any other write is ignored.
+    pub fn write_bypass(&mut self, spaces: &mut DmaSpaces, bypass: bool) -> Result<(), SpaceError> {
+        if !self.limits.bypass_config {
+            return Ok(());
+        }
+        self.set_bypass(spaces, bypass)
+    }
+
+    /// Sets the bypass bit: unattached endpoints move in one plan. If a
+    /// device refuses, the bit keeps its old value (what the devices still
+    /// do).
     pub fn set_bypass(&mut self, spaces: &mut DmaSpaces, bypass: bool) -> Result<(), SpaceError> {
         let mut model = self.domains.clone();
         let mut plan = Plan::new(ChangeKind::Iommu);
@@ -407,33 +420,47 @@ impl IommuState {
         Ok(())
     }
 
-    /// Device reset: every domain goes, endpoints follow the bypass bit,
-    /// in one plan. The model is reset even if a device refuses (the driver
-    /// starts over); those devices are then detached, so they reach nothing
-    /// rather than a dead domain's mappings.
+    /// Device reset: every domain goes, nothing is negotiated any more, and
+    /// the bypass bit is back at its initial value, in one plan. (The spec
+    /// keeps the bit across a device reset and restores it on system reset;
+    /// a microVM has no system reset, so the next driver would inherit what
+    /// an earlier one set, and its endpoints would reach all RAM before it
+    /// asked for anything.)
+    ///
+    /// If a device refuses, every endpoint is detached instead and the bit
+    /// reads 0, which is then what the devices do; if a device refuses that
+    /// too, nothing changed and the model (domains included) still says
+    /// so. Either way the first refusal is returned.
     pub fn reset(&mut self, spaces: &mut DmaSpaces) -> Result<(), SpaceError> {
+        self.set_acked(false, false, false);
+        let refused = match self.reset_to(spaces, self.initial_bypass) {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        // With bypass on the refused plan moved devices to identity; with
+        // it off this tries the same detach once more.
+        let _ = self.reset_to(spaces, false);
+        Err(refused)
+    }
+
+    /// Resets the model with the bypass bit at `bypass` and moves the
+    /// devices to match; on a refusal nothing changed.
+    fn reset_to(&mut self, spaces: &mut DmaSpaces, bypass: bool) -> Result<(), SpaceError> {
         let mut model = self.domains.clone();
+        model.set_bypass(bypass);
         let mut pending = Pending::new(spaces, Plan::new(ChangeKind::Iommu));
         model.reset(&mut pending);
         let plan = std::mem::replace(&mut pending.plan, Plan::new(ChangeKind::Iommu));
-        if plan.is_empty() {
-            self.domains = model;
-            pending.committed();
-            return Ok(());
-        }
-        let result = pending.spaces().commit(plan);
-        self.domains = model;
-        let result = self.count(result);
-        if result.is_err() {
-            let mut detach = Plan::new(ChangeKind::Iommu);
-            for endpoint in self.domains.endpoint_infos() {
-                detach.attach(&endpoint.device, None);
+        if !plan.is_empty() {
+            let result = pending.spaces().commit(plan);
+            if let Err(error) = self.count(result) {
+                pending.abandoned();
+                return Err(error);
             }
-            let detached = pending.spaces().commit(detach);
-            let _ = self.count(detached);
         }
+        self.domains = model;
         pending.committed();
-        result.map(|_| ())
+        Ok(())
     }
 
     /// Memory hotplug: guest RAM `ranges` (gpa, size) is about to be

@@ -722,11 +722,12 @@ fn reset_forgets_every_domain_and_follows_the_bypass_bit() {
         assert_eq!(f.held_merged(device), identity_ram());
     }
     assert_eq!(f.spaces.mapping_count(space), None);
-    assert!(f.state.snapshot().bypass, "bypass survives a device reset");
-    // Bypass off, then reset: nothing reachable.
+    assert!(f.state.snapshot().bypass, "the initial bit");
+    // Bypass off, then reset: the initial bit again, identity again.
     f.state.set_bypass(&mut f.spaces, false).unwrap();
-    f.state.reset(&mut f.spaces).unwrap();
     assert_eq!(f.space_of(0), None);
+    f.state.reset(&mut f.spaces).unwrap();
+    assert_eq!(f.space_of(0), Some(SpaceId::IDENTITY));
 }
 
 #[test]
@@ -1230,7 +1231,9 @@ fn the_device_offers_its_features_and_config_and_places_endpoints() {
     assert_eq!(beyond, [0; 4]);
     assert_eq!(spaces.lock().unwrap().space_of("net0").unwrap(), None);
 
-    // Turning bypass on goes through the worker.
+    // Turning bypass on goes through the worker, once the driver acked
+    // BYPASS_CONFIG.
+    device.features_ok(features);
     device.write_config(CFG_BYPASS as u64, &[1]);
     let deadline = Instant::now() + std::time::Duration::from_secs(5);
     while spaces.lock().unwrap().space_of("net0").unwrap() != Some(SpaceId::IDENTITY) {
@@ -1608,6 +1611,125 @@ fn statuses_after_a_refused_drain_say_what_the_devices_hold() {
     f.devices[1].lock().unwrap().backend_mut().fail_nth(1);
     let statuses = f.drain(&[attach(2, EP1, 0), unmap_pages(1, 9, 1), detach(1, EP1)]);
     assert_eq!(statuses, vec![Some(S_DEVERR), OK, Some(S_INVAL)]);
+}
+
+/// Every endpoint's device is where the IOMMU reports it.
+fn assert_reported_as_held(f: &Fixture) {
+    for endpoint in f.state.snapshot().endpoints {
+        assert_eq!(
+            Some(endpoint.space),
+            f.spaces.space_of(&endpoint.device).ok(),
+            "endpoint {:#x}",
+            endpoint.id
+        );
+    }
+}
+
+#[test]
+fn a_device_reset_restores_the_initial_bypass_bit_and_detaches_everything() {
+    let mut f = fixture(false);
+    f.state.set_bypass(&mut f.spaces, true).unwrap();
+    assert_eq!(f.drain(&[attach(1, EP0, ATTACH_F_BYPASS)]), vec![OK]);
+    assert_eq!(f.space_of(1), Some(SpaceId::IDENTITY));
+    f.state.reset(&mut f.spaces).unwrap();
+    assert!(
+        !f.state.snapshot().bypass,
+        "the bit is back at its initial 0"
+    );
+    for device in 0..2 {
+        assert_eq!(f.space_of(device), None, "net{device} reaches nothing");
+        assert!(f.held(device).is_empty());
+    }
+    assert!(f.state.snapshot().domains.is_empty());
+    assert_reported_as_held(&f);
+    // With an initial bit of 1, a reset brings endpoints back to identity.
+    let mut f = fixture(true);
+    f.state.set_bypass(&mut f.spaces, false).unwrap();
+    f.state.reset(&mut f.spaces).unwrap();
+    assert!(f.state.snapshot().bypass);
+    assert_eq!(f.space_of(0), Some(SpaceId::IDENTITY));
+    assert_reported_as_held(&f);
+}
+
+#[test]
+fn a_refused_reset_reports_what_the_devices_hold() {
+    let mut f = fixture(true);
+    let setup = f.drain(&[attach(1, EP0, 0), map_pages(1, 1, 1, 0x1000, RW)]);
+    assert_eq!(setup, vec![OK, OK]);
+    f.take(0);
+    // net0 refuses its move back to identity: the reset falls back to
+    // detaching every endpoint, and says so (bypass reads 0).
+    f.devices[0].lock().unwrap().backend_mut().fail_nth(1);
+    assert!(f.state.reset(&mut f.spaces).is_err());
+    assert!(f.state.snapshot().domains.is_empty());
+    assert!(!f.state.bypass());
+    for device in 0..2 {
+        assert_eq!(f.space_of(device), None);
+        assert!(f.held(device).is_empty(), "net{device}");
+    }
+    assert_reported_as_held(&f);
+}
+
+/// A virtio-iommu over one recording device "net0" (bypass 0 at reset),
+/// served by its worker thread.
+fn device_with_worker() -> (VirtioIommu, SharedSpaces) {
+    let spaces = DmaSpaces::new().shared();
+    let recorder: Recorder = Arc::new(Mutex::new(DmaMapper::new(
+        RecordingBackend::new(),
+        0..=(1 << 48) - 1,
+        true,
+    )));
+    let shared: SharedDmaDevice = recorder;
+    spaces.lock().unwrap().register("net0", shared).unwrap();
+    let config = IommuConfig {
+        endpoints: vec![IommuEndpoint {
+            id: EP0,
+            device: "net0".into(),
+        }],
+        input_range: 0..=(1 << 48) - 1,
+        domain_range: 1..=255,
+        bypass: false,
+    };
+    let memory = queue::Driver::new().memory;
+    let device = VirtioIommu::new(
+        config,
+        spaces.clone(),
+        Arc::new(fake_ram()),
+        memory,
+        Box::new(|| Ok(())),
+    )
+    .unwrap();
+    (device, spaces)
+}
+
+#[test]
+fn bypass_writes_count_only_when_the_driver_acked_bypass_config() {
+    let (mut device, spaces) = device_with_worker();
+    let space = |spaces: &SharedSpaces| spaces.lock().unwrap().space_of("net0").unwrap();
+    let read_bypass = |device: &mut VirtioIommu| {
+        let mut bypass = [0u8];
+        device.read_config(CFG_BYPASS as u64, &mut bypass);
+        bypass[0]
+    };
+    // Before any negotiation, and after one without BYPASS_CONFIG, a write
+    // changes nothing (the write returns once the worker handled it).
+    device.write_config(CFG_BYPASS as u64, &[1]);
+    assert_eq!((read_bypass(&mut device), space(&spaces)), (0, None));
+    let without = device.features() & !VIRTIO_IOMMU_F_BYPASS_CONFIG;
+    device.features_ok(without);
+    device.write_config(CFG_BYPASS as u64, &[1]);
+    assert_eq!((read_bypass(&mut device), space(&spaces)), (0, None));
+    // A driver that acked it may write it.
+    device.reset();
+    device.features_ok(device.features());
+    device.write_config(CFG_BYPASS as u64, &[1]);
+    assert_eq!(
+        (read_bypass(&mut device), space(&spaces)),
+        (1, Some(SpaceId::IDENTITY))
+    );
+    // A reset puts it back to 0 and takes the endpoint out of identity.
+    device.reset();
+    assert_eq!((read_bypass(&mut device), space(&spaces)), (0, None));
 }
 
 /// `VmHWM` (peak resident set) of this process, in KiB.
