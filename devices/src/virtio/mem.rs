@@ -352,14 +352,15 @@ fn serve_requests(drain: &mut Drain<'_>, state: &Mutex<MemState>, backend: &dyn 
         let mut request = [0u8; REQ_SIZE];
         let mut response_addr = None;
         let mut have_request = false;
-        for descriptor in chain {
-            let addr = descriptor.addr();
-            if descriptor.is_write_only() {
-                if descriptor.len() >= RESP_SIZE && backend.is_ram(addr.0, u64::from(RESP_SIZE)) {
+        // A malformed chain (see `queue_worker`) is returned unwritten.
+        for descriptor in chain.segments().unwrap_or_default() {
+            let addr = descriptor.addr;
+            if descriptor.writable {
+                if descriptor.len >= RESP_SIZE && backend.is_ram(addr.0, u64::from(RESP_SIZE)) {
                     response_addr.get_or_insert(addr);
                 }
             } else if !have_request
-                && descriptor.len() as usize >= REQ_SIZE
+                && descriptor.len as usize >= REQ_SIZE
                 && backend.is_ram(addr.0, REQ_SIZE as u64)
             {
                 have_request = memory.read_slice(&mut request, addr).is_ok();
@@ -728,6 +729,44 @@ mod tests {
             .unwrap();
         assert_eq!(untouched, [0xee; 16]);
         assert_eq!(backend.calls.lock().unwrap().len(), 1, "one plug served");
+    }
+
+    #[test]
+    fn chains_with_an_indirect_descriptor_or_too_many_are_returned_unwritten() {
+        use super::super::queue_worker::MAX_CHAIN_DESCRIPTORS;
+        use super::super::test_ring::TestRing;
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let state = Mutex::new(state());
+        let backend = RecordingBackend::default();
+        let plug = req(REQ_PLUG, BASE, 1);
+        memory.write_slice(&plug, GuestAddress(0x10000)).unwrap();
+        memory
+            .write_slice(&[0xee; 32], GuestAddress(0x10100))
+            .unwrap();
+        let request = REQ_SIZE as u32;
+        let mut ring = TestRing::new(0x1000, 32);
+        // The PLUG behind an indirect table (never offered, never followed).
+        ring.add_indirect_chain(
+            &memory,
+            0x8000,
+            &[(0x10000, request, false), (0x10100, RESP_SIZE, true)],
+        );
+        // The PLUG followed by more descriptors than a chain may have.
+        let mut long = vec![(0x10000, request, false)];
+        long.extend((0..MAX_CHAIN_DESCRIPTORS as u64).map(|i| (0x10200 + 0x10 * i, 1, true)));
+        long.push((0x10100 + 0x10, RESP_SIZE, true));
+        ring.add_chain(&memory, &long);
+        let mut queue = ring.queue();
+        serve_requests(&mut Drain::new(&mut queue, &memory), &state, &backend);
+        assert_eq!(ring.used_idx(&memory), 2);
+        let used: Vec<u32> = (0..2).map(|n| ring.used_entry(&memory, n).1).collect();
+        assert_eq!(used, vec![0, 0]);
+        let mut untouched = [0u8; 32];
+        memory
+            .read_slice(&mut untouched, GuestAddress(0x10100))
+            .unwrap();
+        assert_eq!(untouched, [0xee; 32]);
+        assert!(backend.calls.lock().unwrap().is_empty(), "nothing plugged");
     }
 
     /// Counts plug calls; each one waits for the test to let it finish.

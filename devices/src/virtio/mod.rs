@@ -105,6 +105,10 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     fn read_config(&mut self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The transport accepted FEATURES_OK with these driver features: from
+    /// now until a reset, they are what was negotiated (the driver may
+    /// write config before DRIVER_OK).
+    fn features_ok(&mut self, _features: u64) {}
     /// The driver set DRIVER_OK: start serving the queues.
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// The driver reset the device (status 0): stop and forget queue state.

@@ -447,6 +447,9 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             }
         }
         self.status = status;
+        if added & status & STATUS_FEATURES_OK != 0 {
+            self.device.features_ok(self.driver_features);
+        }
         if added & STATUS_FAILED != 0 {
             if self.active {
                 self.device.reset();

@@ -24,6 +24,16 @@
 //! (virtio-iommu commits one drain as one DMA transaction). The worker
 //! raises the queue's interrupt when the handler added used entries.
 //!
+//! What the guest points at never sets what a drain costs: the worker
+//! walks each chain itself and hands the handler its buffers as a short
+//! list, or a `ChainError` when the chain is malformed (answer it with a
+//! used length of 0). No device here offers VIRTIO_RING_F_INDIRECT_DESC, so
+//! a chain with an indirect descriptor is malformed and its table is never
+//! read; a chain has at most [`MAX_CHAIN_DESCRIPTORS`] descriptors and
+//! [`MAX_CHAIN_BYTES`]. One drain pops at most the queue size's chains
+//! (a driver that keeps queueing cannot stretch it): the rest waits, and
+//! the worker comes back for it on its own, after any pending command.
+//!
 //! `stop` is synchronous: it returns once the worker has dropped the queue,
 //! so after a reset the device no longer reads or writes the old rings. A
 //! request the handler is in the middle of completes first (its used entry
@@ -36,11 +46,112 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::VirtioInterrupt;
+
+/// Most descriptors one chain may have: requests of the devices served
+/// here take two (Linux's virtio-iommu and virtio-mem drivers).
+pub const MAX_CHAIN_DESCRIPTORS: usize = 16;
+/// Most bytes one chain's descriptors may describe, readable and writable
+/// together (the largest request here, a PROBE, takes a few hundred).
+pub const MAX_CHAIN_BYTES: u64 = 64 << 10;
+
+/// One buffer of a chain, as its descriptor says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: GuestAddress,
+    pub len: u32,
+    /// Device-writable (VIRTQ_DESC_F_WRITE).
+    pub writable: bool,
+}
+
+/// Why a chain is not served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error("descriptor {index} refers to an indirect table, which the device did not offer")]
+    Indirect { index: u16 },
+    #[error("descriptor {index} is outside the descriptor table of {size}")]
+    OutOfTable { index: u16, size: u16 },
+    #[error("descriptor {index} cannot be read")]
+    Unreadable { index: u16 },
+    #[error("more than {MAX_CHAIN_DESCRIPTORS} descriptors")]
+    TooManyDescriptors,
+    #[error("more than {MAX_CHAIN_BYTES} bytes")]
+    TooManyBytes,
+}
+
+/// One chain the driver made available, walked and checked by the worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    head: u16,
+    segments: Result<Vec<Segment>, ChainError>,
+}
+
+impl Chain {
+    /// What the used entry names.
+    pub fn head_index(&self) -> u16 {
+        self.head
+    }
+
+    /// Its buffers in order, or why it is malformed.
+    pub fn segments(&self) -> Result<&[Segment], ChainError> {
+        self.segments.as_deref().map_err(|e| *e)
+    }
+}
+
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+const DESC_F_INDIRECT: u16 = 4;
+const DESC_SIZE: u64 = 16;
+
+/// Walks the chain at `head` in the descriptor table at `table` of `size`
+/// entries, reading one descriptor at a time and stopping at the first
+/// bound it breaks; a loop breaks the descriptor bound.
+fn walk(memory: &GuestMemoryMmap, table: u64, size: u16, head: u16) -> Chain {
+    let mut segments = Vec::new();
+    let mut bytes: u64 = 0;
+    let mut index = head;
+    let result = loop {
+        if index >= size {
+            break Err(ChainError::OutOfTable { index, size });
+        }
+        if segments.len() == MAX_CHAIN_DESCRIPTORS {
+            break Err(ChainError::TooManyDescriptors);
+        }
+        let at = u64::from(index)
+            .checked_mul(DESC_SIZE)
+            .and_then(|offset| table.checked_add(offset));
+        let descriptor = at.and_then(|at| memory.read_obj::<Descriptor>(GuestAddress(at)).ok());
+        let Some(descriptor) = descriptor else {
+            break Err(ChainError::Unreadable { index });
+        };
+        let flags = descriptor.flags();
+        if flags & DESC_F_INDIRECT != 0 {
+            break Err(ChainError::Indirect { index });
+        }
+        bytes = bytes.saturating_add(u64::from(descriptor.len()));
+        if bytes > MAX_CHAIN_BYTES {
+            break Err(ChainError::TooManyBytes);
+        }
+        segments.push(Segment {
+            addr: descriptor.addr(),
+            len: descriptor.len(),
+            writable: flags & DESC_F_WRITE != 0,
+        });
+        if flags & DESC_F_NEXT == 0 {
+            break Ok(segments);
+        }
+        index = descriptor.next();
+    };
+    Chain {
+        head,
+        segments: result,
+    }
+}
 
 /// What a device does with the requests of its queue.
 pub trait QueueHandler: Send + 'static {
@@ -61,6 +172,10 @@ pub struct Drain<'a> {
     memory: &'a GuestMemoryMmap,
     stopping: &'a AtomicBool,
     used: bool,
+    /// Chains popped so far: at most the queue size.
+    popped: u16,
+    /// The drain stopped at its bound; chains may be waiting.
+    bounded: bool,
 }
 
 /// A drain outside any worker: never told to stop.
@@ -75,6 +190,8 @@ impl<'a> Drain<'a> {
             memory,
             stopping: &NEVER_STOPPING,
             used: false,
+            popped: 0,
+            bounded: false,
         }
     }
 
@@ -83,13 +200,30 @@ impl<'a> Drain<'a> {
         self.used
     }
 
+    /// Whether the drain ended at its bound rather than on an empty queue.
+    pub fn bounded(&self) -> bool {
+        self.bounded
+    }
+
     /// The next chain the driver made available; `None` when the queue is
-    /// empty, malformed, or the device is being stopped.
-    pub fn next_chain(&mut self) -> Option<DescriptorChain<&'a GuestMemoryMmap>> {
+    /// empty, malformed, the drain took the queue size's chains, or the
+    /// device is being stopped.
+    pub fn next_chain(&mut self) -> Option<Chain> {
         if self.stopping.load(Ordering::Acquire) {
             return None;
         }
-        self.queue.pop_descriptor_chain(self.memory)
+        if self.popped >= self.queue.size() {
+            self.bounded = true;
+            return None;
+        }
+        let head = self.queue.pop_descriptor_chain(self.memory)?.head_index();
+        self.popped += 1;
+        Some(walk(
+            self.memory,
+            self.queue.desc_table(),
+            self.queue.size(),
+            head,
+        ))
     }
 
     /// Returns the chain whose head is `head` to the driver, with `written`
@@ -264,10 +398,17 @@ impl<H: QueueHandler> Thread<H> {
                     memory: &self.memory,
                     stopping: &self.stopping,
                     used: false,
+                    popped: 0,
+                    bounded: false,
                 };
                 handler.serve(&mut drain);
                 if drain.used {
                     let _ = serve.interrupt.signal_queue(serve.index);
+                }
+                if drain.bounded {
+                    // The rest gets the next turn, as if the guest kicked:
+                    // commands queued meanwhile still go first.
+                    let _ = serve.kick.write(1);
                 }
             }
         }
@@ -370,6 +511,48 @@ mod tests {
         assert_eq!(*seen.lock().unwrap(), vec![0, 1]);
         assert_eq!(ring.used_entry(&memory, 1), (1, 7));
         wait_until("two interrupts", || interrupt.queue_interrupts() == 2);
+    }
+
+    #[test]
+    fn a_drain_takes_at_most_the_queue_size_and_the_worker_comes_back_for_the_rest() {
+        const TOTAL: u16 = 20;
+        let memory = memory();
+        let ring = Arc::new(Mutex::new(TestRing::new(0x1000, 8)));
+        let drains = Arc::new(Mutex::new(Vec::new()));
+        let (guest, seen, mem) = (ring.clone(), drains.clone(), memory.clone());
+        let handler = move |drain: &mut Drain<'_>| {
+            let mut taken = 0;
+            while let Some(chain) = drain.next_chain() {
+                taken += 1;
+                drain.add_used(chain.head_index(), 0);
+                // A guest vCPU keeps queueing while the device drains.
+                let mut ring = guest.lock().unwrap();
+                if ring.avail_idx(&mem) < TOTAL {
+                    ring.add_chain(&mem, &[(0x8000, 16, false)]);
+                }
+            }
+            if taken > 0 {
+                seen.lock().unwrap().push(taken);
+            }
+        };
+        let worker =
+            QueueWorker::spawn("test-worker", memory.clone(), handler, Box::new(|| Ok(())))
+                .unwrap();
+        let interrupt = Arc::new(CountingInterrupt::default());
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        ring.lock()
+            .unwrap()
+            .add_chain(&memory, &[(0x8000, 16, false)]);
+        worker
+            .serve(serve(&ring.lock().unwrap(), &kick, &interrupt))
+            .unwrap();
+        // No further kick: the worker comes back by itself.
+        wait_until("every chain", || {
+            ring.lock().unwrap().used_idx(&memory) == TOTAL
+        });
+        let drains = drains.lock().unwrap().clone();
+        assert!(drains.iter().all(|&n| n <= 8), "drains of {drains:?}");
+        assert_eq!(drains.iter().sum::<u16>(), TOTAL);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -13,6 +14,7 @@ use super::{QueueConfig, VirtioInterrupt};
 const DESC_SIZE: u64 = 16;
 pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_INDIRECT: u16 = 4;
 
 /// A split ring at fixed addresses: descriptor table, then the available
 /// ring, then the used ring, each on its own 4 KiB page.
@@ -84,6 +86,42 @@ impl TestRing {
         }
         self.make_available(memory, head);
         head
+    }
+
+    /// Writes `buffers` as an indirect descriptor table at `table` and makes
+    /// available one ring descriptor that refers to it; returns its head.
+    pub fn add_indirect_chain(
+        &mut self,
+        memory: &GuestMemoryMmap,
+        table: u64,
+        buffers: &[(u64, u32, bool)],
+    ) -> u16 {
+        for (i, &(addr, len, writable)) in buffers.iter().enumerate() {
+            let last = i + 1 == buffers.len();
+            let flags =
+                if writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+            let mut raw = [0u8; DESC_SIZE as usize];
+            raw[0..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&(i as u16 + 1).to_le_bytes());
+            memory
+                .write_slice(&raw, GuestAddress(table + i as u64 * DESC_SIZE))
+                .expect("indirect table in memory");
+        }
+        let head = self.next_desc;
+        self.next_desc = (self.next_desc + 1) % self.size;
+        let len = buffers.len() as u32 * DESC_SIZE as u32;
+        self.write_desc(memory, head, table, len, DESC_F_INDIRECT, 0);
+        self.make_available(memory, head);
+        head
+    }
+
+    /// A ready queue on this ring, as the transport would build it.
+    pub fn queue(&self) -> Queue {
+        self.config(0)
+            .to_queue(self.size)
+            .expect("a valid test ring")
     }
 
     /// Puts `head` in the next slot of the available ring.

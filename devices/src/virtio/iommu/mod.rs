@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::queue_worker::{Drain, QueueHandler, QueueWorker, Serve};
+use super::queue_worker::{Chain, Drain, QueueHandler, QueueWorker, Serve};
 use super::*;
 use crate::dma::{DeviceReport, DmaSpaces, GuestTranslate, Plan, SharedSpaces, SpaceError};
 
@@ -92,7 +92,7 @@ pub struct IommuConfig {
     pub input_range: RangeInclusive<u64>,
     /// Domain IDs the guest may use.
     pub domain_range: RangeInclusive<u32>,
-    /// Initial (and system-reset) value of the bypass bit: whether
+    /// Initial (and device-reset) value of the bypass bit: whether
     /// endpoints in no domain reach all guest RAM (identity) or nothing.
     pub bypass: bool,
 }
@@ -135,9 +135,10 @@ fn limits(config: &IommuConfig) -> Result<Limits, IommuError> {
         domain_range: domains,
         reserved: vec![MSI_WINDOW],
         max_mappings: MAX_MAPPINGS,
-        map_unmap: true,
-        bypass_config: true,
-        probe: true,
+        // Nothing is negotiated until the driver sets FEATURES_OK.
+        map_unmap: false,
+        bypass_config: false,
+        probe: false,
     })
 }
 
@@ -330,16 +331,21 @@ impl RequestServer {
         Ok((RequestServer(context), handle))
     }
 
-    /// What a device reset does to the state.
+    /// What a device reset does to the state, then the driver's new
+    /// negotiation (every feature again).
     pub fn reset(&mut self) {
-        let _ = self.0.with_state(|spaces, state| state.reset(spaces));
+        let _ = self.0.with_state(|spaces, state| {
+            let reset = state.reset(spaces);
+            state.set_acked(true, true, true);
+            reset
+        });
     }
 
-    /// What a write of the bypass bit does.
+    /// What the driver's write of the bypass bit does.
     pub fn set_bypass(&mut self, bypass: bool) {
         let _ = self
             .0
-            .with_state(|spaces, state| state.set_bypass(spaces, bypass));
+            .with_state(|spaces, state| state.write_bypass(spaces, bypass));
     }
 }
 
@@ -396,8 +402,17 @@ impl VirtioDevice for VirtioIommu {
         }
     }
 
+    fn features_ok(&mut self, features: u64) {
+        self.handle.lock().set_acked(
+            features & VIRTIO_IOMMU_F_MAP_UNMAP != 0,
+            features & VIRTIO_IOMMU_F_BYPASS_CONFIG != 0,
+            features & VIRTIO_IOMMU_F_PROBE != 0,
+        );
+    }
+
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // Only `bypass` is writable; bits 1-7 carry nothing.
+        // Only `bypass` is writable, and only after BYPASS_CONFIG was
+        // negotiated (checked on the worker); bits 1-7 carry nothing.
         let Some(at) = (CFG_BYPASS as u64).checked_sub(offset) else {
             return;
         };
@@ -406,7 +421,7 @@ impl VirtioDevice for VirtioIommu {
             // On the worker, in order with the requests. It fails only if the
             // worker never started, and then no request is served either.
             let _ = self.worker.call(move |context: &mut Context| {
-                let _ = context.with_state(|spaces, state| state.set_bypass(spaces, bypass));
+                let _ = context.with_state(|spaces, state| state.write_bypass(spaces, bypass));
             });
         }
     }
@@ -429,12 +444,7 @@ impl VirtioDevice for VirtioIommu {
             source,
         };
         let queue = config.to_queue(QUEUE_SIZE).map_err(queue_error)?;
-        let features = activation.features;
-        self.handle.lock().set_acked(
-            features & VIRTIO_IOMMU_F_MAP_UNMAP != 0,
-            features & VIRTIO_IOMMU_F_BYPASS_CONFIG != 0,
-            features & VIRTIO_IOMMU_F_PROBE != 0,
-        );
+        self.features_ok(activation.features);
         self.worker
             .serve(Serve {
                 queue,
@@ -464,7 +474,7 @@ fn serve_drain(drain: &mut Drain<'_>, context: &Context) {
     let mut writable = Vec::new();
     while let Some(chain) = drain.next_chain() {
         heads.push(chain.head_index());
-        let (request, segments) = read_chain(chain, memory, context.translate.as_ref());
+        let (request, segments) = read_chain(&chain, memory, context.translate.as_ref());
         requests.push(request);
         writable.push(segments);
     }
@@ -512,24 +522,25 @@ fn is_ram(translate: &dyn GuestTranslate, addr: u64, len: usize) -> bool {
 }
 
 /// A chain's request bytes (at most [`MAX_READABLE`] are read, and only
-/// from guest RAM) and its writable segments.
-fn read_chain<M>(
-    chain: virtio_queue::DescriptorChain<M>,
+/// from guest RAM) and its writable segments. A malformed chain (see
+/// `queue_worker`) reads as a request with no room for a status, which is
+/// returned unwritten.
+fn read_chain(
+    chain: &Chain,
     memory: &GuestMemoryMmap,
     translate: &dyn GuestTranslate,
-) -> (RawRequest, Vec<(GuestAddress, u32)>)
-where
-    M: std::ops::Deref,
-    M::Target: vm_memory::GuestMemory,
-{
+) -> (RawRequest, Vec<(GuestAddress, u32)>) {
     let mut request = RawRequest::default();
     let mut segments = Vec::new();
+    let Ok(descriptors) = chain.segments() else {
+        return (request, segments);
+    };
     let mut readable_ok = true;
-    for descriptor in chain {
-        let len = descriptor.len();
-        if descriptor.is_write_only() {
+    for descriptor in descriptors {
+        let len = descriptor.len;
+        if descriptor.writable {
             request.writable_len = request.writable_len.saturating_add(u64::from(len));
-            segments.push((descriptor.addr(), len));
+            segments.push((descriptor.addr, len));
             continue;
         }
         request.readable_len = request.readable_len.saturating_add(u64::from(len));
@@ -537,8 +548,8 @@ where
         let take = room.min(len as usize);
         if take > 0 && readable_ok {
             let mut bytes = vec![0u8; take];
-            readable_ok = is_ram(translate, descriptor.addr().0, take)
-                && memory.read_slice(&mut bytes, descriptor.addr()).is_ok();
+            readable_ok = is_ram(translate, descriptor.addr.0, take)
+                && memory.read_slice(&mut bytes, descriptor.addr).is_ok();
             request.head.extend_from_slice(&bytes);
         }
     }

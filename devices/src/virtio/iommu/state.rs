@@ -7,9 +7,11 @@
 //! committed, and only then are statuses final: if a device refuses it, the
 //! copy is dropped (nothing half-mapped) and, when the drain held MAPs, it
 //! is tried once more without them, so UNMAPs, ATTACHes and DETACHes the
-//! guest already counts on still happen.
+//! guest already counts on still happen. If every try is refused, each
+//! request's status is decided against the model as it still is, so none
+//! reports a state that exists only through a refused request.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use crate::dma::{ChangeKind, DeviceReport, DmaError, DmaSpaces, GuestTranslate, Plan, SpaceError};
@@ -117,6 +119,8 @@ fn refused_status(kind: RequestKind, error: &SpaceError) -> u8 {
 /// The IOMMU's state: its domain model, limits and counters.
 pub struct IommuState {
     domains: Domains,
+    /// The bypass bit at creation, and after every device reset.
+    initial_bypass: bool,
     limits: Limits,
     probe_size: u32,
     /// The RESV_MEM properties every PROBE answers.
@@ -138,6 +142,7 @@ impl IommuState {
             .collect();
         IommuState {
             domains: Domains::new(endpoints, bypass),
+            initial_bypass: bypass,
             limits,
             probe_size,
             properties,
@@ -205,37 +210,119 @@ impl IommuState {
         self.counters.drains += 1;
         self.counters.largest_drain = self.counters.largest_drain.max(requests.len() as u64);
         let parsed: Vec<Parsed> = requests.iter().map(|r| parse(r, self.probe_size)).collect();
-
-        let mut pass = self.attempt(spaces, translate, &parsed, MapMode::Apply, started);
-        if let Some(error) = &pass.refused {
-            let maps = pass.outcomes.iter().any(Outcome::is_changing_map);
-            let others = pass
-                .outcomes
-                .iter()
-                .any(|o| o.changed() && !o.is_changing_map());
-            if maps && others {
-                let status = refused_status(RequestKind::Map, error);
-                pass = self.attempt(spaces, translate, &parsed, MapMode::Refuse(status), started);
-            }
-        }
-        let outcomes: Vec<Outcome> = match &pass.refused {
-            None => pass.outcomes,
-            // Nothing changed: what depended on the commit failed.
-            Some(error) => pass
-                .outcomes
-                .into_iter()
-                .map(|o| match o {
-                    Outcome::Done(kind, Ok(Effect::Changed)) => {
-                        Outcome::Done(kind, Err(refused_status(kind, error)))
-                    }
-                    other => other,
-                })
-                .collect(),
-        };
+        let outcomes = self.outcomes(spaces, translate, &parsed, started);
         requests
             .iter()
             .zip(outcomes)
             .map(|(raw, outcome)| self.reply(raw, outcome))
+            .collect()
+    }
+
+    /// Each request's outcome against what was committed: the pass the
+    /// devices accepted, or, if they refused every try, the model as it was.
+    fn outcomes(
+        &mut self,
+        spaces: &mut DmaSpaces,
+        translate: &dyn GuestTranslate,
+        parsed: &[Parsed],
+        started: Instant,
+    ) -> Vec<Outcome> {
+        let first = self.attempt(spaces, translate, parsed, MapMode::Apply, started);
+        let Some(first_error) = first.refused else {
+            return first.outcomes;
+        };
+        let map_status = refused_status(RequestKind::Map, &first_error);
+        let maps = first.outcomes.iter().any(Outcome::is_changing_map);
+        let others = first
+            .outcomes
+            .iter()
+            .any(|o| o.changed() && !o.is_changing_map());
+        let error = if maps && others {
+            let retry = self.attempt(
+                spaces,
+                translate,
+                parsed,
+                MapMode::Refuse(map_status),
+                started,
+            );
+            match retry.refused {
+                None => return retry.outcomes,
+                Some(error) => error,
+            }
+        } else {
+            first_error
+        };
+        self.unchanged_outcomes(spaces, translate, parsed, map_status, &error)
+    }
+
+    /// Every request checked against the committed model with none of
+    /// them applied, after the devices refused the drain: a request that
+    /// would change something gets the refusal's status (MAPs `map_status`,
+    /// as in the retry), the others what they get from that model alone, so
+    /// nothing reports a change an earlier refused request would have made.
+    ///
+    /// Requests run on one scratch copy; a request that changes it marks
+    /// what it touched ([`Touched`]), and a later request that would see
+    /// that gets a fresh copy. At most [`MAX_FRESH_COPIES`] are taken per
+    /// drain (each costs the whole model); past them, such a request gets
+    /// the refusal's status, which claims nothing about the devices.
+    fn unchanged_outcomes(
+        &self,
+        spaces: &mut DmaSpaces,
+        translate: &dyn GuestTranslate,
+        parsed: &[Parsed],
+        map_status: u8,
+        error: &SpaceError,
+    ) -> Vec<Outcome> {
+        let held: usize = self.domains.domain_infos().iter().map(|d| d.mappings).sum();
+        let at_limit = held >= self.limits.max_mappings;
+        let domain_of: BTreeMap<u32, Option<u32>> = self
+            .domains
+            .endpoint_infos()
+            .iter()
+            .map(|e| (e.id, e.domain))
+            .collect();
+        let mut scratch = self.domains.clone();
+        let mut touched = Touched::default();
+        let mut fresh_copies = 0;
+        parsed
+            .iter()
+            .map(|p| match p {
+                Parsed::Request(Request::Probe { .. }) if !self.limits.probe => {
+                    Outcome::Unanswerable(RequestKind::Probe)
+                }
+                Parsed::Request(request) => {
+                    let kind = request.kind();
+                    let refused = match kind {
+                        RequestKind::Map => map_status,
+                        _ => refused_status(kind, error),
+                    };
+                    if touched.seen_by(request, at_limit) {
+                        if fresh_copies == MAX_FRESH_COPIES {
+                            return Outcome::Done(kind, Err(refused));
+                        }
+                        fresh_copies += 1;
+                        scratch = self.domains.clone();
+                        touched = Touched::default();
+                    }
+                    let mut pending = Pending::new(spaces, Plan::new(ChangeKind::Iommu));
+                    let maps = MapMode::Refuse(map_status);
+                    let result =
+                        scratch.apply(request, &self.limits, translate, maps, &mut pending);
+                    // Spaces the request created for a new domain go again.
+                    pending.abandoned();
+                    let result = match result {
+                        Ok(Effect::Changed) => {
+                            touched.note(request, &domain_of);
+                            Err(refused)
+                        }
+                        other => other,
+                    };
+                    Outcome::Done(kind, result)
+                }
+                Parsed::Reject(kind, status) => Outcome::Rejected(*kind, *status),
+                Parsed::Unanswerable(kind) => Outcome::Unanswerable(*kind),
+            })
             .collect()
     }
 
@@ -306,9 +393,19 @@ impl IommuState {
         reply
     }
 
-    /// The driver wrote the bypass bit: unattached endpoints move in one
-    /// plan. If a device refuses, the bit keeps its old value (what the
-    /// devices still do).
+    /// The driver wrote the bypass field. Only a driver that negotiated
+    /// VIRTIO_IOMMU_F_BYPASS_CONFIG may write it (virtio 1.3, "Device
+    /// configuration layout"); any other write is ignored.
+    pub fn write_bypass(&mut self, spaces: &mut DmaSpaces, bypass: bool) -> Result<(), SpaceError> {
+        if !self.limits.bypass_config {
+            return Ok(());
+        }
+        self.set_bypass(spaces, bypass)
+    }
+
+    /// Sets the bypass bit: unattached endpoints move in one plan. If a
+    /// device refuses, the bit keeps its old value (what the devices still
+    /// do).
     pub fn set_bypass(&mut self, spaces: &mut DmaSpaces, bypass: bool) -> Result<(), SpaceError> {
         let mut model = self.domains.clone();
         let mut plan = Plan::new(ChangeKind::Iommu);
@@ -323,33 +420,47 @@ impl IommuState {
         Ok(())
     }
 
-    /// Device reset: every domain goes, endpoints follow the bypass bit,
-    /// in one plan. The model is reset even if a device refuses (the driver
-    /// starts over); those devices are then detached, so they reach nothing
-    /// rather than a dead domain's mappings.
+    /// Device reset: every domain goes, nothing is negotiated any more, and
+    /// the bypass bit is back at its initial value, in one plan. (The spec
+    /// keeps the bit across a device reset and restores it on system reset;
+    /// a microVM has no system reset, so the next driver would inherit what
+    /// an earlier one set, and its endpoints would reach all RAM before it
+    /// asked for anything.)
+    ///
+    /// If a device refuses, every endpoint is detached instead and the bit
+    /// reads 0, which is then what the devices do; if a device refuses that
+    /// too, nothing changed and the model (domains included) still says
+    /// so. Either way the first refusal is returned.
     pub fn reset(&mut self, spaces: &mut DmaSpaces) -> Result<(), SpaceError> {
+        self.set_acked(false, false, false);
+        let refused = match self.reset_to(spaces, self.initial_bypass) {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        // With bypass on the refused plan moved devices to identity; with
+        // it off this tries the same detach once more.
+        let _ = self.reset_to(spaces, false);
+        Err(refused)
+    }
+
+    /// Resets the model with the bypass bit at `bypass` and moves the
+    /// devices to match; on a refusal nothing changed.
+    fn reset_to(&mut self, spaces: &mut DmaSpaces, bypass: bool) -> Result<(), SpaceError> {
         let mut model = self.domains.clone();
+        model.set_bypass(bypass);
         let mut pending = Pending::new(spaces, Plan::new(ChangeKind::Iommu));
         model.reset(&mut pending);
         let plan = std::mem::replace(&mut pending.plan, Plan::new(ChangeKind::Iommu));
-        if plan.is_empty() {
-            self.domains = model;
-            pending.committed();
-            return Ok(());
-        }
-        let result = pending.spaces().commit(plan);
-        self.domains = model;
-        let result = self.count(result);
-        if result.is_err() {
-            let mut detach = Plan::new(ChangeKind::Iommu);
-            for endpoint in self.domains.endpoint_infos() {
-                detach.attach(&endpoint.device, None);
+        if !plan.is_empty() {
+            let result = pending.spaces().commit(plan);
+            if let Err(error) = self.count(result) {
+                pending.abandoned();
+                return Err(error);
             }
-            let detached = pending.spaces().commit(detach);
-            let _ = self.count(detached);
         }
+        self.domains = model;
         pending.committed();
-        result.map(|_| ())
+        Ok(())
     }
 
     /// Memory unplug: guest RAM `ranges` (gpa, size) is about to go.
@@ -383,6 +494,87 @@ impl IommuState {
                 self.counters.note_reports(reports);
             }
             None => self.counters.plans_refused += 1,
+        }
+    }
+}
+
+/// Fresh copies of the model one refused drain may take to decide its
+/// statuses (see `IommuState::unchanged_outcomes`).
+const MAX_FRESH_COPIES: usize = 8;
+
+/// What requests changed in a scratch copy of the model, so that a later
+/// request that would see it gets a fresh copy. A request sees a change
+/// when:
+/// - ATTACH/DETACH: any endpoint moved (membership, domains that came or
+///   went); UNMAPs do not change what they check;
+/// - MAP/UNMAP: its domain came, went or changed kind, or an UNMAP removed
+///   mappings in an overlapping range (an UNMAP only removes mappings
+///   inside its range), or, for a MAP with the model at its mapping limit,
+///   any UNMAP freed room;
+/// - PROBE: never (endpoints are fixed).
+#[derive(Default)]
+struct Touched {
+    membership: bool,
+    domains: BTreeSet<u32>,
+    /// (domain, first, last) of each changing UNMAP.
+    ranges: Vec<(u32, u64, u64)>,
+    /// A request whose effect is not tracked here changed the copy.
+    everything: bool,
+}
+
+impl Touched {
+    fn seen_by(&self, request: &Request, at_limit: bool) -> bool {
+        let overlaps = |domain: u32, first: u64, last: u64| {
+            self.ranges
+                .iter()
+                .any(|&(d, f, l)| d == domain && f <= last && first <= l)
+        };
+        self.everything
+            || match *request {
+                Request::Attach { .. } | Request::Detach { .. } => self.membership,
+                Request::Map {
+                    domain,
+                    virt_start,
+                    virt_end,
+                    ..
+                } => {
+                    self.domains.contains(&domain)
+                        || overlaps(domain, virt_start, virt_end)
+                        || (at_limit && !self.ranges.is_empty())
+                }
+                Request::Unmap {
+                    domain,
+                    virt_start,
+                    virt_end,
+                } => self.domains.contains(&domain) || overlaps(domain, virt_start, virt_end),
+                Request::Probe { .. } => false,
+            }
+    }
+
+    /// `request` changed the copy; `domain_of` is each endpoint's domain in
+    /// the committed model (what a fresh copy says).
+    fn note(&mut self, request: &Request, domain_of: &BTreeMap<u32, Option<u32>>) {
+        match *request {
+            Request::Attach {
+                domain, endpoint, ..
+            } => {
+                self.membership = true;
+                self.domains.insert(domain);
+                if let Some(Some(old)) = domain_of.get(&endpoint) {
+                    self.domains.insert(*old);
+                }
+            }
+            Request::Detach { domain, .. } => {
+                self.membership = true;
+                self.domains.insert(domain);
+            }
+            Request::Unmap {
+                domain,
+                virt_start,
+                virt_end,
+            } => self.ranges.push((domain, virt_start, virt_end)),
+            // MAPs are refused before they change anything.
+            Request::Map { .. } | Request::Probe { .. } => self.everything = true,
         }
     }
 }
