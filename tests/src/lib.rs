@@ -221,6 +221,14 @@ impl SectionedRun {
     ) -> SectionedRun {
         let (outcomes, log) =
             run_in_test_host_with_peers(&[Scenario { name, script }], 1500, peers);
+        // The whole run is kept on disk too: the test that started the run
+        // may pass (and cargo then hides its output) while another fails.
+        let dir = repo_root().join("target/e2e-logs");
+        let path = dir.join(format!("{name}.log"));
+        match std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, &log)) {
+            Ok(()) => eprintln!("e2e: the whole test-host run is in {}", path.display()),
+            Err(e) => eprintln!("e2e: cannot keep the run in {}: {e}", path.display()),
+        }
         eprintln!("{log}");
         let raw = outcomes
             .get(name)

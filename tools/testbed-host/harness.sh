@@ -16,6 +16,7 @@
 #   h_vmm_start ARGS...          start a VMM (console and stderr to files)
 #   h_wait_console PATTERN SECS STEP   wait for a console line
 #   h_wait_file FILE PATTERN SECS STEP  wait for a line in any file
+#   h_wait_true SECS STEP CMD... wait until a command succeeds
 #   h_go ADDR [PORT]             the host's signal to a guest's `nc -l`
 #   h_send ADDR PORT FILE        a file to a guest's `nc -l`, bounded like h_go
 #   h_ctl ARGS...                microvm-ctl on the VMM's API socket, bounded
@@ -113,6 +114,28 @@ h_wait_file() {
 		fi
 		if [ "$(h_now)" -ge "$end" ]; then
 			h_fail "$* ('$pattern' did not appear in $f within ${secs}s)"
+			return 1
+		fi
+		sleep 0.2
+	done
+}
+
+h_wait_true() {
+	# h_wait_true SECS STEP CMD...: until CMD succeeds, the VMM exits, or
+	# SECS pass.
+	local secs step end vmm
+	secs=$1 step=$2
+	shift 2
+	end=$(($(h_now) + secs))
+	until "$@"; do
+		vmm=$(h_get vmm_pid)
+		if [ -n "$vmm" ] && ! h_alive "$vmm"; then
+			"$@" && return 0
+			h_fail "$step (the VMM exited first)"
+			return 1
+		fi
+		if [ "$(h_now)" -ge "$end" ]; then
+			h_fail "$step (not within ${secs}s)"
 			return 1
 		fi
 		sleep 0.2
