@@ -15,17 +15,18 @@ class ClassifyTest(unittest.TestCase):
         self.assertEqual(soak.classify(out, 0),
                          (False, "the guest to show MemTotal after the plug", True))
 
-    def test_a_vmm_that_exited_is_a_failure_but_not_a_hang(self):
+    def test_a_vmm_that_exited_early_is_a_guest_end_not_a_hang(self):
         out = "harness: FAILED: the guest to boot (the VMM exited before 'x' appeared)\n@@soak fail boot\n"
-        ok, cause, hang = soak.classify(out, 0)
-        self.assertFalse(ok)
-        self.assertEqual(cause, "the guest to boot")
-        self.assertFalse(hang)
+        self.assertEqual(soak.classify(out, 0), (False, soak.GUEST_ENDED, False))
 
     def test_a_triple_fault_wins_over_the_step_it_broke(self):
         out = ("microvm: vCPU 0 triple-faulted; the guest is reset\n"
-               "harness: FAILED: the guest to stream (the VMM exited before 'done' appeared)\n")
-        self.assertEqual(soak.classify(out, 0), (False, "guest triple fault", False))
+               "harness: FAILED: the guest to stream (ping did not appear in x within 9s)\n")
+        self.assertEqual(soak.classify(out, 0), (False, soak.GUEST_ENDED, False))
+
+    def test_a_panic_is_its_own_cause(self):
+        out = "Kernel panic - not syncing: x\nharness: FAILED: s (the VMM exited before 'y' appeared)\n"
+        self.assertEqual(soak.classify(out, 0)[1], "guest kernel panic")
 
     def test_a_testbed_timeout_without_harness_words_is_a_hang(self):
         self.assertEqual(soak.classify("booting...\n", 103),
