@@ -13,9 +13,11 @@
 
 pub mod control;
 pub mod http;
-pub(crate) mod routes;
+pub mod routes;
 pub mod server;
 pub mod socket;
+#[cfg(test)]
+mod test_vm;
 
 use std::io;
 use std::os::unix::net::UnixListener;

@@ -322,7 +322,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn empty_state() -> Arc<ApiState> {
-        Arc::new(crate::fuzz_targets::StillVm::new())
+        Arc::new(crate::api::test_vm::StillVm::new())
     }
 
     /// A served API socket in a fresh directory.
@@ -523,7 +523,7 @@ mod tests {
 
     /// A VM whose virtio-mem driver accepts every target and never plugs.
     fn state_with_idle_hotplug() -> Arc<ApiState> {
-        Arc::new(crate::fuzz_targets::StillVm::with_hotplug(
+        Arc::new(crate::api::test_vm::StillVm::with_hotplug(
             64 << 20,
             2 << 20,
         ))
