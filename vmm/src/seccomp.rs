@@ -541,6 +541,64 @@ mod tests {
         assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
     }
 
+    /// Panics on a vCPU-filtered thread with RUST_BACKTRACE=1, in a child
+    /// whose stderr is a pipe, as the VMM has them: SIGSYS handler and
+    /// panic hook installed before the filter. Returns what reached stderr.
+    fn stderr_of_a_filtered_panic() -> String {
+        let program = filter(ThreadKind::Vcpu, &unused_fds()).unwrap();
+        let mut fds = [0; 2];
+        // SAFETY: fds has room for the two descriptors pipe(2) returns.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the child redirects stderr, installs the handler and hook,
+        // applies the filter and panics on purpose; it leaves with _exit
+        // whatever happens. glibc's fork resets malloc's locks in the child.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: in the child; see above.
+            unsafe {
+                libc::dup2(fds[1], 2);
+                libc::close(fds[0]);
+                libc::close(fds[1]);
+            }
+            std::env::set_var("RUST_BACKTRACE", "1");
+            if install_sigsys_handler().is_err() {
+                // SAFETY: leaving the child at once.
+                unsafe { libc::_exit(100) };
+            }
+            crate::panic_hook::install();
+            if apply(&program).is_err() {
+                // SAFETY: leaving the child at once.
+                unsafe { libc::_exit(101) };
+            }
+            let _ = std::panic::catch_unwind(|| panic!("the device model broke: {}", 42));
+            // SAFETY: leaving the child.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: closing our copy of the write end, then waiting for our child.
+        unsafe {
+            libc::close(fds[1]);
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+        }
+        // SAFETY: the read end is ours; File takes it over.
+        let mut pipe = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut pipe, &mut stderr).unwrap();
+        stderr
+    }
+
+    #[test]
+    fn a_panic_on_a_filtered_thread_reports_its_message_and_location() {
+        let stderr = stderr_of_a_filtered_panic();
+        assert!(
+            stderr.contains("the device model broke: 42"),
+            "stderr: {stderr:?}"
+        );
+        assert!(stderr.contains("vmm/src/seccomp.rs:"), "stderr: {stderr:?}");
+        assert!(!stderr.contains("seccomp refused"), "stderr: {stderr:?}");
+    }
+
     #[test]
     fn a_syscall_outside_the_vcpu_filter_is_refused() {
         let (status, output) = in_filtered_child(ThreadKind::Vcpu, write_then_open_socket);
