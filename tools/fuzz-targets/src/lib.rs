@@ -14,8 +14,8 @@
 //! - `cargo run -p fuzz-targets --bin fuzz-run -- NAME [SECS]` (stable): the
 //!   same loop for one target, for as long as you like; `--input FILE`
 //!   replays one input (a crash the loop printed, say).
-//! - `tools/fuzz NAME [SECS]`: coverage-guided under cargo-fuzz/libFuzzer,
-//!   when a nightly toolchain and cargo-fuzz are installed.
+//! - `tools/fuzz NAME [SECS]`: coverage-guided under libFuzzer, built on
+//!   the stable toolchain with rustc's sancov pass (no sanitizer).
 //!
 //! # Adding a target
 //! 1. Write `pub fn name(data: &[u8])` here, driving the crate under test
