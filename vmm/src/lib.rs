@@ -11,7 +11,7 @@ pub mod builder;
 pub mod config;
 pub mod console;
 pub mod device_manager;
-pub mod fuzz_targets;
+pub mod panic_hook;
 pub mod seccomp;
 pub mod vstate;
 

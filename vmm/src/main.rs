@@ -11,6 +11,9 @@ use vmm::GuestExit;
 const EXIT_VM_FAILED: u8 = 1;
 
 fn main() -> ExitCode {
+    // Before any seccomp filter: a panic on any thread then says what and
+    // where, instead of dying on a syscall the default hook needs.
+    vmm::panic_hook::install();
     let cli = match vmm::config::cli::parse_or_exit::<Cli>("microvm") {
         Ok(cli) => cli,
         Err(code) => return code,

@@ -65,10 +65,12 @@ pub enum ThreadKind {
     Vcpu,
     /// The control API thread: accepts clients, reads device state.
     Api,
-    /// A device worker serving a guest queue and programming IOTLBs: the
-    /// virtio-mem worker (which also releases unplugged memory) and the
-    /// virtio-iommu request worker.
-    DeviceWorker,
+    /// The virtio-mem worker: serves the guest's requests, gives each
+    /// plugged block a memory slot and releases unplugged memory.
+    MemoryWorker,
+    /// The virtio-iommu request worker: serves the guest's requests and
+    /// programs the devices' IOTLBs (writes on vhost descriptors).
+    IommuWorker,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,8 +198,11 @@ const API_ONLY: &[Allowed] = &[
     (libc::SYS_shutdown, &[&[eq(1, libc::SHUT_WR as u32)]]),
 ];
 
-/// Device workers wait on their queue; virtio-mem's releases unplugged blocks.
-const DEVICE_WORKER_ONLY: &[Allowed] = &[
+/// The virtio-iommu worker waits on its queue; IOTLB messages are writes.
+const IOMMU_WORKER_ONLY: &[Allowed] = &[(libc::SYS_poll, &[]), (libc::SYS_ppoll, &[])];
+
+/// The virtio-mem worker waits on its queue and releases unplugged blocks.
+const MEMORY_WORKER_ONLY: &[Allowed] = &[
     (libc::SYS_poll, &[]),
     (libc::SYS_ppoll, &[]),
     (
@@ -248,7 +253,7 @@ const VHOST_FROM_VCPU: &[u64] = &[
 const VHOST_FROM_API: &[u64] = &[VHOST_GET_VRING_BASE, VHOST_VDPA_GET_STATUS];
 /// On the VM, from the virtio-mem worker: plugged blocks get a memory slot
 /// of their own and unplugged ones lose it (guest-inaccessible unplug).
-const VM_FROM_DEVICE_WORKER: &[u64] = &[KVM_SET_USER_MEMORY_REGION];
+const VM_FROM_MEMORY_WORKER: &[u64] = &[KVM_SET_USER_MEMORY_REGION];
 
 /// The descriptors ioctl rules are bound to. They exist once the VM and
 /// its devices are built and stay open for the VM's life; no filtered
@@ -293,7 +298,8 @@ fn ioctl_rules(kind: ThreadKind, fds: &FilterFds) -> Result<Vec<(RawFd, u64)>, &
     Ok(match kind {
         ThreadKind::Vmm => on(libc::STDIN_FILENO, TERMINAL).collect(),
         ThreadKind::Api => on_vhost(VHOST_FROM_API),
-        ThreadKind::DeviceWorker => on(fds.vm, VM_FROM_DEVICE_WORKER).collect(),
+        ThreadKind::MemoryWorker => on(fds.vm, VM_FROM_MEMORY_WORKER).collect(),
+        ThreadKind::IommuWorker => Vec::new(),
         ThreadKind::Vcpu => {
             let vcpu = fds
                 .vcpu
@@ -367,7 +373,8 @@ pub fn filter(kind: ThreadKind, fds: &FilterFds) -> Result<BpfProgram, SeccompEr
     let extra: &[Allowed] = match kind {
         ThreadKind::Vmm => VMM_ONLY,
         ThreadKind::Api => API_ONLY,
-        ThreadKind::DeviceWorker => DEVICE_WORKER_ONLY,
+        ThreadKind::MemoryWorker => MEMORY_WORKER_ONLY,
+        ThreadKind::IommuWorker => IOMMU_WORKER_ONLY,
         ThreadKind::Vcpu => VCPU_ONLY,
     };
     add(&mut rules, COMMON).map_err(|e| error(&e))?;
@@ -534,6 +541,64 @@ mod tests {
         assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
     }
 
+    /// Panics on a vCPU-filtered thread with RUST_BACKTRACE=1, in a child
+    /// whose stderr is a pipe, as the VMM has them: SIGSYS handler and
+    /// panic hook installed before the filter. Returns what reached stderr.
+    fn stderr_of_a_filtered_panic() -> String {
+        let program = filter(ThreadKind::Vcpu, &unused_fds()).unwrap();
+        let mut fds = [0; 2];
+        // SAFETY: fds has room for the two descriptors pipe(2) returns.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the child redirects stderr, installs the handler and hook,
+        // applies the filter and panics on purpose; it leaves with _exit
+        // whatever happens. glibc's fork resets malloc's locks in the child.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: in the child; see above.
+            unsafe {
+                libc::dup2(fds[1], 2);
+                libc::close(fds[0]);
+                libc::close(fds[1]);
+            }
+            std::env::set_var("RUST_BACKTRACE", "1");
+            if install_sigsys_handler().is_err() {
+                // SAFETY: leaving the child at once.
+                unsafe { libc::_exit(100) };
+            }
+            crate::panic_hook::install();
+            if apply(&program).is_err() {
+                // SAFETY: leaving the child at once.
+                unsafe { libc::_exit(101) };
+            }
+            let _ = std::panic::catch_unwind(|| panic!("the device model broke: {}", 42));
+            // SAFETY: leaving the child.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: closing our copy of the write end, then waiting for our child.
+        unsafe {
+            libc::close(fds[1]);
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+        }
+        // SAFETY: the read end is ours; File takes it over.
+        let mut pipe = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut pipe, &mut stderr).unwrap();
+        stderr
+    }
+
+    #[test]
+    fn a_panic_on_a_filtered_thread_reports_its_message_and_location() {
+        let stderr = stderr_of_a_filtered_panic();
+        assert!(
+            stderr.contains("the device model broke: 42"),
+            "stderr: {stderr:?}"
+        );
+        assert!(stderr.contains("vmm/src/seccomp.rs:"), "stderr: {stderr:?}");
+        assert!(!stderr.contains("seccomp refused"), "stderr: {stderr:?}");
+    }
+
     #[test]
     fn a_syscall_outside_the_vcpu_filter_is_refused() {
         let (status, output) = in_filtered_child(ThreadKind::Vcpu, write_then_open_socket);
@@ -566,11 +631,12 @@ mod tests {
         drop(owned);
     }
 
-    const EVERY_KIND: [ThreadKind; 4] = [
+    const EVERY_KIND: [ThreadKind; 5] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Api,
-        ThreadKind::DeviceWorker,
+        ThreadKind::MemoryWorker,
+        ThreadKind::IommuWorker,
     ];
 
     /// Meaningful in the (default) debug test build, where the drop calls
@@ -720,9 +786,11 @@ mod tests {
 
     #[test]
     fn device_workers_may_not_issue_terminal_ioctls() {
-        let (status, output) = in_filtered_child(ThreadKind::DeviceWorker, terminal_ioctl);
-        assert_eq!(output, b"alive");
-        assert_killed_by_sigsys(status);
+        for kind in [ThreadKind::MemoryWorker, ThreadKind::IommuWorker] {
+            let (status, output) = in_filtered_child(kind, terminal_ioctl);
+            assert_eq!(output, b"alive", "{kind:?}");
+            assert_killed_by_sigsys(status);
+        }
     }
 
     /// Distinct descriptors standing for the VM, vCPUs and vhost devices:
@@ -794,7 +862,8 @@ mod tests {
         }
         // Only the vCPU threads run vCPUs.
         assert!(!allows(ThreadKind::Api, &fds, vcpu, KVM_RUN));
-        assert!(!allows(ThreadKind::DeviceWorker, &fds, vcpu, KVM_RUN));
+        assert!(!allows(ThreadKind::MemoryWorker, &fds, vcpu, KVM_RUN));
+        assert!(!allows(ThreadKind::IommuWorker, &fds, vcpu, KVM_RUN));
     }
 
     #[test]
@@ -845,26 +914,56 @@ mod tests {
     }
 
     #[test]
-    fn device_workers_may_set_memory_regions_on_the_vm_only() {
+    fn only_the_memory_worker_may_set_memory_regions_or_punch_holes() {
+        let files = Files::open();
+        let fds = files.fds();
+        let region = KVM_SET_USER_MEMORY_REGION;
+        assert!(allows(ThreadKind::MemoryWorker, &fds, fds.vm, region));
+        assert!(!allows(ThreadKind::IommuWorker, &fds, fds.vm, region));
+        let (status, output) = in_filtered_child(ThreadKind::MemoryWorker, punch_hole);
+        assert_eq!(output, b"alive");
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status:#x}"
+        );
+        let (status, output) = in_filtered_child(ThreadKind::IommuWorker, punch_hole);
+        assert_eq!(output, b"alive");
+        assert_killed_by_sigsys(status);
+    }
+
+    /// fallocate(PUNCH_HOLE) on the pipe: the kernel refuses it (ESPIPE)
+    /// when the filter lets it through.
+    fn punch_hole(fd: libc::c_int) {
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: writing a static buffer to the pipe we were given, then
+        // fallocate(2) on it, which takes no pointers.
+        unsafe {
+            libc::write(fd, b"alive".as_ptr() as *const libc::c_void, 5);
+            libc::fallocate(fd, mode, 0, 4096);
+        }
+    }
+
+    #[test]
+    fn the_memory_worker_may_set_memory_regions_on_the_vm_only() {
         use std::os::fd::AsRawFd;
         let files = Files::open();
         let fds = files.fds();
         let region = KVM_SET_USER_MEMORY_REGION;
-        assert!(allows(ThreadKind::DeviceWorker, &fds, fds.vm, region));
+        assert!(allows(ThreadKind::MemoryWorker, &fds, fds.vm, region));
         assert!(!allows(
-            ThreadKind::DeviceWorker,
+            ThreadKind::MemoryWorker,
             &fds,
             files.dup.as_raw_fd(),
             region
         ));
         assert!(!allows(
-            ThreadKind::DeviceWorker,
+            ThreadKind::MemoryWorker,
             &fds,
             fds.vhost[0],
             region
         ));
         assert!(!allows(
-            ThreadKind::DeviceWorker,
+            ThreadKind::MemoryWorker,
             &fds,
             fds.vm,
             KVM_SET_GSI_ROUTING

@@ -2,10 +2,12 @@
 //! and errors, and a recording backend for tests (public so tests in other
 //! crates can check what a device would have received).
 
+#[cfg(any(test, feature = "test-utils"))]
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 
+#[cfg_attr(not(any(test, feature = "test-utils")), allow(unused_imports))]
 use super::{inclusive_last, DmaRange};
 
 /// Why a backend refused a message.
@@ -83,6 +85,7 @@ impl fmt::Display for IotlbMessage {
 /// `EEXIST`, an INVALIDATE removes every intersecting entry whole, a message
 /// for another ASID inside an open batch is refused with `EINVAL`. Tests can
 /// make the Nth message fail.
+#[cfg(any(test, feature = "test-utils"))]
 #[derive(Debug, Default)]
 pub struct RecordingBackend {
     messages: Vec<IotlbMessage>,
@@ -92,6 +95,7 @@ pub struct RecordingBackend {
     batch_asid: Option<u32>,
 }
 
+#[cfg(any(test, feature = "test-utils"))]
 impl RecordingBackend {
     pub fn new() -> Self {
         Self::default()
@@ -187,6 +191,7 @@ impl RecordingBackend {
 }
 
 /// Keys of the entries of `table` that intersect `[start, last]`.
+#[cfg(any(test, feature = "test-utils"))]
 fn intersecting(
     table: &BTreeMap<u64, DmaRange>,
     start: u64,
@@ -199,10 +204,12 @@ fn intersecting(
         .map(|(k, _)| *k)
 }
 
+#[cfg(any(test, feature = "test-utils"))]
 fn errno(code: i32) -> BackendError {
     BackendError::Io(io::Error::from_raw_os_error(code))
 }
 
+#[cfg(any(test, feature = "test-utils"))]
 impl IotlbBackend for RecordingBackend {
     fn batch_begin(&mut self, asid: u32) -> Result<(), BackendError> {
         self.process(IotlbMessage::BatchBegin { asid })

@@ -32,7 +32,9 @@ mod space;
 mod translate;
 mod vhost_vdpa;
 
-pub use backend::{BackendError, IotlbBackend, IotlbMessage, RecordingBackend};
+#[cfg(any(test, feature = "test-utils"))]
+pub use backend::RecordingBackend;
+pub use backend::{BackendError, IotlbBackend, IotlbMessage};
 pub use engine::{CommitReport, DmaCounters, DmaError, DmaMapper, RollbackFailure, Transaction};
 pub use space::{
     Change, ChangeKind, DeviceReport, DmaDevice, DmaSpaces, Plan, SharedDmaDevice, SharedSpaces,

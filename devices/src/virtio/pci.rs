@@ -549,26 +549,39 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     fn move_notify_events(&mut self, bar_addr: Option<u64>) {
         if let Some(old) = self.notify_base.take() {
             for (i, event) in self.notify_events.iter().enumerate() {
-                let _ = self
-                    .ioevents
-                    .unregister(old + i as u64 * u64::from(NOTIFY_MULTIPLIER), event);
+                if let Some(addr) = notify_address(old, i) {
+                    let _ = self.ioevents.unregister(addr, event);
+                }
             }
         }
-        if let Some(bar) = bar_addr {
-            let base = bar + NOTIFY_OFFSET;
-            let mut all = true;
-            for (i, event) in self.notify_events.iter().enumerate() {
-                all &= self
-                    .ioevents
-                    .register(base + i as u64 * u64::from(NOTIFY_MULTIPLIER), event)
-                    .is_ok();
-            }
-            // Without ioeventfds the notify writes exit to us and are forwarded.
-            if all {
-                self.notify_base = Some(base);
-            }
+        // A BAR so high that its notify addresses wrap cannot be mapped by
+        // the bus either: register nothing rather than overflow.
+        let queues = self.notify_events.len();
+        let Some(base) = bar_addr
+            .and_then(|bar| bar.checked_add(NOTIFY_OFFSET))
+            .filter(|&base| queues == 0 || notify_address(base, queues - 1).is_some())
+        else {
+            return;
+        };
+        let mut all = true;
+        for (i, event) in self.notify_events.iter().enumerate() {
+            all &= notify_address(base, i)
+                .is_some_and(|addr| self.ioevents.register(addr, event).is_ok());
+        }
+        // Without ioeventfds the notify writes exit to us and are forwarded.
+        if all {
+            self.notify_base = Some(base);
         }
     }
+}
+
+/// Where queue `queue`'s notifications land when the notify area starts at
+/// `base`; `None` past the end of the address space.
+fn notify_address(base: u64, queue: usize) -> Option<u64> {
+    u64::try_from(queue)
+        .ok()?
+        .checked_mul(u64::from(NOTIFY_MULTIPLIER))
+        .and_then(|offset| base.checked_add(offset))
 }
 
 /// Updates the 32-bit half (or the whole, for 8-byte writes) of a 64-bit register.
@@ -1042,6 +1055,22 @@ mod tests {
                 (true, 0x2_0000_3004)
             ]
         );
+    }
+
+    #[test]
+    fn a_bar_reported_at_the_top_of_the_address_space_registers_no_notify_events() {
+        // The bus never maps a BAR that wraps, but `bar_mapped` is public and
+        // the fuzz target found `bar + NOTIFY_OFFSET` overflowing here.
+        let (mut pci, _, registry) = transport(false);
+        pci.bar_mapped(0, Some(0xffff_ffff_ffff_f000));
+        assert_eq!(registry.0.lock().unwrap().clone(), vec![]);
+        // The last notify address may not wrap either.
+        let last_fits = u64::MAX - NOTIFY_OFFSET - 3;
+        pci.bar_mapped(0, Some(last_fits & !0xfff));
+        pci.bar_mapped(0, None);
+        let events = registry.0.lock().unwrap().clone();
+        assert_eq!(events.len(), 4, "{events:x?}");
+        assert!(events.iter().all(|(_, addr)| *addr >= last_fits & !0xfff));
     }
 
     #[test]

@@ -14,20 +14,22 @@
 //! - `cargo run -p fuzz-targets --bin fuzz-run -- NAME [SECS]` (stable): the
 //!   same loop for one target, for as long as you like; `--input FILE`
 //!   replays one input (a crash the loop printed, say).
-//! - `tools/fuzz NAME [SECS]`: coverage-guided under cargo-fuzz/libFuzzer,
-//!   when a nightly toolchain and cargo-fuzz are installed.
+//! - `tools/fuzz NAME [SECS]`: coverage-guided under libFuzzer, built on
+//!   the stable toolchain with rustc's sancov pass (no sanitizer).
 //!
 //! # Adding a target
-//! 1. Write `pub fn name(data: &[u8])` in the crate that owns the code under
-//!    test or here; decode with [`input::Input`] (or your own parser) and never
-//!    let the harness itself panic on short input: only the code under test and
-//!    your invariant checks may panic.
+//! 1. Write `pub fn name(data: &[u8])` here, driving the crate under test
+//!    through its public API (product crates hold no fuzz code: `microvm`
+//!    must not ship it); decode with [`input::Input`] (or your own parser)
+//!    and never let the harness itself panic on short input: only the code
+//!    under test and your invariant checks may panic. Fakes and helpers a
+//!    target needs from a product crate's insides go behind that crate's
+//!    `test-utils` feature, which may only add items, never change others.
 //! 2. Add `Target { name: "name", run: path::to::name, about: "...", seeds: &[] }`
-//!    to [`TARGETS`] (a target in another crate needs that crate as a
-//!    dependency in Cargo.toml, as `vmm` is for `vmm::fuzz_targets::http`).
+//!    to [`TARGETS`].
 //! 3. Give it seed inputs: files in `corpus/name/` (any file name), or
-//!    `seeds` kept in code by the owning crate (as the VMM's are): ones that
-//!    reach deep states, and every input that ever found a bug.
+//!    `seeds` kept in code (as [`vmm_api`]'s are): ones that reach deep
+//!    states, and every input that ever found a bug.
 //!
 //! Nothing else: the test, `fuzz-run` and `tools/fuzz` all go through the
 //! registry.
@@ -39,6 +41,7 @@ pub mod runner;
 pub mod vduse_net;
 pub mod virtio_iommu;
 pub mod virtio_mem;
+pub mod vmm_api;
 
 /// One fuzz target.
 pub struct Target {
@@ -97,15 +100,15 @@ pub const TARGETS: &[Target] = &[
     },
     Target {
         name: "http",
-        run: vmm::fuzz_targets::http,
+        run: vmm_api::http,
         about: "the control API's HTTP parsing and routing, the request arriving in pieces",
-        seeds: vmm::fuzz_targets::HTTP_SEEDS,
+        seeds: vmm_api::HTTP_SEEDS,
     },
     Target {
         name: "cli",
-        run: vmm::fuzz_targets::cli,
+        run: vmm_api::cli,
         about: "the microvm command line (NUL-separated arguments) and its validation",
-        seeds: vmm::fuzz_targets::CLI_SEEDS,
+        seeds: vmm_api::CLI_SEEDS,
     },
 ];
 

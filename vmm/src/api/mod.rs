@@ -6,16 +6,20 @@
 //! holds up another: each connection must deliver its whole request within
 //! `REQUEST_DEADLINE` of being accepted (else 408) and take its answer
 //! within `REQUEST_DEADLINE` of it being ready; at most `MAX_CLIENTS` are
-//! open at once (more wait in the listen backlog, at most one deadline).
+//! open at once, and a newer connection replaces one that has its answer or
+//! sent no complete request in time (see server.rs), so idle connections
+//! cannot keep an honest client waiting.
 //! A resize is watched by the loop, not waited for: its client gets the
 //! answer when the guest is done, the request's capped timeout passes, or a
 //! newer resize replaces it.
 
 pub mod control;
 pub mod http;
-pub(crate) mod routes;
+pub mod routes;
 pub mod server;
 pub mod socket;
+#[cfg(test)]
+mod test_vm;
 
 use std::io;
 use std::os::unix::net::UnixListener;
@@ -30,7 +34,8 @@ pub use socket::{bind, ApiSocket};
 
 /// How long a client has to send its whole request, and to take its answer.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
-/// Connections served at once; further ones wait in the listen backlog.
+/// Connections served at once; further ones wait in the listen backlog
+/// until an idle one makes room.
 pub const MAX_CLIENTS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]

@@ -16,6 +16,11 @@ const DEFAULT_RESIZE_TIMEOUT: Duration = Duration::from_secs(60);
 /// a client cannot hold its connection, or the request, open for longer.
 pub const MAX_RESIZE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// The most entries `info` lists per domain, per device IOTLB and of the
+/// plugged ranges, so a guest that maps page by page cannot make the answer
+/// huge; `*_omitted` says how many more there are.
+pub const MAX_LISTED: usize = 1024;
+
 /// Everything the API may look at or do.
 pub type ApiState = dyn VmControl;
 
@@ -81,23 +86,19 @@ fn iommu_info(state: &ApiState) -> Value {
         .domains
         .iter()
         .map(|d| {
-            let mappings: Vec<Value> = iommu
+            let list = iommu
                 .mappings
                 .iter()
                 .find(|(id, _)| *id == d.id)
-                .map(|(_, list)| {
-                    list.iter()
-                        .map(|m| {
-                            json!({
-                                "iova": hex(m.virt_start),
-                                "size": m.size(),
-                                "phys": hex(m.phys_start),
-                                "flags": m.flags,
-                            })
-                        })
-                        .collect()
+                .map_or(&[][..], |(_, list)| list.as_slice());
+            let (mappings, omitted) = listed(list, |m| {
+                json!({
+                    "iova": hex(m.virt_start),
+                    "size": m.size(),
+                    "phys": hex(m.phys_start),
+                    "flags": m.flags,
                 })
-                .unwrap_or_default();
+            });
             json!({
                 "id": d.id,
                 "kind": d.kind.as_str(),
@@ -105,6 +106,7 @@ fn iommu_info(state: &ApiState) -> Value {
                 "endpoints": d.endpoints,
                 "mapping_count": d.mappings,
                 "mappings": mappings,
+                "mappings_omitted": omitted,
             })
         })
         .collect();
@@ -146,6 +148,7 @@ fn iommu_counters(state: &ApiState) -> Value {
 
 fn net_info(net: &NetStatus) -> Value {
     let info = &net.info;
+    let (iotlb, iotlb_omitted) = listed(&net.iotlb, mapping);
     json!({
         "id": net.id,
         "kind": "virtio-net",
@@ -161,7 +164,8 @@ fn net_info(net: &NetStatus) -> Value {
         "queues": info.queues,
         "queue_max_size": info.queue_max_size,
         "address_space": net.address_space,
-        "iotlb": net.iotlb.iter().map(mapping).collect::<Vec<_>>(),
+        "iotlb": iotlb,
+        "iotlb_omitted": iotlb_omitted,
     })
 }
 
@@ -169,6 +173,7 @@ fn hotplug_info(state: &ApiState) -> Value {
     let Some(memory) = state.memory() else {
         return Value::Null;
     };
+    let (plugged, plugged_omitted) = listed(&memory.plugged, |&(addr, size)| range(addr, size));
     json!({
         "region": { "guest_addr": hex(memory.region_addr), "size": memory.region_size },
         "block_size": memory.block_size,
@@ -176,7 +181,8 @@ fn hotplug_info(state: &ApiState) -> Value {
         "driver_active": memory.driver_active,
         "requested_size": memory.requested_size,
         "plugged_size": memory.plugged_size,
-        "plugged": ranges(&memory.plugged),
+        "plugged": plugged,
+        "plugged_omitted": plugged_omitted,
         "release_failures": memory.release_failures,
     })
 }
@@ -238,10 +244,18 @@ fn transaction(t: &TransactionRecord) -> Value {
     })
 }
 
+fn range(addr: u64, size: u64) -> Value {
+    json!({ "guest_addr": hex(addr), "size": size })
+}
+
 fn ranges(list: &[(u64, u64)]) -> Vec<Value> {
-    list.iter()
-        .map(|&(addr, size)| json!({ "guest_addr": hex(addr), "size": size }))
-        .collect()
+    list.iter().map(|&(addr, size)| range(addr, size)).collect()
+}
+
+/// The first `MAX_LISTED` of `items`, shown, and how many were left out.
+fn listed<T>(items: &[T], show: impl Fn(&T) -> Value) -> (Vec<Value>, usize) {
+    let shown = items.iter().take(MAX_LISTED).map(show).collect();
+    (shown, items.len().saturating_sub(MAX_LISTED))
 }
 
 /// A resize the guest is working on, watched by the client that asked.
@@ -412,4 +426,128 @@ fn net_counters(net: &NetStatus) -> Value {
             "queue": "delivered by KVM irqfds straight from the device; the VMM does not see them",
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::control::{IommuStatus, MemoryStatus, VmSummary};
+    use crate::api::http;
+    use devices::dma::SpaceId;
+    use devices::virtio::iommu::{DomainInfo, DomainKind, IommuCounters, IommuSnapshot, Mapping};
+
+    /// A VM whose guest mapped `mappings` separate pages in one domain and
+    /// plugged `plugged` separate blocks.
+    struct FragmentedVm {
+        mappings: u64,
+        plugged: u64,
+    }
+
+    impl VmControl for FragmentedVm {
+        fn summary(&self) -> VmSummary {
+            VmSummary {
+                vcpus: 1,
+                memory_bytes: 1 << 30,
+                ram: vec![(0, 1 << 30)],
+            }
+        }
+        fn nets(&self) -> Vec<NetStatus> {
+            vec![]
+        }
+        fn memory(&self) -> Option<MemoryStatus> {
+            Some(MemoryStatus {
+                region_addr: 1 << 32,
+                region_size: 1 << 40,
+                block_size: 2 << 20,
+                pci_address: "0000:00:03.0".into(),
+                driver_active: true,
+                requested_size: 0,
+                plugged_size: self.plugged * (2 << 20),
+                plugged: (0..self.plugged)
+                    .map(|i| ((1 << 32) + i * (4 << 20), 2 << 20))
+                    .collect(),
+                requests: vec![],
+                release_failures: 0,
+            })
+        }
+        fn iommu(&self) -> Option<IommuStatus> {
+            let count = usize::try_from(self.mappings).unwrap();
+            let mappings = (0..self.mappings)
+                .map(|i| Mapping {
+                    virt_start: i * 0x2000,
+                    virt_end: i * 0x2000 + 0xfff,
+                    phys_start: i * 0x1000,
+                    flags: 3,
+                })
+                .collect();
+            Some(IommuStatus {
+                pci_address: "0000:00:04.0".into(),
+                snapshot: IommuSnapshot {
+                    bypass: false,
+                    domains: vec![DomainInfo {
+                        id: 1,
+                        kind: DomainKind::Translated,
+                        space: SpaceId::IDENTITY,
+                        endpoints: vec![8],
+                        mappings: count,
+                    }],
+                    endpoints: vec![],
+                },
+                counters: IommuCounters::default(),
+                mappings: vec![(1, mappings)],
+            })
+        }
+        fn request_memory(&self, _size: u64) -> Result<(), MemoryRequestError> {
+            Ok(())
+        }
+        fn transactions(&self) -> Vec<TransactionRecord> {
+            vec![]
+        }
+    }
+
+    fn info_of(vm: &FragmentedVm) -> (usize, Value) {
+        let request = http::parse(b"GET /info HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        let Outcome::Answer(answer) = handle(vm, &request) else {
+            panic!("info started a resize");
+        };
+        let bytes = answer.to_bytes();
+        let (_, body) = std::str::from_utf8(&bytes)
+            .unwrap()
+            .split_once("\r\n\r\n")
+            .unwrap();
+        (bytes.len(), serde_json::from_str(body).unwrap())
+    }
+
+    #[test]
+    fn info_lists_a_bounded_number_of_mappings_and_says_how_many_it_left_out() {
+        let vm = FragmentedVm {
+            mappings: 200_000,
+            plugged: 20_000,
+        };
+        let (size, info) = info_of(&vm);
+        let domain = &info["iommu"]["domains"][0];
+        assert_eq!(domain["mapping_count"], 200_000);
+        let listed = domain["mappings"].as_array().unwrap().len();
+        assert!(listed <= MAX_LISTED, "{listed} mappings listed");
+        assert_eq!(domain["mappings_omitted"], 200_000 - listed);
+        let hotplug = &info["memory"]["hotplug"];
+        let plugged = hotplug["plugged"].as_array().unwrap().len();
+        assert!(plugged <= MAX_LISTED, "{plugged} plugged ranges listed");
+        assert_eq!(hotplug["plugged_omitted"], 20_000 - plugged);
+        assert!(size < 512 << 10, "a {size}-byte answer");
+        // A small VM is listed whole.
+        let (_, info) = info_of(&FragmentedVm {
+            mappings: 3,
+            plugged: 2,
+        });
+        assert_eq!(
+            info["iommu"]["domains"][0]["mappings"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
+        assert_eq!(info["iommu"]["domains"][0]["mappings_omitted"], 0);
+        assert_eq!(info["memory"]["hotplug"]["plugged_omitted"], 0);
+    }
 }

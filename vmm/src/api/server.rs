@@ -1,5 +1,7 @@
 //! The API's poll loop: every connection is non-blocking and has a
-//! deadline, so no client waits on another.
+//! deadline, so no client waits on another. When the table is full, a new
+//! connection takes the place of one that has its answer already or has
+//! sent no complete request, so idle connections cannot keep others out.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -38,7 +40,14 @@ struct Client {
     stream: UnixStream,
     phase: Phase,
     deadline: Instant,
+    accepted: Instant,
 }
+
+/// How long after being accepted a connection without a complete request
+/// is safe from being closed for a newer one: a client that connects and
+/// then writes is not closed in between. Also how long, at most, a full
+/// table of such connections keeps the listener waiting.
+const EVICTION_GRACE: Duration = Duration::from_millis(100);
 
 /// What became of a client in one turn.
 enum Next {
@@ -56,6 +65,8 @@ pub struct Server {
     /// After accept failed for want of resources (descriptors, memory),
     /// the listener is left alone until then rather than polled hot.
     accept_pause_until: Option<Instant>,
+    /// How long a client has to send its request, and to take its answer.
+    deadline: Duration,
 }
 
 /// How long the listener rests after accept ran out of resources.
@@ -64,21 +75,27 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 impl Server {
     /// `listener` must be non-blocking.
     pub fn new(listener: UnixListener, state: Arc<ApiState>) -> Server {
+        Server::with_deadline(listener, state, REQUEST_DEADLINE)
+    }
+
+    /// As `new`, with another deadline than `REQUEST_DEADLINE`.
+    fn with_deadline(listener: UnixListener, state: Arc<ApiState>, deadline: Duration) -> Server {
         Server {
             listener,
             state,
             clients: Vec::new(),
             latest_resize: None,
             accept_pause_until: None,
+            deadline,
         }
     }
 
     /// Waits until a client is ready or a deadline passes, and serves.
     pub fn turn(&mut self) {
-        let paused = self
-            .accept_pause_until
-            .is_some_and(|until| Instant::now() < until);
-        let listening = self.clients.len() < MAX_CLIENTS && !paused;
+        let before = Instant::now();
+        let paused = self.accept_pause_until.is_some_and(|until| before < until);
+        let room = self.clients.len() < MAX_CLIENTS || self.evictable(before).is_some();
+        let listening = room && !paused;
         let mut fds = Vec::with_capacity(self.clients.len() + 1);
         if listening {
             fds.push(pollfd(self.listener.as_raw_fd(), libc::POLLIN));
@@ -111,6 +128,7 @@ impl Server {
         });
         // A new resize replaces those still watched: answer them now.
         if let Some((latest, target)) = self.latest_resize {
+            let deadline = self.deadline;
             clients.retain_mut(|client| {
                 let superseded = match &client.phase {
                     Phase::Watching {
@@ -122,14 +140,14 @@ impl Server {
                     _ => None,
                 };
                 match superseded {
-                    Some(answer) => matches!(respond(client, &answer, now), Next::Keep),
+                    Some(answer) => matches!(respond(client, &answer, deadline), Next::Keep),
                     None => true,
                 }
             });
         }
         self.clients = clients;
         if listening && fds.first().is_some_and(|f| f.revents != 0) {
-            self.accept(now);
+            self.accept();
         }
     }
 
@@ -143,6 +161,7 @@ impl Server {
                 _ => client.deadline,
             })
             .chain(self.accept_pause_until.filter(|&until| until > now))
+            .chain(self.grace_ends(now))
             .min();
         match nearest {
             None => -1,
@@ -154,8 +173,47 @@ impl Server {
         }
     }
 
-    fn accept(&mut self, now: Instant) {
-        while self.clients.len() < MAX_CLIENTS {
+    /// When the table is full: the first time a connection becomes
+    /// evictable (the listener is not polled until then).
+    fn grace_ends(&self, now: Instant) -> Option<Instant> {
+        if self.clients.len() < MAX_CLIENTS {
+            return None;
+        }
+        self.clients
+            .iter()
+            .filter(|c| matches!(c.phase, Phase::Reading(_)))
+            .map(|c| c.accepted + EVICTION_GRACE)
+            .filter(|&at| at > now)
+            .min()
+    }
+
+    /// The connection a newer one may replace: one that has its whole
+    /// answer (draining), else one past its grace that has not sent a
+    /// complete request; the oldest first. Resizes being watched and
+    /// answers being written keep their place (each ends by a deadline).
+    fn evictable(&self, now: Instant) -> Option<usize> {
+        let oldest = |wanted: fn(&Client, Instant) -> bool| {
+            self.clients
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| wanted(c, now))
+                .min_by_key(|(_, c)| c.accepted)
+                .map(|(i, _)| i)
+        };
+        oldest(|c, _| matches!(c.phase, Phase::Draining { .. })).or_else(|| {
+            oldest(|c, now| {
+                matches!(c.phase, Phase::Reading(_)) && c.accepted + EVICTION_GRACE <= now
+            })
+        })
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let now = Instant::now();
+            let full = self.clients.len() >= MAX_CLIENTS;
+            if full && self.evictable(now).is_none() {
+                return; // The rest wait in the backlog.
+            }
             // SAFETY: accept4 on our listening descriptor; null address
             // pointers ask for no peer address.
             let fd = unsafe {
@@ -180,11 +238,21 @@ impl Server {
             }
             // SAFETY: accept4 returned a new descriptor that we own.
             let stream = unsafe { UnixStream::from_raw_fd(fd) };
-            self.clients.push(Client {
+            if full {
+                if let Some(index) = self.evictable(now) {
+                    evict(self.clients.swap_remove(index));
+                }
+            }
+            let mut client = Client {
                 stream,
                 phase: Phase::Reading(Vec::new()),
-                deadline: now + REQUEST_DEADLINE,
-            });
+                deadline: now + self.deadline,
+                accepted: now,
+            };
+            // Its request is usually there already: serve it at once.
+            if let Next::Keep = self.advance(&mut client, libc::POLLIN, now) {
+                self.clients.push(client);
+            }
         }
     }
 
@@ -197,16 +265,18 @@ impl Server {
                 if events & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                     match read_more(&mut client.stream, received) {
                         Ok(0) if received.is_empty() => return Next::Close,
-                        Ok(0) => return respond(client, &error(&HttpError::Truncated), now),
+                        Ok(0) => {
+                            return respond(client, &error(&HttpError::Truncated), self.deadline)
+                        }
                         Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(_) => return Next::Close,
                     }
                 }
                 match http::parse(received) {
-                    Err(e) => respond(client, &error(&e), now),
+                    Err(e) => respond(client, &error(&e), self.deadline),
                     Ok(Some(request)) => match routes::handle(self.state.as_ref(), &request) {
-                        Outcome::Answer(answer) => respond(client, &answer, now),
+                        Outcome::Answer(answer) => respond(client, &answer, self.deadline),
                         Outcome::Resize(pending) => {
                             let generation = self.latest_resize.map_or(0, |(g, _)| g + 1);
                             self.latest_resize =
@@ -220,8 +290,8 @@ impl Server {
                         }
                     },
                     Ok(None) if now >= client.deadline => {
-                        let timeout = HttpError::Timeout(REQUEST_DEADLINE.as_millis());
-                        respond(client, &error(&timeout), now)
+                        let timeout = HttpError::Timeout(self.deadline.as_millis());
+                        respond(client, &error(&timeout), self.deadline)
                     }
                     Ok(None) => Next::Keep,
                 }
@@ -231,7 +301,7 @@ impl Server {
                     return Next::Close; // The guest goes on; nobody to tell.
                 }
                 match routes::poll_resize(self.state.as_ref(), pending, now, None) {
-                    Some(answer) => respond(client, &answer, now),
+                    Some(answer) => respond(client, &answer, self.deadline),
                     None => Next::Keep,
                 }
             }
@@ -285,14 +355,28 @@ fn read_more(stream: &mut UnixStream, received: &mut Vec<u8>) -> io::Result<usiz
     Ok(n)
 }
 
-/// Starts sending `answer`; the client has `REQUEST_DEADLINE` to take it.
-fn respond(client: &mut Client, answer: &Response, now: Instant) -> Next {
+/// Starts sending `answer`; the client has `deadline` from now to take it
+/// (now: building the answer may have waited on the VM's locks).
+fn respond(client: &mut Client, answer: &Response, deadline: Duration) -> Next {
     client.phase = Phase::Writing {
         bytes: answer.to_bytes(),
         sent: 0,
     };
-    client.deadline = now + REQUEST_DEADLINE;
+    client.deadline = Instant::now() + deadline;
     send_more(client)
+}
+
+/// Closes a connection to make room for a newer one. One that never sent a
+/// complete request is told why, if its socket takes the answer at once.
+fn evict(mut client: Client) {
+    if let Phase::Reading(_) = client.phase {
+        let answer = Response::error(
+            503,
+            "closed for a newer connection: the API's connection table is full \
+             and this one sent no complete request",
+        );
+        let _ = client.stream.write(&answer.to_bytes());
+    }
 }
 
 fn send_more(client: &mut Client) -> Next {
@@ -318,11 +402,14 @@ fn send_more(client: &mut Client) -> Next {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::control::{
+        IommuStatus, MemoryRequestError, MemoryStatus, NetStatus, VmControl, VmSummary,
+    };
     use std::io::{Read, Write};
     use std::path::PathBuf;
 
     fn empty_state() -> Arc<ApiState> {
-        Arc::new(crate::fuzz_targets::StillVm::new())
+        Arc::new(crate::api::test_vm::StillVm::new())
     }
 
     /// A served API socket in a fresh directory.
@@ -500,11 +587,96 @@ mod tests {
         let started = Instant::now();
         let answer = exchange(&path, b"GET /counters HTTP/1.1\r\n\r\n");
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // Idle connections give way to it: well within one deadline.
         assert!(
-            started.elapsed() < REQUEST_DEADLINE * 2 + Duration::from_secs(1),
+            started.elapsed() < REQUEST_DEADLINE,
             "answered after {:?}",
             started.elapsed()
         );
+    }
+
+    /// A server with its own `deadline` over `state`, on a thread of its own.
+    fn serve_with(name: &str, state: Arc<ApiState>, deadline: Duration) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("microvm-srv-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let listener = crate::api::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let mut server = Server::with_deadline(listener, state, deadline);
+            loop {
+                server.turn();
+            }
+        });
+        path
+    }
+
+    #[test]
+    fn idle_connections_filling_the_table_and_the_backlog_do_not_delay_an_honest_client() {
+        let deadline = Duration::from_secs(1);
+        let path = serve_with("idle-flood", empty_state(), deadline);
+        // The table full, and the backlog nearly so (it holds 64).
+        let _idle: Vec<UnixStream> = (0..MAX_CLIENTS + 60)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let answer = exchange(&path, b"GET /counters HTTP/1.1\r\n\r\n");
+        let waited = started.elapsed();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(waited < deadline, "answered after {waited:?}");
+    }
+
+    /// A VM whose every look takes `delay` (a lock held elsewhere) and whose
+    /// summary is bigger than a socket buffer.
+    struct SlowVm {
+        delay: Duration,
+    }
+
+    impl VmControl for SlowVm {
+        fn summary(&self) -> VmSummary {
+            std::thread::sleep(self.delay);
+            VmSummary {
+                vcpus: 1,
+                memory_bytes: 1 << 30,
+                ram: (0..40_000u64).map(|i| (i << 21, 1 << 21)).collect(),
+            }
+        }
+        fn nets(&self) -> Vec<NetStatus> {
+            vec![]
+        }
+        fn memory(&self) -> Option<MemoryStatus> {
+            None
+        }
+        fn iommu(&self) -> Option<IommuStatus> {
+            None
+        }
+        fn request_memory(&self, _size: u64) -> Result<(), MemoryRequestError> {
+            Err(MemoryRequestError::NoHotplug)
+        }
+        fn transactions(&self) -> Vec<devices::dma::TransactionRecord> {
+            vec![]
+        }
+    }
+
+    #[test]
+    fn an_answer_that_took_long_to_build_still_gets_a_whole_deadline_to_be_taken() {
+        let deadline = Duration::from_millis(500);
+        let state = Arc::new(SlowVm {
+            delay: deadline * 2,
+        });
+        let path = serve_with("slow-answer", state, deadline);
+        let answer = exchange(&path, b"GET /info HTTP/1.1\r\n\r\n");
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "{}",
+            &answer[..answer.len().min(200)]
+        );
+        let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+        let info: serde_json::Value = serde_json::from_str(body)
+            .unwrap_or_else(|e| panic!("{} of the answer's bytes arrived: {e}", answer.len()));
+        assert_eq!(info["memory"]["regions"].as_array().unwrap().len(), 40_000);
     }
 
     #[test]
@@ -523,7 +695,7 @@ mod tests {
 
     /// A VM whose virtio-mem driver accepts every target and never plugs.
     fn state_with_idle_hotplug() -> Arc<ApiState> {
-        Arc::new(crate::fuzz_targets::StillVm::with_hotplug(
+        Arc::new(crate::api::test_vm::StillVm::with_hotplug(
             64 << 20,
             2 << 20,
         ))

@@ -29,7 +29,7 @@ pub struct Cli {
     pub cmdline: String,
 
     /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value = "1", value_parser = config::parse_cpus)]
     pub cpus: u64,
 
     /// Guest memory: size=SIZE, with K, M or G suffixes (default 512M).
@@ -168,6 +168,12 @@ mod tests {
         assert!(parse(&["--kernel", "/k", "--bogus"]).is_err());
         assert!(parse(&["--kernel", "/k", "--memory", "size=12X"]).is_err());
         assert!(parse(&["--kernel", "/k", "--cpus", "-1"]).is_err());
+        for bad in ["+2", " 2", "2 ", "0x2", ""] {
+            assert!(
+                parse(&["--kernel", "/k", "--cpus", bad]).is_err(),
+                "--cpus {bad:?} was accepted"
+            );
+        }
         assert!(parse(&["--kernel", "/k", "--seccomp", "maybe"]).is_err());
         let zero = parse(&["--kernel", "/k", "--cpus", "0"])
             .unwrap()

@@ -38,6 +38,8 @@ pub enum ConfigError {
     RepeatedKey { key: String, text: String },
     #[error("malformed seccomp option '{0}': expected on or off")]
     MalformedSeccomp(String),
+    #[error("malformed --cpus '{0}': expected a whole number")]
+    MalformedCpus(String),
     #[error("--cpus must be at least 1")]
     NoVcpus,
     #[error("--cpus {requested} is above the limit of {limit} vCPUs")]
@@ -81,6 +83,11 @@ pub enum ConfigError {
         limit: u64,
         suggested: Size,
     },
+    #[error(
+        "--net vdpa={path},queues={queue_pairs}: only queues=1 is supported (multiqueue needs \
+         a control queue, not modelled yet)"
+    )]
+    MultiqueueUnsupported { path: PathBuf, queue_pairs: u16 },
     #[error("kernel command line is {len} bytes; the guest kernel accepts at most {max}")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("cannot read {what} '{path}': {reason}")]
@@ -107,6 +114,20 @@ impl std::fmt::Display for Size {
     }
 }
 
+/// A decimal count: ASCII digits only. `str::parse` alone takes a leading
+/// '+' ("+1"), which no option should.
+pub fn parse_count<T: std::str::FromStr>(text: &str) -> Option<T> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// `--cpus N`: the count only; its limits are checked with the others.
+pub fn parse_cpus(text: &str) -> Result<u64, ConfigError> {
+    parse_count(text).ok_or_else(|| ConfigError::MalformedCpus(text.to_string()))
+}
+
 /// Parses `512M`, `2G`, `65536K` or a plain byte count.
 pub fn parse_size(text: &str) -> Result<Size, ConfigError> {
     let malformed = || ConfigError::MalformedSize(text.to_string());
@@ -118,10 +139,7 @@ pub fn parse_size(text: &str) -> Result<Size, ConfigError> {
         Some(_) => (trimmed, 0),
         None => return Err(malformed()),
     };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(malformed());
-    }
-    let value: u64 = digits.parse().map_err(|_| malformed())?;
+    let value: u64 = parse_count(digits).ok_or_else(malformed)?;
     value
         .checked_mul(1u64 << shift)
         .map(Size)
@@ -279,7 +297,7 @@ pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
             Some(("vdpa", p)) if !p.is_empty() && path.is_none() => path = Some(PathBuf::from(p)),
             Some(("mac", m)) if mac.is_none() => mac = Some(parse_mac(m)?),
             Some(("queues", n)) => {
-                queue_pairs = n.parse().ok().filter(|&n| n > 0).ok_or_else(malformed)?
+                queue_pairs = parse_count(n).filter(|&n| n > 0).ok_or_else(malformed)?
             }
             Some(("iotlb-batch", value)) if iotlb_batch.is_none() => {
                 iotlb_batch = Some(parse_on_off(value).map_err(|_| malformed())?)
@@ -410,6 +428,14 @@ impl VmmConfig {
     /// input fails fast with a message naming the culprit.
     pub fn validate(&self, limits: &HostLimits) -> Result<(), ConfigError> {
         check_vcpus(u64::from(self.vcpus), limits)?;
+        // What the devices accept, too: nothing may be refused once KVM and
+        // guest memory exist.
+        if let Some(net) = self.net.iter().find(|n| n.queue_pairs != 1) {
+            return Err(ConfigError::MultiqueueUnsupported {
+                path: net.vdpa_path.clone(),
+                queue_pairs: net.queue_pairs,
+            });
+        }
         let size = self.memory.size;
         if size.0 < MIN_MEMORY_BYTES {
             return Err(ConfigError::MemoryTooSmall {
@@ -668,6 +694,33 @@ mod tests {
         max_vcpus: 8,
         memory_bytes: 1 << 30,
     };
+
+    #[test]
+    fn counts_take_digits_only() {
+        for bad in ["+1", "-1", " 1", "1 ", "", "0x1", "1_0", "١"] {
+            let net = format!("vdpa=/a,queues={bad}");
+            assert!(parse_net(&net).is_err(), "{net:?} was accepted");
+        }
+        assert_eq!(parse_net("vdpa=/a,queues=1").unwrap().queue_pairs, 1);
+    }
+
+    #[test]
+    fn multiqueue_is_refused_before_kvm_is_touched() {
+        let mut config = config_with(1, 256 << 20, "/proc/self/exe");
+        config.net = vec![
+            parse_net("vdpa=/a").unwrap(),
+            parse_net("vdpa=/b,queues=2").unwrap(),
+        ];
+        assert_eq!(
+            config.validate(&LIMITS),
+            Err(ConfigError::MultiqueueUnsupported {
+                path: "/b".into(),
+                queue_pairs: 2
+            })
+        );
+        config.net.pop();
+        assert_eq!(config.validate(&LIMITS), Ok(()));
+    }
 
     #[test]
     fn validation_names_the_bad_input() {

@@ -119,9 +119,9 @@ impl DeviceManager {
 
     /// A device worker's filter, when seccomp is on. Workers start with
     /// their device, once the VM exists.
-    fn worker_filter(&self) -> Result<Option<BpfProgram>, SeccompError> {
+    fn worker_filter(&self, kind: ThreadKind) -> Result<Option<BpfProgram>, SeccompError> {
         match self.use_seccomp {
-            true => seccomp::filter(ThreadKind::DeviceWorker, &self.filter_fds()).map(Some),
+            true => seccomp::filter(kind, &self.filter_fds()).map(Some),
             false => Ok(None),
         }
     }
@@ -152,7 +152,8 @@ impl DeviceManager {
         if endpoints.is_empty() {
             return Ok(());
         }
-        let (ram, spaces, filter) = (self.ram.clone(), self.spaces.clone(), self.worker_filter()?);
+        let filter = self.worker_filter(ThreadKind::IommuWorker)?;
+        let (ram, spaces) = (self.ram.clone(), self.spaces.clone());
         let device = iommu::add_virtio_iommu(&endpoints, &ram, spaces, filter, self.wiring())?;
         self.iommu = Some(device);
         Ok(())
@@ -164,7 +165,8 @@ impl DeviceManager {
         if self.ram.hotplug.is_none() {
             return Ok(());
         }
-        let (ram, spaces, filter) = (self.ram.clone(), self.spaces.clone(), self.worker_filter()?);
+        let filter = self.worker_filter(ThreadKind::MemoryWorker)?;
+        let (ram, spaces) = (self.ram.clone(), self.spaces.clone());
         let iommu = self.iommu.as_ref().map(|i| i.handle.clone());
         let slots = virtio_mem::SlotSource {
             vm: self.vm.clone(),

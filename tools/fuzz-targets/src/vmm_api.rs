@@ -1,56 +1,24 @@
-//! Fuzz targets: plain functions over bytes that must never panic, for the
-//! inputs an API client and a user control. The tools/fuzz runner drives
-//! them under libFuzzer; the unit tests below run each over seeded random
-//! inputs on the stable toolchain.
+//! The VMM's fuzz targets, for the inputs an API client and a user
+//! control: the control API's HTTP handling and the `microvm` command line.
+//! They drive the `vmm` crate through its public API, so the product holds
+//! no fuzz or test code.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
-use std::sync::{Mutex, OnceLock};
 
 use clap::Parser;
 
 use devices::dma::TransactionRecord;
-use devices::virtio::mem::ResizeError;
-
-use crate::api::control::{
+use vmm::api::control::{
     IommuStatus, MemoryRequestError, MemoryStatus, NetStatus, VmControl, VmSummary,
 };
-use crate::api::http::{self, HttpError};
-use crate::api::routes::{self, ApiState, Outcome};
-use crate::config::{self, cli::Cli, HostLimits};
-use crate::vstate::memory::{pci_layout, ram_end};
+use vmm::api::http::{self, HttpError};
+use vmm::api::routes::{self, ApiState, Outcome};
+use vmm::config::{self, cli::Cli, HostLimits};
+use vmm::vstate::memory::{pci_layout, ram_end};
 
-/// A VM for the API that never changes by itself: a summary, and
-/// optionally hotplug memory whose driver accepts every target but never
-/// plugs. Also the fake the API's server tests run against.
-pub struct StillVm {
-    hotplug: Option<(u64, u64)>,
-    requested: Mutex<u64>,
-}
-
-impl StillVm {
-    /// Without hotplug memory.
-    pub fn new() -> StillVm {
-        StillVm {
-            hotplug: None,
-            requested: Mutex::new(0),
-        }
-    }
-
-    /// With a hotplug region of `size` bytes in `block` units.
-    pub fn with_hotplug(size: u64, block: u64) -> StillVm {
-        StillVm {
-            hotplug: Some((size, block)),
-            requested: Mutex::new(0),
-        }
-    }
-}
-
-impl Default for StillVm {
-    fn default() -> StillVm {
-        StillVm::new()
-    }
-}
+/// A VM for the API that never changes by itself and has no devices.
+struct StillVm;
 
 impl VmControl for StillVm {
     fn summary(&self) -> VmSummary {
@@ -66,35 +34,15 @@ impl VmControl for StillVm {
     }
 
     fn memory(&self) -> Option<MemoryStatus> {
-        let (size, block) = self.hotplug?;
-        Some(MemoryStatus {
-            region_addr: 4 << 30,
-            region_size: size,
-            block_size: block,
-            pci_address: "0000:00:02.0".to_string(),
-            driver_active: true,
-            requested_size: *self.requested.lock().unwrap_or_else(|p| p.into_inner()),
-            plugged_size: 0,
-            plugged: vec![],
-            requests: vec![],
-            release_failures: 0,
-        })
+        None
     }
 
     fn iommu(&self) -> Option<IommuStatus> {
         None
     }
 
-    fn request_memory(&self, size: u64) -> Result<(), MemoryRequestError> {
-        let (max, block) = self.hotplug.ok_or(MemoryRequestError::NoHotplug)?;
-        if !size.is_multiple_of(block) {
-            return Err(ResizeError::Unaligned { size, block }.into());
-        }
-        if size > max {
-            return Err(ResizeError::TooLarge { size, max }.into());
-        }
-        *self.requested.lock().unwrap_or_else(|p| p.into_inner()) = size;
-        Ok(())
+    fn request_memory(&self, _size: u64) -> Result<(), MemoryRequestError> {
+        Err(MemoryRequestError::NoHotplug)
     }
 
     fn transactions(&self) -> Vec<TransactionRecord> {
@@ -103,8 +51,7 @@ impl VmControl for StillVm {
 }
 
 fn state() -> &'static ApiState {
-    static STATE: OnceLock<StillVm> = OnceLock::new();
-    STATE.get_or_init(StillVm::new)
+    &StillVm
 }
 
 /// HTTP request handling: `data[0]` sets how the rest arrives (in pieces

@@ -1,0 +1,91 @@
+//! A fake VM for the API's tests: a summary, and optionally hotplug
+//! memory whose driver accepts every target but never plugs.
+
+use std::sync::Mutex;
+
+use devices::dma::TransactionRecord;
+use devices::virtio::mem::ResizeError;
+
+use super::control::{
+    IommuStatus, MemoryRequestError, MemoryStatus, NetStatus, VmControl, VmSummary,
+};
+
+/// A VM that never changes by itself.
+pub struct StillVm {
+    hotplug: Option<(u64, u64)>,
+    requested: Mutex<u64>,
+}
+
+impl StillVm {
+    /// Without hotplug memory.
+    pub fn new() -> StillVm {
+        StillVm {
+            hotplug: None,
+            requested: Mutex::new(0),
+        }
+    }
+
+    /// With a hotplug region of `size` bytes in `block` units.
+    pub fn with_hotplug(size: u64, block: u64) -> StillVm {
+        StillVm {
+            hotplug: Some((size, block)),
+            requested: Mutex::new(0),
+        }
+    }
+}
+
+impl Default for StillVm {
+    fn default() -> StillVm {
+        StillVm::new()
+    }
+}
+
+impl VmControl for StillVm {
+    fn summary(&self) -> VmSummary {
+        VmSummary {
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            ram: vec![(0, 256 << 20)],
+        }
+    }
+
+    fn nets(&self) -> Vec<NetStatus> {
+        vec![]
+    }
+
+    fn memory(&self) -> Option<MemoryStatus> {
+        let (size, block) = self.hotplug?;
+        Some(MemoryStatus {
+            region_addr: 4 << 30,
+            region_size: size,
+            block_size: block,
+            pci_address: "0000:00:02.0".to_string(),
+            driver_active: true,
+            requested_size: *self.requested.lock().unwrap_or_else(|p| p.into_inner()),
+            plugged_size: 0,
+            plugged: vec![],
+            requests: vec![],
+            release_failures: 0,
+        })
+    }
+
+    fn iommu(&self) -> Option<IommuStatus> {
+        None
+    }
+
+    fn request_memory(&self, size: u64) -> Result<(), MemoryRequestError> {
+        let (max, block) = self.hotplug.ok_or(MemoryRequestError::NoHotplug)?;
+        if !size.is_multiple_of(block) {
+            return Err(ResizeError::Unaligned { size, block }.into());
+        }
+        if size > max {
+            return Err(ResizeError::TooLarge { size, max }.into());
+        }
+        *self.requested.lock().unwrap_or_else(|p| p.into_inner()) = size;
+        Ok(())
+    }
+
+    fn transactions(&self) -> Vec<TransactionRecord> {
+        vec![]
+    }
+}
