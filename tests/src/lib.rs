@@ -464,6 +464,31 @@ mod tests {
         assert_eq!(sections(&text), expected);
     }
 
+    /// Every wait in a test host goes through the harness: no e2e file has
+    /// a hand-written polling loop or an nc without a bound on the host side.
+    #[test]
+    fn e2e_files_have_no_hand_written_host_polling_loops() {
+        let dir = repo_root().join("tests/e2e");
+        let mut offenders = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                let code = line.trim_start();
+                if code.starts_with("//") {
+                    continue;
+                }
+                if code.contains("until ")
+                    || code.contains("echo go | nc")
+                    || code.contains("wait $MV")
+                {
+                    offenders.push(format!("{}:{}: {}", path.display(), n + 1, code));
+                }
+            }
+        }
+        assert!(offenders.is_empty(), "{}", offenders.join("\n"));
+    }
+
     #[test]
     fn shell_quote_survives_single_quotes() {
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
