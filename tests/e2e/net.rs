@@ -196,6 +196,18 @@ fn after_a_device_reset_the_guest_pings_again() {
     let net = &counters["devices"][0];
     assert_eq!(net["activations"], 2, "{counters}");
     assert!(net["resets"].as_u64().unwrap() >= 1, "{counters}");
+    // VDUSE offers no IOTLB_PERSIST, so the reset was followed by a replay,
+    // and the replay went through the address spaces: it is in the history.
+    let replays = counters["dma_transactions"]
+        .as_array()
+        .expect("a transaction history")
+        .iter()
+        .filter(|t| t["kind"] == "replay")
+        .count();
+    assert!(
+        replays >= 1,
+        "no replay transaction after the reset: {counters}"
+    );
     assert_eq!(
         section("iotlb-2").trim(),
         "0x0 0x1fffffff rw",
