@@ -18,6 +18,7 @@ use crate::api::{self, control::VmSummary};
 use crate::boot::{acpi, loader};
 use crate::config::{self, HostLimits, SerialConfig, VmmConfig};
 use crate::console;
+use crate::device_manager::device_query::{DeviceQueries, ANSWER_BOUND};
 use crate::device_manager::DeviceManager;
 use crate::seccomp::{self, FilterFds, SeccompError, ThreadKind};
 use crate::vstate::memory::GuestRam;
@@ -178,8 +179,15 @@ impl Vmm {
                 memory_bytes: config.memory.size.0,
                 ram: ram.ranges.iter().map(|r| (r.start, r.size)).collect(),
             };
+            // Its own thread, started before the VMM thread's filter
+            // forbids creating one: the API never waits on a device.
+            let queries = DeviceQueries::spawn(
+                filters.as_ref().map(|f| f.device_query.clone()),
+                ANSWER_BOUND,
+            )
+            .map_err(crate::device_manager::DeviceError::from)?;
             let filter = filters.as_ref().map(|f| f.api.clone());
-            let view = Arc::new(devices.api_view(summary));
+            let view = Arc::new(devices.api_view(summary, queries));
             api::spawn(socket.into_listener(), view, filter)?;
         }
 
@@ -226,6 +234,7 @@ impl Vmm {
 struct Filters {
     vmm: BpfProgram,
     api: BpfProgram,
+    device_query: BpfProgram,
     fds: FilterFds,
 }
 
@@ -236,6 +245,7 @@ impl Filters {
         Ok(Filters {
             vmm: seccomp::filter(ThreadKind::Vmm, &fds)?,
             api: seccomp::filter(ThreadKind::Api, &fds)?,
+            device_query: seccomp::filter(ThreadKind::DeviceQuery, &fds)?,
             fds,
         })
     }

@@ -71,6 +71,9 @@ pub enum ThreadKind {
     /// The virtio-iommu request worker: serves the guest's requests and
     /// programs the devices' IOTLBs (writes on vhost descriptors).
     IommuWorker,
+    /// The device query thread: asks the vhost-vdpa devices questions
+    /// that are round trips to them (queue state), for the API.
+    DeviceQuery,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +217,10 @@ const MEMORY_WORKER_ONLY: &[Allowed] = &[
     ),
 ];
 
+/// The device query thread only waits on its channel (futex) and asks
+/// its ioctls.
+const DEVICE_QUERY_ONLY: &[Allowed] = &[];
+
 const VMM_ONLY: &[Allowed] = &[
     (libc::SYS_epoll_wait, &[]),
     (libc::SYS_epoll_pwait, &[]),
@@ -249,8 +256,12 @@ const VHOST_FROM_VCPU: &[u64] = &[
     VHOST_VDPA_SET_VRING_ENABLE,
     VHOST_VDPA_SET_CONFIG_CALL,
 ];
-/// On each vhost-vdpa device, from the API: the counters read queue state.
-const VHOST_FROM_API: &[u64] = &[VHOST_GET_VRING_BASE, VHOST_VDPA_GET_STATUS];
+/// On each vhost-vdpa device, from the API: the kernel answers the status
+/// itself (VDUSE keeps it), so it never waits on the device.
+const VHOST_FROM_API: &[u64] = &[VHOST_VDPA_GET_STATUS];
+/// On each vhost-vdpa device, from the device query thread: queue state,
+/// a round trip to the device (VDUSE: to its userspace process).
+const VHOST_FROM_DEVICE_QUERY: &[u64] = &[VHOST_GET_VRING_BASE];
 /// On the VM, from the virtio-mem worker: plugged blocks get a memory slot
 /// of their own and unplugged ones lose it (guest-inaccessible unplug).
 const VM_FROM_MEMORY_WORKER: &[u64] = &[KVM_SET_USER_MEMORY_REGION];
@@ -300,6 +311,7 @@ fn ioctl_rules(kind: ThreadKind, fds: &FilterFds) -> Result<Vec<(RawFd, u64)>, &
         ThreadKind::Api => on_vhost(VHOST_FROM_API),
         ThreadKind::MemoryWorker => on(fds.vm, VM_FROM_MEMORY_WORKER).collect(),
         ThreadKind::IommuWorker => Vec::new(),
+        ThreadKind::DeviceQuery => on_vhost(VHOST_FROM_DEVICE_QUERY),
         ThreadKind::Vcpu => {
             let vcpu = fds
                 .vcpu
@@ -375,6 +387,7 @@ pub fn filter(kind: ThreadKind, fds: &FilterFds) -> Result<BpfProgram, SeccompEr
         ThreadKind::Api => API_ONLY,
         ThreadKind::MemoryWorker => MEMORY_WORKER_ONLY,
         ThreadKind::IommuWorker => IOMMU_WORKER_ONLY,
+        ThreadKind::DeviceQuery => DEVICE_QUERY_ONLY,
         ThreadKind::Vcpu => VCPU_ONLY,
     };
     add(&mut rules, COMMON).map_err(|e| error(&e))?;
@@ -631,12 +644,13 @@ mod tests {
         drop(owned);
     }
 
-    const EVERY_KIND: [ThreadKind; 5] = [
+    const EVERY_KIND: [ThreadKind; 6] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Api,
         ThreadKind::MemoryWorker,
         ThreadKind::IommuWorker,
+        ThreadKind::DeviceQuery,
     ];
 
     /// Meaningful in the (default) debug test build, where the drop calls
@@ -894,13 +908,38 @@ mod tests {
     }
 
     #[test]
+    fn the_device_query_thread_may_only_read_queue_state_on_vhost_devices() {
+        use std::os::fd::AsRawFd;
+        let files = Files::open();
+        let fds = files.fds();
+        let kind = ThreadKind::DeviceQuery;
+        let every_vhost_request = VHOST_FROM_VCPU.iter().chain(VHOST_FROM_API);
+        for vhost in &fds.vhost {
+            for &request in every_vhost_request.clone() {
+                assert_eq!(
+                    allows(kind, &fds, *vhost, request),
+                    request == VHOST_GET_VRING_BASE,
+                    "{request:#x} on {vhost}"
+                );
+            }
+        }
+        let dup = files.dup.as_raw_fd();
+        assert!(!allows(kind, &fds, dup, VHOST_GET_VRING_BASE));
+        assert!(!allows(kind, &fds, fds.vm, VHOST_GET_VRING_BASE));
+        assert!(!allows(kind, &fds, fds.vm, KVM_SET_GSI_ROUTING));
+        assert!(!allows(kind, &fds, files.vcpu.as_raw_fd(), KVM_RUN));
+    }
+
+    #[test]
     fn the_api_thread_may_only_read_vhost_state_on_vhost_devices() {
         use std::os::fd::AsRawFd;
         let files = Files::open();
         let fds = files.fds();
         for vhost in &fds.vhost {
             assert!(allows(ThreadKind::Api, &fds, *vhost, VHOST_VDPA_GET_STATUS));
-            assert!(allows(ThreadKind::Api, &fds, *vhost, VHOST_GET_VRING_BASE));
+            // Queue state is a round trip to the device (VDUSE: to its
+            // process): only the device query thread asks for it.
+            assert!(!allows(ThreadKind::Api, &fds, *vhost, VHOST_GET_VRING_BASE));
             assert!(!allows(
                 ThreadKind::Api,
                 &fds,

@@ -146,12 +146,46 @@ pub struct VdpaNetInfo {
 }
 
 /// Per-queue state the device reports: where the ring is and how far the
-/// device has consumed the avail ring (VHOST_GET_VRING_BASE).
+/// device has consumed the avail ring (VHOST_GET_VRING_BASE; `None` when
+/// the device was not asked or did not answer in time).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct QueueReport {
     pub index: u16,
     pub size: u16,
     pub last_avail_idx: Option<u32>,
+}
+
+/// Reads a queue's last_avail_idx (VHOST_GET_VRING_BASE) on a vhost-vdpa
+/// control descriptor, by number: the seccomp filters bind the ioctl to
+/// that number, so a dup would not do. The descriptor stays open for the
+/// VM's life (the device is dropped only when the VM ends).
+#[derive(Clone, Copy, Debug)]
+pub struct VringBaseReader {
+    fd: std::os::fd::RawFd,
+}
+
+impl VringBaseReader {
+    pub fn last_avail_idx(&self, queue: u16) -> std::io::Result<u32> {
+        let mut state = vhost_binding::vhost_vring_state {
+            index: u32::from(queue),
+            num: 0,
+        };
+        // SAFETY: VHOST_GET_VRING_BASE reads and writes exactly one
+        // vhost_vring_state, which `state` is and outlives the call. The
+        // ioctl touches no other memory; on a descriptor that is not (or
+        // no longer) a vhost device it fails with an errno.
+        let ret = unsafe {
+            libc::ioctl(
+                self.fd,
+                vhost_binding::VHOST_GET_VRING_BASE() as _,
+                &mut state as *mut vhost_binding::vhost_vring_state,
+            )
+        };
+        match ret {
+            0.. => Ok(state.num),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -332,6 +366,21 @@ impl VdpaNet {
         self.vhost.as_raw_fd()
     }
 
+    /// What reads the queues' progress without this device: asking is a
+    /// round trip to the device (VDUSE: to its userspace process), so it
+    /// must not happen under the device's lock.
+    pub fn vring_base_reader(&self) -> VringBaseReader {
+        VringBaseReader {
+            fd: self.vhost.as_raw_fd(),
+        }
+    }
+
+    /// The indexes of the queues the driver started (empty before
+    /// DRIVER_OK and after a reset).
+    pub fn active_queues(&self) -> Vec<u16> {
+        self.active.iter().map(|q| q.index).collect()
+    }
+
     /// How many queues the guest will see.
     pub fn queue_max_sizes_len(&self) -> usize {
         usize::from(self.queue_count)
@@ -363,7 +412,9 @@ impl VdpaNet {
             .map(|q| QueueReport {
                 index: q.index,
                 size: q.size,
-                last_avail_idx: self.vhost.get_vring_base(usize::from(q.index)).ok(),
+                // Asked of the device by whoever holds a `VringBaseReader`,
+                // never under the lock this device is kept behind.
+                last_avail_idx: None,
             })
             .collect();
         VdpaNetCounters {

@@ -30,6 +30,9 @@ pub struct NetStatus {
     pub resets: u64,
     pub iotlb_replays: u64,
     pub queues: Vec<QueueReport>,
+    /// Whether the device answered the queue-state question in time (a
+    /// VDUSE device whose process is dead or wedged does not).
+    pub device_answering: bool,
     /// What attaching the device sent.
     pub boot_mapping: DeviceReport,
     /// Where the device's IOVAs lead ("identity", or a vIOMMU domain).

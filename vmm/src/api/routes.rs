@@ -420,6 +420,9 @@ fn net_counters(net: &NetStatus) -> Value {
         "resets": net.transport.resets,
         "activation_failures": net.transport.activation_failures,
         "iotlb_replays": net.iotlb_replays,
+        // false: the device did not tell its queues' progress within the
+        // API's bound (their last_avail_idx is then null).
+        "device_answering": net.device_answering,
         "queues": queues,
         "interrupts": {
             "config_raised_by_vmm": net.transport.config_interrupts,

@@ -5,6 +5,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use devices::dma::{SharedSpaces, TransactionRecord};
 
+use super::device_query::{DeviceQueries, QueueAnswer};
 use super::iommu::IommuDevice;
 use super::lock;
 use super::net::NetHandle;
@@ -16,6 +17,7 @@ use crate::api::control::{
 pub struct ApiView {
     summary: VmSummary,
     nets: Vec<NetHandle>,
+    queries: DeviceQueries,
     memory: Option<MemHandle>,
     iommu: Option<IommuDevice>,
     spaces: SharedSpaces,
@@ -33,6 +35,7 @@ impl ApiView {
     pub fn new(
         summary: VmSummary,
         nets: Vec<NetHandle>,
+        queries: DeviceQueries,
         memory: Option<MemHandle>,
         iommu: Option<IommuDevice>,
         spaces: SharedSpaces,
@@ -40,6 +43,7 @@ impl ApiView {
         ApiView {
             summary,
             nets,
+            queries,
             memory,
             iommu,
             spaces,
@@ -60,21 +64,42 @@ impl VmControl for ApiView {
                     Ok(Some(space)) => space.to_string(),
                     _ => "none".to_string(),
                 };
-                let pci = locked(&net.pci);
-                let info = pci.device().info(pci.negotiated_features());
-                let counters = pci.device().counters();
+                // Copied under the lock: nothing here waits on the device
+                // (VHOST_VDPA_GET_STATUS is answered by the kernel).
+                let (info, counters, transport_status, transport, active) = {
+                    let pci = locked(&net.pci);
+                    (
+                        pci.device().info(pci.negotiated_features()),
+                        pci.device().counters(),
+                        pci.status(),
+                        pci.counters(),
+                        pci.device().active_queues(),
+                    )
+                };
+                // Asked with no lock held, for a bounded time.
+                let mut queues = counters.queues;
+                let device_answering = match self.queries.queue_progress(&net.queries, &active) {
+                    QueueAnswer::Answered(values) => {
+                        for (queue, value) in queues.iter_mut().zip(values) {
+                            queue.last_avail_idx = value;
+                        }
+                        true
+                    }
+                    QueueAnswer::NotAnswering => false,
+                };
                 NetStatus {
                     id: net.id.clone(),
                     pci_address: pci_address(net.slot),
                     iotlb: info.mappings.clone(),
                     info,
-                    transport_status: pci.status(),
-                    transport: pci.counters(),
+                    transport_status,
+                    transport,
                     dma: counters.dma,
                     activations: counters.activations,
                     resets: counters.resets,
                     iotlb_replays: counters.iotlb_replays,
-                    queues: counters.queues,
+                    queues,
+                    device_answering,
                     boot_mapping: net.boot_mapping.clone(),
                     address_space,
                 }

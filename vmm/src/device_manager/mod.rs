@@ -6,6 +6,7 @@
 //! narrow handle ([`crate::api::VmHandle`]) built from it, not the devices.
 
 pub mod api_view;
+pub mod device_query;
 pub mod iommu;
 pub mod memory_hotplug;
 pub mod net;
@@ -28,6 +29,7 @@ use crate::vstate::interrupts::{KvmIoEvents, KvmMsiRouter};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vm::Vm;
 use api_view::ApiView;
+use device_query::DeviceQueries;
 use iommu::{IommuDevice, IommuSetupError};
 use net::{NetError, NetHandle};
 use pci::{PciSegment, PciSetupError, PciWiring};
@@ -51,6 +53,8 @@ pub enum DeviceError {
     Iommu(#[from] IommuSetupError),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error(transparent)]
+    DeviceQuery(#[from] device_query::QueryError),
 }
 
 pub struct DeviceManager {
@@ -193,11 +197,13 @@ impl DeviceManager {
         }
     }
 
-    /// The narrow handle the control API gets.
-    pub fn api_view(&self, summary: VmSummary) -> ApiView {
+    /// The narrow handle the control API gets; it asks the devices' queue
+    /// state through `queries`.
+    pub fn api_view(&self, summary: VmSummary, queries: DeviceQueries) -> ApiView {
         ApiView::new(
             summary,
             self.nets.clone(),
+            queries,
             self.hotplug.clone(),
             self.iommu.clone(),
             self.spaces.clone(),

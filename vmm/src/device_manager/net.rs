@@ -12,6 +12,7 @@ use devices::dma::{
 use devices::virtio::pci::VirtioPciDevice;
 use devices::virtio::vdpa_net::{Translation, VdpaError, VdpaNet, VdpaNetConfig};
 
+use super::device_query::QueriedDevice;
 use super::lock;
 use super::pci::{plug_virtio, PciWiring, PlugError, Plugged};
 use crate::config::NetConfig;
@@ -44,6 +45,8 @@ pub struct NetHandle {
     pub iova_range: RangeInclusive<u64>,
     /// Where its vhost ioctls go, for the seccomp filters.
     pub control_fd: RawFd,
+    /// How the API learns its queues' progress without its lock.
+    pub queries: QueriedDevice,
 }
 
 pub fn add_vdpa_net(
@@ -96,6 +99,7 @@ pub fn add_vdpa_net(
     // One vector per queue, one for configuration changes.
     let vectors = device.queue_max_sizes_len() + 1;
     let control_fd = device.control_fd();
+    let queries = QueriedDevice::new(Arc::new(device.vring_base_reader()));
     let Plugged { pci, slot } = plug_virtio(device, vectors, wiring)?;
     Ok(NetHandle {
         id: id.to_string(),
@@ -105,6 +109,7 @@ pub fn add_vdpa_net(
         behind_iommu: translation == Translation::Iommu,
         iova_range,
         control_fd,
+        queries,
     })
 }
 
