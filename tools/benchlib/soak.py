@@ -160,6 +160,10 @@ def classify(output, testbed_status=None):
     panic = "Kernel panic" in output
     if soak and soak[-1][0] == "ok" and not failed:
         return True, None, False
+    # A test host that was lost (it panicked, reset or never came up) says
+    # so itself, and its own kernel's panic is not the guest's.
+    if testbed_status in TESTBED_EXITS and testbed_status not in HANG_EXITS:
+        return False, TESTBED_EXITS[testbed_status], False
     if panic:
         return False, "guest kernel panic", False
     # microvm says when its guest triple-faults; QEMU (-no-reboot) just

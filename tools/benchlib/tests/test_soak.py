@@ -24,6 +24,11 @@ class ClassifyTest(unittest.TestCase):
                "harness: FAILED: the guest to stream (ping did not appear in x within 9s)\n")
         self.assertEqual(soak.classify(out, 0), (False, soak.GUEST_ENDED, False))
 
+    def test_the_test_hosts_own_panic_is_a_lost_test_host(self):
+        out = ("[ 1042.1] Kernel panic - not syncing: corrupted stack end detected inside scheduler\n"
+               "testbed: error: QEMU exited (status 0) while the command ran\n")
+        self.assertEqual(soak.classify(out, 104), (False, soak.TESTBED_EXITS[104], False))
+
     def test_a_panic_is_its_own_cause(self):
         out = "Kernel panic - not syncing: x\nharness: FAILED: s (the VMM exited before 'y' appeared)\n"
         self.assertEqual(soak.classify(out, 0)[1], "guest kernel panic")
