@@ -10,8 +10,8 @@
 //! the guest's request VIRTIO_MEM_RESP_BUSY: with RESP_ERROR a Linux guest
 //! marks its virtio-mem device broken and never plugs again.
 
-use e2e::host_script::guest_cmd_arg;
-use e2e::{hex, iotlb_dump, merged, HostScript, MicrovmRun, VduseNet};
+use e2e::host_script::microvm_on;
+use e2e::{hex, iotlb_dump, merged, HostScript, VduseNet};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -34,11 +34,12 @@ fn host_script() -> String {
         extra_args: "--fail-iotlb $((K+1))".to_string(),
         ..VduseNet::on_tap()
     };
-    let mut vm = MicrovmRun::new(1, "512M,hotplug=1G");
-    vm.cmdline_extra = format!("quiet {}", guest_cmd_arg(&guest_script()));
-    vm.extra_args = format!(
-        "--net vdpa={},iotlb-batch=off --api-socket \"$H_API\"",
-        device.path_var()
+    let vm = microvm_on(
+        &device,
+        1,
+        "512M,hotplug=1G",
+        ",iotlb-batch=off",
+        &guest_script(),
     );
     let updates = "grep -c 'iotlb update #[0-9]* \\[' /tmp/vduse-net0.err";
     let mut script = HostScript::new();

@@ -3,8 +3,8 @@
 //! names itself, and shows the guest console, the VMM's stderr, the
 //! device's log, the threads and the test host's dmesg.
 
-use e2e::host_script::guest_cmd_arg;
-use e2e::{HostScript, MicrovmRun, SectionedRun, VduseNet};
+use e2e::host_script::microvm_on;
+use e2e::{HostScript, SectionedRun, VduseNet};
 use std::sync::OnceLock;
 
 const GUEST_IP: &str = "192.0.2.2";
@@ -17,9 +17,7 @@ nc -l -p 5000 >/dev/null
 echo harness-guest-got-go
 ";
     let device = VduseNet::on_tap();
-    let mut vm = MicrovmRun::new(1, "256M");
-    vm.cmdline_extra = format!("quiet {}", guest_cmd_arg(guest));
-    vm.extra_args = format!("--net vdpa={} --api-socket \"$H_API\"", device.path_var());
+    let vm = microvm_on(&device, 1, "256M", "", guest);
     let mut script = HostScript::new();
     script
         .vduse_net(&device)

@@ -4,8 +4,8 @@
 //! After each step: the guest's MemTotal, the IOTLB the device holds, and
 //! the messages each guest request cost.
 
-use e2e::host_script::guest_cmd_arg;
-use e2e::{hex, iotlb_dump, merged, HostScript, MicrovmRun, VduseNet};
+use e2e::host_script::microvm_on;
+use e2e::{hex, iotlb_dump, merged, HostScript, VduseNet};
 
 const GUEST_IP: &str = "192.0.2.2";
 
@@ -52,9 +52,7 @@ echo guest-done
 
 fn host_script() -> String {
     let device = VduseNet::on_tap();
-    let mut vm = MicrovmRun::new(2, "512M,hotplug=2G");
-    vm.cmdline_extra = format!("quiet {}", guest_cmd_arg(&guest_script()));
-    vm.extra_args = format!("--net vdpa={} --api-socket \"$H_API\"", device.path_var());
+    let vm = microvm_on(&device, 2, "512M,hotplug=2G", "", &guest_script());
     let mut script = HostScript::new();
     script
         .vduse_net(&device)

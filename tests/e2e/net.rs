@@ -2,7 +2,7 @@
 //! device (vduse-net on a TAP), the kernel's vhost-vdpa, our VMM and the
 //! guest's virtio-net driver. One test-host boot serves every check.
 
-use e2e::host_script::guest_cmd_arg;
+use e2e::host_script::{guest_cmd_arg, microvm_on};
 use e2e::{HostScript, MicrovmRun, VduseNet, DEBUG_MICROVM};
 
 const GUEST_IP: &str = "192.0.2.2";
@@ -51,9 +51,7 @@ ping -c 4 -W 2 {HOST_IP}
 /// each phase. Sections are printed as `@@section name`.
 fn host_script() -> String {
     let device = VduseNet::on_tap();
-    let mut vm = MicrovmRun::new(2, "512M");
-    vm.cmdline_extra = format!("quiet {}", guest_cmd_arg(&guest_script()));
-    vm.extra_args = format!("--net vdpa={} --api-socket \"$H_API\"", device.path_var());
+    let vm = microvm_on(&device, 2, "512M", "", &guest_script());
     let mut debug_vm = MicrovmRun::new(2, "256M");
     debug_vm.binary = DEBUG_MICROVM;
     debug_vm.cmdline_extra = format!("quiet {}", guest_cmd_arg(&debug_guest_script()));

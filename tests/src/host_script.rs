@@ -174,6 +174,25 @@ impl HostScript {
     }
 }
 
+/// A microVM (release build) whose one net device is `device`, with the API
+/// on `$H_API` and a quiet guest that runs `guest_cmd`; `net_options` are
+/// appended to the `--net` value (e.g. `,iommu=on`).
+pub fn microvm_on(
+    device: &VduseNet,
+    cpus: u32,
+    memory: &'static str,
+    net_options: &str,
+    guest_cmd: &str,
+) -> MicrovmRun {
+    let mut vm = MicrovmRun::new(cpus, memory);
+    vm.cmdline_extra = format!("quiet {}", guest_cmd_arg(guest_cmd));
+    vm.extra_args = format!(
+        "--net vdpa={}{net_options} --api-socket \"$H_API\"",
+        device.path_var()
+    );
+    vm
+}
+
 /// A guest command line's `microvm.cmd=` for a shell command.
 pub fn guest_cmd_arg(command: &str) -> String {
     format!("microvm.cmd={}", base64(command.as_bytes()))
