@@ -965,22 +965,39 @@ mod queue {
             queue
         }
 
-        fn descriptor(&mut self, addr: u64, len: u32, flags: u16) -> u16 {
-            let index = self.next_desc;
-            self.next_desc += 1;
-            let at = GuestAddress(DESC + 16 * u64::from(index));
+        /// A split-ring descriptor as the driver writes it.
+        fn encode(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
             let mut d = [0u8; 16];
             d[0..8].copy_from_slice(&addr.to_le_bytes());
             d[8..12].copy_from_slice(&len.to_le_bytes());
             d[12..14].copy_from_slice(&flags.to_le_bytes());
-            d[14..16].copy_from_slice(&(index + 1).to_le_bytes());
-            self.memory.write_slice(&d, at).unwrap();
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            d
+        }
+
+        fn descriptor(&mut self, addr: u64, len: u32, flags: u16) -> u16 {
+            let index = self.next_desc;
+            self.next_desc += 1;
+            let at = GuestAddress(DESC + 16 * u64::from(index));
+            self.memory
+                .write_slice(&Self::encode(addr, len, flags, index + 1), at)
+                .unwrap();
             index
         }
 
-        /// Queues `request` with its readable part split over two
-        /// descriptors and a writable part of `writable` bytes.
-        pub fn push(&mut self, request: &RawRequest) {
+        /// Makes the chain at `head` available and raises avail.idx.
+        fn publish(&mut self, head: u16) {
+            let slot = GuestAddress(AVAIL + 4 + 2 * u64::from(self.avail % SIZE));
+            self.memory.write_obj(head, slot).unwrap();
+            self.avail += 1;
+            self.memory
+                .write_obj(self.avail, GuestAddress(AVAIL + 2))
+                .unwrap();
+        }
+
+        /// Writes `request`'s readable part and a poisoned writable part
+        /// into the next buffer; returns (read, write, writable).
+        fn stage(&mut self, request: &RawRequest) -> (u64, u64, u32) {
             let read = self.next_buf;
             self.memory
                 .write_slice(&request.head, GuestAddress(read))
@@ -991,17 +1008,19 @@ mod queue {
                 .write_slice(&vec![0xee; writable as usize], GuestAddress(write))
                 .unwrap();
             self.next_buf += 0x400;
+            (read, write, writable)
+        }
+
+        /// Queues `request` with its readable part split over two
+        /// descriptors and a writable part of `writable` bytes.
+        pub fn push(&mut self, request: &RawRequest) {
+            let (read, write, writable) = self.stage(request);
             let len = request.head.len() as u32;
             let first = len / 2;
             let head = self.descriptor(read, first, F_NEXT);
             self.descriptor(read + u64::from(first), len - first, F_NEXT);
             self.descriptor(write, writable, F_WRITE);
-            let slot = GuestAddress(AVAIL + 4 + 2 * u64::from(self.avail % SIZE));
-            self.memory.write_obj(head, slot).unwrap();
-            self.avail += 1;
-            self.memory
-                .write_obj(self.avail, GuestAddress(AVAIL + 2))
-                .unwrap();
+            self.publish(head);
             self.sent.push((read, write, writable));
         }
 
@@ -1021,48 +1040,26 @@ mod queue {
                 let index = self.descriptor(addr, len, flags);
                 head.get_or_insert(index);
             }
-            let slot = GuestAddress(AVAIL + 4 + 2 * u64::from(self.avail % SIZE));
-            self.memory.write_obj(head.unwrap(), slot).unwrap();
-            self.avail += 1;
-            self.memory
-                .write_obj(self.avail, GuestAddress(AVAIL + 2))
-                .unwrap();
+            self.publish(head.unwrap());
         }
 
         /// Queues `request` (readable part, then a writable part of
         /// `writable_len` bytes) in an indirect table at `table`, behind
         /// one ring descriptor with VIRTQ_DESC_F_INDIRECT.
         pub fn push_indirect(&mut self, request: &RawRequest, table: u64) {
-            let read = self.next_buf;
-            self.memory
-                .write_slice(&request.head, GuestAddress(read))
-                .unwrap();
-            let write = read + 0x100;
-            let writable = u32::try_from(request.writable_len).unwrap();
-            self.memory
-                .write_slice(&vec![0xee; writable as usize], GuestAddress(write))
-                .unwrap();
-            self.next_buf += 0x400;
+            let (read, write, writable) = self.stage(request);
             let entries = [
                 (read, request.head.len() as u32, F_NEXT),
                 (write, writable, F_WRITE),
             ];
             for (i, (addr, len, flags)) in entries.into_iter().enumerate() {
-                let mut d = [0u8; 16];
-                d[0..8].copy_from_slice(&addr.to_le_bytes());
-                d[8..12].copy_from_slice(&len.to_le_bytes());
-                d[12..14].copy_from_slice(&flags.to_le_bytes());
-                d[14..16].copy_from_slice(&(i as u16 + 1).to_le_bytes());
                 let at = GuestAddress(table + 16 * i as u64);
-                self.memory.write_slice(&d, at).unwrap();
+                self.memory
+                    .write_slice(&Self::encode(addr, len, flags, i as u16 + 1), at)
+                    .unwrap();
             }
             let head = self.descriptor(table, 32, F_INDIRECT);
-            let slot = GuestAddress(AVAIL + 4 + 2 * u64::from(self.avail % SIZE));
-            self.memory.write_obj(head, slot).unwrap();
-            self.avail += 1;
-            self.memory
-                .write_obj(self.avail, GuestAddress(AVAIL + 2))
-                .unwrap();
+            self.publish(head);
             self.sent.push((read, write, writable));
         }
 
