@@ -101,23 +101,10 @@ h_fail() {
 h_wait_file() {
 	# h_wait_file FILE PATTERN SECS STEP: until FILE has a line matching
 	# PATTERN (grep -E), the VMM exits, or SECS pass.
-	local f pattern secs end vmm
+	local f pattern secs
 	f=$1 pattern=$2 secs=$3
 	shift 3
-	end=$(($(h_now) + secs))
-	until grep -qE "$pattern" "$f" 2>/dev/null; do
-		vmm=$(h_get vmm_pid)
-		if [ -n "$vmm" ] && ! h_alive "$vmm"; then
-			grep -qE "$pattern" "$f" 2>/dev/null && return 0
-			h_fail "$* (the VMM exited before '$pattern' appeared)"
-			return 1
-		fi
-		if [ "$(h_now)" -ge "$end" ]; then
-			h_fail "$* ('$pattern' did not appear in $f within ${secs}s)"
-			return 1
-		fi
-		sleep 0.2
-	done
+	h_wait_true "$secs" "$* ('$pattern' in $f)" grep -qE "$pattern" "$f"
 }
 
 h_wait_true() {
@@ -127,10 +114,10 @@ h_wait_true() {
 	secs=$1 step=$2
 	shift 2
 	end=$(($(h_now) + secs))
-	until "$@"; do
+	until "$@" 2>/dev/null; do
 		vmm=$(h_get vmm_pid)
 		if [ -n "$vmm" ] && ! h_alive "$vmm"; then
-			"$@" && return 0
+			"$@" 2>/dev/null && return 0
 			h_fail "$step (the VMM exited first)"
 			return 1
 		fi

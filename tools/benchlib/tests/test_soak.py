@@ -10,18 +10,18 @@ class ClassifyTest(unittest.TestCase):
         self.assertEqual(soak.classify("x\n@@soak ok\n", 0), (True, None, False))
 
     def test_a_harness_timeout_is_a_hang_named_by_its_step(self):
-        out = ("harness: FAILED: the guest to show MemTotal after the plug ('soak-memtotal' did not "
-               "appear in /tmp/vm0.console within 60s)\n@@soak fail MemTotal after plug\n")
+        out = ("harness: FAILED: the guest to show MemTotal after the plug ('soak-memtotal' in "
+               "/tmp/vm0.console) (not within 60s)\n@@soak fail MemTotal after plug\n")
         self.assertEqual(soak.classify(out, 0),
                          (False, "the guest to show MemTotal after the plug", True))
 
     def test_a_vmm_that_exited_early_is_a_guest_end_not_a_hang(self):
-        out = "harness: FAILED: the guest to boot (the VMM exited before 'x' appeared)\n@@soak fail boot\n"
+        out = "harness: FAILED: the guest to boot ('x' in /tmp/c) (the VMM exited first)\n@@soak fail boot\n"
         self.assertEqual(soak.classify(out, 0), (False, soak.GUEST_ENDED, False))
 
     def test_a_triple_fault_wins_over_the_step_it_broke(self):
         out = ("microvm: vCPU 0 triple-faulted; the guest is reset\n"
-               "harness: FAILED: the guest to stream (ping did not appear in x within 9s)\n")
+               "harness: FAILED: the guest to stream ('ping' in /tmp/c) (not within 9s)\n")
         self.assertEqual(soak.classify(out, 0), (False, soak.GUEST_ENDED, False))
 
     def test_the_test_hosts_own_panic_is_a_lost_test_host(self):
@@ -30,7 +30,7 @@ class ClassifyTest(unittest.TestCase):
         self.assertEqual(soak.classify(out, 104), (False, soak.TESTBED_EXITS[104], False))
 
     def test_a_panic_is_its_own_cause(self):
-        out = "Kernel panic - not syncing: x\nharness: FAILED: s (the VMM exited before 'y' appeared)\n"
+        out = "Kernel panic - not syncing: x\nharness: FAILED: s ('y' in /tmp/c) (the VMM exited first)\n"
         self.assertEqual(soak.classify(out, 0)[1], "guest kernel panic")
 
     def test_a_testbed_timeout_without_harness_words_is_a_hang(self):
