@@ -10,7 +10,7 @@ use clap::Parser;
 
 use devices::dma::TransactionRecord;
 use vmm::api::control::{
-    IommuStatus, MemoryRequestError, MemoryStatus, NetStatus, VmControl, VmSummary,
+    IommuStatus, MemoryRequestError, MemoryStatus, VdpaStatus, VmControl, VmSummary,
 };
 use vmm::api::http::{self, HttpError};
 use vmm::api::routes::{self, ApiState, Outcome};
@@ -29,7 +29,7 @@ impl VmControl for StillVm {
         }
     }
 
-    fn nets(&self) -> Vec<NetStatus> {
+    fn vdpa_devices(&self) -> Vec<VdpaStatus> {
         vec![]
     }
 

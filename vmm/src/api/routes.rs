@@ -5,10 +5,11 @@ use std::time::{Duration, Instant};
 use devices::dma::{ChangeKind, DmaRange, Perm, TransactionRecord};
 use serde_json::{json, Value};
 
-use super::control::{MemoryRequestError, NetStatus, VmControl};
+use super::control::{MemoryRequestError, VdpaStatus, VmControl};
 use super::http::{Request, Response};
 use crate::config::parse_size;
 use devices::virtio::mem::ResizeError;
+use devices::virtio::vdpa::DeviceKind;
 
 /// How long PUT /memory waits for the guest by default.
 const DEFAULT_RESIZE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -64,7 +65,7 @@ fn mapping(range: &DmaRange) -> Value {
 
 fn info(state: &ApiState) -> Value {
     let summary = state.summary();
-    let devices: Vec<Value> = state.nets().iter().map(net_info).collect();
+    let devices: Vec<Value> = state.vdpa_devices().iter().map(net_info).collect();
     json!({
         "vcpus": summary.vcpus,
         "memory": {
@@ -146,23 +147,48 @@ fn iommu_counters(state: &ApiState) -> Value {
     })
 }
 
-fn net_info(net: &NetStatus) -> Value {
+fn net_info(net: &VdpaStatus) -> Value {
     let info = &net.info;
     let (iotlb, iotlb_omitted) = listed(&net.iotlb, mapping);
+    let block = info.block.map(|b| {
+        json!({
+            "capacity_sectors": b.capacity,
+            "capacity_bytes": b.capacity.saturating_mul(512),
+            "blk_size": b.blk_size,
+            "seg_max": b.seg_max,
+            "size_max": b.size_max,
+            "readonly": b.readonly,
+        })
+    });
     json!({
         "id": net.id,
-        "kind": "virtio-net",
+        "type": info.kind.name(),
+        "device_id": info.device_id,
+        "kind": format!("virtio-{}", match info.kind {
+            DeviceKind::Net => "net",
+            DeviceKind::Block => "blk",
+        }),
         "backend": "vhost-vdpa",
         "path": info.path.display().to_string(),
         "pci_address": net.pci_address,
         "device_status": info.status,
         "transport_status": net.transport_status,
+        // What the device offers, and what the VMM set on it at the last
+        // start (0x0 before the guest's driver started it).
         "device_features": hex(info.device_features),
+        "device_features_acked": hex(info.device_features_acked),
+        // What the guest was offered, and what it agreed on.
+        "guest_features_offered": hex(info.guest_features_offered),
         "guest_features": hex(info.guest_features),
+        "backend_features_offered": hex(info.backend_features_offered),
         "backend_features": hex(info.backend_features),
+        "virtqueues": info.virtqueues,
+        "groups": info.groups,
+        "address_spaces": info.address_spaces,
         "iova_range": { "first": hex(info.iova_first), "last": hex(info.iova_last) },
         "queues": info.queues,
         "queue_max_size": info.queue_max_size,
+        "block": block,
         "address_space": net.address_space,
         "iotlb": iotlb,
         "iotlb_omitted": iotlb_omitted,
@@ -385,7 +411,7 @@ pub fn resize_target(pending: &PendingResize) -> u64 {
 }
 
 fn counters(state: &ApiState) -> Value {
-    let devices: Vec<Value> = state.nets().iter().map(net_counters).collect();
+    let devices: Vec<Value> = state.vdpa_devices().iter().map(net_counters).collect();
     let history: Vec<Value> = state.transactions().iter().map(transaction).collect();
     json!({
         "devices": devices,
@@ -395,7 +421,7 @@ fn counters(state: &ApiState) -> Value {
     })
 }
 
-fn net_counters(net: &NetStatus) -> Value {
+fn net_counters(net: &VdpaStatus) -> Value {
     let dma = &net.dma;
     let queues: Vec<Value> = net
         .queues
@@ -454,7 +480,7 @@ mod tests {
                 ram: vec![(0, 1 << 30)],
             }
         }
-        fn nets(&self) -> Vec<NetStatus> {
+        fn vdpa_devices(&self) -> Vec<VdpaStatus> {
             vec![]
         }
         fn memory(&self) -> Option<MemoryStatus> {
