@@ -462,8 +462,11 @@ mod tests {
     use super::*;
     use crate::api::control::{IommuStatus, MemoryStatus, VmSummary};
     use crate::api::http;
+    use devices::dma::DeviceReport;
     use devices::dma::SpaceId;
     use devices::virtio::iommu::{DomainInfo, DomainKind, IommuCounters, IommuSnapshot, Mapping};
+    use devices::virtio::vdpa::block::BlockLayer;
+    use devices::virtio::vdpa::VdpaInfo;
 
     /// A VM whose guest mapped `mappings` separate pages in one domain and
     /// plugged `plugged` separate blocks.
@@ -532,6 +535,80 @@ mod tests {
         fn transactions(&self) -> Vec<TransactionRecord> {
             vec![]
         }
+    }
+
+    fn vdpa_status(info: VdpaInfo) -> VdpaStatus {
+        VdpaStatus {
+            id: "blk0".into(),
+            pci_address: "0000:00:02.0".into(),
+            info,
+            transport_status: 0xf,
+            transport: Default::default(),
+            dma: Default::default(),
+            activations: 1,
+            resets: 0,
+            iotlb_replays: 0,
+            queues: vec![],
+            device_answering: true,
+            boot_mapping: DeviceReport {
+                device: "blk0".into(),
+                updates: 1,
+                invalidates: 0,
+                batched: false,
+                micros_to_end: 0,
+            },
+            address_space: "identity".into(),
+            iotlb: vec![],
+        }
+    }
+
+    #[test]
+    fn info_says_each_vdpa_devices_type_and_what_was_offered_and_acked() {
+        let info = VdpaInfo {
+            path: "/dev/vhost-vdpa-1".into(),
+            kind: DeviceKind::Block,
+            device_id: 2,
+            device_features: 0x3_0000_0244,
+            device_features_acked: 0x3_0000_0240,
+            guest_features_offered: 0x1_0000_0244,
+            guest_features: 0x1_0000_0240,
+            backend_features_offered: 0x17e,
+            backend_features: 0x106,
+            iova_first: 0,
+            iova_last: u64::MAX,
+            queue_max_size: 256,
+            queues: 1,
+            virtqueues: Some(1),
+            groups: Some(1),
+            address_spaces: None,
+            status: 0xf,
+            mappings: vec![],
+            block: Some(BlockLayer {
+                capacity: 128 << 11,
+                size_max: None,
+                seg_max: Some(32),
+                blk_size: Some(512),
+                queues: 1,
+                readonly: false,
+            }),
+        };
+        let value = net_info(&vdpa_status(info));
+        assert_eq!(value["type"], "block");
+        assert_eq!(value["kind"], "virtio-blk");
+        assert_eq!(value["device_id"], 2);
+        assert_eq!(value["device_features"], "0x300000244");
+        assert_eq!(value["device_features_acked"], "0x300000240");
+        assert_eq!(value["guest_features_offered"], "0x100000244");
+        assert_eq!(value["guest_features"], "0x100000240");
+        assert_eq!(value["backend_features_offered"], "0x17e");
+        assert_eq!(value["backend_features"], "0x106");
+        assert_eq!(value["groups"], 1);
+        assert_eq!(value["address_spaces"], Value::Null, "not offered");
+        assert_eq!(value["iova_range"]["last"], "0xffffffffffffffff");
+        assert_eq!(value["block"]["capacity_bytes"], 128u64 << 20);
+        assert_eq!(value["block"]["blk_size"], 512);
+        assert_eq!(value["block"]["size_max"], Value::Null);
+        assert_eq!(value["block"]["readonly"], false);
     }
 
     fn info_of(vm: &FragmentedVm) -> (usize, Value) {

@@ -216,3 +216,131 @@ fn memlock_hint(error: &SpaceError, memlock: &MemlockStatus) -> String {
 fn lock_mapper<T>(mapper: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mapper.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::dma::{BackendError, DmaError, DmaRange, Perm};
+
+    fn refused(message: IotlbMessage, errno: i32) -> SpaceError {
+        SpaceError::Device {
+            device: "net0".into(),
+            source: Box::new(DmaError::Backend {
+                message,
+                source: BackendError::Io(std::io::Error::from_raw_os_error(errno)),
+            }),
+            restore_failed: vec![],
+        }
+    }
+
+    const LOW: MemlockStatus = MemlockStatus {
+        limit: 8 << 20,
+        needed: 512 << 20,
+        refused: None,
+    };
+
+    #[test]
+    fn a_refusal_names_the_option_and_the_device() {
+        let error = VdpaSetupError::Device {
+            option: "--vdpa ",
+            path: "/dev/vhost-vdpa-0".into(),
+            source: Box::new(VdpaError::Unsupported {
+                id: 3,
+                name: "console",
+            }),
+        };
+        assert_eq!(
+            error.to_string(),
+            "--vdpa /dev/vhost-vdpa-0: device type 3 (console) is not supported (net, block are)"
+        );
+        let error = VdpaSetupError::Device {
+            option: "--net vdpa=",
+            path: "/dev/null".into(),
+            source: Box::new(VdpaError::NotVhostVdpa("/dev/null".into())),
+        };
+        assert_eq!(
+            error.to_string(),
+            "--net vdpa=/dev/null: '/dev/null' is not a vhost-vdpa device"
+        );
+    }
+
+    #[test]
+    fn a_refused_update_under_a_low_memlock_limit_names_the_limit_and_the_amount() {
+        let update = IotlbMessage::Update {
+            asid: 0,
+            range: DmaRange::new(0, 512 << 20, 0x7f00_0000_0000, Perm::ReadWrite),
+        };
+        let source = refused(update, libc::EFAULT);
+        let hint = memlock_hint(&source, &LOW);
+        assert!(
+            hint.starts_with("; RLIMIT_MEMLOCK is 8M, below the 512M"),
+            "{hint}"
+        );
+        let error = VdpaSetupError::Map {
+            option: "--vdpa ",
+            path: "/dev/vhost-vdpa-0".into(),
+            source: Box::new(source),
+            hint,
+        };
+        let text = error.to_string();
+        assert!(
+            text.starts_with("--vdpa /dev/vhost-vdpa-0: cannot map guest memory: device 'net0'"),
+            "{text}"
+        );
+        assert!(
+            text.contains("failed with EFAULT: vhost-vdpa refused the message"),
+            "{text}"
+        );
+        assert!(text.contains("RLIMIT_MEMLOCK is 8M"), "{text}");
+        assert!(!text.contains('\n'), "{text}");
+        assert!(memlock_hint(&refused(update, libc::ENOMEM), &LOW).contains("RLIMIT_MEMLOCK"));
+
+        // Nothing to say when the limit is high enough, for an INVALIDATE,
+        // or for an errno pinning does not cause.
+        let enough = MemlockStatus {
+            limit: u64::MAX,
+            ..LOW
+        };
+        assert_eq!(memlock_hint(&refused(update, libc::EFAULT), &enough), "");
+        let invalidate = IotlbMessage::Invalidate {
+            asid: 0,
+            iova: 0,
+            size: 4096,
+        };
+        assert_eq!(memlock_hint(&refused(invalidate, libc::EFAULT), &LOW), "");
+        assert_eq!(memlock_hint(&refused(update, libc::EINVAL), &LOW), "");
+        assert_eq!(memlock_hint(&SpaceError::NoDevice("x".into()), &LOW), "");
+    }
+
+    #[test]
+    fn both_options_ask_for_what_they_say() {
+        let net = NetConfig {
+            vdpa_path: "/dev/vhost-vdpa-0".into(),
+            mac: Some([2, 0, 0, 0, 0, 1]),
+            queue_pairs: 1,
+            iotlb_batch: false,
+            iommu: true,
+        };
+        let request = VdpaRequest::from_net(&net, 1 << 30);
+        assert_eq!(request.config.expect, Some(DeviceKind::Net));
+        assert_eq!(request.config.translation, Translation::Iommu);
+        assert!(!request.config.batching);
+        assert_eq!(request.config.net.mac, net.mac);
+        assert_eq!(request.config.identity_end, 1 << 30);
+        let vdpa = VdpaDeviceConfig {
+            path: "/dev/vhost-vdpa-1".into(),
+            iommu: false,
+            iotlb_batch: true,
+            readonly: true,
+        };
+        let request = VdpaRequest::from_vdpa(&vdpa, 1 << 30);
+        assert_eq!(request.config.expect, None, "any supported type");
+        assert_eq!(request.config.translation, Translation::Identity);
+        assert_eq!(request.config.block, Some(BlockOptions { readonly: true }));
+        let writable = VdpaDeviceConfig {
+            readonly: false,
+            ..vdpa
+        };
+        assert_eq!(VdpaRequest::from_vdpa(&writable, 0).config.block, None);
+    }
+}
