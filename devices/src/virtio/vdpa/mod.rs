@@ -356,7 +356,12 @@ pub fn negotiate(config: &VdpaConfig, probe: &DeviceProbe) -> Result<VdpaState, 
     if probe.queue_max_size == 0 {
         return Err(VdpaError::ZeroQueueSize);
     }
-    let reaches = |end: u64| probe.iova_first == 0 && probe.iova_last >= end - 1;
+    let reaches = |end: u64| {
+        probe.iova_first == 0
+            && end
+                .checked_sub(1)
+                .is_none_or(|last| probe.iova_last >= last)
+    };
     if config.translation == Translation::Identity
         && config.identity_end > 0
         && !reaches(config.identity_end)
