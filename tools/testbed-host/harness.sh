@@ -333,6 +333,7 @@ h_watchdog_stop() {
 # The vDPA simulator modules (tools/testbed's vdpa-parents step), built for
 # the test host's kernel and carried in, never loaded at boot.
 H_PARENTS_DIR=${MICROVM_VDPA_PARENTS_DIR:-/lib/modules/microvm/extra}
+H_SYS_MODULE=${H_SYS_MODULE:-/sys/module}
 
 h_bounded() {
 	# h_bounded SECS STEP CMD...: runs CMD in the background and waits up
@@ -365,7 +366,7 @@ h_bounded() {
 	return 1
 }
 
-h_module_loaded() { [ -d "/sys/module/$1" ]; }
+h_module_loaded() { [ -d "$H_SYS_MODULE/$1" ]; }
 
 # The management device a simulator module registers.
 h_parent_mgmtdev() {
@@ -386,8 +387,8 @@ h_parent_load() {
 	# h_parent_load vdpa_sim_net|vdpa_sim_blk [batch_mapping=0|1] [use_va=0|1]
 	# Loads vringh, vdpa_sim (it owns both parameters; defaults 1 and 1) and
 	# the parent from $H_PARENTS_DIR; a vdpa_sim loaded with other
-	# parameters is unloaded first (h_parent_unload). Waits up to 10 s for
-	# the management device.
+	# parameters is unloaded first (h_parent_unload). Waits up to
+	# H_PARENT_WAIT_S (default 10) seconds for the management device.
 	local parent mgmt arg batch va have_batch have_va m
 	parent=$1
 	mgmt=$(h_parent_mgmtdev "$parent") || {
@@ -407,8 +408,8 @@ h_parent_load() {
 		esac
 	done
 	if h_module_loaded vdpa_sim; then
-		have_batch=$(cat /sys/module/vdpa_sim/parameters/batch_mapping 2>/dev/null)
-		case $(cat /sys/module/vdpa_sim/parameters/use_va 2>/dev/null) in
+		have_batch=$(cat "$H_SYS_MODULE/vdpa_sim/parameters/batch_mapping" 2>/dev/null)
+		case $(cat "$H_SYS_MODULE/vdpa_sim/parameters/use_va" 2>/dev/null) in
 		Y | 1) have_va=1 ;;
 		*) have_va=0 ;;
 		esac
@@ -431,7 +432,8 @@ h_parent_load() {
 		fi
 	done
 	h_set parent.vdpa_sim "batch_mapping=$batch use_va=$va"
-	h_wait_on "" "" 10 "management device $mgmt of $parent to appear" h_mgmtdev_present "$mgmt"
+	h_wait_on "" "" "${H_PARENT_WAIT_S:-10}" "management device $mgmt of $parent to appear" \
+		h_mgmtdev_present "$mgmt"
 }
 
 h_parent_unload() {
@@ -555,8 +557,8 @@ h_vdpa_state() {
 	for f in vringh vdpa_sim vdpa_sim_net vdpa_sim_blk vduse vhost_vdpa virtio_vdpa; do
 		h_module_loaded "$f" && printf '  | module %s loaded%s\n' "$f" \
 			"$([ "$f" = vdpa_sim ] && printf ' (batch_mapping=%s use_va=%s)' \
-				"$(cat /sys/module/vdpa_sim/parameters/batch_mapping 2>/dev/null)" \
-				"$(cat /sys/module/vdpa_sim/parameters/use_va 2>/dev/null)")"
+				"$(cat "$H_SYS_MODULE/vdpa_sim/parameters/batch_mapping" 2>/dev/null)" \
+				"$(cat "$H_SYS_MODULE/vdpa_sim/parameters/use_va" 2>/dev/null)")"
 	done
 	if command -v vdpa-mgmt >/dev/null 2>&1; then
 		timeout 5 vdpa-mgmt mgmtdev list 2>&1 | sed 's/^/  | mgmtdev /'
