@@ -237,3 +237,92 @@ def fetch(peer, cache, log, cpio_class):
         os.rename(stage, dest)
     log("[peer-%s] done: %s, %d libraries, %d MiB" % (peer, version, len(libs), len(data) >> 20))
     return info
+
+
+# ---------------------------------------------------------------- qemu-storage-daemon
+
+# A third-party VDUSE block device (its vduse-blk export) for the tests: the
+# storage daemon of bookworm's QEMU 7.2, from the package the qemu72 peer uses.
+QSD = {"label": "qemu-storage-daemon 7.2", "package": "qemu-system-common", "suite": "bookworm",
+       "binary": "qemu-storage-daemon"}
+QSD_IN_HOST = PEERS_IN_HOST + "/qsd"
+
+
+def qsd_wrapper():
+    d = QSD_IN_HOST
+    return ("#!/bin/sh\n"
+            "# %s as carried into the test host by tools/testbed (see tools/testbed_peers.py).\n"
+            "exec %s/lib/ld-linux-x86-64.so.2 --library-path %s/lib %s/bin/qemu-storage-daemon \"$@\"\n"
+            % (QSD["label"], d, d, d))
+
+
+def choose_qsd_version(apt):
+    """(version, suite): the newest qemu-system-common in bookworm."""
+    versions = [v for v, s in apt.madison(QSD["package"]) if s == QSD["suite"]]
+    if not versions:
+        raise PeerError("no %s in %s for qemu-storage-daemon" % (QSD["package"], QSD["suite"]))
+    return versions[0], QSD["suite"]
+
+
+def fetch_qsd(cache, log, cpio_class):
+    """Builds (or finds cached) the qemu-storage-daemon cpio; returns its info dict.
+    Inside the test host it is QSD_IN_HOST/qemu-storage-daemon (a wrapper like the
+    QEMU peers'), its version line in QSD_IN_HOST/version."""
+    apt = Apt(os.path.join(cache, "apt-peers"), log)
+    if not apt.have_lists():
+        apt.update()
+    version, suite = choose_qsd_version(apt)
+    key = _sha("qsd", version, suite, qsd_wrapper(), str(RECIPE))
+    dest = os.path.join(cache, "peer-qsd", key)
+    info_path = os.path.join(dest, "info.json")
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+        log("[peer-qsd] cached (%s)" % info["version"])
+        return info
+    log("[peer-qsd] downloading %s=%s" % (QSD["package"], version))
+    os.makedirs(os.path.join(cache, "tmp"), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.join(cache, "tmp")) as tmp:
+        spec = ["%s=%s" % (QSD["package"], version)]
+        ok, text = apt.download(spec, tmp)
+        if not ok:
+            apt.update()
+            ok, text = apt.download(spec, tmp)
+            if not ok:
+                raise PeerError("apt-get download failed:\n" + text[-2000:])
+        root = os.path.join(tmp, "root")
+        for deb in sorted(glob.glob(os.path.join(tmp, "*.deb"))):
+            subprocess.run(["dpkg-deb", "-x", deb, root], check=True)
+        binary = os.path.join(root, "usr", "bin", QSD["binary"])
+        if not os.path.isfile(binary):
+            raise PeerError("%s not in %s=%s" % (QSD["binary"], QSD["package"], version))
+        libs, loader = _libraries(binary)
+        vline = subprocess.run([binary, "--version"], stdout=subprocess.PIPE, text=True,
+                               check=True).stdout.splitlines()[0].strip()
+        c = cpio_class()
+        with open(binary, "rb") as f:
+            c.file(QSD_IN_HOST + "/bin/qemu-storage-daemon", f.read(), 0o755)
+        for soname, path in libs:
+            with open(path, "rb") as f:
+                c.file(QSD_IN_HOST + "/lib/" + soname, f.read(), 0o755)
+        with open(loader, "rb") as f:
+            c.file(QSD_IN_HOST + "/lib/ld-linux-x86-64.so.2", f.read(), 0o755)
+        c.file(QSD_IN_HOST + "/qemu-storage-daemon", qsd_wrapper().encode(), 0o755)
+        c.file(QSD_IN_HOST + "/version", (vline + "\n").encode())
+        stage = dest + ".tmp"
+        shutil.rmtree(stage, ignore_errors=True)
+        os.makedirs(stage)
+        data = c.bytes()
+        with open(os.path.join(stage, "qsd.cpio"), "wb") as f:
+            f.write(data)
+        info = {"peer": "qsd", "label": QSD["label"], "version": vline, "key": key,
+                "packages": {QSD["package"]: {"version": version, "suite": suite}},
+                "libraries": [soname for soname, _ in libs],
+                "wrapper": QSD_IN_HOST + "/qemu-storage-daemon",
+                "cpio": os.path.join(dest, "qsd.cpio")}
+        with open(os.path.join(stage, "info.json"), "w") as f:
+            json.dump(info, f, indent=1)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.rename(stage, dest)
+    log("[peer-qsd] done: %s, %d libraries, %d MiB" % (vline, len(libs), len(data) >> 20))
+    return info

@@ -111,13 +111,36 @@ pub fn run_in_test_host(
     run_in_test_host_with_peers(scenarios, timeout_secs, &[])
 }
 
-/// As `run_in_test_host`, with QEMU peers carried in (`tools/testbed run
-/// --peers`): each is `/opt/peers/NAME/qemu` in the test host. Peers exist
-/// only in the emulated test host.
+/// What a test host carries beyond the project's own binaries and assets.
+/// Both exist only in the emulated test host.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TestHostExtras<'a> {
+    /// QEMU peers (`tools/testbed run --peers`): each is
+    /// `/opt/peers/NAME/qemu` in the test host.
+    pub peers: &'a [&'a str],
+    /// qemu-storage-daemon, a VDUSE block device nobody in this project
+    /// wrote (`tools/testbed run --qsd`).
+    pub qsd: bool,
+}
+
+/// As `run_in_test_host`, with QEMU peers carried in.
 pub fn run_in_test_host_with_peers(
     scenarios: &[Scenario],
     timeout_secs: u32,
     peers: &[&str],
+) -> (HashMap<String, Outcome>, String) {
+    run_in_test_host_with(
+        scenarios,
+        timeout_secs,
+        TestHostExtras { peers, qsd: false },
+    )
+}
+
+/// As `run_in_test_host`, in a test host that carries `extras`.
+pub fn run_in_test_host_with(
+    scenarios: &[Scenario],
+    timeout_secs: u32,
+    extras: TestHostExtras,
 ) -> (HashMap<String, Outcome>, String) {
     let mut script = String::from(
         "set +e\n\
@@ -142,10 +165,16 @@ pub fn run_in_test_host_with_peers(
     }
     let mut command = Command::new(repo_root().join("tools/testbed"));
     command.args(["run", "--timeout", &timeout_secs.to_string()]);
-    if peers.is_empty() {
+    if extras.peers.is_empty() && !extras.qsd {
         command.args(["--host", "auto"]);
     } else {
-        command.args(["--host", "emulated", "--peers", &peers.join(",")]);
+        command.args(["--host", "emulated"]);
+    }
+    if !extras.peers.is_empty() {
+        command.args(["--peers", &extras.peers.join(",")]);
+    }
+    if extras.qsd {
+        command.arg("--qsd");
     }
     let output = command
         .arg("--")
@@ -219,8 +248,16 @@ impl SectionedRun {
         script: String,
         peers: &[&str],
     ) -> SectionedRun {
-        let (outcomes, log) =
-            run_in_test_host_with_peers(&[Scenario { name, script }], 1500, peers);
+        SectionedRun::in_test_host_with(name, script, TestHostExtras { peers, qsd: false })
+    }
+
+    /// As `in_test_host`, in a test host that carries `extras`.
+    pub fn in_test_host_with(
+        name: &'static str,
+        script: String,
+        extras: TestHostExtras,
+    ) -> SectionedRun {
+        let (outcomes, log) = run_in_test_host_with(&[Scenario { name, script }], 1500, extras);
         // The whole run is kept on disk too: the test that started the run
         // may pass (and cargo then hides its output) while another fails.
         let dir = repo_root().join("target/e2e-logs");
@@ -360,6 +397,9 @@ pub struct MicrovmRun {
     /// `DEBUG_MICROVM`.
     pub binary: &'static str,
     pub kernel_var: &'static str,
+    /// The test host's variable naming the initramfs; `None` boots without
+    /// one (a guest whose root file system is a disk).
+    pub initramfs_var: Option<&'static str>,
     pub cpus: u32,
     pub memory: &'static str,
     pub cmdline_extra: String,
@@ -372,6 +412,7 @@ impl MicrovmRun {
         MicrovmRun {
             binary: "microvm",
             kernel_var: "MICROVM_GUEST_KERNEL",
+            initramfs_var: Some("MICROVM_GUEST_INITRAMFS"),
             cpus,
             memory,
             cmdline_extra: String::new(),
@@ -389,10 +430,15 @@ impl MicrovmRun {
         if let Some(cmd) = &self.guest_cmd {
             cmdline.push_str(&format!(" microvm.cmd={}", base64(cmd.as_bytes())));
         }
+        let initramfs = self
+            .initramfs_var
+            .map(|var| format!(" --initramfs \"${var}\""))
+            .unwrap_or_default();
         format!(
-            "{} --kernel \"${}\" --initramfs \"$MICROVM_GUEST_INITRAMFS\" --cpus {} --memory size={} --cmdline {} {}",
+            "{} --kernel \"${}\"{} --cpus {} --memory size={} --cmdline {} {}",
             self.binary,
             self.kernel_var,
+            initramfs,
             self.cpus,
             self.memory,
             shell_quote(&cmdline),

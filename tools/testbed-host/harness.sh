@@ -22,8 +22,24 @@
 #   h_ctl ARGS...                microvm-ctl on the VMM's API socket, bounded
 #   h_vmm_wait SECS              wait for the VMM to exit; prints its status
 #   h_vmm_stop                   end the VMM (TERM, then KILL)
+#   h_wait_on WHAT PID SECS STEP CMD...  h_wait_true tied to process PID
+#   h_bounded SECS STEP CMD...   run CMD with a bound (also when it hangs in
+#                                the kernel); its output, its status
+#   h_parent_load vdpa_sim_net|vdpa_sim_blk [batch_mapping=0|1] [use_va=0|1]
+#                                load a vDPA simulator parent (reloads vdpa_sim
+#                                when it has other parameters), wait for its
+#                                management device (vdpasim_net, vdpasim_blk)
+#   h_parent_unload              delete the simulators' devices, unload them
+#   h_vdpa_add MGMTDEV NAME [--mac M] [--features HEX]
+#                                create a vdpa device; prints /dev/vhost-vdpa-N
+#   h_vdpa_del NAME              delete it
+#   h_qsd_start NAME IMAGE [writable]  qemu-storage-daemon's vduse-blk export
+#                                of a raw IMAGE as vdpa device NAME; prints
+#                                /dev/vhost-vdpa-N
+#   h_qsd_stop NAME              delete the device, end the daemon
 #   h_fail STEP                  say what failed, show every tail, return 1
-#   h_diag                       every tail and the threads' states
+#   h_diag                       every tail, the threads' states, the vDPA
+#                                parents and devices
 
 H_DIR=${H_DIR:-/run/harness}
 mkdir -p "$H_DIR"
@@ -86,6 +102,7 @@ h_diag() {
 			[ -f "$d" ] || continue
 			h_threads "device ${d##*.}" "$(cat "$d")"
 		done
+		h_vdpa_state
 		echo "---- test host dmesg (last 15 lines)"
 		dmesg 2>/dev/null | tail -n 15 | sed 's/^/  | /'
 		echo "==== end of diagnostics"
@@ -110,15 +127,20 @@ h_wait_file() {
 h_wait_true() {
 	# h_wait_true SECS STEP CMD...: until CMD succeeds, the VMM exits, or
 	# SECS pass.
-	local secs step end vmm
-	secs=$1 step=$2
-	shift 2
+	h_wait_on "the VMM" "$(h_get vmm_pid)" "$@"
+}
+
+h_wait_on() {
+	# h_wait_on WHAT PID SECS STEP CMD...: until CMD succeeds, process PID
+	# (WHAT; none if PID is empty) exits, or SECS pass.
+	local what pid secs step end
+	what=$1 pid=$2 secs=$3 step=$4
+	shift 4
 	end=$(($(h_now) + secs))
 	until "$@" 2>/dev/null; do
-		vmm=$(h_get vmm_pid)
-		if [ -n "$vmm" ] && ! h_alive "$vmm"; then
+		if [ -n "$pid" ] && ! h_alive "$pid"; then
 			"$@" 2>/dev/null && return 0
-			h_fail "$step (the VMM exited first)"
+			h_fail "$step ($what exited first)"
 			return 1
 		fi
 		if [ "$(h_now)" -ge "$end" ]; then
@@ -304,4 +326,251 @@ h_watchdog_stop() {
 	pid=$(h_get watchdog_pid)
 	h_alive "$pid" && kill "$pid" 2>/dev/null
 	return 0
+}
+
+# ---------------------------------------------------------------- vDPA parents
+
+# The vDPA simulator modules (tools/testbed's vdpa-parents step), built for
+# the test host's kernel and carried in, never loaded at boot.
+H_PARENTS_DIR=${MICROVM_VDPA_PARENTS_DIR:-/lib/modules/microvm/extra}
+H_SYS_MODULE=${H_SYS_MODULE:-/sys/module}
+
+h_bounded() {
+	# h_bounded SECS STEP CMD...: runs CMD in the background and waits up
+	# to SECS for it (a netlink request or rmmod can sleep in the kernel
+	# while a vhost-vdpa node is open, where no signal ends it). Prints
+	# CMD's stdout (its stderr goes to stderr). A CMD that fails, or is
+	# still running after SECS (it is left behind), is h_fail'ed: returns 1.
+	local secs step out err pid end st
+	secs=$1 step=$2
+	shift 2
+	out=$(mktemp "$H_DIR/cmd.XXXXXX") || { h_fail "$step (mktemp)"; return 1; }
+	err=$out.err
+	"$@" >"$out" 2>"$err" &
+	pid=$!
+	end=$(($(h_now) + secs))
+	while h_alive "$pid"; do
+		if [ "$(h_now)" -ge "$end" ]; then
+			h_fail "$step (still running after ${secs}s, pid $pid: '$*')"
+			return 1
+		fi
+		sleep 0.1
+	done
+	wait "$pid"
+	st=$?
+	cat "$out"
+	cat "$err" >&2
+	rm -f "$out" "$err"
+	[ $st -eq 0 ] && return 0
+	h_fail "$step (exit status $st: '$*')"
+	return 1
+}
+
+h_module_loaded() { [ -d "$H_SYS_MODULE/$1" ]; }
+
+# The management device a simulator module registers.
+h_parent_mgmtdev() {
+	case $1 in
+	vdpa_sim_net) echo vdpasim_net ;;
+	vdpa_sim_blk) echo vdpasim_blk ;;
+	*) return 1 ;;
+	esac
+}
+
+h_mgmtdev_present() {
+	# h_mgmtdev_present NAME: NAME is the first field of a line of
+	# `vdpa-mgmt mgmtdev list`.
+	vdpa-mgmt mgmtdev list 2>/dev/null | cut -d' ' -f1 | grep -qx "$1"
+}
+
+h_parent_load() {
+	# h_parent_load vdpa_sim_net|vdpa_sim_blk [batch_mapping=0|1] [use_va=0|1]
+	# Loads vringh, vdpa_sim (it owns both parameters; defaults 1 and 1) and
+	# the parent from $H_PARENTS_DIR; a vdpa_sim loaded with other
+	# parameters is unloaded first (h_parent_unload). Waits up to
+	# H_PARENT_WAIT_S (default 10) seconds for the management device.
+	local parent mgmt arg batch va have_batch have_va m
+	parent=$1
+	mgmt=$(h_parent_mgmtdev "$parent") || {
+		h_fail "h_parent_load: unknown parent '$parent' (vdpa_sim_net or vdpa_sim_blk)"
+		return 1
+	}
+	shift
+	batch=1 va=1
+	for arg in "$@"; do
+		case $arg in
+		batch_mapping=0 | batch_mapping=1) batch=${arg#*=} ;;
+		use_va=0 | use_va=1) va=${arg#*=} ;;
+		*)
+			h_fail "h_parent_load $parent: bad parameter '$arg' (batch_mapping=0|1, use_va=0|1)"
+			return 1
+			;;
+		esac
+	done
+	if h_module_loaded vdpa_sim; then
+		have_batch=$(cat "$H_SYS_MODULE/vdpa_sim/parameters/batch_mapping" 2>/dev/null)
+		case $(cat "$H_SYS_MODULE/vdpa_sim/parameters/use_va" 2>/dev/null) in
+		Y | 1) have_va=1 ;;
+		*) have_va=0 ;;
+		esac
+		if [ "$have_batch" != "$batch" ] || [ "$have_va" != "$va" ]; then
+			h_log "vdpa_sim has batch_mapping=$have_batch use_va=$have_va; reloading with batch_mapping=$batch use_va=$va"
+			h_parent_unload || return 1
+		fi
+	fi
+	for m in vringh vdpa_sim "$parent"; do
+		h_module_loaded "$m" && continue
+		if [ ! -f "$H_PARENTS_DIR/$m.ko" ]; then
+			h_fail "h_parent_load $parent: $H_PARENTS_DIR/$m.ko not found (run tools/testbed assets)"
+			return 1
+		fi
+		if [ "$m" = vdpa_sim ]; then
+			h_bounded 30 "h_parent_load $parent: insmod $m" \
+				insmod "$H_PARENTS_DIR/$m.ko" batch_mapping="$batch" use_va="$va" || return 1
+		else
+			h_bounded 30 "h_parent_load $parent: insmod $m" insmod "$H_PARENTS_DIR/$m.ko" || return 1
+		fi
+	done
+	h_set parent.vdpa_sim "batch_mapping=$batch use_va=$va"
+	h_wait_on "" "" "${H_PARENT_WAIT_S:-10}" "management device $mgmt of $parent to appear" \
+		h_mgmtdev_present "$mgmt"
+}
+
+h_parent_unload() {
+	# Deletes the vdpa devices h_vdpa_add made on the simulators, then
+	# unloads vdpa_sim_blk, vdpa_sim_net, vdpa_sim and vringh (each rmmod
+	# bounded: a device whose /dev/vhost-vdpa-N is still open keeps rmmod
+	# waiting, so end the VMM first).
+	local f name m
+	for f in "$H_DIR"/vdpa.*; do
+		[ -f "$f" ] || continue
+		case $(cut -d' ' -f1 "$f") in
+		vdpasim_*)
+			name=${f##*/vdpa.}
+			h_vdpa_del "$name" || return 1
+			;;
+		esac
+	done
+	for m in vdpa_sim_blk vdpa_sim_net vdpa_sim vringh; do
+		h_module_loaded "$m" || continue
+		h_bounded 30 "h_parent_unload: rmmod $m" rmmod "$m" || return 1
+	done
+	rm -f "$H_DIR/parent.vdpa_sim"
+}
+
+h_vdpa_add() {
+	# h_vdpa_add MGMTDEV NAME [--mac M] [--features HEX]: creates vdpa device
+	# NAME on MGMTDEV, waits up to 10 s for vhost_vdpa to bind it and prints
+	# its /dev/vhost-vdpa-N (recorded for h_diag).
+	local mgmt name node
+	mgmt=$1 name=$2
+	shift 2
+	h_bounded 30 "h_vdpa_add: creating vdpa device $name on $mgmt" \
+		vdpa-mgmt dev add --mgmtdev "$mgmt" --name "$name" "$@" || return 1
+	h_set "vdpa.$name" "$mgmt (no vhost-vdpa node yet)"
+	node=$(h_bounded 30 "h_vdpa_add: the vhost-vdpa node of $name on $mgmt" \
+		vdpa-mgmt dev node "$name" --timeout 10) || return 1
+	h_set "vdpa.$name" "$mgmt $node"
+	echo "$node"
+}
+
+h_vdpa_del() {
+	# h_vdpa_del NAME: deletes vdpa device NAME (bounded: the kernel waits for
+	# its /dev/vhost-vdpa-N to be closed).
+	h_bounded 30 "h_vdpa_del: deleting vdpa device $1" vdpa-mgmt dev del "$1" || return 1
+	rm -f "$H_DIR/vdpa.$1"
+}
+
+h_qsd_bin() {
+	if [ -n "$H_QSD" ]; then
+		echo "$H_QSD"
+	elif [ -x /opt/peers/qsd/qemu-storage-daemon ]; then
+		echo /opt/peers/qsd/qemu-storage-daemon
+	else
+		command -v qemu-storage-daemon
+	fi
+}
+
+h_qsd_start() {
+	# h_qsd_start NAME IMAGE [writable]: qemu-storage-daemon (tools/testbed
+	# run --qsd) exports the raw file IMAGE as VDUSE block device NAME
+	# (vduse-blk, one queue, read-only unless "writable"); NAME is then
+	# added on management device vduse. Prints /dev/vhost-vdpa-N. Its log
+	# is /tmp/qsd-NAME.log (in h_diag's tails).
+	local name image wr qsd log
+	name=$1 image=$2 wr=off
+	case ${3:-} in
+	"") ;;
+	writable) wr=on ;;
+	*)
+		h_fail "h_qsd_start $name: third argument '$3' is not 'writable'"
+		return 1
+		;;
+	esac
+	case $name$image in
+	*,* | *=*)
+		h_fail "h_qsd_start: NAME and IMAGE may not contain ',' or '=' ('$name', '$image')"
+		return 1
+		;;
+	esac
+	[ -n "$name" ] && [ -f "$image" ] || {
+		h_fail "h_qsd_start '$name': image '$image' is not a file"
+		return 1
+	}
+	qsd=$(h_qsd_bin)
+	[ -n "$qsd" ] || {
+		h_fail "h_qsd_start $name: no qemu-storage-daemon (run the test host with --qsd)"
+		return 1
+	}
+	log=/tmp/qsd-$name.log
+	"$qsd" --blockdev "driver=file,node-name=file-$name,filename=$image" \
+		--blockdev "driver=raw,node-name=disk-$name,file=file-$name" \
+		--export "type=vduse-blk,id=exp-$name,node-name=disk-$name,name=$name,writable=$wr,num-queues=1" \
+		>"$log" 2>&1 </dev/null &
+	h_set "dev_pid.qsd-$name" $!
+	h_set "dev_log.qsd-$name" "$log"
+	h_wait_on "qemu-storage-daemon $name" "$(h_get "dev_pid.qsd-$name")" 30 \
+		"qemu-storage-daemon to create VDUSE device $name" test -c "/dev/vduse/$name" || return 1
+	h_vdpa_add vduse "$name"
+}
+
+h_qsd_stop() {
+	# h_qsd_stop NAME: deletes vdpa device NAME, then ends its daemon (TERM,
+	# KILL after 5 s).
+	local pid n
+	if [ -f "$H_DIR/vdpa.$1" ]; then
+		h_vdpa_del "$1" || return 1
+	fi
+	pid=$(h_get "dev_pid.qsd-$1")
+	h_alive "$pid" && kill "$pid" 2>/dev/null
+	n=0
+	while h_alive "$pid" && [ $n -lt 50 ]; do n=$((n + 1)); sleep 0.1; done
+	h_alive "$pid" && kill -9 "$pid" 2>/dev/null
+	return 0
+}
+
+h_vdpa_state() {
+	# For h_diag: the parents' modules and parameters, the management
+	# devices, the vdpa devices and what the harness made of them.
+	local f
+	echo "---- vDPA parents and devices"
+	for f in vringh vdpa_sim vdpa_sim_net vdpa_sim_blk vduse vhost_vdpa virtio_vdpa; do
+		h_module_loaded "$f" && printf '  | module %s loaded%s\n' "$f" \
+			"$([ "$f" = vdpa_sim ] && printf ' (batch_mapping=%s use_va=%s)' \
+				"$(cat "$H_SYS_MODULE/vdpa_sim/parameters/batch_mapping" 2>/dev/null)" \
+				"$(cat "$H_SYS_MODULE/vdpa_sim/parameters/use_va" 2>/dev/null)")"
+	done
+	if command -v vdpa-mgmt >/dev/null 2>&1; then
+		timeout 5 vdpa-mgmt mgmtdev list 2>&1 | sed 's/^/  | mgmtdev /'
+	fi
+	for f in /sys/bus/vdpa/devices/*; do
+		[ -e "$f" ] || continue
+		printf '  | vdpa device %s: driver %s, %s\n' "${f##*/}" \
+			"$(basename "$(readlink "$f/driver" 2>/dev/null)" 2>/dev/null)" \
+			"$(ls -d "$f"/vhost-vdpa-* 2>/dev/null | sed 's|.*/||' | tr '\n' ' ')"
+	done
+	for f in "$H_DIR"/vdpa.*; do
+		[ -f "$f" ] || continue
+		echo "  | harness made ${f##*/vdpa.}: $(cat "$f")"
+	done
 }

@@ -15,9 +15,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::device::{Backend, Server};
 use crate::log;
 use crate::net::{self, DEVICE_FEATURES, NUM_QUEUES, QUEUE_MAX_SIZE, VIRTIO_ID_NET};
-use crate::netlink::{self, NetlinkError};
 use crate::tap::{Tap, TapError};
 use crate::vduse::{self, Control, Device, VduseError};
+use vdpa_mgmt::netlink::NetlinkError;
+use vdpa_mgmt::node::{self, NodeError};
+use vdpa_mgmt::vdpa;
 
 /// Where the device's frames go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,10 +51,8 @@ pub enum AppError {
         what: &'static str,
         source: io::Error,
     },
-    #[error("vhost_vdpa did not bind {0} within 10 s (is vhost_vdpa loaded and virtio_vdpa not?)")]
-    NoVhostVdpa(String),
-    #[error("{0} did not appear within 10 s")]
-    NoNode(String),
+    #[error(transparent)]
+    Node(#[from] NodeError),
     #[error("{0}")]
     Fatal(String),
 }
@@ -119,34 +119,6 @@ fn raise_nofile_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
         }
     }
-}
-
-/// Waits for /sys/bus/vdpa/devices/NAME/vhost-vdpa-N and then /dev/vhost-vdpa-N.
-fn wait_vhost_node(name: &str, timeout: Duration) -> Result<String, AppError> {
-    let dir = format!("/sys/bus/vdpa/devices/{name}");
-    let deadline = Instant::now() + timeout;
-    let node = loop {
-        let found = std::fs::read_dir(&dir).ok().and_then(|rd| {
-            rd.filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .find(|n| n.starts_with("vhost-vdpa-"))
-        });
-        if let Some(n) = found {
-            break n;
-        }
-        if Instant::now() >= deadline {
-            return Err(AppError::NoVhostVdpa(name.to_string()));
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let path = format!("/dev/{node}");
-    while !Path::new(&path).exists() {
-        if Instant::now() >= deadline {
-            return Err(AppError::NoNode(path));
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    Ok(path)
 }
 
 enum Done {
@@ -281,9 +253,13 @@ fn serve(cfg: &Config, backend: Backend, sigfd: &OwnedFd) -> Result<(), AppError
     let (tx, rx) = mpsc::channel::<Done>();
     let name = cfg.name.clone();
     aside(&tx, &done_ev, move || {
-        let r = netlink::vdpa_dev_new("vduse", &name)
+        let r = vdpa::vdpa_dev_new("vduse", &name)
             .map_err(AppError::from)
-            .and_then(|()| wait_vhost_node(&name, Duration::from_secs(10)));
+            .and_then(|()| {
+                node::wait_vhost_node(&name, Duration::from_secs(10))
+                    .map(|p| p.display().to_string())
+                    .map_err(AppError::from)
+            });
         Done::Attached(r)
     });
 
@@ -298,7 +274,7 @@ fn serve(cfg: &Config, backend: Backend, sigfd: &OwnedFd) -> Result<(), AppError
             if attached {
                 let name = cfg.name.clone();
                 aside(&tx, &done_ev, move || {
-                    Done::Detached(netlink::vdpa_dev_del(&name).map_err(AppError::from))
+                    Done::Detached(vdpa::vdpa_dev_del(&name).map_err(AppError::from))
                 });
                 phase = Phase::Detaching;
             } else {

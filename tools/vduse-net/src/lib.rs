@@ -1,8 +1,7 @@
 //! vduse-net: a virtio-net device in userspace, attached to the kernel's vdpa bus through
 //! VDUSE and bound to vhost_vdpa, so a VMM can drive it through /dev/vhost-vdpa-N.
 //!
-//! Modules: `vduse` (UAPI structs, ioctls, request codec), `netlink` (generic netlink,
-//! vdpa commands), `iotlb` (IOVA -> mapping table, dump), `net` (virtio-net queues and
+//! Modules: `vduse` (UAPI structs, ioctls, request codec), `iotlb` (IOVA -> mapping table, dump), `net` (virtio-net queues and
 //! frames), `tap` (TAP back end), `device` (request handling and datapath glue), `app`
 //! (life cycle and event loop). A library so the fuzz targets (tools/fuzz-targets) can
 //! drive the descriptor and IOTLB handling.
@@ -11,7 +10,6 @@ pub mod app;
 pub mod device;
 pub mod iotlb;
 pub mod net;
-pub mod netlink;
 pub mod tap;
 pub mod vduse;
 
