@@ -10,6 +10,7 @@ use devices::bus::{Bus, BusError};
 use devices::exit::{ExitReason, ExitSignal};
 use devices::legacy::{AcpiPm, I8042, SERIAL_COM1_BASE, SERIAL_COM1_IRQ, SERIAL_COM1_LEN};
 use devices::serial::SerialDevice;
+use devices::virtio::vdpa::Translation;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -19,6 +20,8 @@ use crate::boot::{acpi, loader};
 use crate::config::{self, HostLimits, SerialConfig, VmmConfig};
 use crate::console;
 use crate::device_manager::device_query::{DeviceQueries, ANSWER_BOUND};
+use crate::device_manager::memlock::{self, MemlockStatus};
+use crate::device_manager::vdpa::VdpaRequest;
 use crate::device_manager::DeviceManager;
 use crate::seccomp::{self, FilterFds, SeccompError, ThreadKind};
 use crate::vstate::memory::GuestRam;
@@ -133,7 +136,8 @@ fn legacy_io_bus(serial: &Arc<Mutex<SerialDevice>>, exit: &ExitSignal) -> Result
     Ok(bus)
 }
 
-/// The PCI segment and its devices: vDPA net devices first, then the
+/// The PCI segment and its devices: vDPA devices first (`--net`, then
+/// `--vdpa`, in the order given), then the
 /// virtio-iommu in front of those that asked for it, then virtio-mem
 /// (which maps hot-plugged memory for them).
 fn build_devices(
@@ -145,12 +149,35 @@ fn build_devices(
     mmio_bus: &Arc<Bus>,
 ) -> Result<DeviceManager, VmmError> {
     let mut devices = DeviceManager::new(io_bus, mmio_bus, vm, ram.clone(), slots, config.seccomp)?;
-    for net in &config.net {
-        devices.add_vdpa_net(net)?;
+    let end = devices.identity_end();
+    let requests: Vec<VdpaRequest> = (config.net.iter())
+        .map(|net| VdpaRequest::from_net(net, end))
+        .chain(config.vdpa.iter().map(|v| VdpaRequest::from_vdpa(v, end)))
+        .collect();
+    let memlock = raise_memlock(config, &requests);
+    for request in &requests {
+        devices.add_vdpa(request, &memlock)?;
     }
     devices.add_virtio_iommu()?;
     devices.add_virtio_mem()?;
     Ok(devices)
+}
+
+/// Raises RLIMIT_MEMLOCK for devices that may pin all guest memory
+/// (before any device is opened, and before any seccomp filter).
+fn raise_memlock(config: &VmmConfig, requests: &[VdpaRequest]) -> MemlockStatus {
+    if requests.is_empty() {
+        return MemlockStatus::default();
+    }
+    let guest = (config.memory.size.0).saturating_add(config.memory.hotplug.map_or(0, |h| h.0));
+    let count = |iommu: bool| {
+        let n = requests
+            .iter()
+            .filter(|r| !iommu || r.config.translation == Translation::Iommu)
+            .count();
+        u64::try_from(n).unwrap_or(u64::MAX)
+    };
+    memlock::raise(memlock::needed(guest, count(false), count(true)))
 }
 
 impl Vmm {

@@ -239,7 +239,13 @@ const VCPU_OWN: &[u64] = &[KVM_RUN, KVM_GET_REGS];
 /// routes or move a BAR (its ioeventfds).
 const VM_FROM_VCPU: &[u64] = &[KVM_SET_GSI_ROUTING, KVM_IOEVENTFD];
 /// On each vhost-vdpa device, from device emulation: the guest starts,
-/// configures and resets the device through its PCI registers.
+/// configures and resets the device through its PCI registers. The same
+/// for every device type: a block device's config (capacity, writeback) is
+/// GET/SET_CONFIG like a net device's. What a device is (device id, config
+/// size, queue count, groups, address spaces, IOVA range, backend features)
+/// is asked once at open, before any filter exists, and RLIMIT_MEMLOCK is
+/// raised then too: no filtered thread may make those requests, setrlimit
+/// or prlimit64.
 const VHOST_FROM_VCPU: &[u64] = &[
     VHOST_GET_FEATURES,
     VHOST_SET_FEATURES,
@@ -904,6 +910,23 @@ mod tests {
                 assert!(allows(ThreadKind::Vcpu, &fds, *vhost, request));
             }
             assert!(!allows(ThreadKind::Vcpu, &fds, fds.vm, request));
+        } // What a device is was asked at open: not from a running VM.
+        let open_only = [
+            ioc(IOC_READ, VHOST_VIRTIO, 0x70, 4), // VHOST_VDPA_GET_DEVICE_ID
+            ioc(IOC_READ, VHOST_VIRTIO, 0x78, 16), // VHOST_VDPA_GET_IOVA_RANGE
+            ioc(IOC_READ, VHOST_VIRTIO, 0x79, 4), // VHOST_VDPA_GET_CONFIG_SIZE
+            ioc(IOC_READ, VHOST_VIRTIO, 0x7a, 4), // VHOST_VDPA_GET_AS_NUM
+            ioc(IOC_READ, VHOST_VIRTIO, 0x80, 4), // VHOST_VDPA_GET_VQS_COUNT
+            ioc(IOC_READ, VHOST_VIRTIO, 0x81, 4), // VHOST_VDPA_GET_GROUP_NUM
+            ioc(IOC_WRITE, VHOST_VIRTIO, 0x25, 8), // VHOST_SET_BACKEND_FEATURES
+        ];
+        for request in open_only {
+            for kind in [ThreadKind::Vcpu, ThreadKind::Vmm, ThreadKind::Api] {
+                assert!(
+                    !allows(kind, &fds, fds.vhost[0], request),
+                    "{kind:?} {request:#x}"
+                );
+            }
         }
     }
 

@@ -15,7 +15,7 @@ use super::{inclusive_last, DmaRange};
 pub enum BackendError {
     /// write(2) failed; the device's errno is in the `io::Error`
     /// (the kernel reports any refused IOTLB message as `EFAULT`).
-    #[error("writing the IOTLB message failed: {0}")]
+    #[error("the write to the vhost-vdpa device failed with {}", explain_io(.0))]
     Io(#[source] io::Error),
     /// The device took only part of the message, so it did not process it.
     #[error("short write of the IOTLB message: {written} of {expected} bytes")]
@@ -29,6 +29,64 @@ impl BackendError {
             BackendError::Io(e) => e.raw_os_error(),
             BackendError::ShortWrite { .. } => None,
         }
+    }
+}
+
+/// What an errno from a write(2) of an IOTLB message to /dev/vhost-vdpa-N
+/// means, from drivers/vhost/vhost.c (`vhost_chr_write_iter`) and
+/// drivers/vhost/vdpa.c: its name and the kernel's reasons. In 6.12 every
+/// refusal of a well-formed message comes back as EFAULT, whatever the
+/// handler's own errno was (ENOMEM, EEXIST, EINVAL); other kernels and
+/// parents may pass the handler's errno through, so those are explained
+/// too.
+pub fn errno_meaning(errno: i32) -> Option<(&'static str, &'static str)> {
+    let meaning = match errno {
+        libc::EFAULT => (
+            "EFAULT",
+            "vhost-vdpa refused the message; it reports every refusal so: the range overlaps a \
+             mapping or lies outside the IOVA range, the memory is not a shared file mapping a \
+             VA device can map, a PA device could not pin it (RLIMIT_MEMLOCK), or the parent's \
+             map call failed",
+        ),
+        libc::ENOMEM => (
+            "ENOMEM",
+            "pinning accounting: a PA device pins every page it is given and charges it to \
+             RLIMIT_MEMLOCK, and this one would pass the limit (or the kernel ran out of memory)",
+        ),
+        libc::EINVAL => (
+            "EINVAL",
+            "the kernel rejected the message itself: an unknown type, a size of 0, an address \
+             space (ASID) the device does not have, or a batch of another address space open",
+        ),
+        libc::EOPNOTSUPP => (
+            "EOPNOTSUPP",
+            "the parent device does not support this operation",
+        ),
+        // The kernel-internal ENOTSUPP, which can leak to userspace.
+        524 => (
+            "ENOTSUPP",
+            "the parent device does not support this operation",
+        ),
+        libc::EEXIST => (
+            "EEXIST",
+            "the range overlaps a mapping the device already holds",
+        ),
+        libc::EPERM => (
+            "EPERM",
+            "this process is not the device's owner (VHOST_SET_OWNER was made by another)",
+        ),
+        libc::EBADF => ("EBADF", "the descriptor is not open for writing"),
+        libc::EIO => ("EIO", "the parent device failed"),
+        _ => return None,
+    };
+    Some(meaning)
+}
+
+/// An I/O error as "NAME (what it means)" when the errno is known.
+fn explain_io(error: &io::Error) -> String {
+    match error.raw_os_error().and_then(errno_meaning) {
+        Some((name, meaning)) => format!("{name}: {meaning}"),
+        None => error.to_string(),
     }
 }
 
@@ -237,6 +295,34 @@ mod tests {
     use crate::dma::Perm;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_refused_write_says_which_errno_came_back_and_what_it_means() {
+        let error = |errno| BackendError::Io(io::Error::from_raw_os_error(errno)).to_string();
+        let efault = error(libc::EFAULT);
+        assert!(efault.starts_with("the write to the vhost-vdpa device failed with EFAULT: "));
+        assert!(efault.contains("RLIMIT_MEMLOCK"), "{efault}");
+        assert!(efault.contains("shared file mapping"), "{efault}");
+        assert!(error(libc::ENOMEM).contains("ENOMEM: pinning accounting"));
+        assert!(error(libc::EINVAL).contains("EINVAL: the kernel rejected the message"));
+        for unsupported in [libc::EOPNOTSUPP, 524] {
+            assert!(
+                error(unsupported).contains("the parent device does not support"),
+                "{unsupported}"
+            );
+        }
+        // An errno with no particular meaning here keeps the OS's text.
+        assert!(error(libc::ENOSPC).contains("No space left on device"));
+        // One line each.
+        for errno in [libc::EFAULT, libc::ENOMEM, libc::EINVAL, libc::EPERM] {
+            assert!(!error(errno).contains('\n'));
+        }
+        let short = BackendError::ShortWrite {
+            written: 8,
+            expected: 72,
+        };
+        assert_eq!(short.errno(), None);
+    }
 
     #[test]
     fn recording_backend_refuses_overlapping_update_like_the_kernel() {

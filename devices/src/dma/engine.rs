@@ -31,7 +31,7 @@ pub enum DmaError {
     },
     /// The device refused a message; the engine undid what it had sent, so the
     /// device and the engine are back to the state before the transaction.
-    #[error("the device refused {message}; previous mappings restored")]
+    #[error("the device refused {message} ({source}); previous mappings restored")]
     Backend {
         message: IotlbMessage,
         #[source]

@@ -34,7 +34,7 @@ mod vhost_vdpa;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub use backend::RecordingBackend;
-pub use backend::{BackendError, IotlbBackend, IotlbMessage};
+pub use backend::{errno_meaning, BackendError, IotlbBackend, IotlbMessage};
 pub use engine::{CommitReport, DmaCounters, DmaError, DmaMapper, RollbackFailure, Transaction};
 pub use space::{
     Change, ChangeKind, DeviceReport, DmaDevice, DmaSpaces, Plan, SharedDmaDevice, SharedSpaces,

@@ -10,7 +10,7 @@ pub mod pci;
 pub mod queue_worker;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_ring;
-pub mod vdpa_net;
+pub mod vdpa;
 
 use std::io;
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use devices::dma::{DmaMapper, DmaRange, IotlbBackend, Perm, VhostVdpaIotlb};
-use devices::virtio::vdpa_net::{Translation, VdpaNet, VdpaNetConfig};
+use devices::virtio::vdpa::{Translation, VdpaConfig, VdpaDevice};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 const BLOCK: u64 = 2 << 20;
@@ -172,14 +172,8 @@ fn main() {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)])
             .unwrap_or_else(|e| fail(e.to_string())),
     );
-    let config = VdpaNetConfig {
-        path: device.into(),
-        mac: None,
-        queue_pairs: 1,
-        translation: Translation::Identity,
-        batching: true,
-    };
-    let net = VdpaNet::open(&config, memory).unwrap_or_else(|e| fail(e.to_string()));
+    let config = VdpaConfig::net(device.into(), Translation::Identity, true);
+    let net = VdpaDevice::open(&config, memory).unwrap_or_else(|e| fail(e.to_string()));
     let mapper = net.mapper();
     let mut mapper = mapper.lock().unwrap_or_else(|p| p.into_inner());
     let layout = Layout {

@@ -38,6 +38,7 @@ pub mod dma;
 pub mod input;
 pub mod pci;
 pub mod runner;
+pub mod vdpa;
 pub mod vduse_net;
 pub mod virtio_iommu;
 pub mod virtio_mem;
@@ -90,6 +91,12 @@ pub const TARGETS: &[Target] = &[
         name: "dma",
         run: dma::dma,
         about: "DMA engine (DmaMapper + RecordingBackend) against a byte-granular mapping model",
+        seeds: &[],
+    },
+    Target {
+        name: "vdpa_negotiate",
+        run: vdpa::vdpa_negotiate,
+        about: "what a vDPA device reports at open against negotiation and the net/block layers: acked and offered features, queues, config reads",
         seeds: &[],
     },
     Target {

@@ -10,7 +10,7 @@ use clap::Parser;
 
 use devices::dma::TransactionRecord;
 use vmm::api::control::{
-    IommuStatus, MemoryRequestError, MemoryStatus, NetStatus, VmControl, VmSummary,
+    IommuStatus, MemoryRequestError, MemoryStatus, VdpaStatus, VmControl, VmSummary,
 };
 use vmm::api::http::{self, HttpError};
 use vmm::api::routes::{self, ApiState, Outcome};
@@ -29,7 +29,7 @@ impl VmControl for StillVm {
         }
     }
 
-    fn nets(&self) -> Vec<NetStatus> {
+    fn vdpa_devices(&self) -> Vec<VdpaStatus> {
         vec![]
     }
 
@@ -119,6 +119,7 @@ pub fn cli(data: &[u8]) {
         let _ = config::parse_size(arg);
         let _ = config::parse_mac(arg);
         let _ = config::parse_net(arg);
+        let _ = config::parse_vdpa(arg);
         let _ = config::parse_serial(arg);
         if let Ok(memory) = config::parse_memory(arg) {
             let _ = ram_end(memory.size.0, memory.hotplug.map_or(0, |h| h.0));
@@ -160,6 +161,7 @@ pub const HTTP_SEEDS: &[&[u8]] = &[
 pub const CLI_SEEDS: &[&[u8]] = &[
     b"--kernel\0/k\0--memory\0size=512M,hotplug=2G,block=4M\0--cpus\x002",
     b"--kernel\0/k\0--net\0vdpa=/dev/vhost-vdpa-0,mac=52:54:00:12:34:56,queues=1",
+    b"--kernel\0/k\0--vdpa\0path=/dev/vhost-vdpa-1,iommu=on,iotlb-batch=off,readonly=on",
     b"--kernel\0/k\0--serial\0file=/tmp/s,max=1M\0--seccomp\0off\0--api-socket\0/tmp/a",
     b"--kernel\0/k\0--memory\x00300G\0--cmdline\0console=ttyS0",
 ];
@@ -206,6 +208,9 @@ mod tests {
         b"max=",
         b"--memory",
         b"--net",
+        b"--vdpa",
+        b"path=",
+        b"readonly=on",
         b"--serial",
         b"--cpus",
         b"\xff\xfe",

@@ -6,7 +6,7 @@ use devices::dma::{DeviceReport, DmaCounters, DmaRange, TransactionRecord};
 use devices::virtio::iommu::{IommuCounters, IommuSnapshot, Mapping};
 use devices::virtio::mem::{RequestRecord, ResizeError};
 use devices::virtio::pci::TransportCounters;
-use devices::virtio::vdpa_net::{QueueReport, VdpaNetInfo};
+use devices::virtio::vdpa::{QueueReport, VdpaInfo};
 
 /// The VM as configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,12 +17,12 @@ pub struct VmSummary {
     pub ram: Vec<(u64, u64)>,
 }
 
-/// One vDPA net device, now.
+/// One vDPA device (net or block), now.
 #[derive(Clone, Debug)]
-pub struct NetStatus {
+pub struct VdpaStatus {
     pub id: String,
     pub pci_address: String,
-    pub info: VdpaNetInfo,
+    pub info: VdpaInfo,
     pub transport_status: u8,
     pub transport: TransportCounters,
     pub dma: DmaCounters,
@@ -79,7 +79,7 @@ pub enum MemoryRequestError {
 /// The operations the control API serves.
 pub trait VmControl: Send + Sync {
     fn summary(&self) -> VmSummary;
-    fn nets(&self) -> Vec<NetStatus>;
+    fn vdpa_devices(&self) -> Vec<VdpaStatus>;
     fn memory(&self) -> Option<MemoryStatus>;
     fn iommu(&self) -> Option<IommuStatus>;
     /// Asks the guest to plug or unplug until `size` is plugged.

@@ -5,10 +5,11 @@ use std::time::{Duration, Instant};
 use devices::dma::{ChangeKind, DmaRange, Perm, TransactionRecord};
 use serde_json::{json, Value};
 
-use super::control::{MemoryRequestError, NetStatus, VmControl};
+use super::control::{MemoryRequestError, VdpaStatus, VmControl};
 use super::http::{Request, Response};
 use crate::config::parse_size;
 use devices::virtio::mem::ResizeError;
+use devices::virtio::vdpa::DeviceKind;
 
 /// How long PUT /memory waits for the guest by default.
 const DEFAULT_RESIZE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -64,7 +65,7 @@ fn mapping(range: &DmaRange) -> Value {
 
 fn info(state: &ApiState) -> Value {
     let summary = state.summary();
-    let devices: Vec<Value> = state.nets().iter().map(net_info).collect();
+    let devices: Vec<Value> = state.vdpa_devices().iter().map(net_info).collect();
     json!({
         "vcpus": summary.vcpus,
         "memory": {
@@ -146,23 +147,48 @@ fn iommu_counters(state: &ApiState) -> Value {
     })
 }
 
-fn net_info(net: &NetStatus) -> Value {
+fn net_info(net: &VdpaStatus) -> Value {
     let info = &net.info;
     let (iotlb, iotlb_omitted) = listed(&net.iotlb, mapping);
+    let block = info.block.map(|b| {
+        json!({
+            "capacity_sectors": b.capacity,
+            "capacity_bytes": b.capacity.saturating_mul(512),
+            "blk_size": b.blk_size,
+            "seg_max": b.seg_max,
+            "size_max": b.size_max,
+            "readonly": b.readonly,
+        })
+    });
     json!({
         "id": net.id,
-        "kind": "virtio-net",
+        "type": info.kind.name(),
+        "device_id": info.device_id,
+        "kind": format!("virtio-{}", match info.kind {
+            DeviceKind::Net => "net",
+            DeviceKind::Block => "blk",
+        }),
         "backend": "vhost-vdpa",
         "path": info.path.display().to_string(),
         "pci_address": net.pci_address,
         "device_status": info.status,
         "transport_status": net.transport_status,
+        // What the device offers, and what the VMM set on it at the last
+        // start (0x0 before the guest's driver started it).
         "device_features": hex(info.device_features),
+        "device_features_acked": hex(info.device_features_acked),
+        // What the guest was offered, and what it agreed on.
+        "guest_features_offered": hex(info.guest_features_offered),
         "guest_features": hex(info.guest_features),
+        "backend_features_offered": hex(info.backend_features_offered),
         "backend_features": hex(info.backend_features),
+        "virtqueues": info.virtqueues,
+        "groups": info.groups,
+        "address_spaces": info.address_spaces,
         "iova_range": { "first": hex(info.iova_first), "last": hex(info.iova_last) },
         "queues": info.queues,
         "queue_max_size": info.queue_max_size,
+        "block": block,
         "address_space": net.address_space,
         "iotlb": iotlb,
         "iotlb_omitted": iotlb_omitted,
@@ -385,7 +411,7 @@ pub fn resize_target(pending: &PendingResize) -> u64 {
 }
 
 fn counters(state: &ApiState) -> Value {
-    let devices: Vec<Value> = state.nets().iter().map(net_counters).collect();
+    let devices: Vec<Value> = state.vdpa_devices().iter().map(net_counters).collect();
     let history: Vec<Value> = state.transactions().iter().map(transaction).collect();
     json!({
         "devices": devices,
@@ -395,7 +421,7 @@ fn counters(state: &ApiState) -> Value {
     })
 }
 
-fn net_counters(net: &NetStatus) -> Value {
+fn net_counters(net: &VdpaStatus) -> Value {
     let dma = &net.dma;
     let queues: Vec<Value> = net
         .queues
@@ -436,8 +462,11 @@ mod tests {
     use super::*;
     use crate::api::control::{IommuStatus, MemoryStatus, VmSummary};
     use crate::api::http;
+    use devices::dma::DeviceReport;
     use devices::dma::SpaceId;
     use devices::virtio::iommu::{DomainInfo, DomainKind, IommuCounters, IommuSnapshot, Mapping};
+    use devices::virtio::vdpa::block::BlockLayer;
+    use devices::virtio::vdpa::VdpaInfo;
 
     /// A VM whose guest mapped `mappings` separate pages in one domain and
     /// plugged `plugged` separate blocks.
@@ -454,7 +483,7 @@ mod tests {
                 ram: vec![(0, 1 << 30)],
             }
         }
-        fn nets(&self) -> Vec<NetStatus> {
+        fn vdpa_devices(&self) -> Vec<VdpaStatus> {
             vec![]
         }
         fn memory(&self) -> Option<MemoryStatus> {
@@ -506,6 +535,80 @@ mod tests {
         fn transactions(&self) -> Vec<TransactionRecord> {
             vec![]
         }
+    }
+
+    fn vdpa_status(info: VdpaInfo) -> VdpaStatus {
+        VdpaStatus {
+            id: "blk0".into(),
+            pci_address: "0000:00:02.0".into(),
+            info,
+            transport_status: 0xf,
+            transport: Default::default(),
+            dma: Default::default(),
+            activations: 1,
+            resets: 0,
+            iotlb_replays: 0,
+            queues: vec![],
+            device_answering: true,
+            boot_mapping: DeviceReport {
+                device: "blk0".into(),
+                updates: 1,
+                invalidates: 0,
+                batched: false,
+                micros_to_end: 0,
+            },
+            address_space: "identity".into(),
+            iotlb: vec![],
+        }
+    }
+
+    #[test]
+    fn info_says_each_vdpa_devices_type_and_what_was_offered_and_acked() {
+        let info = VdpaInfo {
+            path: "/dev/vhost-vdpa-1".into(),
+            kind: DeviceKind::Block,
+            device_id: 2,
+            device_features: 0x3_0000_0244,
+            device_features_acked: 0x3_0000_0240,
+            guest_features_offered: 0x1_0000_0244,
+            guest_features: 0x1_0000_0240,
+            backend_features_offered: 0x17e,
+            backend_features: 0x106,
+            iova_first: 0,
+            iova_last: u64::MAX,
+            queue_max_size: 256,
+            queues: 1,
+            virtqueues: Some(1),
+            groups: Some(1),
+            address_spaces: None,
+            status: 0xf,
+            mappings: vec![],
+            block: Some(BlockLayer {
+                capacity: 128 << 11,
+                size_max: None,
+                seg_max: Some(32),
+                blk_size: Some(512),
+                queues: 1,
+                readonly: false,
+            }),
+        };
+        let value = net_info(&vdpa_status(info));
+        assert_eq!(value["type"], "block");
+        assert_eq!(value["kind"], "virtio-blk");
+        assert_eq!(value["device_id"], 2);
+        assert_eq!(value["device_features"], "0x300000244");
+        assert_eq!(value["device_features_acked"], "0x300000240");
+        assert_eq!(value["guest_features_offered"], "0x100000244");
+        assert_eq!(value["guest_features"], "0x100000240");
+        assert_eq!(value["backend_features_offered"], "0x17e");
+        assert_eq!(value["backend_features"], "0x106");
+        assert_eq!(value["groups"], 1);
+        assert_eq!(value["address_spaces"], Value::Null, "not offered");
+        assert_eq!(value["iova_range"]["last"], "0xffffffffffffffff");
+        assert_eq!(value["block"]["capacity_bytes"], 128u64 << 20);
+        assert_eq!(value["block"]["blk_size"], 512);
+        assert_eq!(value["block"]["size_max"], Value::Null);
+        assert_eq!(value["block"]["readonly"], false);
     }
 
     fn info_of(vm: &FragmentedVm) -> (usize, Value) {

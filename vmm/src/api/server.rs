@@ -403,7 +403,7 @@ fn send_more(client: &mut Client) -> Next {
 mod tests {
     use super::*;
     use crate::api::control::{
-        IommuStatus, MemoryRequestError, MemoryStatus, NetStatus, VmControl, VmSummary,
+        IommuStatus, MemoryRequestError, MemoryStatus, VdpaStatus, VmControl, VmSummary,
     };
     use std::io::{Read, Write};
     use std::path::PathBuf;
@@ -643,7 +643,7 @@ mod tests {
                 ram: (0..40_000u64).map(|i| (i << 21, 1 << 21)).collect(),
             }
         }
-        fn nets(&self) -> Vec<NetStatus> {
+        fn vdpa_devices(&self) -> Vec<VdpaStatus> {
             vec![]
         }
         fn memory(&self) -> Option<MemoryStatus> {

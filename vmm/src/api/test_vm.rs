@@ -7,7 +7,7 @@ use devices::dma::TransactionRecord;
 use devices::virtio::mem::ResizeError;
 
 use super::control::{
-    IommuStatus, MemoryRequestError, MemoryStatus, NetStatus, VmControl, VmSummary,
+    IommuStatus, MemoryRequestError, MemoryStatus, VdpaStatus, VmControl, VmSummary,
 };
 
 /// A VM that never changes by itself.
@@ -49,7 +49,7 @@ impl VmControl for StillVm {
         }
     }
 
-    fn nets(&self) -> Vec<NetStatus> {
+    fn vdpa_devices(&self) -> Vec<VdpaStatus> {
         vec![]
     }
 

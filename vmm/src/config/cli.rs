@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::config::{
-    self, ConfigError, KernelConfig, MemoryConfig, NetConfig, SerialConfig, VmmConfig,
-    DEFAULT_CMDLINE,
+    self, ConfigError, KernelConfig, MemoryConfig, NetConfig, SerialConfig, VdpaDeviceConfig,
+    VmmConfig, DEFAULT_CMDLINE,
 };
 
 #[derive(Debug, Parser)]
@@ -45,6 +45,11 @@ pub struct Cli {
     #[arg(long, value_name = "vdpa=PATH[,mac=MAC][,queues=N][,iotlb-batch=on|off][,iommu=on|off]", value_parser = config::parse_net)]
     pub net: Vec<NetConfig>,
 
+    /// A vhost-vdpa device presented as the type it reports, net or block
+    /// (repeatable); readonly=on accepts a read-only disk.
+    #[arg(long, value_name = "path=PATH[,iommu=on|off][,iotlb-batch=on|off][,readonly=on|off]", value_parser = config::parse_vdpa)]
+    pub vdpa: Vec<VdpaDeviceConfig>,
+
     /// Serve the control API (HTTP/1.1, JSON) on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -73,6 +78,7 @@ impl Cli {
             serial: self.serial,
             seccomp: self.seccomp,
             net: self.net,
+            vdpa: self.vdpa,
             api_socket: self.api_socket,
         })
     }
@@ -160,6 +166,40 @@ mod tests {
             }
         );
         assert!(!config.seccomp);
+    }
+
+    #[test]
+    fn vdpa_devices_repeat_and_keep_their_order() {
+        let config = parse(&[
+            "--kernel",
+            "/k",
+            "--vdpa",
+            "path=/dev/vhost-vdpa-1,readonly=on",
+            "--net",
+            "vdpa=/dev/vhost-vdpa-0",
+            "--vdpa",
+            "path=/dev/vhost-vdpa-2,iommu=on",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        let paths: Vec<PathBuf> = config.vdpa.iter().map(|v| v.path.clone()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                PathBuf::from("/dev/vhost-vdpa-1"),
+                PathBuf::from("/dev/vhost-vdpa-2")
+            ]
+        );
+        assert!(config.vdpa[0].readonly && !config.vdpa[0].iommu);
+        assert!(config.vdpa[1].iommu);
+        assert_eq!(config.net.len(), 1);
+        let error = parse(&["--kernel", "/k", "--vdpa", "path=/a,bogus=1"]).unwrap_err();
+        assert!(
+            one_line_error(&error).contains("malformed vdpa option 'path=/a,bogus=1'"),
+            "{}",
+            one_line_error(&error)
+        );
     }
 
     #[test]

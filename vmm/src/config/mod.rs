@@ -32,6 +32,11 @@ pub enum ConfigError {
         "malformed net option '{0}': expected vdpa=PATH[,mac=MAC][,queues=N][,iotlb-batch=on|off]"
     )]
     MalformedNet(String),
+    #[error(
+        "malformed vdpa option '{0}': expected \
+         path=PATH[,iommu=on|off][,iotlb-batch=on|off][,readonly=on|off]"
+    )]
+    MalformedVdpa(String),
     #[error("malformed MAC address '{0}': expected six hex bytes like 52:54:00:12:34:56")]
     MalformedMac(String),
     #[error("'{key}' is given more than once in '{text}'")]
@@ -283,6 +288,44 @@ pub struct NetConfig {
     pub iommu: bool,
 }
 
+/// A vhost-vdpa device presented as whatever type it reports (`--vdpa`,
+/// Cloud Hypervisor's shape): net or block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VdpaDeviceConfig {
+    pub path: PathBuf,
+    /// Put the device behind the vIOMMU.
+    pub iommu: bool,
+    /// Bracket each change with BATCH_BEGIN/END (the default).
+    pub iotlb_batch: bool,
+    /// Accept a read-only block device (VIRTIO_BLK_F_RO); refused for a
+    /// writable one, which the VMM could not keep the guest from writing.
+    pub readonly: bool,
+}
+
+/// Parses `--vdpa path=PATH[,iommu=on|off][,iotlb-batch=on|off][,readonly=on|off]`.
+pub fn parse_vdpa(text: &str) -> Result<VdpaDeviceConfig, ConfigError> {
+    refuse_repeated_keys(text)?;
+    let malformed = || ConfigError::MalformedVdpa(text.to_string());
+    let on_off = |value: &str| parse_on_off(value).map_err(|_| malformed());
+    let mut path = None;
+    let (mut iommu, mut iotlb_batch, mut readonly) = (false, true, false);
+    for item in text.split(',') {
+        match item.split_once('=') {
+            Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+            Some(("iommu", value)) => iommu = on_off(value)?,
+            Some(("iotlb-batch", value)) => iotlb_batch = on_off(value)?,
+            Some(("readonly", value)) => readonly = on_off(value)?,
+            _ => return Err(malformed()),
+        }
+    }
+    Ok(VdpaDeviceConfig {
+        path: path.ok_or_else(malformed)?,
+        iommu,
+        iotlb_batch,
+        readonly,
+    })
+}
+
 /// Parses `--net vdpa=PATH[,mac=MAC][,queues=N][,iotlb-batch=on|off][,iommu=on|off]`.
 pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
     refuse_repeated_keys(text)?;
@@ -351,6 +394,8 @@ pub struct VmmConfig {
     pub serial: SerialConfig,
     pub seccomp: bool,
     pub net: Vec<NetConfig>,
+    /// `--vdpa` devices, after the `--net` ones on the PCI bus.
+    pub vdpa: Vec<VdpaDeviceConfig>,
     pub api_socket: Option<PathBuf>,
 }
 
@@ -630,6 +675,58 @@ mod tests {
     }
 
     #[test]
+    fn vdpa_option_forms() {
+        let vdpa = parse_vdpa("path=/dev/vhost-vdpa-0").unwrap();
+        assert_eq!(
+            vdpa,
+            VdpaDeviceConfig {
+                path: "/dev/vhost-vdpa-0".into(),
+                iommu: false,
+                iotlb_batch: true,
+                readonly: false,
+            }
+        );
+        let all =
+            parse_vdpa("path=/dev/vhost-vdpa-1,iommu=on,iotlb-batch=off,readonly=on").unwrap();
+        assert!(all.iommu && !all.iotlb_batch && all.readonly);
+        // Any order.
+        assert_eq!(
+            parse_vdpa("iommu=on,path=/p").unwrap().path,
+            PathBuf::from("/p")
+        );
+        for bad in [
+            "",
+            "path=",
+            "/dev/vhost-vdpa-0",
+            "vdpa=/dev/vhost-vdpa-0",
+            "path=/a,iommu=yes",
+            "path=/a,iotlb-batch=1",
+            "path=/a,readonly=",
+            "path=/a,mac=52:54:00:00:00:01",
+            "path=/a,num_queues=2",
+            "iommu=on",
+            "path=/a,,iommu=on",
+        ] {
+            assert!(
+                matches!(parse_vdpa(bad), Err(ConfigError::MalformedVdpa(_))),
+                "{bad:?}: {:?}",
+                parse_vdpa(bad)
+            );
+        }
+        for repeated in ["path=/a,path=/b", "path=/a,iommu=on,iommu=off"] {
+            assert!(
+                matches!(parse_vdpa(repeated), Err(ConfigError::RepeatedKey { .. })),
+                "{repeated:?}"
+            );
+        }
+        assert_eq!(
+            parse_vdpa("path=/a,iommu=maybe").unwrap_err().to_string(),
+            "malformed vdpa option 'path=/a,iommu=maybe': expected \
+             path=PATH[,iommu=on|off][,iotlb-batch=on|off][,readonly=on|off]"
+        );
+    }
+
+    #[test]
     fn a_key_given_twice_is_refused_in_every_option() {
         for bad in [
             "size=512M,hotplug=1G,block=4M,block=2M",
@@ -686,6 +783,7 @@ mod tests {
             serial: SerialConfig::Stdout,
             seccomp: true,
             net: vec![],
+            vdpa: vec![],
             api_socket: None,
         }
     }

@@ -8,15 +8,15 @@ use devices::dma::{SharedSpaces, TransactionRecord};
 use super::device_query::{DeviceQueries, QueueAnswer};
 use super::iommu::IommuDevice;
 use super::lock;
-use super::net::NetHandle;
+use super::vdpa::VdpaHandle;
 use super::virtio_mem::MemHandle;
 use crate::api::control::{
-    IommuStatus, MemoryRequestError, MemoryStatus, NetStatus, VmControl, VmSummary,
+    IommuStatus, MemoryRequestError, MemoryStatus, VdpaStatus, VmControl, VmSummary,
 };
 
 pub struct ApiView {
     summary: VmSummary,
-    nets: Vec<NetHandle>,
+    devices: Vec<VdpaHandle>,
     queries: DeviceQueries,
     memory: Option<MemHandle>,
     iommu: Option<IommuDevice>,
@@ -34,7 +34,7 @@ fn pci_address(slot: u8) -> String {
 impl ApiView {
     pub fn new(
         summary: VmSummary,
-        nets: Vec<NetHandle>,
+        devices: Vec<VdpaHandle>,
         queries: DeviceQueries,
         memory: Option<MemHandle>,
         iommu: Option<IommuDevice>,
@@ -42,7 +42,7 @@ impl ApiView {
     ) -> ApiView {
         ApiView {
             summary,
-            nets,
+            devices,
             queries,
             memory,
             iommu,
@@ -56,8 +56,8 @@ impl VmControl for ApiView {
         self.summary.clone()
     }
 
-    fn nets(&self) -> Vec<NetStatus> {
-        self.nets
+    fn vdpa_devices(&self) -> Vec<VdpaStatus> {
+        self.devices
             .iter()
             .map(|net| {
                 let address_space = match lock(&self.spaces).space_of(&net.id) {
@@ -87,7 +87,7 @@ impl VmControl for ApiView {
                     }
                     QueueAnswer::NotAnswering => false,
                 };
-                NetStatus {
+                VdpaStatus {
                     id: net.id.clone(),
                     pci_address: pci_address(net.slot),
                     iotlb: info.mappings.clone(),

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use devices::virtio::vdpa_net::VringBaseReader;
+use devices::virtio::vdpa::VringBaseReader;
 use seccompiler::BpfProgram;
 
 /// How long the API waits for a device's answer.

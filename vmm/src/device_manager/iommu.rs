@@ -1,5 +1,5 @@
 //! Bring-up of the virtio-iommu in front of the vDPA devices that asked for
-//! it (`--net ...,iommu=on`): its endpoints are their PCI functions, its
+//! it (`--net ...,iommu=on`, `--vdpa ...,iommu=on`): its endpoints are their PCI functions, its
 //! input range fits every endpoint's IOVA range, and its worker commits one
 //! DMA plan per drain of the request queue.
 
@@ -8,8 +8,8 @@ use std::sync::Arc;
 use devices::dma::{GuestTranslate, SharedSpaces};
 use devices::virtio::iommu::{IommuConfig, IommuEndpoint, IommuError, IommuHandle, VirtioIommu};
 
-use super::net::NetHandle;
 use super::pci::{plug_virtio, PciWiring, PlugError, Plugged};
+use super::vdpa::VdpaHandle;
 use crate::seccomp;
 use crate::vstate::memory::GuestRam;
 use seccompiler::BpfProgram;
@@ -53,7 +53,7 @@ pub fn bdf(slot: u8) -> u16 {
 /// `endpoints` are the vDPA devices behind the IOMMU (registered in
 /// `spaces`, attached nowhere yet).
 pub fn add_virtio_iommu(
-    endpoints: &[&NetHandle],
+    endpoints: &[&VdpaHandle],
     ram: &Arc<GuestRam>,
     spaces: SharedSpaces,
     filter: Option<BpfProgram>,

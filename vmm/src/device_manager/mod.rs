@@ -1,5 +1,5 @@
 //! The VM's devices and how they are wired: the PCI segment and its
-//! interrupt plumbing, vDPA net devices, virtio-mem, and the address spaces
+//! interrupt plumbing, vDPA devices (net and block), virtio-mem, and the address spaces
 //! that decide what each DMA-capable device may reach.
 //!
 //! The manager keeps devices by id and PCI address; the control API gets a
@@ -8,9 +8,10 @@
 pub mod api_view;
 pub mod device_query;
 pub mod iommu;
+pub mod memlock;
 pub mod memory_hotplug;
-pub mod net;
 pub mod pci;
+pub mod vdpa;
 pub mod virtio_mem;
 
 use std::os::fd::AsRawFd;
@@ -20,10 +21,10 @@ use devices::bus::Bus;
 use devices::dma::{
     Change, ChangeKind, DmaSpaces, Plan, SharedSpaces, SpaceError, SpaceId, TranslateError,
 };
+use devices::virtio::vdpa::DeviceKind;
 use seccompiler::BpfProgram;
 
 use crate::api::control::VmSummary;
-use crate::config::NetConfig;
 use crate::seccomp::{self, FilterFds, SeccompError, ThreadKind};
 use crate::vstate::interrupts::{KvmIoEvents, KvmMsiRouter};
 use crate::vstate::memory::GuestRam;
@@ -31,8 +32,9 @@ use crate::vstate::vm::Vm;
 use api_view::ApiView;
 use device_query::DeviceQueries;
 use iommu::{IommuDevice, IommuSetupError};
-use net::{NetError, NetHandle};
+use memlock::MemlockStatus;
 use pci::{PciSegment, PciSetupError, PciWiring};
+use vdpa::{VdpaHandle, VdpaRequest, VdpaSetupError};
 use virtio_mem::{MemError, MemHandle};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +48,7 @@ pub enum DeviceError {
     #[error("cannot set up DMA address spaces: {0}")]
     Spaces(#[from] SpaceError),
     #[error(transparent)]
-    Net(#[from] NetError),
+    Vdpa(#[from] VdpaSetupError),
     #[error(transparent)]
     Hotplug(#[from] MemError),
     #[error(transparent)]
@@ -69,7 +71,8 @@ pub struct DeviceManager {
     ram: Arc<GuestRam>,
     spaces: SharedSpaces,
     use_seccomp: bool,
-    pub nets: Vec<NetHandle>,
+    /// Every vDPA device, net and block, in PCI order.
+    pub vdpa: Vec<VdpaHandle>,
     pub hotplug: Option<MemHandle>,
     pub iommu: Option<IommuDevice>,
 }
@@ -106,7 +109,7 @@ impl DeviceManager {
             ram,
             spaces,
             use_seccomp,
-            nets: Vec::new(),
+            vdpa: Vec::new(),
             hotplug: None,
             iommu: None,
         })
@@ -117,7 +120,7 @@ impl DeviceManager {
     pub fn filter_fds(&self) -> FilterFds {
         FilterFds::new(
             self.vm.as_raw_fd(),
-            self.nets.iter().map(|n| n.control_fd).collect(),
+            self.vdpa.iter().map(|n| n.control_fd).collect(),
         )
     }
 
@@ -138,21 +141,45 @@ impl DeviceManager {
         }
     }
 
-    /// Opens the vhost-vdpa device, attaches it to its address space (one
-    /// transaction: all of boot RAM for an identity device) and plugs it.
-    pub fn add_vdpa_net(&mut self, config: &NetConfig) -> Result<(), DeviceError> {
-        let id = format!("net{}", self.nets.len());
+    /// The end of the guest addresses an identity-mapped device must
+    /// reach: boot RAM and the whole hotplug region.
+    pub fn identity_end(&self) -> u64 {
+        let boot = self.ram.ranges.last().map_or(0, |r| r.end());
+        let hotplug = self
+            .ram
+            .hotplug
+            .as_ref()
+            .map_or(0, |h| h.addr.saturating_add(h.size));
+        boot.max(hotplug)
+    }
+
+    /// Opens the vhost-vdpa device, whatever its type, attaches it to its
+    /// address space (one transaction: all of boot RAM for an identity
+    /// device) and plugs it. Its id says its type: net0, net1, blk0, ...
+    pub fn add_vdpa(
+        &mut self,
+        request: &VdpaRequest,
+        memlock: &MemlockStatus,
+    ) -> Result<(), DeviceError> {
         let (ram, spaces) = (self.ram.clone(), self.spaces.clone());
-        let handle = net::add_vdpa_net(&id, config, &ram, &spaces, self.wiring())?;
-        self.nets.push(handle);
+        let existing: Vec<DeviceKind> = self.vdpa.iter().map(|d| d.kind).collect();
+        let name = move |kind: DeviceKind| {
+            let n = existing.iter().filter(|k| **k == kind).count();
+            match kind {
+                DeviceKind::Net => format!("net{n}"),
+                DeviceKind::Block => format!("blk{n}"),
+            }
+        };
+        let handle = vdpa::add_vdpa(request, name, &ram, &spaces, memlock, self.wiring())?;
+        self.vdpa.push(handle);
         Ok(())
     }
 
     /// The virtio-iommu in front of the vDPA devices that asked for one,
-    /// if any did. Call after every net device was added.
+    /// if any did. Call after every vDPA device was added.
     pub fn add_virtio_iommu(&mut self) -> Result<(), DeviceError> {
-        let nets = self.nets.clone();
-        let endpoints: Vec<&NetHandle> = nets.iter().filter(|n| n.behind_iommu).collect();
+        let devices = self.vdpa.clone();
+        let endpoints: Vec<&VdpaHandle> = devices.iter().filter(|n| n.behind_iommu).collect();
         if endpoints.is_empty() {
             return Ok(());
         }
@@ -202,7 +229,7 @@ impl DeviceManager {
     pub fn api_view(&self, summary: VmSummary, queries: DeviceQueries) -> ApiView {
         ApiView::new(
             summary,
-            self.nets.clone(),
+            self.vdpa.clone(),
             queries,
             self.hotplug.clone(),
             self.iommu.clone(),

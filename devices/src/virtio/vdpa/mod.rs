@@ -1,0 +1,1279 @@
+//! A virtio device whose data path is a vDPA device, reached through the
+//! kernel's vhost-vdpa (/dev/vhost-vdpa-N): one implementation for every
+//! device type, with thin per-type layers ([`net`], [`block`]).
+//!
+//! The generic part opens and claims the device, reads what it is (device
+//! id, features, backend features, config space, queues, groups, address
+//! spaces, IOVA range), negotiates the backend features, passes the config
+//! space through, starts the vrings and resets the device. The type layer
+//! decides which features the guest sees, how many queues it gets, and what
+//! (if anything) the VMM puts over the device's config.
+//!
+//! The VMM only negotiates and configures: queue notifications go from KVM
+//! ioeventfds straight to the device (kick fds), interrupts from the device
+//! straight to KVM irqfds (call fds), and what memory the device may reach is
+//! decided by the DMA-mapping engine, which this device owns and shares with
+//! the address spaces (devices/src/dma): a reset's IOTLB replay goes through
+//! them too, never beside them.
+//!
+//! What is known about a device is kept in [`VdpaState`], plain data; the
+//! live handles (the vhost descriptor, the engine, the stand-in eventfd) are
+//! in [`VdpaDevice`] beside it.
+//!
+//! Backend features (include/uapi/linux/vhost_types.h), and what this VMM
+//! acks of what the kernel offers:
+//! - IOTLB_MSG_V2: required; every IOTLB message is a `vhost_msg_v2`.
+//! - IOTLB_BATCH: acked unless `iotlb-batch=off`.
+//! - IOTLB_PERSIST: acked; the parent then keeps its mappings across a
+//!   device reset, so no replay follows a reset. Without it the reset may
+//!   drop them (VDPA_RESET_F_CLEAN_MAP) and the device's space is replayed.
+//! - IOTLB_ASID: not acked. Every virtqueue group stays in address space 0
+//!   (each group's default), where every message goes; a parent with a
+//!   control-queue group in a second address space (vdpa_sim_net) is served
+//!   that way, since the control queue is not started.
+//! - ENABLE_AFTER_DRIVER_OK: not acked: the VMM enables every vring before
+//!   DRIVER_OK, which every parent accepts.
+//! - SUSPEND, RESUME, DESC_ASID: not acked (nothing here uses them yet).
+//!
+//! Mapping models differ per parent (drivers/vhost/vdpa.c): a `dma_map`
+//! parent applies each UPDATE/INVALIDATE at once (batching changes nothing
+//! at the device; the engine still sends the minimal diff and counts the
+//! messages), a `set_map` parent rebuilds at each unbatched message or at
+//! BATCH_END, and a PA parent (`use_va=0`) pins every page it is given,
+//! charged to RLIMIT_MEMLOCK.
+
+pub mod block;
+pub mod net;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vhost::vdpa::VhostVdpa;
+use vhost::vhost_kern::vdpa::VhostKernVdpa;
+use vhost::vhost_kern::vhost_binding;
+use vhost::vhost_kern::VhostKernFeatures;
+use vhost::VhostBackend;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::ioctl::ioctl_with_ref;
+
+use super::*;
+use crate::dma::{DmaCounters, DmaMapper, DmaRange, DmaSpaces, SharedSpaces, VhostVdpaIotlb};
+use block::{BlockLayer, BlockOptions};
+use net::{NetLayer, NetOptions};
+
+pub const VIRTIO_ID_NET: u32 = 1;
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+
+pub const VHOST_BACKEND_F_IOTLB_MSG_V2: u64 = 1 << 0x1;
+pub const VHOST_BACKEND_F_IOTLB_BATCH: u64 = 1 << 0x2;
+pub const VHOST_BACKEND_F_IOTLB_ASID: u64 = 1 << 0x3;
+pub const VHOST_BACKEND_F_SUSPEND: u64 = 1 << 0x4;
+pub const VHOST_BACKEND_F_RESUME: u64 = 1 << 0x5;
+pub const VHOST_BACKEND_F_ENABLE_AFTER_DRIVER_OK: u64 = 1 << 0x6;
+pub const VHOST_BACKEND_F_DESC_ASID: u64 = 1 << 0x7;
+pub const VHOST_BACKEND_F_IOTLB_PERSIST: u64 = 1 << 0x8;
+
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// How much of a device's config space is read at open (for the type
+/// layer's checks; the guest always reads the device's live config).
+const PROBED_CONFIG_BYTES: u32 = 256;
+
+/// The device types this VMM presents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    Net,
+    Block,
+}
+
+impl DeviceKind {
+    pub fn from_id(id: u32) -> Option<DeviceKind> {
+        match id {
+            VIRTIO_ID_NET => Some(DeviceKind::Net),
+            VIRTIO_ID_BLOCK => Some(DeviceKind::Block),
+            _ => None,
+        }
+    }
+
+    pub fn id(self) -> u32 {
+        match self {
+            DeviceKind::Net => VIRTIO_ID_NET,
+            DeviceKind::Block => VIRTIO_ID_BLOCK,
+        }
+    }
+
+    /// "net" or "block", as `info` and the error messages say it.
+    pub fn name(self) -> &'static str {
+        virtio_type_name(self.id())
+    }
+}
+
+/// The name of a virtio device type (virtio 1.2, "Device Types").
+pub fn virtio_type_name(id: u32) -> &'static str {
+    match id {
+        1 => "net",
+        2 => "block",
+        3 => "console",
+        4 => "entropy",
+        5 => "balloon",
+        8 => "scsi",
+        9 => "9p",
+        16 => "gpu",
+        18 => "input",
+        19 => "vsock",
+        20 => "crypto",
+        23 => "iommu",
+        24 => "mem",
+        25 => "sound",
+        26 => "fs",
+        27 => "pmem",
+        29 => "mac80211-hwsim",
+        _ => "unknown",
+    }
+}
+
+/// Why a vDPA device was refused or failed. Messages name no path: the
+/// device manager says which device (and which option) it was.
+#[derive(Debug, thiserror::Error)]
+pub enum VdpaError {
+    #[error("cannot open '{path}': {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("'{0}' is not a vhost-vdpa device")]
+    NotVhostVdpa(PathBuf),
+    #[error("device type {id} ({name}) is not supported (net, block are)")]
+    Unsupported { id: u32, name: &'static str },
+    #[error(
+        "device type {id} ({name}) is not a network device (type 1); --vdpa path=... presents \
+         every supported type"
+    )]
+    NotNet { id: u32, name: &'static str },
+    #[error("the device does not offer {what}, which this VMM needs")]
+    Missing { what: &'static str },
+    #[error("{what} failed: {source}")]
+    Ioctl {
+        what: &'static str,
+        source: vhost::Error,
+    },
+    #[error("{requested} queue pairs requested (the device offers {offered}); this VMM drives one pair: multiqueue needs the control queue, not modelled yet")]
+    Queues { requested: u16, offered: u16 },
+    #[error("the device reports {count} queues; at least 1 and at most {max} are supported")]
+    BadQueueCount { count: u32, max: u32 },
+    #[error("the guest needs {needed} virtqueues but the device has {has}")]
+    TooFewVirtqueues { needed: u16, has: u32 },
+    #[error("the device reports a maximum queue size of 0")]
+    ZeroQueueSize,
+    #[error("the device's config space is {size} bytes; at least {needed} are needed")]
+    ConfigTooSmall { size: u32, needed: u32 },
+    #[error(
+        "the device's IOVA range {first:#x}..={last:#x} cannot hold guest RAM and the hotplug \
+         region (guest addresses 0x0..{end:#x}), which it must reach without a vIOMMU"
+    )]
+    IovaRange { first: u64, last: u64, end: u64 },
+    #[error("the block device has capacity 0 (an empty disk)")]
+    ZeroCapacity,
+    #[error("the block device is read-only (VIRTIO_BLK_F_RO): add readonly=on to accept it")]
+    ReadOnly,
+    #[error(
+        "readonly=on, but the block device is writable: the VMM cannot enforce read-only on a \
+         vDPA device (requests bypass it); make the device read-only at its parent, or drop \
+         readonly=on"
+    )]
+    NotReadOnly,
+    #[error("readonly= applies to block devices only; this is a {0} device")]
+    ReadonlyNotBlock(&'static str),
+    #[error("cannot duplicate the vhost-vdpa descriptor: {0}")]
+    Dup(std::io::Error),
+    #[error("the device refused the features the driver chose")]
+    FeaturesRefused,
+}
+
+/// How the device's IOVAs relate to guest addresses; decided once, where
+/// the device is wired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Translation {
+    /// IOVA = guest physical address; the device reaches all guest RAM and
+    /// follows memory hotplug. The guest is not offered ACCESS_PLATFORM.
+    Identity,
+    /// Behind the vIOMMU: IOVAs are the guest's, the device reaches only
+    /// what the guest mapped. The guest is offered ACCESS_PLATFORM.
+    Iommu,
+}
+
+/// What the user asked of one vDPA device.
+#[derive(Clone, Debug)]
+pub struct VdpaConfig {
+    pub path: PathBuf,
+    pub translation: Translation,
+    /// Ack VHOST_BACKEND_F_IOTLB_BATCH when offered. Off sends one message
+    /// per change, as peers do: a baseline, and the way a device's refusal
+    /// reaches the VMM (the kernel ignores a refusal at BATCH_END).
+    pub batching: bool,
+    /// The type the option asked for (`--net`: net), or `None` for
+    /// whatever supported type the device is (`--vdpa`).
+    pub expect: Option<DeviceKind>,
+    /// An identity-mapped device must reach guest addresses
+    /// `0..identity_end` (boot RAM and the hotplug region); 0 checks nothing.
+    pub identity_end: u64,
+    pub net: NetOptions,
+    /// `None`: no block options were given.
+    pub block: Option<BlockOptions>,
+}
+
+impl VdpaConfig {
+    /// A net device as `--net vdpa=PATH` asks for it.
+    pub fn net(path: PathBuf, translation: Translation, batching: bool) -> VdpaConfig {
+        VdpaConfig {
+            path,
+            translation,
+            batching,
+            expect: Some(DeviceKind::Net),
+            identity_end: 0,
+            net: NetOptions {
+                mac: None,
+                queue_pairs: 1,
+            },
+            block: None,
+        }
+    }
+}
+
+/// What a device reported when it was opened: plain data, so negotiation
+/// is a pure function of it ([`negotiate`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceProbe {
+    pub device_id: u32,
+    pub device_features: u64,
+    pub backend_features: u64,
+    pub iova_first: u64,
+    pub iova_last: u64,
+    pub config_size: u32,
+    /// The first bytes of the config space (at most 256).
+    pub config: Vec<u8>,
+    /// VHOST_VDPA_GET_VRING_NUM: the largest queue the device takes.
+    pub queue_max_size: u16,
+    /// VHOST_VDPA_GET_VQS_COUNT, GET_GROUP_NUM, GET_AS_NUM where the
+    /// kernel answers them.
+    pub virtqueues: Option<u32>,
+    pub groups: Option<u32>,
+    pub address_spaces: Option<u32>,
+}
+
+/// The per-type layer of a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Layer {
+    Net(NetLayer),
+    Block(BlockLayer),
+}
+
+/// Everything known about one vDPA device: plain data, apart from its live
+/// handles.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VdpaState {
+    pub kind: DeviceKind,
+    pub layer: Layer,
+    pub device_features: u64,
+    pub backend_features_offered: u64,
+    pub backend_features: u64,
+    /// What the VMM last set on the device (VHOST_SET_FEATURES); 0 before
+    /// the first start.
+    pub device_features_acked: u64,
+    pub iova_first: u64,
+    pub iova_last: u64,
+    pub config_size: u32,
+    pub queue_max_size: u16,
+    /// Queues the guest sees.
+    pub queue_count: u16,
+    pub virtqueues: Option<u32>,
+    pub groups: Option<u32>,
+    pub address_spaces: Option<u32>,
+    pub translation: Translation,
+    /// The queues the driver started (empty before DRIVER_OK and after a
+    /// reset).
+    pub active: Vec<QueueConfig>,
+    pub activations: u64,
+    pub resets: u64,
+    pub iotlb_replays: u64,
+}
+
+/// Decides, from what the device reported and what the user asked, whether
+/// and how the device is presented: its type layer, the backend features to
+/// ack, the queues. Every refusal here happens before the guest exists.
+pub fn negotiate(config: &VdpaConfig, probe: &DeviceProbe) -> Result<VdpaState, VdpaError> {
+    let id = probe.device_id;
+    let name = virtio_type_name(id);
+    let kind = match (DeviceKind::from_id(id), config.expect) {
+        (Some(DeviceKind::Net), _) => DeviceKind::Net,
+        (_, Some(DeviceKind::Net)) => return Err(VdpaError::NotNet { id, name }),
+        (Some(kind), _) => kind,
+        (None, _) => return Err(VdpaError::Unsupported { id, name }),
+    };
+    let features = probe.device_features;
+    if features & VIRTIO_F_VERSION_1 == 0 {
+        return Err(VdpaError::Missing {
+            what: "VIRTIO_F_VERSION_1",
+        });
+    }
+    if features & VIRTIO_F_ACCESS_PLATFORM == 0 {
+        return Err(VdpaError::Missing {
+            what: "VIRTIO_F_ACCESS_PLATFORM (its DMA must go through the IOTLB)",
+        });
+    }
+    if probe.backend_features & VHOST_BACKEND_F_IOTLB_MSG_V2 == 0 {
+        return Err(VdpaError::Missing {
+            what: "VHOST_BACKEND_F_IOTLB_MSG_V2",
+        });
+    }
+    let layer = match kind {
+        DeviceKind::Net => {
+            if config.block.is_some_and(|b| b.readonly) {
+                return Err(VdpaError::ReadonlyNotBlock(kind.name()));
+            }
+            Layer::Net(NetLayer::new(&config.net, probe)?)
+        }
+        DeviceKind::Block => {
+            Layer::Block(BlockLayer::new(&config.block.unwrap_or_default(), probe)?)
+        }
+    };
+    let queue_count = match &layer {
+        Layer::Net(_) => NetLayer::QUEUES,
+        Layer::Block(block) => block.queues,
+    };
+    if let Some(has) = probe.virtqueues {
+        if has < u32::from(queue_count) {
+            return Err(VdpaError::TooFewVirtqueues {
+                needed: queue_count,
+                has,
+            });
+        }
+    }
+    if probe.queue_max_size == 0 {
+        return Err(VdpaError::ZeroQueueSize);
+    }
+    let reaches = |end: u64| {
+        probe.iova_first == 0
+            && end
+                .checked_sub(1)
+                .is_none_or(|last| probe.iova_last >= last)
+    };
+    if config.translation == Translation::Identity
+        && config.identity_end > 0
+        && !reaches(config.identity_end)
+    {
+        return Err(VdpaError::IovaRange {
+            first: probe.iova_first,
+            last: probe.iova_last,
+            end: config.identity_end,
+        });
+    }
+    let batch = match config.batching {
+        true => VHOST_BACKEND_F_IOTLB_BATCH,
+        false => 0,
+    };
+    let wanted = VHOST_BACKEND_F_IOTLB_MSG_V2 | batch | VHOST_BACKEND_F_IOTLB_PERSIST;
+    Ok(VdpaState {
+        kind,
+        layer,
+        device_features: features,
+        backend_features_offered: probe.backend_features,
+        backend_features: probe.backend_features & wanted,
+        device_features_acked: 0,
+        iova_first: probe.iova_first,
+        iova_last: probe.iova_last,
+        config_size: probe.config_size,
+        queue_max_size: probe.queue_max_size,
+        queue_count,
+        virtqueues: probe.virtqueues,
+        groups: probe.groups,
+        address_spaces: probe.address_spaces,
+        translation: config.translation,
+        active: Vec::new(),
+        activations: 0,
+        resets: 0,
+        iotlb_replays: 0,
+    })
+}
+
+impl VdpaState {
+    /// The features the guest is offered: the type layer's choice of the
+    /// device's, and ACCESS_PLATFORM only behind the vIOMMU.
+    pub fn guest_features(&self) -> u64 {
+        let platform = match self.translation {
+            Translation::Identity => 0,
+            Translation::Iommu => VIRTIO_F_ACCESS_PLATFORM,
+        };
+        let layer = match &self.layer {
+            Layer::Net(net) => net.guest_features(self.device_features),
+            Layer::Block(block) => block.guest_features(self.device_features),
+        };
+        layer | (self.device_features & platform)
+    }
+
+    /// What the device is told when the guest agreed on `negotiated`: only
+    /// bits the device offered (a MAC the VMM answers is not the device's),
+    /// and always ACCESS_PLATFORM, since the device's DMA goes through the
+    /// IOTLB whether or not the guest knows it.
+    pub fn device_features_for(&self, negotiated: u64) -> u64 {
+        (negotiated & self.device_features) | (self.device_features & VIRTIO_F_ACCESS_PLATFORM)
+    }
+
+    /// A guest read of the config space: the device's bytes (read by
+    /// `read`, at an offset that fits), then the layer's overlay. Outside
+    /// the device's config space, zeros.
+    pub fn read_config(&self, offset: u64, data: &mut [u8], read: impl FnOnce(u32, &mut [u8])) {
+        data.fill(0);
+        if let Some(at) = self.config_offset(offset, data.len()) {
+            read(at, data);
+        }
+        if let Layer::Net(net) = &self.layer {
+            net.overlay_config(offset, data);
+        }
+    }
+
+    /// `offset` as the kernel takes it, when `len` bytes from it lie in the
+    /// device's config space.
+    pub fn config_offset(&self, offset: u64, len: usize) -> Option<u32> {
+        let end = offset.checked_add(u64::try_from(len).ok()?)?;
+        match end <= u64::from(self.config_size) {
+            true => u32::try_from(offset).ok(),
+            false => None,
+        }
+    }
+}
+
+/// What was negotiated with the kernel, for `info`.
+#[derive(Clone, Debug)]
+pub struct VdpaInfo {
+    pub path: PathBuf,
+    pub kind: DeviceKind,
+    pub device_id: u32,
+    /// What the device offers.
+    pub device_features: u64,
+    /// What the VMM set on the device at the last start (0 before).
+    pub device_features_acked: u64,
+    /// What the guest was offered, and what it agreed on.
+    pub guest_features_offered: u64,
+    pub guest_features: u64,
+    pub backend_features_offered: u64,
+    pub backend_features: u64,
+    pub iova_first: u64,
+    pub iova_last: u64,
+    pub queue_max_size: u16,
+    pub queues: u16,
+    pub virtqueues: Option<u32>,
+    pub groups: Option<u32>,
+    pub address_spaces: Option<u32>,
+    pub status: u8,
+    pub mappings: Vec<DmaRange>,
+    /// What a block device's config said at open.
+    pub block: Option<BlockLayer>,
+}
+
+/// Per-queue state the device reports: where the ring is and how far the
+/// device has consumed the avail ring (VHOST_GET_VRING_BASE; `None` when
+/// the device was not asked or did not answer in time).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QueueReport {
+    pub index: u16,
+    pub size: u16,
+    pub last_avail_idx: Option<u32>,
+}
+
+/// Reads a queue's last_avail_idx (VHOST_GET_VRING_BASE) on a vhost-vdpa
+/// control descriptor, by number: the seccomp filters bind the ioctl to
+/// that number, so a dup would not do. The descriptor stays open for the
+/// VM's life (the device is dropped only when the VM ends).
+#[derive(Clone, Copy, Debug)]
+pub struct VringBaseReader {
+    fd: std::os::fd::RawFd,
+}
+
+impl VringBaseReader {
+    pub fn last_avail_idx(&self, queue: u16) -> std::io::Result<u32> {
+        let mut state = vhost_binding::vhost_vring_state {
+            index: u32::from(queue),
+            num: 0,
+        };
+        // SAFETY: VHOST_GET_VRING_BASE reads and writes exactly one
+        // vhost_vring_state, which `state` is and outlives the call. The
+        // ioctl touches no other memory; on a descriptor that is not (or
+        // no longer) a vhost device it fails with an errno.
+        let ret = unsafe {
+            libc::ioctl(
+                self.fd,
+                vhost_binding::VHOST_GET_VRING_BASE() as _,
+                &mut state as *mut vhost_binding::vhost_vring_state,
+            )
+        };
+        match ret {
+            0.. => Ok(state.num),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct VdpaCounters {
+    pub dma: DmaCounters,
+    pub activations: u64,
+    pub resets: u64,
+    pub iotlb_replays: u64,
+    pub queues: Vec<QueueReport>,
+}
+
+type Mapper = DmaMapper<VhostVdpaIotlb>;
+
+/// A live vDPA device: its state and the handles that reach the kernel.
+pub struct VdpaDevice {
+    path: PathBuf,
+    state: VdpaState,
+    vhost: VhostKernVdpa<Arc<GuestMemoryMmap>>,
+    mapper: Arc<Mutex<Mapper>>,
+    /// The address spaces and this device's name there: a reset's IOTLB
+    /// replay goes through them (see [`VdpaDevice::replay_through`]).
+    spaces: Option<(SharedSpaces, String)>,
+    /// Stand-in call fd for queues the guest left without a vector.
+    no_interrupt: EventFd,
+}
+
+/// Asks the kernel what the device is (before anything is negotiated).
+fn probe_device(vhost: &VhostKernVdpa<Arc<GuestMemoryMmap>>) -> Result<DeviceProbe, VdpaError> {
+    let ioctl = |what: &'static str| move |source| VdpaError::Ioctl { what, source };
+    let device_id = vhost
+        .get_device_id()
+        .map_err(ioctl("VHOST_VDPA_GET_DEVICE_ID"))?;
+    let device_features = vhost.get_features().map_err(ioctl("VHOST_GET_FEATURES"))?;
+    let backend_features = vhost
+        .get_backend_features()
+        .map_err(ioctl("VHOST_GET_BACKEND_FEATURES"))?;
+    let range = vhost
+        .get_iova_range()
+        .map_err(ioctl("VHOST_VDPA_GET_IOVA_RANGE"))?;
+    let config_size = vhost
+        .get_config_size()
+        .map_err(ioctl("VHOST_VDPA_GET_CONFIG_SIZE"))?;
+    let mut config = vec![0u8; config_size.min(PROBED_CONFIG_BYTES) as usize];
+    if !config.is_empty() {
+        vhost
+            .get_config(0, &mut config)
+            .map_err(ioctl("VHOST_VDPA_GET_CONFIG"))?;
+    }
+    let queue_max_size = vhost
+        .get_vring_num()
+        .map_err(ioctl("VHOST_VDPA_GET_VRING_NUM"))?;
+    Ok(DeviceProbe {
+        device_id,
+        device_features,
+        backend_features,
+        iova_first: range.first,
+        iova_last: range.last,
+        config_size,
+        config,
+        queue_max_size,
+        // Older kernels lack these; they only add checks and `info`.
+        virtqueues: vhost.get_vqs_count().ok(),
+        groups: vhost.get_group_num().ok(),
+        address_spaces: vhost.get_as_num().ok(),
+    })
+}
+
+impl VdpaDevice {
+    /// Opens and claims the device, reads what it is, decides how it is
+    /// presented ([`negotiate`]) and acks the backend features.
+    pub fn open(
+        config: &VdpaConfig,
+        memory: Arc<GuestMemoryMmap>,
+    ) -> Result<VdpaDevice, VdpaError> {
+        let path = config.path.clone();
+        let text = path.to_string_lossy().into_owned();
+        let mut vhost = VhostKernVdpa::new(&text, memory).map_err(|e| match e {
+            vhost::Error::VhostOpen(source) => VdpaError::Open {
+                path: path.clone(),
+                source,
+            },
+            _ => VdpaError::NotVhostVdpa(path.clone()),
+        })?;
+        // Anything that is not a vhost device refuses its first vhost ioctls.
+        vhost
+            .set_owner()
+            .map_err(|_| VdpaError::NotVhostVdpa(path.clone()))?;
+        vhost
+            .get_device_id()
+            .map_err(|_| VdpaError::NotVhostVdpa(path.clone()))?;
+        let probe = probe_device(&vhost)?;
+        let state = negotiate(config, &probe)?;
+        vhost
+            .set_backend_features(state.backend_features)
+            .map_err(|source| VdpaError::Ioctl {
+                what: "VHOST_SET_BACKEND_FEATURES",
+                source,
+            })?;
+        vhost.set_backend_features_acked(state.backend_features);
+
+        // The engine writes IOTLB messages on its own descriptor.
+        // SAFETY: dup(2) on a descriptor we own; the result is checked and
+        // owned by the File from here on.
+        let fd = unsafe { libc::dup(vhost.as_raw_fd()) };
+        if fd < 0 {
+            return Err(VdpaError::Dup(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let iotlb_file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let batching = state.backend_features & VHOST_BACKEND_F_IOTLB_BATCH != 0;
+        let mapper = DmaMapper::new(
+            VhostVdpaIotlb::new(iotlb_file),
+            state.iova_first..=state.iova_last,
+            batching,
+        );
+        Ok(VdpaDevice {
+            path,
+            state,
+            vhost,
+            mapper: Arc::new(Mutex::new(mapper)),
+            spaces: None,
+            no_interrupt: EventFd::new(EFD_NONBLOCK).map_err(VdpaError::Dup)?,
+        })
+    }
+
+    /// What is known about the device (plain data).
+    pub fn state(&self) -> &VdpaState {
+        &self.state
+    }
+
+    pub fn kind(&self) -> DeviceKind {
+        self.state.kind
+    }
+
+    /// The engine that decides what this device may reach; memory changes
+    /// are committed to it as transactions.
+    pub fn mapper(&self) -> Arc<Mutex<DmaMapper<VhostVdpaIotlb>>> {
+        self.mapper.clone()
+    }
+
+    /// Where the device was registered as `id`: a reset's IOTLB replay is
+    /// then one transaction of the address spaces, in order with every
+    /// other plan and kept in their history.
+    pub fn replay_through(&mut self, spaces: SharedSpaces, id: &str) {
+        self.spaces = Some((spaces, id.to_string()));
+    }
+
+    /// The descriptor every vhost ioctl goes to (the seccomp filters bind
+    /// those ioctls to it). IOTLB messages go through a dup of it.
+    pub fn control_fd(&self) -> std::os::fd::RawFd {
+        self.vhost.as_raw_fd()
+    }
+
+    /// What reads the queues' progress without this device: asking is a
+    /// round trip to the device (VDUSE: to its userspace process), so it
+    /// must not happen under the device's lock.
+    pub fn vring_base_reader(&self) -> VringBaseReader {
+        VringBaseReader {
+            fd: self.vhost.as_raw_fd(),
+        }
+    }
+
+    /// The indexes of the queues the driver started (empty before
+    /// DRIVER_OK and after a reset).
+    pub fn active_queues(&self) -> Vec<u16> {
+        self.state.active.iter().map(|q| q.index).collect()
+    }
+
+    /// How many queues the guest will see.
+    pub fn queue_max_sizes_len(&self) -> usize {
+        usize::from(self.state.queue_count)
+    }
+
+    fn lock_mapper(&self) -> MutexGuard<'_, Mapper> {
+        self.mapper.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn info(&self, guest_features: u64) -> VdpaInfo {
+        let state = &self.state;
+        VdpaInfo {
+            path: self.path.clone(),
+            kind: state.kind,
+            device_id: state.kind.id(),
+            device_features: state.device_features,
+            device_features_acked: state.device_features_acked,
+            guest_features_offered: state.guest_features(),
+            guest_features,
+            backend_features_offered: state.backend_features_offered,
+            backend_features: state.backend_features,
+            iova_first: state.iova_first,
+            iova_last: state.iova_last,
+            queue_max_size: state.queue_max_size,
+            queues: state.queue_count,
+            virtqueues: state.virtqueues,
+            groups: state.groups,
+            address_spaces: state.address_spaces,
+            status: self.vhost.get_status().unwrap_or(0),
+            mappings: self.lock_mapper().mappings(0),
+            block: match &state.layer {
+                Layer::Block(block) => Some(*block),
+                Layer::Net(_) => None,
+            },
+        }
+    }
+
+    pub fn counters(&self) -> VdpaCounters {
+        let queues = self
+            .state
+            .active
+            .iter()
+            .map(|q| QueueReport {
+                index: q.index,
+                size: q.size,
+                // Asked of the device by whoever holds a `VringBaseReader`,
+                // never under the lock this device is kept behind.
+                last_avail_idx: None,
+            })
+            .collect();
+        VdpaCounters {
+            dma: self.lock_mapper().counters(),
+            activations: self.state.activations,
+            resets: self.state.resets,
+            iotlb_replays: self.state.iotlb_replays,
+            queues,
+        }
+    }
+
+    pub fn translation(&self) -> Translation {
+        self.state.translation
+    }
+
+    fn start(&mut self, activation: &Activation) -> Result<(), VdpaError> {
+        let fail = |what: &'static str, source: vhost::Error| VdpaError::Ioctl { what, source };
+        let base = STATUS_ACKNOWLEDGE | STATUS_DRIVER;
+        self.vhost
+            .set_status(base)
+            .map_err(|e| fail("set status", e))?;
+        let features = self.state.device_features_for(activation.features);
+        self.vhost
+            .set_features(features)
+            .map_err(|e| fail("VHOST_SET_FEATURES", e))?;
+        self.state.device_features_acked = features;
+        self.vhost
+            .set_status(base | STATUS_FEATURES_OK)
+            .map_err(|e| fail("set FEATURES_OK", e))?;
+        let status = self.vhost.get_status().map_err(|e| fail("get status", e))?;
+        if status & STATUS_FEATURES_OK == 0 {
+            return Err(VdpaError::FeaturesRefused);
+        }
+        for (queue, kick) in activation.queues.iter().zip(&activation.kicks) {
+            let index = usize::from(queue.index);
+            self.vhost
+                .set_vring_num(index, queue.size)
+                .map_err(|e| fail("VHOST_SET_VRING_NUM", e))?;
+            set_vring_iova(&self.vhost, queue).map_err(|e| fail("VHOST_SET_VRING_ADDR", e))?;
+            self.vhost
+                .set_vring_base(index, 0)
+                .map_err(|e| fail("VHOST_SET_VRING_BASE", e))?;
+            self.vhost
+                .set_vring_kick(index, kick)
+                .map_err(|e| fail("VHOST_SET_VRING_KICK", e))?;
+            let call = activation.interrupt.queue_irqfd(queue.index);
+            self.vhost
+                .set_vring_call(index, call.as_ref().unwrap_or(&self.no_interrupt))
+                .map_err(|e| fail("VHOST_SET_VRING_CALL", e))?;
+        }
+        if let Some(config_call) = activation.interrupt.config_irqfd() {
+            self.vhost
+                .set_config_call(&config_call)
+                .map_err(|e| fail("VHOST_VDPA_SET_CONFIG_CALL", e))?;
+        }
+        // Every vring is enabled before DRIVER_OK, which every parent
+        // accepts (ENABLE_AFTER_DRIVER_OK is not needed, so not acked).
+        for queue in &activation.queues {
+            self.vhost
+                .set_vring_enable(usize::from(queue.index), true)
+                .map_err(|e| fail("VHOST_VDPA_SET_VRING_ENABLE", e))?;
+        }
+        self.vhost
+            .set_status(base | STATUS_FEATURES_OK | STATUS_DRIVER_OK)
+            .map_err(|e| fail("set DRIVER_OK", e))?;
+        self.state.active = activation.queues.clone();
+        Ok(())
+    }
+}
+
+/// Hands the device the ring addresses the driver wrote: IOVAs, which are
+/// guest physical addresses only without a vIOMMU. (The vhost crate's
+/// `set_vring_addr` insists they lie in guest RAM, which guest IOVAs behind
+/// an IOMMU need not.)
+fn set_vring_iova(
+    vhost: &VhostKernVdpa<Arc<GuestMemoryMmap>>,
+    queue: &QueueConfig,
+) -> Result<(), vhost::Error> {
+    let addr = vhost_binding::vhost_vring_addr {
+        index: u32::from(queue.index),
+        flags: 0,
+        desc_user_addr: queue.desc,
+        used_user_addr: queue.device,
+        avail_user_addr: queue.driver,
+        log_guest_addr: 0,
+    };
+    // SAFETY: VHOST_SET_VRING_ADDR on our open vhost-vdpa descriptor reads
+    // one `struct vhost_vring_addr`, which `addr` is and which outlives the
+    // call; the kernel keeps no pointer to it.
+    let ret = unsafe { ioctl_with_ref(vhost, vhost_binding::VHOST_SET_VRING_ADDR(), &addr) };
+    if ret < 0 {
+        return Err(vhost::Error::IoctlError(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+impl VirtioDevice for VdpaDevice {
+    fn device_type(&self) -> u32 {
+        self.state.kind.id()
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![self.state.queue_max_size; usize::from(self.state.queue_count)]
+    }
+
+    fn features(&self) -> u64 {
+        self.state.guest_features()
+    }
+
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        let vhost = &self.vhost;
+        self.state.read_config(offset, data, |at, buf| {
+            // A failed read leaves zeros; the guest sees an odd config,
+            // not a crash.
+            let _ = vhost.get_config(at, buf);
+        });
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        if let Some(at) = self.state.config_offset(offset, data.len()) {
+            let _ = self.vhost.set_config(at, data);
+        }
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        match self.start(&activation) {
+            Ok(()) => {
+                self.state.activations += 1;
+                Ok(())
+            }
+            Err(error) => {
+                let _ = self.vhost.set_status(0);
+                Err(ActivateError::Backend(Box::new(error)))
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        let _ = self.vhost.set_status(0);
+        self.state.active.clear();
+        self.state.resets += 1;
+        // Without IOTLB_PERSIST a parent may drop its mappings on reset
+        // (VDPA_RESET_F_CLEAN_MAP); put back exactly what its space holds.
+        let persist = self.state.backend_features & VHOST_BACKEND_F_IOTLB_PERSIST != 0;
+        if !persist && replay_after_reset(self.spaces.as_ref()) {
+            self.state.iotlb_replays += 1;
+        }
+    }
+}
+
+/// Sends a reset device its space again through the address spaces;
+/// whether it was sent. A device in no address space holds nothing.
+fn replay_after_reset(spaces: Option<&(SharedSpaces, String)>) -> bool {
+    let Some((spaces, id)) = spaces else {
+        return false;
+    };
+    let mut spaces = spaces.lock().unwrap_or_else(|p| p.into_inner());
+    DmaSpaces::replay(&mut spaces, id).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dma::{
+        Change, ChangeKind, IotlbMessage, Perm, Plan, RecordingBackend, SharedDmaDevice, SpaceId,
+        DEVICE_ASID,
+    };
+
+    use block::{VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH};
+    use net::{VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC};
+
+    const BASE: u64 = VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM;
+    /// What the 6.12 kernel offers over vdpa_sim: MSG_V2, BATCH, ASID,
+    /// SUSPEND, RESUME, ENABLE_AFTER_DRIVER_OK, IOTLB_PERSIST.
+    const SIM_BACKEND: u64 = VHOST_BACKEND_F_IOTLB_MSG_V2
+        | VHOST_BACKEND_F_IOTLB_BATCH
+        | VHOST_BACKEND_F_IOTLB_ASID
+        | VHOST_BACKEND_F_SUSPEND
+        | VHOST_BACKEND_F_RESUME
+        | VHOST_BACKEND_F_ENABLE_AFTER_DRIVER_OK
+        | VHOST_BACKEND_F_IOTLB_PERSIST;
+
+    /// vdpa_sim_net: control queue in its own group and address space.
+    fn sim_net() -> DeviceProbe {
+        DeviceProbe {
+            device_id: VIRTIO_ID_NET,
+            device_features: BASE
+                | VIRTIO_NET_F_MAC
+                | VIRTIO_NET_F_CTRL_VQ
+                | VIRTIO_NET_F_CTRL_MAC_ADDR,
+            backend_features: SIM_BACKEND,
+            iova_first: 0,
+            iova_last: u64::MAX,
+            config_size: 12,
+            config: vec![0x52, 0x54, 0, 0xaa, 0xbb, 0xcc, 1, 0, 0, 0, 0xdc, 5],
+            queue_max_size: 256,
+            virtqueues: Some(3),
+            groups: Some(2),
+            address_spaces: Some(2),
+        }
+    }
+
+    fn sim_blk() -> DeviceProbe {
+        let mut config = vec![0u8; 60];
+        config[0..8].copy_from_slice(&(128u64 << 11).to_le_bytes());
+        config[20..24].copy_from_slice(&512u32.to_le_bytes());
+        DeviceProbe {
+            device_id: VIRTIO_ID_BLOCK,
+            device_features: BASE | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH,
+            config_size: 60,
+            config,
+            virtqueues: Some(1),
+            groups: Some(1),
+            address_spaces: Some(1),
+            ..sim_net()
+        }
+    }
+
+    /// `--vdpa path=...`: any supported type, identity-mapped, 1 GiB of
+    /// guest addresses to reach.
+    fn any_type() -> VdpaConfig {
+        VdpaConfig {
+            expect: None,
+            identity_end: 1 << 30,
+            ..VdpaConfig::net("/dev/vhost-vdpa-0".into(), Translation::Identity, true)
+        }
+    }
+
+    #[test]
+    fn the_device_type_comes_from_the_device() {
+        let net = negotiate(&any_type(), &sim_net()).unwrap();
+        assert_eq!(net.kind, DeviceKind::Net);
+        assert_eq!(
+            net.queue_count, 2,
+            "one pair; the control queue is not shown"
+        );
+        let blk = negotiate(&any_type(), &sim_blk()).unwrap();
+        assert_eq!(blk.kind, DeviceKind::Block);
+        assert_eq!(blk.queue_count, 1);
+        assert!(matches!(blk.layer, Layer::Block(b) if b.blk_size == Some(512)));
+
+        let console = DeviceProbe {
+            device_id: 3,
+            ..sim_net()
+        };
+        let error = negotiate(&any_type(), &console).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "device type 3 (console) is not supported (net, block are)"
+        );
+        let error = negotiate(
+            &any_type(),
+            &DeviceProbe {
+                device_id: 999,
+                ..sim_net()
+            },
+        );
+        assert!(matches!(
+            error,
+            Err(VdpaError::Unsupported {
+                id: 999,
+                name: "unknown"
+            })
+        ));
+
+        // --net asks for a net device, and says so of a disk.
+        let as_net = VdpaConfig {
+            expect: Some(DeviceKind::Net),
+            ..any_type()
+        };
+        let error = negotiate(&as_net, &sim_blk()).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                VdpaError::NotNet {
+                    id: 2,
+                    name: "block"
+                }
+            ),
+            "{error}"
+        );
+        assert!(negotiate(&as_net, &sim_net()).is_ok());
+    }
+
+    #[test]
+    fn a_device_without_version_1_access_platform_or_msg_v2_is_refused() {
+        for (features, backend, what) in [
+            (VIRTIO_F_ACCESS_PLATFORM, SIM_BACKEND, "VIRTIO_F_VERSION_1"),
+            (VIRTIO_F_VERSION_1, SIM_BACKEND, "VIRTIO_F_ACCESS_PLATFORM"),
+            (
+                BASE,
+                VHOST_BACKEND_F_IOTLB_BATCH,
+                "VHOST_BACKEND_F_IOTLB_MSG_V2",
+            ),
+        ] {
+            let probe = DeviceProbe {
+                device_features: features,
+                backend_features: backend,
+                ..sim_net()
+            };
+            let error = negotiate(&any_type(), &probe).unwrap_err();
+            assert!(error.to_string().contains(what), "{error}");
+        }
+    }
+
+    #[test]
+    fn only_the_backend_features_the_vmm_handles_are_acked() {
+        let state = negotiate(&any_type(), &sim_net()).unwrap();
+        assert_eq!(state.backend_features_offered, SIM_BACKEND);
+        assert_eq!(
+            state.backend_features,
+            VHOST_BACKEND_F_IOTLB_MSG_V2
+                | VHOST_BACKEND_F_IOTLB_BATCH
+                | VHOST_BACKEND_F_IOTLB_PERSIST
+        );
+        let unbatched = VdpaConfig {
+            batching: false,
+            ..any_type()
+        };
+        let state = negotiate(&unbatched, &sim_net()).unwrap();
+        assert_eq!(
+            state.backend_features,
+            VHOST_BACKEND_F_IOTLB_MSG_V2 | VHOST_BACKEND_F_IOTLB_PERSIST
+        );
+        // VDUSE 6.12: MSG_V2, BATCH, ASID; nothing acked that is not offered.
+        let vduse = DeviceProbe {
+            backend_features: 0xe,
+            ..sim_net()
+        };
+        let state = negotiate(&any_type(), &vduse).unwrap();
+        assert_eq!(
+            state.backend_features,
+            VHOST_BACKEND_F_IOTLB_MSG_V2 | VHOST_BACKEND_F_IOTLB_BATCH
+        );
+        assert_eq!((state.groups, state.address_spaces), (Some(2), Some(2)));
+    }
+
+    #[test]
+    fn an_identity_device_must_reach_all_guest_ram_and_the_hotplug_region() {
+        let narrow = DeviceProbe {
+            iova_last: (1 << 30) - 2,
+            ..sim_net()
+        };
+        let error = negotiate(&any_type(), &narrow).unwrap_err();
+        assert!(
+            matches!(error, VdpaError::IovaRange { end, .. } if end == 1 << 30),
+            "{error}"
+        );
+        assert!(error.to_string().contains("0x0..=0x3ffffffe"), "{error}");
+        let exact = DeviceProbe {
+            iova_last: (1 << 30) - 1,
+            ..sim_net()
+        };
+        assert!(negotiate(&any_type(), &exact).is_ok());
+        let offset = DeviceProbe {
+            iova_first: 0x1000,
+            ..sim_net()
+        };
+        assert!(matches!(
+            negotiate(&any_type(), &offset),
+            Err(VdpaError::IovaRange { .. })
+        ));
+        // Behind the vIOMMU the guest picks IOVAs inside the range.
+        let behind = VdpaConfig {
+            translation: Translation::Iommu,
+            ..any_type()
+        };
+        assert!(negotiate(&behind, &narrow).is_ok());
+    }
+
+    #[test]
+    fn queues_the_device_cannot_hold_are_refused() {
+        let one = DeviceProbe {
+            virtqueues: Some(1),
+            ..sim_net()
+        };
+        let error = negotiate(&any_type(), &one).unwrap_err();
+        assert!(matches!(
+            error,
+            VdpaError::TooFewVirtqueues { needed: 2, has: 1 }
+        ));
+        let unknown = DeviceProbe {
+            virtqueues: None,
+            ..sim_net()
+        };
+        assert!(negotiate(&any_type(), &unknown).is_ok());
+        let empty = DeviceProbe {
+            queue_max_size: 0,
+            ..sim_net()
+        };
+        assert!(matches!(
+            negotiate(&any_type(), &empty),
+            Err(VdpaError::ZeroQueueSize)
+        ));
+    }
+
+    #[test]
+    fn readonly_is_for_block_devices_only() {
+        let readonly = VdpaConfig {
+            block: Some(BlockOptions { readonly: true }),
+            ..any_type()
+        };
+        let error = negotiate(&readonly, &sim_net()).unwrap_err();
+        assert!(
+            matches!(error, VdpaError::ReadonlyNotBlock("net")),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn access_platform_reaches_the_guest_only_behind_the_viommu_and_the_device_always() {
+        let identity = negotiate(&any_type(), &sim_net()).unwrap();
+        let guest = identity.guest_features();
+        assert_eq!(guest, VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC);
+        assert_eq!(guest & VIRTIO_NET_F_CTRL_VQ, 0);
+        assert_eq!(
+            identity.device_features_for(guest),
+            guest | VIRTIO_F_ACCESS_PLATFORM
+        );
+
+        let behind = VdpaConfig {
+            translation: Translation::Iommu,
+            ..any_type()
+        };
+        let iommu = negotiate(&behind, &sim_net()).unwrap();
+        assert_ne!(iommu.guest_features() & VIRTIO_F_ACCESS_PLATFORM, 0);
+
+        // A user MAC on a device without one: the guest sees MAC, the
+        // device is not told of a feature it never offered.
+        let no_mac = DeviceProbe {
+            device_features: BASE,
+            ..sim_net()
+        };
+        let with_mac = VdpaConfig {
+            net: NetOptions {
+                mac: Some([2, 0, 0, 0, 0, 1]),
+                queue_pairs: 1,
+            },
+            ..any_type()
+        };
+        let state = negotiate(&with_mac, &no_mac).unwrap();
+        let guest = state.guest_features();
+        assert_ne!(guest & VIRTIO_NET_F_MAC, 0);
+        assert_eq!(
+            state.device_features_for(guest),
+            VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM
+        );
+    }
+
+    #[test]
+    fn a_block_devices_config_is_passed_through() {
+        let probe = sim_blk();
+        let state = negotiate(&any_type(), &probe).unwrap();
+        let device = probe.config.clone();
+        let read = |offset: u64, len: usize| {
+            let mut data = vec![0xff; len];
+            state.read_config(offset, &mut data, |at, buf| {
+                let at = at as usize;
+                buf.copy_from_slice(&device[at..at + buf.len()]);
+            });
+            data
+        };
+        assert_eq!(
+            read(0, 8),
+            (128u64 << 11).to_le_bytes().to_vec(),
+            "capacity"
+        );
+        assert_eq!(read(20, 4), 512u32.to_le_bytes().to_vec(), "blk_size");
+        assert_eq!(read(0, 60), device, "all of it, untouched");
+        // Past the end of the device's config: zeros, the device not asked.
+        assert_eq!(read(58, 4), vec![0; 4]);
+        assert_eq!(read(u64::MAX, 2), vec![0; 2]);
+        assert_eq!(state.config_offset(u64::from(u32::MAX) + 1, 0), None);
+    }
+
+    #[test]
+    fn a_net_devices_config_is_passed_through_under_the_users_mac() {
+        let with_mac = VdpaConfig {
+            net: NetOptions {
+                mac: Some([2, 0, 0, 0, 0, 1]),
+                queue_pairs: 1,
+            },
+            ..any_type()
+        };
+        let probe = sim_net();
+        let state = negotiate(&with_mac, &probe).unwrap();
+        let mut data = [0u8; 12];
+        state.read_config(0, &mut data, |at, buf| {
+            let at = at as usize;
+            buf.copy_from_slice(&probe.config[at..at + buf.len()]);
+        });
+        assert_eq!(data, [2, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0xdc, 5]);
+    }
+
+    #[test]
+    fn a_reset_replay_is_one_transaction_of_the_spaces_and_is_recorded() {
+        let device = Arc::new(Mutex::new(DmaMapper::new(
+            RecordingBackend::new(),
+            0..=u64::MAX,
+            true,
+        )));
+        let mut spaces = DmaSpaces::new();
+        let shared: SharedDmaDevice = device.clone();
+        spaces.register("net0", shared).unwrap();
+        let ram = DmaRange::new(0, 1 << 30, 0x7f00_0000_0000, Perm::ReadWrite);
+        let mut change = Change::new();
+        change.add(ram);
+        let mut plan = Plan::new(ChangeKind::BootMemory);
+        plan.change(SpaceId::IDENTITY, change)
+            .attach("net0", Some(SpaceId::IDENTITY));
+        spaces.commit(plan).unwrap();
+        device.lock().unwrap().backend_mut().take_messages();
+        let spaces = spaces.shared();
+        let wired = (spaces.clone(), "net0".to_string());
+
+        assert!(replay_after_reset(Some(&wired)));
+        let asid = DEVICE_ASID;
+        assert_eq!(
+            device.lock().unwrap().backend_mut().take_messages(),
+            vec![
+                IotlbMessage::BatchBegin { asid },
+                IotlbMessage::Invalidate {
+                    asid,
+                    iova: 0,
+                    size: 1 << 30
+                },
+                IotlbMessage::Update { asid, range: ram },
+                IotlbMessage::BatchEnd { asid },
+            ]
+        );
+        let history = spaces.lock().unwrap().history();
+        let last = history.last().unwrap();
+        assert_eq!(last.kind, ChangeKind::Replay);
+        assert_eq!(last.added, vec![(0, 1 << 30)]);
+        assert_eq!(last.devices.len(), 1);
+        assert_eq!(last.devices[0].messages(), 4);
+
+        // A refusal is recorded too, and the replay is not counted.
+        device.lock().unwrap().backend_mut().fail_nth(2);
+        assert!(!replay_after_reset(Some(&wired)));
+        let history = spaces.lock().unwrap().history();
+        assert!(history.last().unwrap().error.is_some());
+        assert!(!replay_after_reset(None), "no spaces, nothing to replay");
+    }
+}

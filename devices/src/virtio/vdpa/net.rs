@@ -1,0 +1,209 @@
+//! The virtio-net layer over the generic vhost-vdpa device: which of the
+//! device's features the guest may see, how many queues it gets, and the
+//! MAC the user may put over the device's own.
+//!
+//! The control queue (VIRTIO_NET_F_CTRL_VQ and everything that needs it:
+//! MQ, CTRL_MAC_ADDR, CTRL_RX, ...) stays hidden from the guest until the
+//! VMM models it: the guest then drives one queue pair, and the device's
+//! control queue is never started (a parent such as vdpa_sim_net keeps it in
+//! a group of its own; nothing is sent to it).
+
+use super::super::VIRTIO_F_VERSION_1;
+use super::{DeviceProbe, VdpaError, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+pub const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << 9;
+pub const VIRTIO_NET_F_GUEST_UFO: u64 = 1 << 10;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+pub const VIRTIO_NET_F_HOST_ECN: u64 = 1 << 13;
+pub const VIRTIO_NET_F_HOST_UFO: u64 = 1 << 14;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+pub const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+pub const VIRTIO_NET_F_CTRL_MAC_ADDR: u64 = 1 << 23;
+
+/// Features the guest may see when the device offers them. Anything else
+/// (the control queue and what depends on it, packed rings, features this
+/// VMM does not understand) stays hidden. ACCESS_PLATFORM is decided by the
+/// device's translation, not here.
+pub const GUEST_VISIBLE_FEATURES: u64 = VIRTIO_F_VERSION_1
+    | VIRTIO_NET_F_CSUM
+    | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_MTU
+    | VIRTIO_NET_F_MAC
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_NET_F_GUEST_ECN
+    | VIRTIO_NET_F_GUEST_UFO
+    | VIRTIO_NET_F_HOST_TSO4
+    | VIRTIO_NET_F_HOST_TSO6
+    | VIRTIO_NET_F_HOST_ECN
+    | VIRTIO_NET_F_HOST_UFO
+    | VIRTIO_NET_F_MRG_RXBUF
+    | VIRTIO_NET_F_STATUS
+    | VIRTIO_RING_F_INDIRECT_DESC
+    | VIRTIO_RING_F_EVENT_IDX;
+
+/// Offset of `mac` in struct virtio_net_config.
+const CONFIG_MAC: u64 = 0;
+
+/// What the user asked of a net device (`--net`; `--vdpa` asks nothing).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetOptions {
+    /// Shown to the guest over the device's own MAC.
+    pub mac: Option<[u8; 6]>,
+    pub queue_pairs: u16,
+}
+
+/// The net layer's state: plain data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetLayer {
+    pub mac: Option<[u8; 6]>,
+}
+
+impl NetLayer {
+    /// Queues the guest sees: one pair (multiqueue needs the control queue).
+    pub const QUEUES: u16 = 2;
+
+    pub fn new(options: &NetOptions, probe: &DeviceProbe) -> Result<NetLayer, VdpaError> {
+        if options.queue_pairs > 1 {
+            return Err(VdpaError::Queues {
+                requested: options.queue_pairs,
+                offered: offered_pairs(probe),
+            });
+        }
+        Ok(NetLayer { mac: options.mac })
+    }
+
+    /// What the guest is offered of the device's features (ACCESS_PLATFORM
+    /// aside): MAC also when the user gave one, since the VMM answers it.
+    pub fn guest_features(&self, device_features: u64) -> u64 {
+        let mac = match self.mac {
+            Some(_) => VIRTIO_NET_F_MAC,
+            None => 0,
+        };
+        (device_features & GUEST_VISIBLE_FEATURES) | mac
+    }
+
+    /// Puts the user's MAC over what the device's config space said.
+    pub fn overlay_config(&self, offset: u64, data: &mut [u8]) {
+        let Some(mac) = self.mac else {
+            return;
+        };
+        for (i, byte) in data.iter_mut().enumerate() {
+            let at = u64::try_from(i).ok().and_then(|i| offset.checked_add(i));
+            if let Some(m) = at.and_then(|at| at.checked_sub(CONFIG_MAC)) {
+                if let Some(value) = usize::try_from(m).ok().and_then(|m| mac.get(m)) {
+                    *byte = *value;
+                }
+            }
+        }
+    }
+}
+
+/// Offset of `max_virtqueue_pairs` in struct virtio_net_config.
+const CONFIG_MAX_VQ_PAIRS: usize = 8;
+
+/// Queue pairs the device says it has (for the error message only).
+fn offered_pairs(probe: &DeviceProbe) -> u16 {
+    let mq = VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ;
+    if probe.device_features & mq != mq {
+        return 1;
+    }
+    probe
+        .config
+        .get(CONFIG_MAX_VQ_PAIRS..CONFIG_MAX_VQ_PAIRS + 2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .unwrap_or(1)
+        .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::VIRTIO_F_ACCESS_PLATFORM;
+
+    /// vdpa_sim_net's features in 6.12 (TESTBED.md §7).
+    const VDPA_SIM_NET: u64 = VIRTIO_F_VERSION_1
+        | VIRTIO_F_ACCESS_PLATFORM
+        | (1 << 31) // VIRTIO_NET_F_ANY_LAYOUT
+        | VIRTIO_NET_F_MAC
+        | VIRTIO_NET_F_STATUS
+        | VIRTIO_NET_F_MTU
+        | VIRTIO_NET_F_CTRL_VQ
+        | VIRTIO_NET_F_CTRL_MAC_ADDR;
+
+    #[test]
+    fn the_control_queue_and_what_needs_it_stay_hidden() {
+        let layer = NetLayer { mac: None };
+        let offered = VDPA_SIM_NET | VIRTIO_NET_F_MQ | (1 << 34); // + RING_PACKED
+        let guest = layer.guest_features(offered);
+        assert_eq!(
+            guest,
+            VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MTU
+        );
+        assert_eq!(guest & VIRTIO_NET_F_CTRL_VQ, 0);
+        assert_eq!(guest & VIRTIO_NET_F_CTRL_MAC_ADDR, 0);
+        assert_eq!(guest & VIRTIO_F_ACCESS_PLATFORM, 0, "decided elsewhere");
+    }
+
+    #[test]
+    fn a_user_mac_is_offered_and_read_over_the_devices_own() {
+        let mac = [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc];
+        let layer = NetLayer { mac: Some(mac) };
+        let guest = layer.guest_features(VIRTIO_F_VERSION_1);
+        assert_eq!(guest, VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC);
+        // The whole config: MAC replaced, status (offset 6) kept.
+        let mut config = [0xee_u8; 8];
+        layer.overlay_config(0, &mut config);
+        assert_eq!(config, [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc, 0xee, 0xee]);
+        // A read of bytes 4..6 sees the MAC's last two bytes.
+        let mut part = [0u8; 4];
+        layer.overlay_config(4, &mut part);
+        assert_eq!(part, [0xbb, 0xcc, 0, 0]);
+        // A read past the MAC is untouched; an offset near u64::MAX too.
+        let mut status = [7u8; 2];
+        layer.overlay_config(6, &mut status);
+        assert_eq!(status, [7, 7]);
+        layer.overlay_config(u64::MAX, &mut status);
+        assert_eq!(status, [7, 7]);
+    }
+
+    #[test]
+    fn more_than_one_queue_pair_is_refused_with_what_the_device_offers() {
+        let mut config = vec![0u8; 12];
+        config[CONFIG_MAX_VQ_PAIRS] = 4;
+        let probe = DeviceProbe {
+            device_features: VDPA_SIM_NET | VIRTIO_NET_F_MQ,
+            config,
+            ..DeviceProbe::default()
+        };
+        let options = NetOptions {
+            mac: None,
+            queue_pairs: 2,
+        };
+        let error = NetLayer::new(&options, &probe).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                VdpaError::Queues {
+                    requested: 2,
+                    offered: 4
+                }
+            ),
+            "{error:?}"
+        );
+        let one = NetOptions {
+            queue_pairs: 1,
+            ..options
+        };
+        assert_eq!(NetLayer::new(&one, &probe).unwrap(), NetLayer { mac: None });
+    }
+}
