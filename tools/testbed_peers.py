@@ -148,6 +148,22 @@ def _libraries(binary):
     return libs, loader
 
 
+def _download_and_extract(apt, specs, tmp):
+    """Downloads the packages `specs` (pkg=version) into `tmp` and unpacks
+    them all into tmp/root, which it returns."""
+    ok, text = apt.download(specs, tmp)
+    if not ok:
+        # Stale lists name versions the archive no longer serves.
+        apt.update()
+        ok, text = apt.download(specs, tmp)
+        if not ok:
+            raise PeerError("apt-get download failed:\n" + text[-2000:])
+    root = os.path.join(tmp, "root")
+    for deb in sorted(glob.glob(os.path.join(tmp, "*.deb"))):
+        subprocess.run(["dpkg-deb", "-x", deb, root], check=True)
+    return root
+
+
 def _wrapper(peer):
     d = PEERS_IN_HOST + "/" + peer
     return ("#!/bin/sh\n"
@@ -178,16 +194,7 @@ def fetch(peer, cache, log, cpio_class):
     os.makedirs(os.path.join(cache, "tmp"), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.join(cache, "tmp")) as tmp:
         specs = ["%s=%s" % (p, v) for p, (v, _) in sorted(versions.items())]
-        ok, text = apt.download(specs, tmp)
-        if not ok:
-            # Stale lists name versions the archive no longer serves.
-            apt.update()
-            ok, text = apt.download(specs, tmp)
-            if not ok:
-                raise PeerError("apt-get download failed:\n" + text[-2000:])
-        root = os.path.join(tmp, "root")
-        for deb in sorted(glob.glob(os.path.join(tmp, "*.deb"))):
-            subprocess.run(["dpkg-deb", "-x", deb, root], check=True)
+        root = _download_and_extract(apt, specs, tmp)
         binary = os.path.join(root, "usr", "bin", "qemu-system-x86_64")
         if not os.path.isfile(binary):
             raise PeerError("qemu-system-x86_64 not in the downloaded packages")
@@ -283,16 +290,7 @@ def fetch_qsd(cache, log, cpio_class):
     log("[peer-qsd] downloading %s=%s" % (QSD["package"], version))
     os.makedirs(os.path.join(cache, "tmp"), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.join(cache, "tmp")) as tmp:
-        spec = ["%s=%s" % (QSD["package"], version)]
-        ok, text = apt.download(spec, tmp)
-        if not ok:
-            apt.update()
-            ok, text = apt.download(spec, tmp)
-            if not ok:
-                raise PeerError("apt-get download failed:\n" + text[-2000:])
-        root = os.path.join(tmp, "root")
-        for deb in sorted(glob.glob(os.path.join(tmp, "*.deb"))):
-            subprocess.run(["dpkg-deb", "-x", deb, root], check=True)
+        root = _download_and_extract(apt, ["%s=%s" % (QSD["package"], version)], tmp)
         binary = os.path.join(root, "usr", "bin", QSD["binary"])
         if not os.path.isfile(binary):
             raise PeerError("%s not in %s=%s" % (QSD["binary"], QSD["package"], version))

@@ -293,6 +293,16 @@ fn loopback(console: &str, label: &str) -> (u64, u64) {
     (field("broadcast"), field("other"))
 }
 
+/// Bytes a device's IOTLB holds, from its `info` entry.
+fn iotlb_bytes(device: &serde_json::Value) -> u64 {
+    device["iotlb"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no iotlb entries: {device}"))
+        .iter()
+        .map(|e| e["size"].as_u64().unwrap_or(0))
+        .sum()
+}
+
 fn kib_field(text: &str, key: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{key}:")))
@@ -372,12 +382,7 @@ fn vdpa_sim_net_in_set_map_mode_loops_frames_through_hotplug_and_reset() {
         .starts_with("/dev/vhost-vdpa-"));
     assert_net_scenario("setmap");
     let info = json("setmap-info-plugged");
-    let total: u64 = info["devices"][0]["iotlb"]
-        .as_array()
-        .expect("iotlb entries")
-        .iter()
-        .map(|e| e["size"].as_u64().unwrap_or(0))
-        .sum();
+    let total = iotlb_bytes(&info["devices"][0]);
     assert_eq!(
         total,
         256 * MIB + 128 * MIB,
@@ -391,12 +396,7 @@ fn vdpa_sim_net_in_dma_map_mode_behind_the_viommu_loops_frames() {
     // The device reaches only what the guest's driver mapped: a small
     // part of guest RAM.
     let info = json("dmamap-viommu-info-plugged");
-    let total: u64 = info["devices"][0]["iotlb"]
-        .as_array()
-        .expect("iotlb entries")
-        .iter()
-        .map(|e| e["size"].as_u64().unwrap_or(0))
-        .sum();
+    let total = iotlb_bytes(&info["devices"][0]);
     assert!(
         total > 0 && total < 64 * MIB,
         "behind the vIOMMU the device holds {total} bytes: {info}"
@@ -482,12 +482,7 @@ fn behind_the_viommu_a_block_device_reaches_only_what_the_guest_mapped() {
         .filter(|d| d["address_space"].as_str() != Some("identity"))
         .collect();
     assert_eq!(translated.len(), 1, "the vdpa_sim_blk disk: {info}");
-    let total: u64 = translated[0]["iotlb"]
-        .as_array()
-        .expect("iotlb entries")
-        .iter()
-        .map(|e| e["size"].as_u64().unwrap_or(0))
-        .sum();
+    let total = iotlb_bytes(translated[0]);
     assert!(total < 64 * MIB, "{total} bytes mapped: {info}");
 }
 
