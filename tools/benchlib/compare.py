@@ -13,7 +13,7 @@ import sys
 from . import scenarios, stats, testhost, vmms
 from .testhost import REPO, TESTBED, log
 
-SCENARIOS = ["boot", "hotplug", "viommu"]
+SCENARIOS = ["boot", "hotplug", "viommu", "parents"]
 BOOT_MEMORY_MIB = 256
 BOOT_CPUS = 1
 # vCPUs of the emulated test host, i.e. host CPUs the VMMs run on. viommu
@@ -21,7 +21,7 @@ BOOT_CPUS = 1
 # request completes, and on one host CPU the VMM's request thread (QEMU's
 # main loop, our device worker) and vduse-net only run when the scheduler
 # preempts that spinning vCPU, which no real deployment of a vIOMMU does.
-HOST_CPUS = {"boot": 1, "hotplug": 1, "viommu": 2}
+HOST_CPUS = {"boot": 1, "hotplug": 1, "viommu": 2, "parents": 2}
 
 
 def host_cpus(args, scenario):
@@ -151,16 +151,36 @@ def run_viommu(vmm, args, n):
         return record
 
 
+def run_parents(vmm, args, n):
+    """One test host per VMM: every parent of --parents in turn, each with a
+    boot VM and a VM behind the vIOMMU per guest mode. A phase that failed
+    leaves its figures out and its reason in `phase_errors`; the run is ok
+    when at least one phase completed."""
+    script, commands = scenarios.parents_script(vmm, args.parents)
+    run = testhost.run(script, peers=[vmm.peer] if vmm.is_qemu else [],
+                       timeout=scenarios.parents_host_timeout(len(args.parents)), bounded=True,
+                       retries=args.retries, cpus=host_cpus(args, "parents"),
+                       keep=raw_log(args, "parents", vmm, n))
+    record = {"command": commands[args.parents[0]]["boot"], "commands": commands,
+              "parents": args.parents, "retries": run.retries, "lost": run.lost}
+    metrics, errors = scenarios.parse_parents(run, vmm, args.parents)
+    record.update(metrics=metrics, phase_errors=errors, ok=bool(metrics))
+    if not metrics:
+        record["error"] = "; ".join(f"{k}: {v}" for k, v in errors.items())[:600] or \
+            f"no section at all (test host exit {run.status})"
+    return record
+
+
 METRICS = {"boot": scenarios.BOOT_METRICS, "hotplug": scenarios.HOTPLUG_METRICS,
            "viommu": scenarios.VIOMMU_METRICS}
 
 
-def summary(scenario, rows, records, notes):
+def summary(scenario, rows, records, notes, metric_list=None):
     """One summary record: per metric and VMM median/min/max, ratios of each
     project row to each peer, failures with their reasons, retries."""
     by_vmm = {vmm.id: [r for r in records if r["vmm"] == vmm.id] for vmm in rows}
     metrics = {}
-    for key, label, unit in METRICS[scenario]:
+    for key, label, unit in metric_list or METRICS[scenario]:
         metrics[key] = {"label": label, "unit": unit, "values": {}}
         for vmm in rows:
             s = stats.summarize([r["metrics"].get(key) for r in by_vmm[vmm.id] if r["ok"]])
@@ -217,7 +237,13 @@ def compare(args):
                         "the guest's TX queue times out and no packet passes (3 of 3 pings lost).")
             if scenario == "hotplug":
                 rows.insert(1, vmms.PROJECT_UNBATCHED)
-            runner = {"boot": run_boot, "hotplug": run_hotplug, "viommu": run_viommu}[scenario]
+            if scenario == "parents":
+                # Behind the vIOMMU as in viommu: QEMU 7.2 cannot.
+                rows = [vmms.PROJECT, vmms.PROJECT_UNBATCHED] + [p for p in peers if p.id == "qemu10"]
+                if "qemu72" in args.peers:
+                    notes["QEMU 7.2"] = "no column: it cannot put a vhost-vdpa device behind a vIOMMU (see viommu)"
+            runner = {"boot": run_boot, "hotplug": run_hotplug, "viommu": run_viommu,
+                      "parents": run_parents}[scenario]
             records = []
             for n in range(args.runs):
                 # Alternate the order so no VMM always runs first or last.
@@ -237,7 +263,14 @@ def compare(args):
             for r in records:
                 for k, v in (r.get("notes") or {}).items():
                     notes.setdefault(r["vmm"], {}).setdefault(k, v)
-            s = summary(scenario, rows, records, notes)
+                for k, v in (r.get("phase_errors") or {}).items():
+                    notes.setdefault(r["vmm"], {}).setdefault(f"{k} (run {r['run'] + 1})", v[:300])
+            if scenario == "parents":
+                s = summary(scenario, rows, records, notes, scenarios.parents_metrics(args.parents))
+                s["parents"] = {p: scenarios.PARENTS[p]["label"] for p in args.parents}
+                s["models"] = {p: scenarios.PARENTS[p]["model"] for p in args.parents}
+            else:
+                s = summary(scenario, rows, records, notes)
             emit(s, out)
             records_all.append(s)
     if not args.no_docs:

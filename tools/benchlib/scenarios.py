@@ -482,3 +482,248 @@ VIOMMU_METRICS = [m for mode in VIOMMU_MODES for m in (
     (f"{mode}_ping_avg_ms", f"{mode}: ping round trip, average", "ms"),
     (f"{mode}_ping_loss_pct", f"{mode}: ping loss", "%"),
 )]
+
+
+# ---------------------------------------------------------------- parents
+
+# The vDPA parents the `parents` scenario puts under each VMM, side by side.
+# model: how the parent applies IOTLB messages. A set_map parent rebuilds its
+# whole IOTLB per BATCH_END and per UPDATE/INVALIDATE outside a batch; a
+# dma_map parent gets one dma_map/dma_unmap call per UPDATE/INVALIDATE and
+# ignores the batch brackets (the kernel's vhost-vdpa only calls set_map at
+# BATCH_END).
+PARENTS = {
+    "vduse": {"label": "vduse-net (VDUSE, set_map)", "model": "set_map"},
+    "vdpa_sim_setmap": {"label": "vdpa_sim_net, set_map", "model": "set_map", "load": ""},
+    "vdpa_sim_dmamap": {"label": "vdpa_sim_net, dma_map (batch_mapping=0)", "model": "dma_map",
+                        "load": "batch_mapping=0"},
+}
+SIM_MAC = "52:54:00:aa:bb:cc"
+PARENTS_BOOT_MIB = 256
+PARENTS_PINGS = 50
+# The guest drives itself (vdpa_sim_net has no far end and the host no way to
+# reach the guest): it says ready and waits PARENTS_SETTLE_S while the host
+# reads the VMM's counters, sends its frames, says done and waits again for
+# the host's second reading. Frames: 3 broadcast ARP requests and a burst of
+# pings to the broadcast address, every one looped back to RX by every
+# parent (vduse-net --loopback loops all), which the guest counts.
+PARENTS_SETTLE_S = 8
+PARENTS_GUEST = """for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do echo 1 > $f; done
+ip link set eth0 up && ip addr add 192.0.2.2/24 dev eth0
+rx() {{ cat /sys/class/net/eth0/statistics/rx_packets; }}
+sleep 1
+echo parents-ready
+sleep {settle}
+a=$(rx)
+arping -c 3 -w 4 -I eth0 192.0.2.9 >/dev/null 2>&1
+ping -c {pings} -i 0.02 -w 6 -s 1000 192.0.2.255 >/dev/null 2>&1
+sleep 2
+echo "parents-done rx=$(($(rx) - a))"
+sleep {settle}
+"""
+PARENTS_BOOT_GUEST = f"sleep {PARENTS_SETTLE_S}"
+PARENTS_READY_LIMIT_S = 180
+PARENTS_WINDOW_LIMIT_S = 180
+PARENTS_EXIT_LIMIT_S = 60
+# The device node as the script knows it: each parent's node is created in
+# the test host, so the command lines name it by a shell variable.
+DEV_PLACEHOLDER = "__VDPA_NODE__"
+
+
+def parents_host_timeout(parent_count):
+    per_vm = PARENTS_READY_LIMIT_S + PARENTS_WINDOW_LIMIT_S + PARENTS_EXIT_LIMIT_S + 2 * 20
+    return 120 + parent_count * (60 + 3 * per_vm)
+
+
+def device_updates(counts, unbatched, model):
+    """What the parent did with the messages `counts` (parse_messages of the
+    VMM's counters or trace), `unbatched` of them UPDATE/INVALIDATE outside a
+    batch: a set_map parent rebuilds its IOTLB once per BATCH_END and once per
+    unbatched UPDATE/INVALIDATE; a dma_map parent makes one call per
+    UPDATE/INVALIDATE (an INVALIDATE over several of its mappings makes one
+    dma_unmap per mapping: the count is a floor there)."""
+    if model == "set_map":
+        return counts["batch_end"] + unbatched
+    if model == "dma_map":
+        return counts["iotlb_update"] + counts["iotlb_invalidate"]
+    raise ValueError(f"unknown mapping model {model!r}")
+
+
+def parents_argv(vmm, phase, guest_cmd, parent):
+    """phase: boot (identity-mapped device, no vIOMMU) or a VIOMMU_MODES key.
+    QEMU behind the vIOMMU on vdpa_sim_net (which offers CTRL_VQ) hides the
+    control queue from the guest, as this project does (vmms.QEMU_NO_CTRL_VQ:
+    with it, QEMU 10 cannot start vhost there); at boot it keeps its
+    default and shadows the control queue in the device's second address
+    space."""
+    if phase == "boot":
+        if vmm.is_qemu:
+            return vmms.qemu_argv(vmm, vmms.BOOT_MACHINE[vmm.peer], PARENTS_BOOT_MIB, 1, guest_cmd,
+                                  vdpa=DEV_PLACEHOLDER)
+        return vmms.project_argv(vmm, PARENTS_BOOT_MIB, 1, guest_cmd, vdpa=DEV_PLACEHOLDER)
+    extra = VIOMMU_MODES[phase]
+    if vmm.is_qemu:
+        return vmms.qemu_argv(vmm, "pc", VIOMMU_MEMORY_MIB, VIOMMU_CPUS, guest_cmd, iommu=True,
+                              cmdline_extra=extra, vdpa=DEV_PLACEHOLDER,
+                              no_ctrl_vq=parent != "vduse")
+    return vmms.project_argv(vmm, VIOMMU_MEMORY_MIB, VIOMMU_CPUS, guest_cmd, iommu=True,
+                             cmdline_extra=extra, vdpa=DEV_PLACEHOLDER)
+
+
+PARENTS_PHASES = ["boot"] + list(VIOMMU_MODES)
+
+
+def _parent_setup(parent):
+    if parent == "vduse":
+        return "dev=$(h_vduse_start net0 --loopback) || h_fail 'vduse-net to start'\n"
+    return (f"h_parent_load vdpa_sim_net {PARENTS[parent]['load']} || h_fail 'vdpa_sim_net ({parent}) to load'\n"
+            f"dev=$(h_vdpa_add vdpasim_net sim0 --mac {SIM_MAC}) || h_fail 'a vdpasim_net device ({parent})'\n")
+
+
+def _parent_teardown(parent):
+    if parent == "vduse":
+        return "h_vduse_stop net0\n"
+    return "h_vdpa_del sim0\n"
+
+
+def parents_script(vmm: Vmm, parents, pings=PARENTS_PINGS):
+    """One test host, one VMM: for each parent in turn, its device, then a VM
+    read at its ready line (boot) and a VM behind the vIOMMU per guest mode
+    whose frames are counted around a window. Sections PARENT-PHASE-*.
+    Returns (script, {parent: {phase: command}})."""
+    guest = PARENTS_GUEST.format(settle=PARENTS_SETTLE_S, pings=pings)
+    script = ('. "$MICROVM_HARNESS"\n' + vmms.QEMU_UNBATCHED_FN +
+              "rebuilds() { n=$(grep -cE 'iotlb update #[0-9]+: ' /tmp/vduse-net0.err 2>/dev/null); echo ${n:-0}; }\n")
+    commands = {}
+    for parent in parents:
+        commands[parent] = {}
+        script += _parent_setup(parent)
+        script += f"echo '@@section {parent}-node'; echo \"$dev\"\n"
+        for phase in PARENTS_PHASES:
+            tag = f"{parent}-{phase}"
+            argv = vmms.shell(parents_argv(vmm, phase, PARENTS_BOOT_GUEST if phase == "boot" else guest, parent))
+            commands[parent][phase] = argv.replace(DEV_PLACEHOLDER, "/dev/vhost-vdpa-N")
+            run_argv = argv.replace(DEV_PLACEHOLDER, '"$dev"')
+            ready, done = (READY, None) if phase == "boot" else ("parents-ready", "parents-done")
+            script += _quoted_heredoc(f"{tag}-command", commands[parent][phase])
+            script += (f"rm -f {vmms.API_SOCKET} {vmms.QMP_SOCKET} {vmms.QEMU_TRACE_LOG}\n"
+                       f"h_vmm_start {run_argv}\n"
+                       f"h_wait_console '{ready}' {PARENTS_READY_LIMIT_S} 'the {tag} guest to say {ready}'\n"
+                       f"echo '@@section {tag}-ready'; grep -c '{ready}' /tmp/console.log\n"
+                       f"{vmms.message_snapshot(vmm, '/tmp/before', unbatched=True)}\n"
+                       "r0=$(rebuilds)\n")
+            if done:
+                script += f"h_wait_console '{done}' {PARENTS_WINDOW_LIMIT_S} 'the {tag} guest to say {done}'\n"
+                script += (f"{vmms.message_snapshot(vmm, '/tmp/after', unbatched=True)}\n"
+                           "r1=$(rebuilds)\n"
+                           f"echo '@@section {tag}-before'; cat /tmp/before\n"
+                           f"echo '@@section {tag}-after'; cat /tmp/after\n"
+                           f"echo '@@section {tag}-rebuilds'; echo \"$r0 $r1\"\n"
+                           f"echo '@@section {tag}-done'; grep -m1 '{done}' /tmp/console.log\n")
+            else:
+                # At ready: everything since the VMM started.
+                script += (f"echo '@@section {tag}-after'; cat /tmp/before\n"
+                           f"echo '@@section {tag}-rebuilds'; echo \"0 $r0\"\n")
+            script += (f"st=$(h_vmm_wait {PARENTS_EXIT_LIMIT_S}) || st=timeout\n"
+                       f"echo '@@section {tag}-exit'; echo $st\n"
+                       f"echo '@@section {tag}-vmm-stderr'; grep -v 'Fail to invalidate device iotlb' /tmp/vmm.err | tail -12\n"
+                       f"echo '@@section {tag}-console-tail'; tail -6 /tmp/console.log\n")
+        script += _parent_teardown(parent)
+    if any(p != "vduse" for p in parents):
+        script += "h_parent_unload\n"
+    return script, commands
+
+
+def parse_parents(run, vmm: Vmm, parents):
+    """Per parent and phase: the VMM's IOTLB messages and the device IOTLB
+    updates they mean on that parent (device_updates), at the boot VM's
+    ready line and, behind the vIOMMU, over the window of each guest mode,
+    with the guest's MAP/UNMAP requests and the frames that came back.
+    vduse-net also counts its rebuilds itself (`rebuilds_counted`), a check
+    of the derivation. Phases that failed are left out and named in the
+    returned errors: (metrics, {tag: reason})."""
+    metrics, errors = {}, {}
+    for parent in parents:
+        model = PARENTS[parent]["model"]
+        for phase in PARENTS_PHASES:
+            tag = f"{parent}-{phase}"
+            stderr = _tail(run.section(f"{tag}-vmm-stderr"), 4)
+            try:
+                if (run.section(f"{tag}-ready") or "").strip() in ("", "0"):
+                    raise ScenarioError(f"the guest never got ready; VMM stderr: {stderr}; console: "
+                                        f"{_tail(run.section(f'{tag}-console-tail'), 3)}")
+                after_text = run.section(f"{tag}-after")
+                if not (after_text or "").strip():
+                    raise ScenarioError(f"no counters after the window; VMM stderr: {stderr}")
+                try:
+                    after = vmms.parse_messages(after_text)
+                    after_unbatched = vmms.parse_unbatched(after_text)
+                    r0, r1 = (int(x) for x in run.section(f"{tag}-rebuilds").split())
+                    if phase == "boot":
+                        before = dict.fromkeys(after, 0)
+                        before_unbatched, requests = 0, None
+                    else:
+                        before_text = run.section(f"{tag}-before")
+                        before = vmms.parse_messages(before_text)
+                        before_unbatched = vmms.parse_unbatched(before_text)
+                        requests = vmms.parse_iommu_requests(after_text) - vmms.parse_iommu_requests(before_text)
+                except (ValueError, KeyError, AttributeError, TypeError, json.JSONDecodeError) as e:
+                    raise ScenarioError(f"counters unreadable ({e}); VMM stderr: {stderr}")
+                delta = {k: after[k] - before[k] for k in after}
+                updates = device_updates(delta, after_unbatched - before_unbatched, model)
+                m = {"iotlb_messages": delta["total"], "device_updates": updates}
+                if parent == "vduse":
+                    m["rebuilds_counted"] = r1 - r0
+                if phase != "boot":
+                    done = re.search(r"parents-done rx=(\d+)", run.section(f"{tag}-done") or "")
+                    if not done:
+                        raise ScenarioError(f"the guest never said it was done; VMM stderr: {stderr}")
+                    if requests is None or requests <= 0:
+                        raise ScenarioError(f"no vIOMMU request in the window ({requests})")
+                    if int(done.group(1)) == 0:
+                        raise ScenarioError("no frame came back: the device never reached the guest's "
+                                            f"buffers; VMM stderr: {stderr}")
+                    m.update({
+                        "requests": requests,
+                        "rx_looped": int(done.group(1)),
+                        "messages_per_request": round(delta["total"] / requests, 2),
+                        "requests_per_update": round(requests / updates, 2) if updates else None,
+                    })
+                metrics.update({f"{parent}_{phase}_{k}": v for k, v in m.items()})
+            except ScenarioError as e:
+                errors[tag] = str(e)
+    return metrics, errors
+
+
+def parents_rows():
+    """[(suffix, label, unit)]: the rows of the side-by-side table, one per
+    phase and metric, the same for every parent (a parent lacking a row's
+    metric shows a dash)."""
+    out = []
+    for phase in PARENTS_PHASES:
+        where = "at ready" if phase == "boot" else "in the window"
+        out += [(f"{phase}_iotlb_messages", f"{phase}: IOTLB messages {where}", "count"),
+                (f"{phase}_device_updates", f"{phase}: device IOTLB updates {where} (set_map: rebuilds; "
+                                            "dma_map: map/unmap calls), derived", "count"),
+                (f"{phase}_rebuilds_counted", f"{phase}: rebuilds counted by vduse-net {where}", "count")]
+        if phase != "boot":
+            out += [(f"{phase}_requests", f"{phase}: guest MAP+UNMAP requests in the window", "count"),
+                    (f"{phase}_messages_per_request", f"{phase}: IOTLB messages per request", "count"),
+                    (f"{phase}_requests_per_update", f"{phase}: requests per device update", "count"),
+                    (f"{phase}_rx_looped", f"{phase}: frames the device looped back to the guest", "count")]
+    return out
+
+
+def parents_metrics(parents):
+    """(key, label, unit) per parent and row: the summary's metric list."""
+    out = []
+    for parent in parents:
+        model = PARENTS[parent]["model"]
+        for suffix, label, unit in parents_rows():
+            if suffix.endswith("_rebuilds_counted") and parent != "vduse":
+                continue
+            if suffix.endswith("_device_updates"):
+                what = "device IOTLB rebuilds" if model == "set_map" else "device map/unmap calls"
+                label = label.split(": ")[0] + f": {what} (derived)"
+            out.append((f"{parent}_{suffix}", label, unit))
+    return out

@@ -71,12 +71,12 @@ def guest_cmdline(guest_cmd, extra=""):
 
 
 def project_argv(vmm, memory_mib, cpus, guest_cmd=None, hotplug_mib=None, net=True, api=True,
-                 iommu=False, cmdline_extra=""):
+                 iommu=False, cmdline_extra="", vdpa=VDPA):
     memory = f"size={memory_mib}M" + (f",hotplug={hotplug_mib}M" if hotplug_mib else "")
     argv = ["microvm", "--kernel", KERNEL, "--initramfs", INITRD, "--cpus", str(cpus),
             "--memory", memory]
     if net:
-        argv += ["--net", f"vdpa={VDPA}" + (",iommu=on" if iommu else "")
+        argv += ["--net", f"vdpa={vdpa}" + (",iommu=on" if iommu else "")
                  + ("" if vmm.iotlb_batch else ",iotlb-batch=off")]
     if api:
         argv += ["--api-socket", API_SOCKET]
@@ -92,10 +92,22 @@ MACHINES = {
 }
 
 
+# The guest's virtio-net without a control queue and what needs one (Linux
+# refuses CTRL_RX, CTRL_VLAN, CTRL_MAC_ADDR, MQ, GUEST_ANNOUNCE without it):
+# what this project's net layer shows the guest of a device offering
+# CTRL_VQ. QEMU 10 needs it behind a vIOMMU on such a device (vdpa_sim_net):
+# it shadows the control queue (SVQ), refuses "SVQ can not work while IOMMU
+# enable" and falls back to userspace virtio, where no frame reaches the
+# device.
+QEMU_NO_CTRL_VQ = (",ctrl_vq=off,ctrl_rx=off,ctrl_vlan=off,ctrl_rx_extra=off,ctrl_mac_addr=off,"
+                   "ctrl_guest_offloads=off,mq=off,guest_announce=off")
+
+
 def qemu_argv(vmm, machine, memory_mib, cpus, guest_cmd, maxmem_mib=None, extra=(), iommu=False,
-              cmdline_extra=""):
+              cmdline_extra="", vdpa=VDPA, no_ctrl_vq=False):
     """`iommu`: the net device behind a virtio-iommu-pci (which pc carries, with
-    an ACPI VIOT), with the IOMMU's MAP/UNMAP trace events on too."""
+    an ACPI VIOT), with the IOMMU's MAP/UNMAP trace events on too.
+    `no_ctrl_vq`: the guest gets no control queue (QEMU_NO_CTRL_VQ)."""
     memory = f"{memory_mib}M" + (f",slots=4,maxmem={maxmem_mib}M" if maxmem_mib else "")
     argv = [f"/opt/peers/{vmm.peer}/qemu", "-M", MACHINES[machine], "-accel", "kvm",
             "-cpu", "host", "-smp", str(cpus), "-m", memory,
@@ -105,9 +117,10 @@ def qemu_argv(vmm, machine, memory_mib, cpus, guest_cmd, maxmem_mib=None, extra=
             "-append", guest_cmdline(guest_cmd, cmdline_extra)]
     if iommu:
         argv += ["-device", "virtio-iommu-pci"]
-    argv += ["-netdev", f"vhost-vdpa,id=n0,vhostdev={VDPA}",
+    argv += ["-netdev", f"vhost-vdpa,id=n0,vhostdev={vdpa}",
              "-device", "virtio-net-pci,netdev=n0,romfile="
-             + (",iommu_platform=on,disable-legacy=on" if iommu else ""),
+             + (",iommu_platform=on,disable-legacy=on" if iommu else "")
+             + (QEMU_NO_CTRL_VQ if no_ctrl_vq else ""),
              "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off", "-D", QEMU_TRACE_LOG]
     for event in list(QEMU_IOTLB_EVENTS) + (list(QEMU_IOMMU_EVENTS) if iommu else []):
         argv += ["-trace", event]
@@ -118,17 +131,34 @@ def shell(argv):
     return shlex.join(argv)
 
 
-def message_snapshot(vmm, path):
+def message_snapshot(vmm, path, unbatched=False):
     """Shell that writes the IOTLB messages the VMM has sent so far to `path`:
     this project's `counters` (read with parse_messages); for QEMU one JSON
     object counted from its trace events (one event per write to the
-    vhost-vdpa fd)."""
+    vhost-vdpa fd). `unbatched`: for QEMU also the UPDATE/INVALIDATE messages
+    sent outside a BATCH_BEGIN … BATCH_END bracket (key "unbatched", by the
+    shell function of QEMU_UNBATCHED_FN, which the script must define)."""
     if not vmm.is_qemu:
         return f"microvm-ctl --socket {API_SOCKET} counters > {path}"
     events = {**QEMU_IOTLB_EVENTS, **QEMU_IOMMU_EVENTS}
     parts = [f"\\\"{key}\\\":$(cat {QEMU_TRACE_LOG} 2>/dev/null | grep -c '{event} ')"
              for event, key in events.items()]
+    if unbatched:
+        parts.append("\\\"unbatched\\\":$(qemu_unbatched)")
     return f"echo \"{{{','.join(parts)}}}\" > {path}"
+
+
+# The kernel's vhost-vdpa keeps one "in batch" flag per device: set by
+# BATCH_BEGIN, cleared by BATCH_END; an UPDATE or INVALIDATE while it is
+# clear reaches a set_map parent as a rebuild of its own. This walks QEMU's
+# trace log in order, as the kernel sees the writes, and prints how many
+# UPDATE/INVALIDATE messages came while no batch was open.
+QEMU_UNBATCHED_AWK = ("/vhost_vdpa_listener_begin_batch /{b=1; next} "
+                      "/vhost_vdpa_listener_commit /{b=0; next} "
+                      "/vhost_vdpa_dma_(map|unmap) /{if (!b) u++} "
+                      "END{print u+0}")
+QEMU_UNBATCHED_FN = (f"qemu_unbatched() {{ if [ -f {QEMU_TRACE_LOG} ]; then "
+                     f"awk '{QEMU_UNBATCHED_AWK}' {QEMU_TRACE_LOG}; else echo 0; fi; }}\n")
 
 
 MESSAGE_KEYS = ("iotlb_update", "iotlb_invalidate", "batch_begin", "batch_end")
@@ -160,3 +190,20 @@ def parse_messages(text):
     counts = {k: int(data[k]) for k in MESSAGE_KEYS}
     counts["total"] = sum(counts.values())
     return counts
+
+
+def parse_unbatched(text):
+    """UPDATE + INVALIDATE messages sent outside a batch so far, from a
+    message_snapshot(..., unbatched=True) file. QEMU: its "unbatched" key (the
+    trace log walked in order). This project: its engine brackets every
+    non-empty transaction with BATCH_BEGIN … BATCH_END when the device acked
+    IOTLB_BATCH and never otherwise (devices/src/dma/engine.rs), so either
+    every message is in a batch (batch_begin > 0) or none is."""
+    import json
+    data, _end = json.JSONDecoder().raw_decode(text.lstrip())
+    if "devices" not in data:
+        return int(data["unbatched"])
+    counts = parse_messages(text)
+    if counts["batch_begin"] > 0:
+        return 0
+    return counts["iotlb_update"] + counts["iotlb_invalidate"]
