@@ -164,6 +164,18 @@ def _download_and_extract(apt, specs, tmp):
     return root
 
 
+def _pack_binary(c, base, name, binary, libs, loader):
+    """Puts `binary` at base/bin/NAME in cpio `c`, with its libraries and
+    the dynamic loader under base/lib (what the wrappers start)."""
+    with open(binary, "rb") as f:
+        c.file(base + "/bin/" + name, f.read(), 0o755)
+    for soname, path in libs:
+        with open(path, "rb") as f:
+            c.file(base + "/lib/" + soname, f.read(), 0o755)
+    with open(loader, "rb") as f:
+        c.file(base + "/lib/ld-linux-x86-64.so.2", f.read(), 0o755)
+
+
 def _wrapper(peer):
     d = PEERS_IN_HOST + "/" + peer
     return ("#!/bin/sh\n"
@@ -203,13 +215,7 @@ def fetch(peer, cache, log, cpio_class):
                                  check=True).stdout.splitlines()[0].strip()
         c = cpio_class()
         base = PEERS_IN_HOST + "/" + peer
-        with open(binary, "rb") as f:
-            c.file(base + "/bin/qemu-system-x86_64", f.read(), 0o755)
-        for soname, path in libs:
-            with open(path, "rb") as f:
-                c.file(base + "/lib/" + soname, f.read(), 0o755)
-        with open(loader, "rb") as f:
-            c.file(base + "/lib/ld-linux-x86-64.so.2", f.read(), 0o755)
+        _pack_binary(c, base, "qemu-system-x86_64", binary, libs, loader)
         modules = sorted(glob.glob(os.path.join(root, "usr", "lib", "x86_64-linux-gnu", "qemu", "*.so")))
         c.dir(base + "/modules")
         for mod in modules:
@@ -298,13 +304,7 @@ def fetch_qsd(cache, log, cpio_class):
         vline = subprocess.run([binary, "--version"], stdout=subprocess.PIPE, text=True,
                                check=True).stdout.splitlines()[0].strip()
         c = cpio_class()
-        with open(binary, "rb") as f:
-            c.file(QSD_IN_HOST + "/bin/qemu-storage-daemon", f.read(), 0o755)
-        for soname, path in libs:
-            with open(path, "rb") as f:
-                c.file(QSD_IN_HOST + "/lib/" + soname, f.read(), 0o755)
-        with open(loader, "rb") as f:
-            c.file(QSD_IN_HOST + "/lib/ld-linux-x86-64.so.2", f.read(), 0o755)
+        _pack_binary(c, QSD_IN_HOST, "qemu-storage-daemon", binary, libs, loader)
         c.file(QSD_IN_HOST + "/qemu-storage-daemon", qsd_wrapper().encode(), 0o755)
         c.file(QSD_IN_HOST + "/version", (vline + "\n").encode())
         stage = dest + ".tmp"
