@@ -22,7 +22,7 @@ fn guest_script() -> String {
     "ip link set eth0 up && ip addr add 192.0.2.2/24 dev eth0
 (while true; do echo \"memtotal=$(sed -n 's/^MemTotal: *\\([0-9]*\\).*/\\1/p' /proc/meminfo)\"; sleep 0.5; done) &
 echo guest-ready
-nc -l -p 5000 >/dev/null
+wait_go
 echo guest-done
 "
     .to_string()

@@ -13,7 +13,7 @@ fn host_script() -> String {
     let guest = "ip link set eth0 up && ip addr add 192.0.2.2/24 dev eth0
 ping -c 2 -W 2 192.0.2.1
 echo harness-guest-ready
-nc -l -p 5000 >/dev/null
+wait_go
 echo harness-guest-got-go
 ";
     let device = VduseNet::on_tap();

@@ -27,7 +27,7 @@ ping 192.0.2.1 >/tmp/ping.log 2>&1 &
 PING=$!
 (while true; do echo \"memtotal=$(sed -n 's/^MemTotal: *\\([0-9]*\\).*/\\1/p' /proc/meminfo)\"; sleep 0.5; done) &
 echo guest-ready
-nc -l -p 5000 >/dev/null
+wait_go
 kill -INT $PING; sleep 1
 tail -3 /tmp/ping.log
 # Buffers in hot-plugged memory. Kernel socket buffers never come from
@@ -41,10 +41,10 @@ free_kib() { sed -n 's/^MemFree: *\\([0-9]*\\).*/\\1/p' /proc/meminfo; }
 dd if=/dev/zero of=/fill/boot bs=1M count=$(( ($(free_kib) - 32768) / 1024 )) 2>/dev/null
 left=$(free_kib)
 echo fill-done
-nc -l -p 5000 >/dev/null
+wait_go
 dd if=/dev/zero of=/fill/rest bs=1M count=$(( left / 1024 + 16 )) 2>/dev/null
 echo rest-done
-nc -l -p 5000 >/dev/null
+wait_go
 echo guest-done
 "
     .to_string()

@@ -18,14 +18,14 @@ up
 echo guest-mac=$(cat /sys/class/net/eth0/address)
 ping -c 20 -W 2 {HOST_IP}
 echo phase1-done
-nc -l -p 5000 >/dev/null
+wait_go
 echo 0000:00:01.0 > /sys/bus/pci/drivers/virtio-pci/unbind
 echo 0000:00:01.0 > /sys/bus/pci/drivers/virtio-pci/bind
 sleep 1
 up
 ping -c 5 -W 2 {HOST_IP}
 echo phase2-done
-nc -l -p 5000 >/dev/null
+wait_go
 "
     )
 }

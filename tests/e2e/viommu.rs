@@ -28,14 +28,14 @@ up
 ping -c 20 -W 2 192.0.2.1
 dd if=/dev/zero bs=64k count={blocks} 2>/dev/null | nc 192.0.2.1 5001
 echo phase1-done
-nc -l -p 5000 >/dev/null
+wait_go
 echo 0000:00:01.0 > /sys/bus/pci/drivers/virtio-pci/unbind
 echo 0000:00:01.0 > /sys/bus/pci/drivers/virtio-pci/bind
 sleep 1
 up
 ping -c 5 -W 2 192.0.2.1
 echo phase2-done
-nc -l -p 5000 >/dev/null
+wait_go
 ",
         blocks = STREAM_BYTES / (64 << 10)
     )

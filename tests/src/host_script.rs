@@ -132,7 +132,7 @@ impl HostScript {
         self.step(&command, what)
     }
 
-    /// Sends "go" to the guest's `nc -l -p 5000` at `address`, bounded.
+    /// Releases the guest's `wait_go` at `address` (h_go: a fresh token, bounded tries).
     pub fn go(&mut self, address: &str) -> &mut Self {
         self.step(
             &format!("h_go {address}"),

@@ -330,11 +330,11 @@ def viommu_host_timeout(vmm_count, transfer_mib):
 VIOMMU_GUEST = """ip link set eth0 up && ip addr add {net}.2/24 dev eth0
 ping -c 3 {net}.1 >/dev/null
 echo viommu-ready
-nc -l -p 5000 >/dev/null
+wait_go
 dd if=/dev/zero bs=64k count={blocks} 2>/dev/null | nc {net}.1 5001
 ping -c {pings} -i 0.02 -s 1000 {net}.1 | tail -2
 echo viommu-done
-nc -l -p 5000 >/dev/null
+wait_go
 """
 
 VIOMMU_HOST_START = f""". "$MICROVM_HARNESS"

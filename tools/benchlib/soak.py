@@ -33,19 +33,19 @@ ping -c 5 -W 2 {GUEST_NET}.1 | tail -2
 _HOTPLUG_GUEST = f"""ip link set eth0 up && ip addr add {GUEST_NET}.2/24 dev eth0
 ping -c 2 -W 2 {GUEST_NET}.1 >/dev/null
 echo soak-guest-ready
-nc -l -p 5000 >/dev/null
+wait_go
 echo "soak-memtotal $(sed -n 's/^MemTotal: *//p' /proc/meminfo)"
-nc -l -p 5000 >/dev/null
+wait_go
 """
 # The viommu scenario: the compare command's workload, smaller.
 _VIOMMU_GUEST = f"""ip link set eth0 up && ip addr add {GUEST_NET}.2/24 dev eth0
 ping -c 3 -W 2 {GUEST_NET}.1 >/dev/null
 echo soak-guest-ready
-nc -l -p 5000 >/dev/null
+wait_go
 dd if=/dev/zero bs=64k count=16 2>/dev/null | nc {GUEST_NET}.1 5001
 ping -c 50 -i 0.02 -s 1000 {GUEST_NET}.1 | tail -2
 echo soak-guest-done
-nc -l -p 5000 >/dev/null
+wait_go
 """
 VIOMMU_MODES = {"lazy": "", "strict": "iommu.strict=1"}
 

@@ -4,6 +4,7 @@ host (it did not come up, or it reset: TCG's nested SVM has done that)."""
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -18,8 +19,9 @@ def log(message):
 
 
 class Run:
-    def __init__(self, stdout, status, retries, lost):
+    def __init__(self, stdout, status, retries, lost, stderr=""):
         self.stdout = stdout
+        self.stderr = stderr      # the test host's and tools/testbed's own words
         self.status = status
         self.retries = retries
         self.lost = lost          # reasons of the lost attempts, in order
@@ -51,11 +53,11 @@ def run(script, peers=(), timeout=900, host="emulated", retries=2, memory=None, 
             cmd += ["--memory", str(memory)]
         if cpus:
             cmd += ["--cpus", str(cpus)]
-        result = subprocess.run(cmd + ["--", "sh", "-c", script], stdout=subprocess.PIPE,
-                                text=True, errors="replace")
+        result = run_teeing_stderr(cmd + ["--", "sh", "-c", script])
         if keep:
             with open(keep, "a") as f:
-                f.write(f"=== attempt {len(lost) + 1}: tools/testbed exit {result.returncode}\n{result.stdout}")
+                f.write(f"=== attempt {len(lost) + 1}: tools/testbed exit {result.returncode}\n"
+                        f"--- stdout\n{result.stdout}--- stderr\n{result.stderr}")
         if result.returncode in lost_codes and len(lost) < retries:
             lost.append(lost_codes[result.returncode])
             log(f"{lost_codes[result.returncode]} (attempt {len(lost)}); retrying in a fresh test host")
@@ -63,7 +65,30 @@ def run(script, peers=(), timeout=900, host="emulated", retries=2, memory=None, 
         if result.returncode in lost_codes:
             lost.append(lost_codes[result.returncode])
         return Run(result.stdout, result.returncode,
-                   len(lost) - (1 if result.returncode in lost_codes else 0), lost)
+                   len(lost) - (1 if result.returncode in lost_codes else 0), lost, result.stderr)
+
+
+def run_teeing_stderr(cmd, live=None):
+    """subprocess.run(cmd) with stdout captured and stderr both shown live
+    (on `live`, default sys.stderr: the progress of a long run) and kept (a
+    failure's diagnostics belong in the raw log too)."""
+    live = live or sys.stderr
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            errors="replace")
+    kept = []
+
+    def tee():
+        for line in proc.stderr:
+            kept.append(line)
+            live.write(line)
+            live.flush()
+
+    reader = threading.Thread(target=tee, daemon=True)
+    reader.start()
+    stdout = proc.stdout.read()
+    proc.wait()
+    reader.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, "".join(kept))
 
 
 def sections(stdout):

@@ -17,11 +17,12 @@
 #   h_wait_console PATTERN SECS STEP   wait for a console line
 #   h_wait_file FILE PATTERN SECS STEP  wait for a line in any file
 #   h_wait_true SECS STEP CMD... wait until a command succeeds
-#   h_go ADDR [PORT]             the host's signal to a guest's `nc -l`
+#   h_go ADDR [PORT]             the host's signal to a guest's `wait_go`
 #   h_send ADDR PORT FILE        a file to a guest's `nc -l`, bounded like h_go
 #   h_ctl ARGS...                microvm-ctl on the VMM's API socket, bounded
 #   h_vmm_wait SECS              wait for the VMM to exit; prints its status
 #   h_vmm_stop                   end the VMM (TERM, then KILL)
+#   h_stop_pid PID SECS          end any process (TERM, then KILL after SECS)
 #   h_wait_on WHAT PID SECS STEP CMD...  h_wait_true tied to process PID
 #   h_bounded SECS STEP CMD...   run CMD with a bound (also when it hangs in
 #                                the kernel); its output, its status
@@ -182,11 +183,17 @@ h_vduse_start() {
 
 h_vduse_stop() {
 	# h_vduse_stop NAME
+	h_stop_pid "$(h_get "dev_pid.$1")" 5
+}
+
+h_stop_pid() {
+	# h_stop_pid PID SECS: TERM, then KILL if PID still runs after SECS.
 	local pid n
-	pid=$(h_get "dev_pid.$1")
-	h_alive "$pid" && kill "$pid" 2>/dev/null
+	pid=$1
+	h_alive "$pid" || return 0
+	kill "$pid" 2>/dev/null
 	n=0
-	while h_alive "$pid" && [ $n -lt 50 ]; do n=$((n + 1)); sleep 0.1; done
+	while h_alive "$pid" && [ $n -lt $(($2 * 10)) ]; do n=$((n + 1)); sleep 0.1; done
 	h_alive "$pid" && kill -9 "$pid" 2>/dev/null
 	return 0
 }
@@ -238,13 +245,9 @@ h_vmm_wait() {
 
 h_vmm_stop() {
 	# Ends the VMM (TERM, then KILL after 5 s); its status is then recorded.
-	local pid n
-	pid=$(h_get vmm_pid)
-	h_alive "$pid" || return 0
-	kill "$pid" 2>/dev/null
-	n=0
-	while h_alive "$pid" && [ $n -lt 25 ]; do n=$((n + 1)); sleep 0.2; done
-	h_alive "$pid" && kill -9 "$pid" 2>/dev/null
+	local n
+	h_alive "$(h_get vmm_pid)" || return 0
+	h_stop_pid "$(h_get vmm_pid)" 5
 	n=0
 	while [ ! -s "$H_DIR/vmm_status" ] && [ $n -lt 20 ]; do n=$((n + 1)); sleep 0.1; done
 	return 0
@@ -257,23 +260,28 @@ h_send() {
 }
 
 h_go() {
-	# h_go ADDR [PORT]: sends "go" to a guest's `nc -l -p PORT`. Each try is
-	# bounded (H_GO_TRY_S, default 5: a plain nc to a wedged guest sits in
-	# SYN retries for minutes), and so is the number of tries (H_GO_TRIES,
-	# default 60: about 20 s when the guest refuses, 5 min when it never
-	# answers).
-	local port n vmm
+	# h_go ADDR [PORT]: releases a guest's `wait_go [PORT]` (resources/guest/
+	# init) with "go N", N new for each call. Each try is bounded (H_GO_TRY_S,
+	# default 5: a plain nc to a wedged guest sits in SYN retries for
+	# minutes), and so is the number of tries (H_GO_TRIES, default 60: about
+	# 20 s when the guest refuses, 5 min when it never answers). A try that
+	# ends at its bound may still have delivered the token; the retry sends
+	# the same token, which the guest ignores, so one h_go releases one wait.
+	# H_GO_INPUT=FILE sends FILE instead (h_send; not deduplicated).
+	local port n vmm seq
 	port=${2:-5000}
+	seq=$(($(h_get go_seq || echo 0) + 1))
+	h_set go_seq "$seq"
 	n=0
-	until if [ -n "$H_GO_INPUT" ]; then timeout "${H_GO_TRY_S:-5}" nc "$1" "$port" <"$H_GO_INPUT"; else echo go | timeout "${H_GO_TRY_S:-5}" nc "$1" "$port"; fi 2>/dev/null; do
+	until if [ -n "$H_GO_INPUT" ]; then timeout "${H_GO_TRY_S:-5}" nc "$1" "$port" <"$H_GO_INPUT"; else echo "go $seq" | timeout "${H_GO_TRY_S:-5}" nc "$1" "$port"; fi 2>/dev/null; do
 		n=$((n + 1))
 		vmm=$(h_get vmm_pid)
 		if [ -n "$vmm" ] && ! h_alive "$vmm"; then
-			h_fail "the guest to take 'go' on $1:$port (the VMM exited)"
+			h_fail "the guest to take 'go $seq' on $1:$port (the VMM exited)"
 			return 1
 		fi
 		if [ $n -ge "${H_GO_TRIES:-60}" ]; then
-			h_fail "the guest to take 'go' on $1:$port (${H_GO_TRIES:-60} tries)"
+			h_fail "the guest to take 'go $seq' on $1:$port (${H_GO_TRIES:-60} tries)"
 			return 1
 		fi
 		sleep 0.3
@@ -537,16 +545,10 @@ h_qsd_start() {
 h_qsd_stop() {
 	# h_qsd_stop NAME: deletes vdpa device NAME, then ends its daemon (TERM,
 	# KILL after 5 s).
-	local pid n
 	if [ -f "$H_DIR/vdpa.$1" ]; then
 		h_vdpa_del "$1" || return 1
 	fi
-	pid=$(h_get "dev_pid.qsd-$1")
-	h_alive "$pid" && kill "$pid" 2>/dev/null
-	n=0
-	while h_alive "$pid" && [ $n -lt 50 ]; do n=$((n + 1)); sleep 0.1; done
-	h_alive "$pid" && kill -9 "$pid" 2>/dev/null
-	return 0
+	h_stop_pid "$(h_get "dev_pid.qsd-$1")" 5
 }
 
 h_vdpa_state() {

@@ -1,5 +1,6 @@
 """Unit tests of the bench library's parsers and statistics."""
 
+import io
 import json
 import unittest
 from pathlib import Path
@@ -18,6 +19,24 @@ class SectionsTest(unittest.TestCase):
 
     def test_no_marker_no_sections(self):
         self.assertEqual(testhost.sections("a\nb\n"), {})
+
+
+class TeeTest(unittest.TestCase):
+    def test_stderr_is_shown_live_and_kept_apart_from_stdout(self):
+        live = io.StringIO()
+        r = testhost.run_teeing_stderr(
+            ["sh", "-c", "echo out1; echo err1 >&2; echo out2; echo err2 >&2; exit 3"], live=live)
+        self.assertEqual(r.returncode, 3)
+        self.assertEqual(r.stdout, "out1\nout2\n")
+        self.assertEqual(r.stderr, "err1\nerr2\n")
+        self.assertEqual(live.getvalue(), "err1\nerr2\n")
+
+    def test_a_large_stdout_does_not_block_stderr(self):
+        r = testhost.run_teeing_stderr(
+            ["sh", "-c", "head -c 300000 /dev/zero | tr '\\0' x; head -c 300000 /dev/zero | tr '\\0' y >&2"],
+            live=io.StringIO())
+        self.assertEqual(len(r.stdout), 300000)
+        self.assertEqual(len(r.stderr), 300000)
 
 
 class StatsTest(unittest.TestCase):
