@@ -199,6 +199,25 @@ def iterations(output):
     return out
 
 
+def shared_outcomes(text, status, count):
+    """[(ok, cause, hang, text)] of the runs one shared test host of `count`
+    runs took to a result, in order. The last run reached carries the test
+    host's exit status; a host that ended early is not asked for the runs it
+    never reached (the caller gives them a new host). A host that reached
+    none still accounts for one run, so a caller's loop always advances."""
+    per = iterations(text)
+    if not per:
+        reason = TESTBED_EXITS.get(status) or f"exit {status}"
+        return [(False, "not reached: " + reason, status in HANG_EXITS, text)]
+    out = []
+    last = max(per)
+    for k in range(min(last + 1, count)):
+        part = per.get(k, "")
+        ok, cause, hang = classify(part, status if k == last else None)
+        out.append((ok, cause, hang, part))
+    return out
+
+
 def summary(records):
     """Per (scenario, vmm, host): runs, failures, hangs and causes."""
     groups = {}

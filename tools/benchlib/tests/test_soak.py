@@ -59,6 +59,23 @@ class IterationsTest(unittest.TestCase):
         self.assertEqual(it[1], "b\n")
 
 
+class SharedOutcomesTest(unittest.TestCase):
+    def test_a_host_lost_midway_fails_the_run_it_was_in_and_leaves_the_rest(self):
+        out = "@@soak-iter 0\n@@soak ok\n@@soak-iter 1\n@@soak ok\n@@soak-iter 2\nhalf\n"
+        got = soak.shared_outcomes(out, 104, 5)
+        self.assertEqual([g[:2] for g in got], [(True, None), (True, None),
+                                                (False, "test host reset or QEMU died")])
+
+    def test_a_host_that_finished_accounts_for_every_run(self):
+        out = "@@soak-iter 0\n@@soak ok\n@@soak-iter 1\n@@soak ok\n"
+        self.assertEqual([g[0] for g in soak.shared_outcomes(out, 0, 2)], [True, True])
+
+    def test_a_host_that_never_came_up_still_accounts_for_one_run(self):
+        got = soak.shared_outcomes("qemu: boom\n", 101, 3)
+        self.assertEqual(len(got), 1)
+        self.assertEqual(got[0][1], "not reached: test host did not come up")
+
+
 class SummaryTest(unittest.TestCase):
     def test_counts_runs_failures_hangs_and_causes(self):
         rec = lambda ok, cause=None, hang=False: {"scenario": "demo", "vmm": "microvm", "host": "fresh",
