@@ -65,16 +65,9 @@ run_vm() {{
   # Rebuilds before drains: every rebuild seen here was counted by then.
   echo "@@section $name-rebuilds-1"; rebuilds $mark
   echo "@@section $name-counters-1"; h_ctl counters
-  # A consistent snapshot: the device's dump taken between two identical
-  # answers of info (the guest may still map or unmap a buffer now and then).
-  for try in 1 2 3 4 5 6 7 8; do
-    h_ctl info >/tmp/info-a; cp /tmp/iotlb /tmp/iotlb-snap
-    h_ctl info >/tmp/info-b
-    cmp -s /tmp/info-a /tmp/info-b && break
-    sleep 0.5
-  done
+  h_snapshot_between_infos /tmp/iotlb /tmp/iotlb-snap /tmp/info || fail "$name: info"
   echo "@@section $name-iotlb-1"; cat /tmp/iotlb-snap
-  echo "@@section $name-info-1"; cat /tmp/info-a
+  echo "@@section $name-info-1"; cat /tmp/info
   echo "@@section $name-sink"; cat /tmp/sink.out
   if [ "$name" = passthrough ]; then
     echo "@@section $name-resize"; h_ctl memory-resize 256M --timeout 120

@@ -38,6 +38,8 @@
 #                                of a raw IMAGE as vdpa device NAME; prints
 #                                /dev/vhost-vdpa-N
 #   h_qsd_stop NAME              delete the device, end the daemon
+#   h_snapshot_between_infos FILE COPY INFO  a copy of FILE taken between
+#                                two identical answers of `info` (kept in INFO)
 #   h_fail STEP                  say what failed, show every tail, return 1
 #   h_diag                       every tail, the threads' states, the vDPA
 #                                parents and devices
@@ -300,6 +302,25 @@ h_ctl() {
 		return 1
 	fi
 	return $st
+}
+
+h_snapshot_between_infos() {
+	# h_snapshot_between_infos FILE COPY INFO: copies FILE (a device's IOTLB
+	# dump) to COPY between two identical answers of `h_ctl info`, kept in
+	# INFO, so the two agree although the guest may still map or unmap a
+	# buffer now and then; up to 8 tries, then the last pair is kept.
+	local try
+	try=0
+	while [ $try -lt 8 ]; do
+		h_ctl info >"$3.a" || return 1
+		cp "$1" "$2"
+		h_ctl info >"$3" || return 1
+		cmp -s "$3.a" "$3" && return 0
+		try=$((try + 1))
+		sleep 0.5
+	done
+	h_log "h_snapshot_between_infos: info still changing after 8 tries; keeping the last"
+	return 0
 }
 
 h_watchdog() {
