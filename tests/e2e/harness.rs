@@ -55,7 +55,7 @@ fn a_dead_device_fails_the_next_step_within_a_minute_and_says_why() {
     assert!(elapsed < 60, "the failure took {elapsed} s");
     let stderr = &run.raw.stderr;
     for part in [
-        "harness: FAILED: the guest to take 'go' on 192.0.2.2:5000",
+        "harness: FAILED: the guest to take 'go 1' on 192.0.2.2:5000",
         "---- guest console",
         "harness-guest-ready",
         "---- VMM stderr",
