@@ -8,6 +8,8 @@
 //! control queue is never started (a parent such as vdpa_sim_net keeps it in
 //! a group of its own; nothing is sent to it).
 
+pub mod ctrl;
+
 use super::super::VIRTIO_F_VERSION_1;
 use super::{DeviceProbe, VdpaError, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
