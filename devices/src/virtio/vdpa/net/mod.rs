@@ -8,6 +8,7 @@
 //! control queue is never started (a parent such as vdpa_sim_net keeps it in
 //! a group of its own; nothing is sent to it).
 
+pub mod control_queue;
 pub mod ctrl;
 
 use super::super::VIRTIO_F_VERSION_1;
