@@ -58,7 +58,10 @@ HOST_CPUS = {"viommu": 2}
 
 
 def _fail(step):
-    return f'{{ echo "@@soak fail {step}"; h_vmm_stop; exit 0; }}'
+    # The TCP sink goes too: left listening, it would hold the next VM's
+    # stream in its backlog and every later run would hang on it.
+    return (f'{{ echo "@@soak fail {step}"; h_vmm_stop; '
+            '[ -z "$SINK" ] || { kill $SINK; wait $SINK; } 2>/dev/null; exit 0; }')
 
 
 def _vmm_argv(vmm, scenario, guest_cmd, cmdline_extra=""):

@@ -104,3 +104,23 @@ class ScriptTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class FailedStepTest(unittest.TestCase):
+    def test_a_failed_step_stops_the_tcp_sink_so_the_next_vm_can_listen(self):
+        import subprocess
+        script = ("h_vmm_stop() { :; }\n"
+                  "sleep 300 & SINK=$!\n"
+                  "echo $SINK > \"$1\"\n"
+                  f"false || {soak._fail('lazy: stream and ping')}\n"
+                  "echo not reached\n")
+        import tempfile, os
+        with tempfile.NamedTemporaryFile() as pidfile:
+            p = subprocess.run(["sh", "-c", script, "sh", pidfile.name], capture_output=True,
+                               text=True, timeout=20)
+            pid = int(open(pidfile.name).read())
+        self.assertEqual(p.stdout, "@@soak fail lazy: stream and ping\n")
+        self.assertEqual(p.returncode, 0)
+        # Reaped by the script's wait: no such process any more.
+        with self.assertRaises(ProcessLookupError):
+            os.kill(pid, 0)
