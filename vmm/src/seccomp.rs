@@ -74,6 +74,9 @@ pub enum ThreadKind {
     /// The device query thread: asks the vhost-vdpa devices questions
     /// that are round trips to them (queue state), for the API.
     DeviceQuery,
+    /// A net device's control-queue worker: serves the guest's commands
+    /// and enables or disables the device's data queues.
+    NetControlWorker,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +224,9 @@ const MEMORY_WORKER_ONLY: &[Allowed] = &[
 /// its ioctls.
 const DEVICE_QUERY_ONLY: &[Allowed] = &[];
 
+/// A net control-queue worker waits on its queue.
+const NET_CONTROL_WORKER_ONLY: &[Allowed] = &[(libc::SYS_poll, &[]), (libc::SYS_ppoll, &[])];
+
 const VMM_ONLY: &[Allowed] = &[
     (libc::SYS_epoll_wait, &[]),
     (libc::SYS_epoll_pwait, &[]),
@@ -268,6 +274,9 @@ const VHOST_FROM_API: &[u64] = &[VHOST_VDPA_GET_STATUS];
 /// On each vhost-vdpa device, from the device query thread: queue state,
 /// a round trip to the device (VDUSE: to its userspace process).
 const VHOST_FROM_DEVICE_QUERY: &[u64] = &[VHOST_GET_VRING_BASE];
+/// On each vhost-vdpa device, from a net control-queue worker: the guest
+/// sets the queue pairs in use.
+const VHOST_FROM_NET_CONTROL: &[u64] = &[VHOST_VDPA_SET_VRING_ENABLE];
 /// On the VM, from the virtio-mem worker: plugged blocks get a memory slot
 /// of their own and unplugged ones lose it (guest-inaccessible unplug).
 const VM_FROM_MEMORY_WORKER: &[u64] = &[KVM_SET_USER_MEMORY_REGION];
@@ -318,6 +327,7 @@ fn ioctl_rules(kind: ThreadKind, fds: &FilterFds) -> Result<Vec<(RawFd, u64)>, &
         ThreadKind::MemoryWorker => on(fds.vm, VM_FROM_MEMORY_WORKER).collect(),
         ThreadKind::IommuWorker => Vec::new(),
         ThreadKind::DeviceQuery => on_vhost(VHOST_FROM_DEVICE_QUERY),
+        ThreadKind::NetControlWorker => on_vhost(VHOST_FROM_NET_CONTROL),
         ThreadKind::Vcpu => {
             let vcpu = fds
                 .vcpu
@@ -394,6 +404,7 @@ pub fn filter(kind: ThreadKind, fds: &FilterFds) -> Result<BpfProgram, SeccompEr
         ThreadKind::MemoryWorker => MEMORY_WORKER_ONLY,
         ThreadKind::IommuWorker => IOMMU_WORKER_ONLY,
         ThreadKind::DeviceQuery => DEVICE_QUERY_ONLY,
+        ThreadKind::NetControlWorker => NET_CONTROL_WORKER_ONLY,
         ThreadKind::Vcpu => VCPU_ONLY,
     };
     add(&mut rules, COMMON).map_err(|e| error(&e))?;
@@ -650,13 +661,14 @@ mod tests {
         drop(owned);
     }
 
-    const EVERY_KIND: [ThreadKind; 6] = [
+    const EVERY_KIND: [ThreadKind; 7] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Api,
         ThreadKind::MemoryWorker,
         ThreadKind::IommuWorker,
         ThreadKind::DeviceQuery,
+        ThreadKind::NetControlWorker,
     ];
 
     /// Meaningful in the (default) debug test build, where the drop calls
@@ -806,7 +818,11 @@ mod tests {
 
     #[test]
     fn device_workers_may_not_issue_terminal_ioctls() {
-        for kind in [ThreadKind::MemoryWorker, ThreadKind::IommuWorker] {
+        for kind in [
+            ThreadKind::MemoryWorker,
+            ThreadKind::IommuWorker,
+            ThreadKind::NetControlWorker,
+        ] {
             let (status, output) = in_filtered_child(kind, terminal_ioctl);
             assert_eq!(output, b"alive", "{kind:?}");
             assert_killed_by_sigsys(status);
@@ -951,6 +967,27 @@ mod tests {
         assert!(!allows(kind, &fds, fds.vm, VHOST_GET_VRING_BASE));
         assert!(!allows(kind, &fds, fds.vm, KVM_SET_GSI_ROUTING));
         assert!(!allows(kind, &fds, files.vcpu.as_raw_fd(), KVM_RUN));
+    }
+
+    #[test]
+    fn the_net_control_worker_may_only_enable_vrings_on_vhost_devices() {
+        use std::os::fd::AsRawFd;
+        let files = Files::open();
+        let fds = files.fds();
+        let kind = ThreadKind::NetControlWorker;
+        let every_vhost_request = VHOST_FROM_VCPU.iter().chain(VHOST_FROM_API);
+        for vhost in &fds.vhost {
+            for &request in every_vhost_request.clone() {
+                assert_eq!(
+                    allows(kind, &fds, *vhost, request),
+                    request == VHOST_VDPA_SET_VRING_ENABLE,
+                    "{request:#x} on {vhost}"
+                );
+            }
+        }
+        let dup = files.dup.as_raw_fd();
+        assert!(!allows(kind, &fds, dup, VHOST_VDPA_SET_VRING_ENABLE));
+        assert!(!allows(kind, &fds, fds.vm, KVM_SET_GSI_ROUTING));
     }
 
     #[test]

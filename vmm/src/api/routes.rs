@@ -147,6 +147,42 @@ fn iommu_counters(state: &ApiState) -> Value {
     })
 }
 
+/// Who serves a net device's control queue, and the net state it keeps.
+fn control_queue(info: &devices::virtio::vdpa::VdpaInfo) -> Value {
+    let Some(control) = &info.control else {
+        return match info.kind {
+            DeviceKind::Net => json!({ "mode": "not offered to the guest" }),
+            DeviceKind::Block => Value::Null,
+        };
+    };
+    let state = &control.state;
+    let mac = |m: &[u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    json!({
+        "mode": control.mode,
+        "queue_pairs": state.queue_pairs,
+        "mac": state.mac.as_ref().map(mac),
+        "rx": {
+            "promisc": state.rx.promisc,
+            "allmulti": state.rx.allmulti,
+            "alluni": state.rx.alluni,
+            "nomulti": state.rx.nomulti,
+            "nouni": state.rx.nouni,
+            "nobcast": state.rx.nobcast,
+        },
+        "unicast": state.unicast.iter().map(mac).collect::<Vec<_>>(),
+        "multicast": state.multicast.iter().map(mac).collect::<Vec<_>>(),
+        "vlans": state.vlans,
+        "guest_offloads": state.guest_offloads.map(hex),
+        "commands": state.commands,
+        "refused": state.refused,
+    })
+}
+
 fn net_info(net: &VdpaStatus) -> Value {
     let info = &net.info;
     let (iotlb, iotlb_omitted) = listed(&net.iotlb, mapping);
@@ -189,6 +225,7 @@ fn net_info(net: &VdpaStatus) -> Value {
         "queues": info.queues,
         "queue_max_size": info.queue_max_size,
         "block": block,
+        "control_queue": control_queue(info),
         "address_space": net.address_space,
         "iotlb": iotlb,
         "iotlb_omitted": iotlb_omitted,
@@ -591,6 +628,7 @@ mod tests {
                 queues: 1,
                 readonly: false,
             }),
+            control: None,
         };
         let value = net_info(&vdpa_status(info));
         assert_eq!(value["type"], "block");

@@ -16,6 +16,9 @@ pub const MIN_MEMORY_BYTES: u64 = 64 << 20;
 pub const MAX_CMDLINE_LEN: usize = 2047;
 /// APIC IDs must fit in the 8-bit xAPIC ID of the MADT entries we emit.
 pub const MAX_VCPUS: u8 = 254;
+/// Most queue pairs one net device may get: a vector per queue, and far
+/// more than a microVM's vCPUs can drive.
+pub const MAX_QUEUE_PAIRS: u16 = 16;
 
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 pub const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
@@ -89,10 +92,10 @@ pub enum ConfigError {
         suggested: Size,
     },
     #[error(
-        "--net vdpa={path},queues={queue_pairs}: only queues=1 is supported (multiqueue needs \
-         a control queue, not modelled yet)"
+        "--net vdpa={path},queues={queue_pairs}: at most {MAX_QUEUE_PAIRS} queue pairs are \
+         supported"
     )]
-    MultiqueueUnsupported { path: PathBuf, queue_pairs: u16 },
+    TooManyQueuePairs { path: PathBuf, queue_pairs: u16 },
     #[error("kernel command line is {len} bytes; the guest kernel accepts at most {max}")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("cannot read {what} '{path}': {reason}")]
@@ -475,8 +478,8 @@ impl VmmConfig {
         check_vcpus(u64::from(self.vcpus), limits)?;
         // What the devices accept, too: nothing may be refused once KVM and
         // guest memory exist.
-        if let Some(net) = self.net.iter().find(|n| n.queue_pairs != 1) {
-            return Err(ConfigError::MultiqueueUnsupported {
+        if let Some(net) = self.net.iter().find(|n| n.queue_pairs > MAX_QUEUE_PAIRS) {
+            return Err(ConfigError::TooManyQueuePairs {
                 path: net.vdpa_path.clone(),
                 queue_pairs: net.queue_pairs,
             });
@@ -803,17 +806,17 @@ mod tests {
     }
 
     #[test]
-    fn multiqueue_is_refused_before_kvm_is_touched() {
+    fn too_many_queue_pairs_are_refused_before_kvm_is_touched() {
         let mut config = config_with(1, 256 << 20, "/proc/self/exe");
         config.net = vec![
-            parse_net("vdpa=/a").unwrap(),
-            parse_net("vdpa=/b,queues=2").unwrap(),
+            parse_net("vdpa=/a,queues=16").unwrap(),
+            parse_net("vdpa=/b,queues=17").unwrap(),
         ];
         assert_eq!(
             config.validate(&LIMITS),
-            Err(ConfigError::MultiqueueUnsupported {
+            Err(ConfigError::TooManyQueuePairs {
                 path: "/b".into(),
-                queue_pairs: 2
+                queue_pairs: 17
             })
         );
         config.net.pop();

@@ -170,7 +170,16 @@ impl DeviceManager {
                 DeviceKind::Block => format!("blk{n}"),
             }
         };
-        let handle = vdpa::add_vdpa(request, name, &ram, &spaces, memlock, self.wiring())?;
+        let seccomp_fds = self.use_seccomp.then(|| self.filter_fds());
+        let handle = vdpa::add_vdpa(
+            request,
+            name,
+            &ram,
+            seccomp_fds,
+            &spaces,
+            memlock,
+            self.wiring(),
+        )?;
         self.vdpa.push(handle);
         Ok(())
     }

@@ -24,7 +24,9 @@ use super::lock;
 use super::memlock::MemlockStatus;
 use super::pci::{plug_virtio, PciWiring, PlugError, Plugged};
 use crate::config::{NetConfig, VdpaDeviceConfig};
+use crate::seccomp::{self, FilterFds, ThreadKind};
 use crate::vstate::memory::GuestRam;
+use devices::dma::GuestTranslate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VdpaSetupError {
@@ -45,6 +47,12 @@ pub enum VdpaSetupError {
     },
     #[error(transparent)]
     Plug(#[from] PlugError),
+    #[error("{option}{}: cannot start its control-queue worker: {reason}", path.display())]
+    ControlQueue {
+        option: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 pub type VdpaPciDevice = VirtioPciDevice<VdpaDevice>;
@@ -130,7 +138,8 @@ impl VdpaRequest {
 pub fn add_vdpa(
     request: &VdpaRequest,
     name: impl FnOnce(DeviceKind) -> String,
-    ram: &GuestRam,
+    ram: &Arc<GuestRam>,
+    seccomp_fds: Option<FilterFds>,
     spaces: &SharedSpaces,
     memlock: &MemlockStatus,
     wiring: PciWiring<'_>,
@@ -145,6 +154,15 @@ pub fn add_vdpa(
     })?;
     let kind = device.kind();
     let id = name(kind);
+    if device.wants_control_queue() {
+        serve_control_queue(&mut device, ram, seccomp_fds).map_err(|reason| {
+            VdpaSetupError::ControlQueue {
+                option: request.option,
+                path: config.path.clone(),
+                reason,
+            }
+        })?;
+    }
     let map_error = |source: SpaceError| VdpaSetupError::Map {
         option: request.option,
         path: config.path.clone(),
@@ -188,6 +206,30 @@ pub fn add_vdpa(
         control_fd,
         queries,
     })
+}
+
+/// Starts the worker of the guest's control queue, under a filter that
+/// lets it enable vrings on its own device (when seccomp is on).
+fn serve_control_queue(
+    device: &mut VdpaDevice,
+    ram: &Arc<GuestRam>,
+    seccomp_fds: Option<FilterFds>,
+) -> Result<(), String> {
+    let filter = match seccomp_fds {
+        Some(mut fds) => {
+            fds.vhost.push(device.control_fd());
+            Some(seccomp::filter(ThreadKind::NetControlWorker, &fds).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
+    let install = Box::new(move || match filter {
+        Some(filter) => seccomp::apply(&filter).map_err(|e| e.to_string()),
+        None => Ok(()),
+    });
+    let translate: Arc<dyn GuestTranslate> = ram.clone();
+    device
+        .serve_control_queue(Arc::new(ram.memory.clone()), translate, install)
+        .map_err(|e| e.to_string())
 }
 
 /// When an UPDATE was refused and the memlock limit is below what a PA

@@ -60,9 +60,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use super::*;
+use crate::dma::GuestTranslate;
 use crate::dma::{DmaCounters, DmaMapper, DmaRange, DmaSpaces, SharedSpaces, VhostVdpaIotlb};
+use crate::virtio::queue_worker::{QueueWorker, Serve};
 use block::{BlockLayer, BlockOptions};
-use net::{NetLayer, NetOptions};
+use net::control_queue::{lock_state, ControlServer, SharedNetState, VringEnable};
+use net::ctrl::{control_queue_index, ControlLimits, ControlMode, NetState};
+use net::{NetLayer, NetOptions, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ};
 
 pub const VIRTIO_ID_NET: u32 = 1;
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -161,8 +165,13 @@ pub enum VdpaError {
         what: &'static str,
         source: vhost::Error,
     },
-    #[error("{requested} queue pairs requested (the device offers {offered}); this VMM drives one pair: multiqueue needs the control queue, not modelled yet")]
+    #[error("{requested} queue pairs requested; the device offers {offered}")]
     Queues { requested: u16, offered: u16 },
+    #[error(
+        "{requested} queue pairs requested, but the device has a control queue of its own, \
+         which this VMM does not forward yet: such a device drives one pair (queues=1)"
+    )]
+    OwnControlQueue { requested: u16 },
     #[error("the device reports {count} queues; at least 1 and at most {max} are supported")]
     BadQueueCount { count: u32, max: u32 },
     #[error("the guest needs {needed} virtqueues but the device has {has}")]
@@ -192,6 +201,8 @@ pub enum VdpaError {
     Dup(std::io::Error),
     #[error("the device refused the features the driver chose")]
     FeaturesRefused,
+    #[error("the control queue: {0}")]
+    Control(String),
 }
 
 /// How the device's IOVAs relate to guest addresses; decided once, where
@@ -342,13 +353,18 @@ pub fn negotiate(config: &VdpaConfig, probe: &DeviceProbe) -> Result<VdpaState, 
         }
     };
     let queue_count = match &layer {
-        Layer::Net(_) => NetLayer::QUEUES,
+        Layer::Net(net) => net.queue_count(),
         Layer::Block(block) => block.queues,
     };
+    // A control queue the VMM serves is not the device's.
+    let device_queues = match &layer {
+        Layer::Net(net) if net.control.is_some() => queue_count.saturating_sub(1),
+        _ => queue_count,
+    };
     if let Some(has) = probe.virtqueues {
-        if has < u32::from(queue_count) {
+        if has < u32::from(device_queues) {
             return Err(VdpaError::TooFewVirtqueues {
-                needed: queue_count,
+                needed: device_queues,
                 has,
             });
         }
@@ -473,6 +489,8 @@ pub struct VdpaInfo {
     pub mappings: Vec<DmaRange>,
     /// What a block device's config said at open.
     pub block: Option<BlockLayer>,
+    /// A net device's control queue, where the VMM serves it.
+    pub control: Option<ControlReport>,
 }
 
 /// Per-queue state the device reports: where the ring is and how far the
@@ -540,6 +558,22 @@ pub struct VdpaDevice {
     spaces: Option<(SharedSpaces, String)>,
     /// Stand-in call fd for queues the guest left without a vector.
     no_interrupt: EventFd,
+    /// The guest's control queue, where the VMM serves it.
+    control: Option<ControlQueue>,
+}
+
+/// The VMM-served control queue: its worker and the net state it keeps.
+struct ControlQueue {
+    mode: ControlMode,
+    worker: QueueWorker<ControlServer<VringEnable>>,
+    state: SharedNetState,
+}
+
+/// What `info` says of a net device's control queue.
+#[derive(Clone, Debug)]
+pub struct ControlReport {
+    pub mode: &'static str,
+    pub state: NetState,
 }
 
 /// Asks the kernel what the device is (before anything is negotiated).
@@ -638,7 +672,70 @@ impl VdpaDevice {
             mapper: Arc::new(Mutex::new(mapper)),
             spaces: None,
             no_interrupt: EventFd::new(EFD_NONBLOCK).map_err(VdpaError::Dup)?,
+            control: None,
         })
+    }
+
+    /// Whether the guest gets a control queue the VMM serves (call
+    /// [`VdpaDevice::serve_control_queue`] before the guest runs).
+    pub fn wants_control_queue(&self) -> bool {
+        matches!(&self.state.layer, Layer::Net(net) if net.control.is_some())
+    }
+
+    /// Starts the worker that serves the guest's control queue (on the
+    /// VMM thread: vCPU threads may not create threads). `on_start` runs
+    /// first on it (its seccomp filter). Buffers are read and written only
+    /// where `translate` says the guest has RAM now.
+    pub fn serve_control_queue(
+        &mut self,
+        memory: Arc<GuestMemoryMmap>,
+        translate: Arc<dyn GuestTranslate>,
+        on_start: Box<dyn FnOnce() -> Result<(), String> + Send>,
+    ) -> std::io::Result<()> {
+        let Layer::Net(NetLayer {
+            control: Some(mode),
+            ..
+        }) = &self.state.layer
+        else {
+            return Ok(());
+        };
+        let state = SharedNetState::default();
+        let queues = VringEnable {
+            fd: self.vhost.as_raw_fd(),
+        };
+        let server = ControlServer::new(state.clone(), queues, translate);
+        let worker = QueueWorker::spawn("net-control", memory, server, on_start)?;
+        self.control = Some(ControlQueue {
+            mode: *mode,
+            worker,
+            state,
+        });
+        Ok(())
+    }
+
+    /// The control queue's mode and the net state, where the VMM serves it.
+    pub fn control_report(&self) -> Option<ControlReport> {
+        self.control.as_ref().map(|c| ControlReport {
+            mode: c.mode.name(),
+            state: lock_state(&c.state).clone(),
+        })
+    }
+
+    /// The index of the control queue the VMM serves under `features`, if
+    /// the guest negotiated it, and the device's data queue pairs.
+    fn control_queue(&self, features: u64) -> Option<(u16, u16)> {
+        let Layer::Net(net) = &self.state.layer else {
+            return None;
+        };
+        self.control.as_ref()?;
+        if features & VIRTIO_NET_F_CTRL_VQ == 0 {
+            return None;
+        }
+        let pairs = match features & VIRTIO_NET_F_MQ {
+            0 => 1,
+            _ => net.queue_pairs,
+        };
+        Some((control_queue_index(features, net.queue_pairs), pairs))
     }
 
     /// What is known about the device (plain data).
@@ -718,6 +815,7 @@ impl VdpaDevice {
                 Layer::Block(block) => Some(*block),
                 Layer::Net(_) => None,
             },
+            control: self.control_report(),
         }
     }
 
@@ -765,7 +863,15 @@ impl VdpaDevice {
         if status & STATUS_FEATURES_OK == 0 {
             return Err(VdpaError::FeaturesRefused);
         }
-        for (queue, kick) in activation.queues.iter().zip(&activation.kicks) {
+        let control = self.control_queue(activation.features);
+        let is_control = |q: &QueueConfig| control.is_some_and(|(index, _)| q.index == index);
+        let data: Vec<(&QueueConfig, &EventFd)> = activation
+            .queues
+            .iter()
+            .zip(&activation.kicks)
+            .filter(|(q, _)| !is_control(q))
+            .collect();
+        for &(queue, kick) in &data {
             let index = usize::from(queue.index);
             self.vhost
                 .set_vring_num(index, queue.size)
@@ -788,17 +894,67 @@ impl VdpaDevice {
                 .map_err(|e| fail("VHOST_VDPA_SET_CONFIG_CALL", e))?;
         }
         // Every vring is enabled before DRIVER_OK, which every parent
-        // accepts (ENABLE_AFTER_DRIVER_OK is not needed, so not acked).
-        for queue in &activation.queues {
+        // accepts (ENABLE_AFTER_DRIVER_OK is not needed, so not acked);
+        // with a control queue, only the first pair's until the guest asks
+        // for more (the device must not use the others before).
+        for &(queue, _) in &data {
+            let on = control.is_none() || queue.index < 2;
             self.vhost
-                .set_vring_enable(usize::from(queue.index), true)
+                .set_vring_enable(usize::from(queue.index), on)
                 .map_err(|e| fail("VHOST_VDPA_SET_VRING_ENABLE", e))?;
         }
         self.vhost
             .set_status(base | STATUS_FEATURES_OK | STATUS_DRIVER_OK)
             .map_err(|e| fail("set DRIVER_OK", e))?;
-        self.state.active = activation.queues.clone();
+        self.state.active = data.iter().map(|(q, _)| **q).collect();
+        if let Some((index, max_pairs)) = control {
+            self.serve_control(activation, index, max_pairs)?;
+        }
         Ok(())
+    }
+
+    /// Hands the guest's control queue to the worker, once the device runs.
+    fn serve_control(
+        &mut self,
+        activation: &Activation,
+        index: u16,
+        max_pairs: u16,
+    ) -> Result<(), VdpaError> {
+        let Some(control) = &self.control else {
+            return Ok(());
+        };
+        let position = activation.queues.iter().position(|q| q.index == index);
+        let Some((queue, kick)) = position.and_then(|p| {
+            let queue = activation.queues.get(p)?;
+            Some((queue, activation.kicks.get(p)?))
+        }) else {
+            // The driver negotiated the control queue but did not enable
+            // it: it cannot send commands, so one pair stays in use.
+            return Ok(());
+        };
+        let gone = |e: crate::virtio::queue_worker::WorkerError| VdpaError::Control(e.to_string());
+        let ring = queue
+            .to_queue(self.state.queue_max_size)
+            .map_err(|e| VdpaError::Control(format!("queue {index}: {e}")))?;
+        let kick = kick.try_clone().map_err(VdpaError::Dup)?;
+        let limits = ControlLimits {
+            negotiated: activation.features,
+            max_pairs,
+            mode: control.mode,
+        };
+        control
+            .worker
+            .call(move |server| server.activate(limits))
+            .map_err(gone)?;
+        control
+            .worker
+            .serve(Serve {
+                queue: ring,
+                index,
+                kick,
+                interrupt: activation.interrupt.clone(),
+            })
+            .map_err(gone)
     }
 }
 
@@ -870,6 +1026,11 @@ impl VirtioDevice for VdpaDevice {
     }
 
     fn reset(&mut self) {
+        // The control queue first: no enable may reach the device after
+        // its reset, nor the worker touch the old rings.
+        if let Some(control) = &self.control {
+            let _ = control.worker.stop();
+        }
         let _ = self.vhost.set_status(0);
         self.state.active.clear();
         self.state.resets += 1;

@@ -2,17 +2,22 @@
 //! device's features the guest may see, how many queues it gets, and the
 //! MAC the user may put over the device's own.
 //!
-//! The control queue (VIRTIO_NET_F_CTRL_VQ and everything that needs it:
-//! MQ, CTRL_MAC_ADDR, CTRL_RX, ...) stays hidden from the guest until the
-//! VMM models it: the guest then drives one queue pair, and the device's
-//! control queue is never started (a parent such as vdpa_sim_net keeps it in
-//! a group of its own; nothing is sent to it).
+//! Multiqueue (`queues=N`, N > 1) needs a control queue: the guest sets the
+//! number of pairs in use with VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET. For a device
+//! without a control queue of its own (VDUSE refuses one for net devices)
+//! the VMM serves the guest's ([`control_queue`]) and applies the pair count
+//! by enabling the device's data queues. A device with its own control
+//! queue keeps it hidden, and so one pair: forwarding through it in a
+//! second address space is not built yet. With one pair the control queue
+//! and everything that needs it stay hidden (the VMM could honour nothing
+//! on it alone).
 
 pub mod control_queue;
 pub mod ctrl;
 
 use super::super::VIRTIO_F_VERSION_1;
 use super::{DeviceProbe, VdpaError, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use ctrl::ControlMode;
 
 pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
 pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
@@ -69,20 +74,43 @@ pub struct NetOptions {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetLayer {
     pub mac: Option<[u8; 6]>,
+    /// Data queue pairs the guest is offered.
+    pub queue_pairs: u16,
+    /// Who serves the guest's control queue; `None`: it is not offered.
+    pub control: Option<ControlMode>,
 }
 
 impl NetLayer {
-    /// Queues the guest sees: one pair (multiqueue needs the control queue).
-    pub const QUEUES: u16 = 2;
-
     pub fn new(options: &NetOptions, probe: &DeviceProbe) -> Result<NetLayer, VdpaError> {
-        if options.queue_pairs > 1 {
-            return Err(VdpaError::Queues {
-                requested: options.queue_pairs,
-                offered: offered_pairs(probe),
-            });
+        let pairs = options.queue_pairs.max(1);
+        let offered = offered_pairs(probe);
+        let control = match pairs {
+            1 => None,
+            _ if probe.device_features & VIRTIO_NET_F_CTRL_VQ != 0 => {
+                return Err(VdpaError::OwnControlQueue { requested: pairs })
+            }
+            _ if pairs > offered => {
+                return Err(VdpaError::Queues {
+                    requested: pairs,
+                    offered,
+                })
+            }
+            _ => Some(ControlMode::VmmOnly),
+        };
+        Ok(NetLayer {
+            mac: options.mac,
+            queue_pairs: pairs,
+            control,
+        })
+    }
+
+    /// Queues the guest sees: the data queues, and the control queue when
+    /// the VMM serves one.
+    pub fn queue_count(&self) -> u16 {
+        match self.control {
+            Some(_) => self.queue_pairs.saturating_mul(2).saturating_add(1),
+            None => 2,
         }
-        Ok(NetLayer { mac: options.mac })
     }
 
     /// What the guest is offered of the device's features (ACCESS_PLATFORM
@@ -92,20 +120,38 @@ impl NetLayer {
             Some(_) => VIRTIO_NET_F_MAC,
             None => 0,
         };
-        (device_features & GUEST_VISIBLE_FEATURES) | mac
+        let control = match self.control {
+            Some(_) => VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_MQ,
+            None => 0,
+        };
+        (device_features & GUEST_VISIBLE_FEATURES) | mac | control
     }
 
-    /// Puts the user's MAC over what the device's config space said.
+    /// Puts the user's MAC, and the pairs offered, over what the device's
+    /// config space said.
     pub fn overlay_config(&self, offset: u64, data: &mut [u8]) {
-        let Some(mac) = self.mac else {
-            return;
-        };
-        for (i, byte) in data.iter_mut().enumerate() {
-            let at = u64::try_from(i).ok().and_then(|i| offset.checked_add(i));
-            if let Some(m) = at.and_then(|at| at.checked_sub(CONFIG_MAC)) {
-                if let Some(value) = usize::try_from(m).ok().and_then(|m| mac.get(m)) {
-                    *byte = *value;
-                }
+        if let Some(mac) = self.mac {
+            overlay(offset, data, CONFIG_MAC, &mac);
+        }
+        if self.control.is_some() {
+            overlay(
+                offset,
+                data,
+                CONFIG_MAX_VQ_PAIRS as u64,
+                &self.queue_pairs.to_le_bytes(),
+            );
+        }
+    }
+}
+
+/// Writes the bytes of the field `value` at config offset `field` into the
+/// guest's read of `data` at `offset`, where they overlap.
+fn overlay(offset: u64, data: &mut [u8], field: u64, value: &[u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        let at = u64::try_from(i).ok().and_then(|i| offset.checked_add(i));
+        if let Some(m) = at.and_then(|at| at.checked_sub(field)) {
+            if let Some(v) = usize::try_from(m).ok().and_then(|m| value.get(m)) {
+                *byte = *v;
             }
         }
     }
@@ -114,10 +160,9 @@ impl NetLayer {
 /// Offset of `max_virtqueue_pairs` in struct virtio_net_config.
 const CONFIG_MAX_VQ_PAIRS: usize = 8;
 
-/// Queue pairs the device says it has (for the error message only).
+/// Queue pairs the device says it has: max_virtqueue_pairs with MQ.
 fn offered_pairs(probe: &DeviceProbe) -> u16 {
-    let mq = VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ;
-    if probe.device_features & mq != mq {
+    if probe.device_features & VIRTIO_NET_F_MQ == 0 {
         return 1;
     }
     probe
@@ -145,7 +190,11 @@ mod tests {
 
     #[test]
     fn the_control_queue_and_what_needs_it_stay_hidden() {
-        let layer = NetLayer { mac: None };
+        let layer = NetLayer {
+            mac: None,
+            queue_pairs: 1,
+            control: None,
+        };
         let offered = VDPA_SIM_NET | VIRTIO_NET_F_MQ | (1 << 34); // + RING_PACKED
         let guest = layer.guest_features(offered);
         assert_eq!(
@@ -160,7 +209,11 @@ mod tests {
     #[test]
     fn a_user_mac_is_offered_and_read_over_the_devices_own() {
         let mac = [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc];
-        let layer = NetLayer { mac: Some(mac) };
+        let layer = NetLayer {
+            mac: Some(mac),
+            queue_pairs: 1,
+            control: None,
+        };
         let guest = layer.guest_features(VIRTIO_F_VERSION_1);
         assert_eq!(guest, VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC);
         // The whole config: MAC replaced, status (offset 6) kept.
@@ -180,7 +233,7 @@ mod tests {
     }
 
     #[test]
-    fn more_than_one_queue_pair_is_refused_with_what_the_device_offers() {
+    fn a_device_with_its_own_control_queue_drives_one_pair() {
         let mut config = vec![0u8; 12];
         config[CONFIG_MAX_VQ_PAIRS] = 4;
         let probe = DeviceProbe {
@@ -194,19 +247,101 @@ mod tests {
         };
         let error = NetLayer::new(&options, &probe).unwrap_err();
         assert!(
-            matches!(
-                error,
-                VdpaError::Queues {
-                    requested: 2,
-                    offered: 4
-                }
-            ),
+            matches!(error, VdpaError::OwnControlQueue { requested: 2 }),
             "{error:?}"
         );
         let one = NetOptions {
             queue_pairs: 1,
             ..options
         };
-        assert_eq!(NetLayer::new(&one, &probe).unwrap(), NetLayer { mac: None });
+        assert_eq!(
+            NetLayer::new(&one, &probe).unwrap(),
+            NetLayer {
+                mac: None,
+                queue_pairs: 1,
+                control: None
+            }
+        );
+    }
+
+    /// vduse-net --queues 4: MQ, four pairs, no control queue.
+    fn vduse_net(pairs: u16) -> DeviceProbe {
+        let mut config = vec![0u8; 12];
+        config[CONFIG_MAX_VQ_PAIRS..CONFIG_MAX_VQ_PAIRS + 2].copy_from_slice(&pairs.to_le_bytes());
+        DeviceProbe {
+            device_features: VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_MQ,
+            config,
+            ..DeviceProbe::default()
+        }
+    }
+
+    #[test]
+    fn multiqueue_on_a_device_without_a_control_queue_is_served_by_the_vmm() {
+        let three = NetOptions {
+            mac: None,
+            queue_pairs: 3,
+        };
+        let layer = NetLayer::new(&three, &vduse_net(4)).unwrap();
+        assert_eq!(layer.control, Some(ControlMode::VmmOnly));
+        assert_eq!(layer.queue_count(), 7, "three pairs and the control queue");
+        let guest = layer.guest_features(vduse_net(4).device_features);
+        assert_eq!(
+            guest & (VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_MQ),
+            VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_MQ
+        );
+        // The guest reads the pairs it was given, not the device's four.
+        let mut config = [0u8; 12];
+        config[CONFIG_MAX_VQ_PAIRS] = 4;
+        layer.overlay_config(0, &mut config);
+        assert_eq!(
+            &config[CONFIG_MAX_VQ_PAIRS..CONFIG_MAX_VQ_PAIRS + 2],
+            &[3, 0]
+        );
+        let mut high = [0u8; 1];
+        layer.overlay_config(9, &mut high);
+        assert_eq!(high, [0]);
+
+        // More than the device has, or a device without MQ: refused.
+        let five = NetOptions {
+            queue_pairs: 5,
+            ..three.clone()
+        };
+        let error = NetLayer::new(&five, &vduse_net(4)).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                VdpaError::Queues {
+                    requested: 5,
+                    offered: 4
+                }
+            ),
+            "{error:?}"
+        );
+        let no_mq = DeviceProbe {
+            device_features: VIRTIO_F_VERSION_1,
+            ..vduse_net(4)
+        };
+        let error = NetLayer::new(&three, &no_mq).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                VdpaError::Queues {
+                    requested: 3,
+                    offered: 1
+                }
+            ),
+            "{error:?}"
+        );
+        // One pair: no control queue, two queues, as before.
+        let one = NetOptions {
+            queue_pairs: 1,
+            ..three
+        };
+        let layer = NetLayer::new(&one, &vduse_net(4)).unwrap();
+        assert_eq!((layer.control, layer.queue_count()), (None, 2));
+        assert_eq!(
+            layer.guest_features(vduse_net(4).device_features) & VIRTIO_NET_F_MQ,
+            0
+        );
     }
 }
