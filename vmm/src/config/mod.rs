@@ -96,6 +96,11 @@ pub enum ConfigError {
          supported"
     )]
     TooManyQueuePairs { path: PathBuf, queue_pairs: u16 },
+    #[error(
+        "--net vdpa={path},queues=N,iommu=on: multiqueue needs the VMM's control queue, which \
+         is not built behind the vIOMMU yet (use queues=1 or iommu=off)"
+    )]
+    MultiqueueBehindIommu { path: PathBuf },
     #[error("kernel command line is {len} bytes; the guest kernel accepts at most {max}")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("cannot read {what} '{path}': {reason}")]
@@ -478,6 +483,11 @@ impl VmmConfig {
         check_vcpus(u64::from(self.vcpus), limits)?;
         // What the devices accept, too: nothing may be refused once KVM and
         // guest memory exist.
+        if let Some(net) = self.net.iter().find(|n| n.queue_pairs > 1 && n.iommu) {
+            return Err(ConfigError::MultiqueueBehindIommu {
+                path: net.vdpa_path.clone(),
+            });
+        }
         if let Some(net) = self.net.iter().find(|n| n.queue_pairs > MAX_QUEUE_PAIRS) {
             return Err(ConfigError::TooManyQueuePairs {
                 path: net.vdpa_path.clone(),
@@ -821,6 +831,11 @@ mod tests {
         );
         config.net.pop();
         assert_eq!(config.validate(&LIMITS), Ok(()));
+        config.net = vec![parse_net("vdpa=/c,queues=2,iommu=on").unwrap()];
+        assert_eq!(
+            config.validate(&LIMITS),
+            Err(ConfigError::MultiqueueBehindIommu { path: "/c".into() })
+        );
     }
 
     #[test]

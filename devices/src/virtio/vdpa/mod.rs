@@ -203,6 +203,8 @@ pub enum VdpaError {
     FeaturesRefused,
     #[error("the control queue: {0}")]
     Control(String),
+    #[error("queues= above 1 needs a control queue the VMM serves, which is not built behind the vIOMMU yet: use iommu=off or queues=1")]
+    ControlBehindIommu,
 }
 
 /// How the device's IOVAs relate to guest addresses; decided once, where
@@ -356,6 +358,13 @@ pub fn negotiate(config: &VdpaConfig, probe: &DeviceProbe) -> Result<VdpaState, 
         Layer::Net(net) => net.queue_count(),
         Layer::Block(block) => block.queues,
     };
+    // The VMM reads the control queue's rings at guest physical
+    // addresses; behind the vIOMMU they would be IOVAs.
+    if matches!(&layer, Layer::Net(net) if net.control.is_some())
+        && config.translation == Translation::Iommu
+    {
+        return Err(VdpaError::ControlBehindIommu);
+    }
     // A control queue the VMM serves is not the device's.
     let device_queues = match &layer {
         Layer::Net(net) if net.control.is_some() => queue_count.saturating_sub(1),
