@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{Backend, Server};
 use crate::log;
-use crate::net::{self, DEVICE_FEATURES, NUM_QUEUES, QUEUE_MAX_SIZE, VIRTIO_ID_NET};
+use crate::net::{self, QUEUE_MAX_SIZE, VIRTIO_ID_NET};
 use crate::tap::{Tap, TapError};
 use crate::vduse::{self, Control, Device, VduseError};
 use vdpa_mgmt::netlink::NetlinkError;
@@ -36,6 +36,10 @@ pub struct Config {
     pub iotlb_dump: Option<PathBuf>,
     /// Refuse the Nth VDUSE_UPDATE_IOTLB request (fault injection).
     pub fail_iotlb: Option<u64>,
+    /// Queue pairs (1 to net::MAX_PAIRS).
+    pub queues: u16,
+    /// Where per-queue counters are written about once a second.
+    pub stats: Option<PathBuf>,
 }
 
 #[derive(Debug, Error)]
@@ -147,9 +151,13 @@ enum Phase {
     Done,
 }
 
+/// How often the server's tick runs (at most this long between two).
+const TICK_MS: libc::c_int = 100;
+
 fn poll_in(fds: &mut [libc::pollfd]) -> Result<(), AppError> {
     // SAFETY: poll reads and writes `fds.len()` pollfd structures in the slice we own.
-    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+    // A tick bounds every wait: queue readiness and --stats are looked at on it.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, TICK_MS) };
     if r < 0 {
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
@@ -177,23 +185,33 @@ pub fn run(cfg: Config) -> Result<(), AppError> {
     raise_nofile_limit();
 
     let backend = match &cfg.backend {
+        BackendConfig::Tap(ifname) if cfg.queues > 1 => {
+            let taps = Tap::create_multi(ifname, cfg.queues)?;
+            let name = taps
+                .first()
+                .map(|t| t.name().to_string())
+                .unwrap_or_default();
+            log(&format!("tap {name} is up with {} queues", taps.len()));
+            Backend::Tap(taps)
+        }
         BackendConfig::Tap(ifname) => {
             let t = Tap::create(ifname)?;
             log(&format!("tap {} is up", t.name()));
-            Backend::Tap(t)
+            Backend::Tap(vec![t])
         }
         BackendConfig::Loopback => Backend::Loopback,
     };
 
     let control = Control::open()?;
     control.set_api_version(vduse::API_VERSION)?;
+    let features = net::device_features(cfg.queues);
     let dev_config = vduse::encode_dev_config(
         &cfg.name,
         VIRTIO_ID_NET,
-        DEVICE_FEATURES,
-        u32::from(NUM_QUEUES),
+        features,
+        u32::from(cfg.queues) * 2,
         4096,
-        &net::net_config(cfg.mac),
+        &net::net_config(cfg.mac, cfg.queues),
     )?;
     control.create_dev(&dev_config).map_err(|e| match e {
         VduseError::Ioctl { source, .. } if source.raw_os_error() == Some(libc::EEXIST) => {
@@ -205,8 +223,9 @@ pub fn run(cfg: Config) -> Result<(), AppError> {
         e => e.into(),
     })?;
     log(&format!(
-        "created VDUSE device {} (features {DEVICE_FEATURES:#x}, mac {})",
+        "created VDUSE device {} (features {features:#x}, {} queue pairs, mac {})",
         cfg.name,
+        cfg.queues,
         cfg.mac
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -240,10 +259,17 @@ pub fn run(cfg: Config) -> Result<(), AppError> {
 
 fn serve(cfg: &Config, backend: Backend, sigfd: &OwnedFd) -> Result<(), AppError> {
     let dev = Device::open(&cfg.name, Duration::from_secs(5))?;
-    for i in 0..NUM_QUEUES {
-        dev.vq_setup(u32::from(i), QUEUE_MAX_SIZE)?;
+    for i in 0..u32::from(cfg.queues) * 2 {
+        dev.vq_setup(i, QUEUE_MAX_SIZE)?;
     }
-    let mut server = Server::new(dev, backend, cfg.iotlb_dump.clone(), cfg.fail_iotlb);
+    let mut server = Server::new(
+        dev,
+        backend,
+        cfg.queues,
+        cfg.iotlb_dump.clone(),
+        cfg.fail_iotlb,
+        cfg.stats.clone(),
+    );
     server.write_initial_dump();
 
     let done_ev = EventFd::new(EFD_NONBLOCK).map_err(|source| AppError::Os {
@@ -290,10 +316,8 @@ fn serve(cfg: &Config, backend: Backend, sigfd: &OwnedFd) -> Result<(), AppError
         ];
         let kicks = server.kick_fds();
         fds.extend(kicks.iter().map(|&(_, fd)| pfd(fd)));
-        let tap = server.tap_fd();
-        if let Some(fd) = tap {
-            fds.push(pfd(fd));
-        }
+        let taps = server.tap_fds();
+        fds.extend(taps.iter().map(|&(_, fd)| pfd(fd)));
         poll_in(&mut fds)?;
 
         if fds[0].revents != 0 {
@@ -369,10 +393,14 @@ fn serve(cfg: &Config, backend: Backend, sigfd: &OwnedFd) -> Result<(), AppError
                 server.on_kick(index);
             }
         }
-        if tap.is_some() && fds[3 + kicks.len()].revents != 0 {
-            server.on_tap();
+        for (k, &(pair, _)) in taps.iter().enumerate() {
+            if fds.get(3 + kicks.len() + k).is_some_and(|f| f.revents != 0) {
+                server.on_tap(pair);
+            }
         }
+        server.on_tick();
     }
+    server.write_stats();
     log(&server.stats_line());
     drop(server);
     match failure {

@@ -23,12 +23,13 @@
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::iotlb::Iotlb;
 use crate::log;
-use crate::net::{NetQueue, Stats, NUM_QUEUES, RX_QUEUE, TX_QUEUE, VIRTIO_CONFIG_S_DRIVER_OK};
+use crate::net::{queue_name, NetQueue, Stats, VIRTIO_CONFIG_S_DRIVER_OK};
 use crate::tap::Tap;
 use crate::vduse::{encode_response, Device, RequestKind, VduseError};
 
@@ -37,21 +38,28 @@ const PENDING_RX_MAX: usize = 256;
 /// Most changed IOTLB entries listed for one update.
 const LOG_ENTRIES_MAX: usize = 64;
 
+/// Where frames go: one TAP queue per queue pair, or each pair's TX
+/// looped back to its own RX.
 pub enum Backend {
-    Tap(Tap),
+    Tap(Vec<Tap>),
     Loopback,
 }
+
+/// How often vduse-net writes `--stats`.
+const STATS_EVERY: Duration = Duration::from_secs(1);
 
 struct RunningQueue {
     q: NetQueue,
     kick: EventFd,
 }
 
-/// A queue the driver had not enabled at DRIVER_OK. Newer VMMs (QEMU 10) enable the
-/// vrings after DRIVER_OK, and VDUSE does not tell the device when a vring becomes
-/// ready (it only flips the flag VDUSE_VQ_GET_INFO reports), so the queue gets its kick
-/// eventfd now and is re-read when a kick arrives: VDUSE forwards kicks only to ready
-/// queues, so the first kick means the driver has enabled it.
+/// A queue the driver had not enabled at DRIVER_OK, or disabled since. Newer VMMs
+/// (QEMU 10) enable the vrings after DRIVER_OK, and a VMM serving a multiqueue guest's
+/// control queue enables and disables the pairs in use; VDUSE does not tell the device
+/// when a vring's readiness changes (it only flips the flag VDUSE_VQ_GET_INFO reports),
+/// so the queue keeps its kick eventfd and is re-read when a kick arrives (VDUSE
+/// forwards kicks only to ready queues) and on every tick (an RX queue whose buffers
+/// were posted while it was disabled gets no new kick).
 struct WaitingQueue {
     kick: EventFd,
 }
@@ -64,45 +72,59 @@ pub struct Server {
     /// The VDUSE_UPDATE_IOTLB request to refuse (1-based), if any.
     fail_iotlb: Option<u64>,
     status: u8,
-    queues: [Option<RunningQueue>; NUM_QUEUES as usize],
-    waiting: [Option<WaitingQueue>; NUM_QUEUES as usize],
-    saved_avail: [u16; NUM_QUEUES as usize],
+    pairs: u16,
+    queues: Vec<Option<RunningQueue>>,
+    waiting: Vec<Option<WaitingQueue>>,
+    saved_avail: Vec<u16>,
+    /// Where a queue the driver disabled stopped: it resumes there.
+    resume_avail: Vec<Option<u16>>,
     backend: Backend,
-    pending_rx: VecDeque<Vec<u8>>,
+    /// Whether each pair's TAP queue is attached (multiqueue only).
+    tap_attached: Vec<bool>,
+    /// Frames waiting for each pair's RX buffers.
+    pending_rx: Vec<VecDeque<Vec<u8>>>,
     stats: Stats,
+    /// Frames and bytes per queue, for `--stats`.
+    queue_frames: Vec<u64>,
+    queue_bytes: Vec<u64>,
+    stats_path: Option<PathBuf>,
+    stats_written: Option<Instant>,
     last_error: Option<String>,
     /// The most entries, and bytes, the IOTLB held after any update.
     iotlb_entries_max: usize,
     iotlb_bytes_max: u64,
 }
 
-fn queue_name(i: u16) -> &'static str {
-    if i == RX_QUEUE {
-        "rx"
-    } else {
-        "tx"
-    }
-}
-
 impl Server {
     pub fn new(
         dev: Device,
         backend: Backend,
+        pairs: u16,
         dump: Option<PathBuf>,
         fail_iotlb: Option<u64>,
+        stats_path: Option<PathBuf>,
     ) -> Server {
+        let pairs = pairs.max(1);
+        let queues = usize::from(pairs) * 2;
         Server {
+            pairs,
+            queues: (0..queues).map(|_| None).collect(),
+            waiting: (0..queues).map(|_| None).collect(),
+            saved_avail: vec![0; queues],
+            resume_avail: vec![None; queues],
+            tap_attached: vec![true; usize::from(pairs)],
+            pending_rx: (0..pairs).map(|_| VecDeque::new()).collect(),
+            queue_frames: vec![0; queues],
+            queue_bytes: vec![0; queues],
+            stats_path,
+            stats_written: None,
             dev,
             iotlb: Iotlb::new(),
             dump,
             iotlb_updates: 0,
             fail_iotlb,
             status: 0,
-            queues: [None, None],
-            waiting: [None, None],
-            saved_avail: [0; NUM_QUEUES as usize],
             backend,
-            pending_rx: VecDeque::new(),
             stats: Stats::default(),
             last_error: None,
             iotlb_entries_max: 0,
@@ -134,13 +156,168 @@ impl Server {
         running.chain(waiting).collect()
     }
 
-    /// The tap fd when the server wants to read from it: always while the queues are
-    /// stopped (frames are then dropped), otherwise only while no frame waits for an RX
-    /// buffer (the tap's own queue holds the rest).
-    pub fn tap_fd(&self) -> Option<RawFd> {
-        match &self.backend {
-            Backend::Tap(t) if self.pending_rx.is_empty() || !self.running() => Some(t.as_raw_fd()),
-            _ => None,
+    /// The tap fds the server wants to read from, with their pair: always while the
+    /// pair's RX queue is stopped (frames are then dropped), otherwise only while no
+    /// frame waits for an RX buffer (the tap's own queue holds the rest).
+    pub fn tap_fds(&self) -> Vec<(u16, RawFd)> {
+        let Backend::Tap(taps) = &self.backend else {
+            return Vec::new();
+        };
+        (0..self.pairs)
+            .zip(taps)
+            .filter(|(pair, _)| !self.rx_running(*pair) || self.pending(*pair).is_empty())
+            .map(|(pair, tap)| (pair, tap.as_raw_fd()))
+            .collect()
+    }
+
+    fn rx_running(&self, pair: u16) -> bool {
+        let rx = usize::from(pair) * 2;
+        self.queues.get(rx).is_some_and(Option::is_some)
+    }
+
+    fn pending(&self, pair: u16) -> &VecDeque<Vec<u8>> {
+        static EMPTY: VecDeque<Vec<u8>> = VecDeque::new();
+        self.pending_rx.get(usize::from(pair)).unwrap_or(&EMPTY)
+    }
+
+    /// Called about every 100 ms: starts the queues the driver enabled, stops those
+    /// it disabled, attaches each pair's TAP queue only while the pair runs, and
+    /// writes `--stats` once a second.
+    pub fn on_tick(&mut self) {
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            self.stop_disabled();
+            if self.waiting.iter().any(Option::is_some) {
+                self.start_waiting();
+                self.serve_all();
+            }
+            self.follow_pairs_on_tap();
+        }
+        let due = self
+            .stats_written
+            .is_none_or(|t| t.elapsed() >= STATS_EVERY);
+        if due {
+            self.write_stats();
+        }
+    }
+
+    /// Stops every running queue whose vring the driver disabled, keeping where it
+    /// was; it keeps its kick and waits to be enabled again.
+    fn stop_disabled(&mut self) {
+        for i in 0..self.queue_count() {
+            let running = self.queues.get(usize::from(i)).is_some_and(Option::is_some);
+            if !running {
+                continue;
+            }
+            let ready = match self.dev.vq_get_info(u32::from(i)) {
+                Ok(info) => info.ready != 0,
+                Err(e) => {
+                    self.error_once(format!("queue {i}: {e}"));
+                    continue;
+                }
+            };
+            if ready {
+                continue;
+            }
+            let Some(rq) = self.queues.get_mut(usize::from(i)).and_then(Option::take) else {
+                continue;
+            };
+            if let Some(slot) = self.resume_avail.get_mut(usize::from(i)) {
+                *slot = Some(rq.q.next_avail());
+            }
+            if let Some(slot) = self.waiting.get_mut(usize::from(i)) {
+                *slot = Some(WaitingQueue { kick: rq.kick });
+            }
+            if i.is_multiple_of(2) {
+                if let Some(p) = self.pending_rx.get_mut(usize::from(i / 2)) {
+                    p.clear();
+                }
+            }
+            log(&format!(
+                "queue {i} ({}) disabled by the driver; stopped at avail {}",
+                queue_name(i),
+                rq.q.next_avail()
+            ));
+        }
+    }
+
+    /// With several TAP queues, a pair whose queues are stopped has its TAP queue
+    /// detached, so the kernel steers its flows to the pairs that run.
+    fn follow_pairs_on_tap(&mut self) {
+        let Backend::Tap(taps) = &self.backend else {
+            return;
+        };
+        if taps.len() < 2 {
+            return;
+        }
+        let mut changes = Vec::new();
+        for (pair, attached) in (0..self.pairs).zip(&self.tap_attached) {
+            let first = usize::from(pair) * 2;
+            let runs = self
+                .queues
+                .get(first..first + 2)
+                .is_some_and(|q| q.iter().any(Option::is_some));
+            if runs != *attached {
+                changes.push((pair, runs));
+            }
+        }
+        let results: Vec<_> = changes
+            .into_iter()
+            .filter_map(|(pair, attach)| {
+                let tap = taps.get(usize::from(pair))?;
+                Some((pair, attach, tap.set_attached(attach)))
+            })
+            .collect();
+        for (pair, attach, result) in results {
+            match result {
+                Ok(()) => {
+                    if let Some(a) = self.tap_attached.get_mut(usize::from(pair)) {
+                        *a = attach;
+                    }
+                    let what = if attach { "attached" } else { "detached" };
+                    log(&format!("pair {pair}: tap queue {what}"));
+                }
+                Err(e) => self.error_once(format!("pair {pair}: {e}")),
+            }
+        }
+    }
+
+    fn queue_count(&self) -> u16 {
+        self.pairs.saturating_mul(2)
+    }
+
+    /// `--stats`: frames and bytes per queue, and whether it runs, as one JSON
+    /// object, replaced whole (a reader never sees half of it).
+    pub fn write_stats(&mut self) {
+        self.stats_written = Some(Instant::now());
+        let Some(path) = self.stats_path.clone() else {
+            return;
+        };
+        let queues: Vec<String> = (0..self.queue_count())
+            .map(|i| {
+                let at = usize::from(i);
+                format!(
+                    "{{\"index\":{i},\"name\":\"{}\",\"frames\":{},\"bytes\":{},\"ready\":{}}}",
+                    queue_name(i),
+                    self.queue_frames.get(at).copied().unwrap_or(0),
+                    self.queue_bytes.get(at).copied().unwrap_or(0),
+                    self.queues.get(at).is_some_and(Option::is_some)
+                )
+            })
+            .collect();
+        let text = format!("{{\"queues\":[{}]}}\n", queues.join(","));
+        let tmp = path.with_extension("tmp");
+        let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            self.error_once(format!("cannot write {}: {e}", path.display()));
+        }
+    }
+
+    fn count(&mut self, queue: u16, frames: u64, bytes: u64) {
+        if let Some(f) = self.queue_frames.get_mut(usize::from(queue)) {
+            *f = f.saturating_add(frames);
+        }
+        if let Some(b) = self.queue_bytes.get_mut(usize::from(queue)) {
+            *b = b.saturating_add(bytes);
         }
     }
 
@@ -155,10 +332,6 @@ impl Server {
             self.iotlb_bytes_max,
             self.stats.summary()
         )
-    }
-
-    fn running(&self) -> bool {
-        self.queues.iter().any(Option::is_some)
     }
 
     fn error_once(&mut self, msg: String) {
@@ -197,13 +370,19 @@ impl Server {
     fn vq_state(&self, index: u32) -> u16 {
         let Some(i) = usize::try_from(index)
             .ok()
-            .filter(|&i| i < NUM_QUEUES as usize)
+            .filter(|&i| i < self.queues.len())
         else {
             return 0;
         };
-        match &self.queues[i] {
+        match self.queues.get(i).and_then(Option::as_ref) {
             Some(rq) => rq.q.next_avail(),
-            None => self.saved_avail[i],
+            None => self
+                .resume_avail
+                .get(i)
+                .copied()
+                .flatten()
+                .or_else(|| self.saved_avail.get(i).copied())
+                .unwrap_or(0),
         }
     }
 
@@ -213,7 +392,7 @@ impl Server {
         let now_ok = status & VIRTIO_CONFIG_S_DRIVER_OK != 0;
         if status == 0 {
             self.stop_queues();
-            self.saved_avail = [0; NUM_QUEUES as usize];
+            self.saved_avail.iter_mut().for_each(|a| *a = 0);
             self.last_error = None;
             log("reset");
         } else if now_ok && !was_ok {
@@ -230,7 +409,7 @@ impl Server {
     }
 
     fn start_queues(&mut self) -> Result<(), VduseError> {
-        for i in 0..NUM_QUEUES {
+        for i in 0..self.queue_count() {
             let kick = EventFd::new(EFD_NONBLOCK).map_err(|source| VduseError::Ioctl {
                 what: "eventfd",
                 source,
@@ -253,16 +432,24 @@ impl Server {
     fn try_start(&mut self, i: u16, kick: EventFd) -> Result<bool, VduseError> {
         let info = self.dev.vq_get_info(u32::from(i))?;
         if info.ready == 0 {
-            self.waiting[i as usize] = Some(WaitingQueue { kick });
+            if let Some(slot) = self.waiting.get_mut(usize::from(i)) {
+                *slot = Some(WaitingQueue { kick });
+            }
             return Ok(false);
         }
         let num = u16::try_from(info.num).unwrap_or(0);
+        // A queue the driver disabled and enabled again goes on where it stopped.
+        let avail = self
+            .resume_avail
+            .get_mut(usize::from(i))
+            .and_then(Option::take)
+            .unwrap_or(info.state[0]);
         let q = match NetQueue::new(
             num,
             info.desc_addr,
             info.driver_addr,
             info.device_addr,
-            info.state[0],
+            avail,
         ) {
             Ok(q) => q,
             Err(e) => {
@@ -282,16 +469,18 @@ impl Server {
             info.desc_addr,
             info.driver_addr,
             info.device_addr,
-            info.state[0]
+            avail
         ));
-        self.queues[i as usize] = Some(RunningQueue { q, kick });
+        if let Some(slot) = self.queues.get_mut(usize::from(i)) {
+            *slot = Some(RunningQueue { q, kick });
+        }
         Ok(true)
     }
 
     /// Re-reads every waiting queue; starts those the driver has enabled since.
     fn start_waiting(&mut self) {
-        for i in 0..NUM_QUEUES {
-            let Some(w) = self.waiting[i as usize].take() else {
+        for i in 0..self.queue_count() {
+            let Some(w) = self.waiting.get_mut(usize::from(i)).and_then(Option::take) else {
                 continue;
             };
             let _ = w.kick.read();
@@ -307,18 +496,24 @@ impl Server {
     }
 
     fn stop_queues(&mut self) {
-        for i in 0..NUM_QUEUES {
-            if let Some(rq) = self.queues[i as usize].take() {
-                self.saved_avail[i as usize] = rq.q.next_avail();
+        for i in 0..self.queue_count() {
+            let at = usize::from(i);
+            if let Some(slot) = self.resume_avail.get_mut(at) {
+                *slot = None;
+            }
+            if let Some(rq) = self.queues.get_mut(at).and_then(Option::take) {
+                if let Some(slot) = self.saved_avail.get_mut(at) {
+                    *slot = rq.q.next_avail();
+                }
                 // The kernel may already have dropped the eventfd on reset; a failure to
                 // deassign is harmless.
                 let _ = self.dev.vq_setup_kickfd(u32::from(i), None);
                 log(&format!("queue {i} ({}) stopped", queue_name(i)));
-            } else if self.waiting[i as usize].take().is_some() {
+            } else if self.waiting.get_mut(at).and_then(Option::take).is_some() {
                 let _ = self.dev.vq_setup_kickfd(u32::from(i), None);
             }
         }
-        self.pending_rx.clear();
+        self.pending_rx.iter_mut().for_each(VecDeque::clear);
     }
 
     fn update_iotlb(&mut self, start: u64, last: u64) -> bool {
@@ -402,16 +597,19 @@ impl Server {
         if self.waiting.iter().any(Option::is_some) {
             self.start_waiting();
         }
-        if index == TX_QUEUE {
-            self.serve_tx();
+        let pair = index / 2;
+        if !index.is_multiple_of(2) {
+            self.serve_tx(pair);
         }
         // TX may have produced loopback frames; an RX kick means new buffers.
-        self.serve_rx();
+        self.serve_rx(pair);
     }
 
     fn serve_all(&mut self) {
-        self.serve_tx();
-        self.serve_rx();
+        for pair in 0..self.pairs {
+            self.serve_tx(pair);
+            self.serve_rx(pair);
+        }
     }
 
     fn inject(&mut self, index: u16) {
@@ -420,8 +618,13 @@ impl Server {
         }
     }
 
-    fn serve_tx(&mut self) {
-        let Some(rq) = self.queues[TX_QUEUE as usize].as_mut() else {
+    fn serve_tx(&mut self, pair: u16) {
+        let index = pair.saturating_mul(2).saturating_add(1);
+        let Some(rq) = self
+            .queues
+            .get_mut(usize::from(index))
+            .and_then(Option::as_mut)
+        else {
             return;
         };
         let mut frames = Vec::new();
@@ -438,21 +641,23 @@ impl Server {
         match r {
             Ok(served) => {
                 if served.notify {
-                    self.inject(TX_QUEUE);
+                    self.inject(index);
                 }
             }
-            Err(e) => self.error_once(format!("tx queue: {e}")),
+            Err(e) => self.error_once(format!("{} queue: {e}", queue_name(index))),
         }
+        let bytes: usize = frames.iter().map(Vec::len).sum();
+        self.count(index, frames.len() as u64, bytes as u64);
         for f in frames {
             match &mut self.backend {
-                Backend::Loopback => {
-                    if self.pending_rx.len() < PENDING_RX_MAX {
-                        self.pending_rx.push_back(f);
-                    } else {
-                        self.stats.rx_dropped += 1;
-                    }
-                }
-                Backend::Tap(t) => {
+                Backend::Loopback => match self.pending_rx.get_mut(usize::from(pair)) {
+                    Some(p) if p.len() < PENDING_RX_MAX => p.push_back(f),
+                    _ => self.stats.rx_dropped += 1,
+                },
+                Backend::Tap(taps) => {
+                    let Some(t) = taps.get_mut(usize::from(pair)) else {
+                        continue;
+                    };
                     if let Err(e) = t.write_frame(&f) {
                         self.stats.tx_errors += 1;
                         self.error_once(format!("tap write: {e}"));
@@ -462,49 +667,65 @@ impl Server {
         }
     }
 
-    fn serve_rx(&mut self) {
-        let Some(rq) = self.queues[RX_QUEUE as usize].as_mut() else {
+    fn serve_rx(&mut self, pair: u16) {
+        let index = pair.saturating_mul(2);
+        let Some(rq) = self
+            .queues
+            .get_mut(usize::from(index))
+            .and_then(Option::as_mut)
+        else {
+            return;
+        };
+        let Some(pending) = self.pending_rx.get_mut(usize::from(pair)) else {
             return;
         };
         let mut errors = Vec::new();
+        let (frames_before, bytes_before) = (pending.len(), self.stats.rx_bytes);
         let r =
-            rq.q.fill_rx(&self.iotlb, &mut self.stats, &mut self.pending_rx, |e| {
-                errors.push(e)
-            });
+            rq.q.fill_rx(&self.iotlb, &mut self.stats, pending, |e| errors.push(e));
+        let delivered = frames_before.saturating_sub(pending.len()) as u64;
+        let bytes = self.stats.rx_bytes.saturating_sub(bytes_before);
         for e in errors {
             log(&e);
         }
+        self.count(index, delivered, bytes);
         match r {
             Ok(served) => {
                 if served.notify {
-                    self.inject(RX_QUEUE);
+                    self.inject(index);
                 }
             }
-            Err(e) => self.error_once(format!("rx queue: {e}")),
+            Err(e) => self.error_once(format!("{} queue: {e}", queue_name(index))),
         }
     }
 
-    /// The tap is readable.
-    pub fn on_tap(&mut self) {
-        if self.waiting[RX_QUEUE as usize].is_some() {
+    /// Pair `pair`'s tap queue is readable.
+    pub fn on_tap(&mut self, pair: u16) {
+        let rx = usize::from(pair) * 2;
+        if self.waiting.get(rx).is_some_and(Option::is_some) {
             self.start_waiting();
         }
         let mut buf = vec![0u8; 65536];
         for _ in 0..64 {
-            let running = self.queues[RX_QUEUE as usize].is_some();
-            if running && !self.pending_rx.is_empty() {
+            let running = self.rx_running(pair);
+            if running && !self.pending(pair).is_empty() {
                 break;
             }
-            let Backend::Tap(t) = &mut self.backend else {
+            let Backend::Tap(taps) = &mut self.backend else {
+                return;
+            };
+            let Some(t) = taps.get_mut(usize::from(pair)) else {
                 return;
             };
             match t.read_frame(&mut buf) {
                 Ok(Some(n)) => {
-                    if running {
-                        self.pending_rx.push_back(buf[..n].to_vec());
-                        self.serve_rx();
-                    } else {
-                        self.stats.rx_dropped += 1;
+                    let frame = buf.get(..n).unwrap_or_default().to_vec();
+                    match self.pending_rx.get_mut(usize::from(pair)) {
+                        Some(p) if running => {
+                            p.push_back(frame);
+                            self.serve_rx(pair);
+                        }
+                        _ => self.stats.rx_dropped += 1,
                     }
                 }
                 Ok(None) => break,

@@ -13,7 +13,7 @@ use vduse_net::{log, net, vduse};
 const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
 const USAGE: &str = "usage: vduse-net --name NAME [--mac MAC] (--tap IFNAME | --loopback) \
-     [--iotlb-dump PATH] [--fail-iotlb N]";
+     [--queues N] [--stats PATH] [--iotlb-dump PATH] [--fail-iotlb N]";
 
 #[derive(Debug, PartialEq, Eq)]
 enum Cli {
@@ -27,6 +27,8 @@ fn parse_args(args: &[String]) -> Result<Cli, String> {
     let mut backend = None;
     let mut dump = None;
     let mut fail_iotlb = None;
+    let mut queues = 1;
+    let mut stats = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = |flag: &str| {
@@ -54,6 +56,20 @@ fn parse_args(args: &[String]) -> Result<Cli, String> {
                 backend = Some(BackendConfig::Loopback);
             }
             "--iotlb-dump" => dump = Some(PathBuf::from(value("--iotlb-dump")?)),
+            "--stats" => stats = Some(PathBuf::from(value("--stats")?)),
+            "--queues" => {
+                let v = value("--queues")?;
+                queues = Some(&v)
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<u16>().ok())
+                    .filter(|n| (1..=net::MAX_PAIRS).contains(n))
+                    .ok_or_else(|| {
+                        format!(
+                            "--queues takes 1 to {} queue pairs, not {v:?}",
+                            net::MAX_PAIRS
+                        )
+                    })?;
+            }
             "--fail-iotlb" => {
                 let v = value("--fail-iotlb")?;
                 let n = v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
@@ -74,6 +90,8 @@ fn parse_args(args: &[String]) -> Result<Cli, String> {
         backend: backend.ok_or("one of --tap IFNAME or --loopback is required")?,
         iotlb_dump: dump,
         fail_iotlb,
+        queues,
+        stats,
     }))
 }
 
@@ -121,6 +139,8 @@ mod tests {
                 backend: BackendConfig::Loopback,
                 iotlb_dump: Some("/tmp/d".into()),
                 fail_iotlb: None,
+                queues: 1,
+                stats: None,
             }))
         );
         assert_eq!(
@@ -131,6 +151,8 @@ mod tests {
                 backend: BackendConfig::Tap("tap0".into()),
                 iotlb_dump: None,
                 fail_iotlb: None,
+                queues: 1,
+                stats: None,
             }))
         );
         assert_eq!(
@@ -141,8 +163,27 @@ mod tests {
                 backend: BackendConfig::Loopback,
                 iotlb_dump: None,
                 fail_iotlb: Some(3),
+                queues: 1,
+                stats: None,
             }))
         );
+        assert_eq!(
+            parse_args(&args("--name n --loopback --queues 4 --stats /tmp/s.json")),
+            Ok(Cli::Run(Config {
+                name: "n".into(),
+                mac: DEFAULT_MAC,
+                backend: BackendConfig::Loopback,
+                iotlb_dump: None,
+                fail_iotlb: None,
+                queues: 4,
+                stats: Some("/tmp/s.json".into()),
+            }))
+        );
+        for bad in ["0", "9", "+2", "-1", "two", ""] {
+            let line = format!("--name n --loopback --queues {bad}");
+            assert!(parse_args(&args(&line)).is_err(), "{line}");
+        }
+        assert!(parse_args(&args("--name n --loopback --queues")).is_err());
         assert!(parse_args(&args("--name n --loopback --fail-iotlb 0")).is_err());
         assert!(parse_args(&args("--name n --loopback --fail-iotlb -1")).is_err());
         assert!(parse_args(&args("--name n --loopback --fail-iotlb")).is_err());

@@ -16,6 +16,7 @@ pub const VIRTIO_ID_NET: u32 = 1;
 pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
 pub const DEVICE_FEATURES: u64 = VIRTIO_F_VERSION_1
@@ -23,6 +24,29 @@ pub const DEVICE_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_NET_F_MAC
     | VIRTIO_NET_F_STATUS
     | VIRTIO_NET_F_MTU;
+
+/// What the device offers with `pairs` queue pairs: MQ from two on (and
+/// never a control queue, which VDUSE refuses for net devices: the VMM
+/// serves the guest's and enables the pairs in use).
+pub fn device_features(pairs: u16) -> u64 {
+    match pairs {
+        0 | 1 => DEVICE_FEATURES,
+        _ => DEVICE_FEATURES | VIRTIO_NET_F_MQ,
+    }
+}
+
+/// Most queue pairs `--queues` takes.
+pub const MAX_PAIRS: u16 = 8;
+
+/// The name of queue `i` in logs and stats: rx, tx (the first pair), rx1,
+/// tx1, ...
+pub fn queue_name(i: u16) -> String {
+    let kind = if i.is_multiple_of(2) { "rx" } else { "tx" };
+    match i / 2 {
+        0 => kind.to_string(),
+        pair => format!("{kind}{pair}"),
+    }
+}
 
 pub const VIRTIO_CONFIG_S_DRIVER_OK: u8 = 4;
 const VIRTIO_NET_S_LINK_UP: u16 = 1;
@@ -37,12 +61,13 @@ pub const NET_HDR_LEN: usize = 12;
 /// Largest frame accepted from the guest (no GSO is offered): MTU + Ethernet + VLAN.
 pub const MAX_FRAME: usize = MTU as usize + 18;
 
-/// `struct virtio_net_config` (24 bytes, little endian) with MAC, LINK_UP and MTU.
-pub fn net_config(mac: [u8; 6]) -> Vec<u8> {
+/// `struct virtio_net_config` (24 bytes, little endian) with MAC, LINK_UP,
+/// max_virtqueue_pairs and MTU.
+pub fn net_config(mac: [u8; 6], pairs: u16) -> Vec<u8> {
     let mut c = vec![0u8; 24];
     c[0..6].copy_from_slice(&mac);
     c[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
-    c[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+    c[8..10].copy_from_slice(&pairs.max(1).to_le_bytes()); // max_virtqueue_pairs
     c[10..12].copy_from_slice(&MTU.to_le_bytes());
     c[12..16].copy_from_slice(&u32::MAX.to_le_bytes()); // speed unknown
     c[16] = 0xff; // duplex unknown
@@ -440,11 +465,22 @@ mod tests {
 
     #[test]
     fn config_space() {
-        let c = net_config([1, 2, 3, 4, 5, 6]);
+        let c = net_config([1, 2, 3, 4, 5, 6], 1);
         assert_eq!(c.len(), 24);
         assert_eq!(&c[..6], &[1, 2, 3, 4, 5, 6]);
         assert_eq!(&c[6..8], &[1, 0]);
+        assert_eq!(&c[8..10], &[1, 0], "one pair");
         assert_eq!(&c[10..12], &1500u16.to_le_bytes());
+        assert_eq!(&net_config([0; 6], 4)[8..10], &[4, 0]);
+    }
+
+    #[test]
+    fn multiqueue_offers_mq_and_names_every_queue() {
+        assert_eq!(device_features(1), DEVICE_FEATURES);
+        assert_eq!(device_features(1) & VIRTIO_NET_F_MQ, 0);
+        assert_eq!(device_features(4), DEVICE_FEATURES | VIRTIO_NET_F_MQ);
+        let names: Vec<String> = (0..6).map(queue_name).collect();
+        assert_eq!(names, ["rx", "tx", "rx1", "tx1", "rx2", "tx2"]);
     }
 
     #[test]

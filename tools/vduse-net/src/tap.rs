@@ -11,6 +11,12 @@ use thiserror::Error;
 const TUNSETIFF: u64 = 0x4004_54ca; // _IOW('T', 202, int)
 const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
+// include/uapi/linux/if_tun.h
+const IFF_MULTI_QUEUE: i16 = 0x0100;
+const IFF_ATTACH_QUEUE: i16 = 0x0200;
+const IFF_DETACH_QUEUE: i16 = 0x0400;
+/// _IOW('T', 217, int)
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 const IFNAMSIZ: usize = 16;
 
 #[derive(Debug, Error)]
@@ -59,8 +65,53 @@ pub struct Tap {
 impl Tap {
     /// Creates (or attaches to) TAP interface `name` and brings it up.
     pub fn create(name: &str) -> Result<Tap, TapError> {
+        Tap::open(name, IFF_TAP | IFF_NO_PI)
+    }
+
+    /// `queues` queues of the multiqueue TAP interface `name` (one
+    /// descriptor each; the kernel steers each flow to one of the attached
+    /// queues), brought up.
+    pub fn create_multi(name: &str, queues: u16) -> Result<Vec<Tap>, TapError> {
+        let first = Tap::open(name, IFF_TAP | IFF_NO_PI | IFF_MULTI_QUEUE)?;
+        let name = first.name.clone();
+        let mut taps = vec![first];
+        for _ in 1..queues {
+            taps.push(Tap::open(&name, IFF_TAP | IFF_NO_PI | IFF_MULTI_QUEUE)?);
+        }
+        Ok(taps)
+    }
+
+    /// Attaches this queue to its interface, or detaches it (TUNSETQUEUE):
+    /// a detached queue gets no frames.
+    pub fn set_attached(&self, attached: bool) -> Result<(), TapError> {
+        let mut req = ifreq(&self.name)?;
+        req.flags = if attached {
+            IFF_ATTACH_QUEUE
+        } else {
+            IFF_DETACH_QUEUE
+        };
+        // SAFETY: TUNSETQUEUE reads a `struct ifreq` (its flags); `req` is a
+        // live 40-byte ifreq that outlives the call.
+        let ret = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETQUEUE as _,
+                &mut req as *mut IfReqFlags,
+            )
+        };
+        if ret < 0 {
+            return Err(TapError::Ioctl {
+                what: "TUNSETQUEUE",
+                name: self.name.clone(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    fn open(name: &str, flags: i16) -> Result<Tap, TapError> {
         let mut req = ifreq(name)?;
-        req.flags = IFF_TAP | IFF_NO_PI;
+        req.flags = flags;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
