@@ -87,7 +87,84 @@ fn host_script() -> String {
         )
         .stop_devices()
         .section("vduse-log", "sleep 0.5; cat /tmp/vduse-net0.err");
+    multiqueue(&mut script);
     script.build()
+}
+
+const MQ_GUEST_IP: &str = "192.0.3.2";
+const MQ_PAIRS: u32 = 4;
+const MQ_STREAM_BYTES: u32 = 2 << 20;
+
+/// Multiqueue: vduse-net with four pairs and no control queue, a 4-vCPU
+/// guest given `queues=4`: the VMM serves its control queue, the guest
+/// sets four pairs, and one TCP stream per vCPU (each sent from its own
+/// CPU, so from its own TX queue; the TAP steers each flow's answers to
+/// the queue it came from) must arrive whole.
+fn multiqueue(script: &mut HostScript) {
+    let device = VduseNet {
+        name: "mq0",
+        tap: Some(("tap1", "192.0.3.1/24")),
+        iotlb_dump: None,
+        extra_args: format!("--queues {MQ_PAIRS} --stats /tmp/mq-stats.json"),
+    };
+    let streams: String = (0..MQ_PAIRS)
+        .map(|c| {
+            format!(
+                "taskset -c {c} sh -c 'dd if=/dev/zero bs=64k count={} 2>/dev/null | nc 192.0.3.1 {}' &\n",
+                MQ_STREAM_BYTES / (64 << 10),
+                5100 + c
+            )
+        })
+        .collect();
+    let guest = format!(
+        "ip link set eth0 up && ip addr add {MQ_GUEST_IP}/24 dev eth0
+ping -c 2 -W 2 192.0.3.1 >/dev/null
+echo mq-queues=$(ls /sys/class/net/eth0/queues | tr '\\n' ' ')
+echo mq-ready
+wait_go
+{streams}wait
+echo mq-streams-done
+wait_go
+"
+    );
+    let vm = microvm_on(
+        &device,
+        MQ_PAIRS,
+        "512M",
+        &format!(",queues={MQ_PAIRS}"),
+        &guest,
+    );
+    let sinks: String = (0..MQ_PAIRS)
+        .map(|c| {
+            let port = 5100 + c;
+            format!(
+                "microvm-tcp-sink --port {port} --bytes {MQ_STREAM_BYTES} >/tmp/sink-{port}.out 2>/tmp/sink-{port}.err &\n"
+            )
+        })
+        .collect();
+    script
+        .vduse_net(&device)
+        .sh(&sinks)
+        .microvm(&vm)
+        .wait_console(
+            "mq-ready",
+            300,
+            "the 4-vCPU guest to boot and ping on four pairs",
+        )
+        .ctl_section("mq-info", "info")
+        .go(MQ_GUEST_IP)
+        .wait_console(
+            "mq-streams-done",
+            300,
+            "the guest's four TCP streams to end",
+        )
+        // vduse-net writes its stats about once a second.
+        .sh("sleep 2")
+        .section("mq-stats", "cat /tmp/mq-stats.json")
+        .section("mq-sinks", "cat /tmp/sink-51*.out")
+        .go(MQ_GUEST_IP)
+        .wait_exit("mq", 60)
+        .stop_devices();
 }
 
 e2e::shared_test_host_run!("vdpa_net", host_script());
@@ -242,4 +319,49 @@ fn the_debug_build_runs_the_net_device_through_a_reset_under_its_seccomp_filters
         ping_summary(console, 4).contains("4 packets received, 0% packet loss"),
         "{console}"
     );
+}
+
+#[test]
+fn multiqueue_the_guest_sets_four_pairs_through_the_vmms_control_queue() {
+    let console = section("mq-console");
+    assert!(
+        console.contains("mq-queues=rx-0 rx-1 rx-2 rx-3 tx-0 tx-1 tx-2 tx-3"),
+        "{console}"
+    );
+    let info = json("mq-info");
+    let control = &info["devices"][0]["control_queue"];
+    assert_eq!(
+        control["mode"], "served by the VMM alone (the device has no control queue)",
+        "{info}"
+    );
+    assert_eq!(control["queue_pairs"], MQ_PAIRS, "{info}");
+    assert_eq!(control["refused"], 0, "{info}");
+    assert_eq!(info["devices"][0]["queues"], 2 * MQ_PAIRS + 1, "{info}");
+}
+
+#[test]
+fn multiqueue_every_stream_arrives_and_every_pair_carries_traffic() {
+    let sinks = section("mq-sinks");
+    let arrived: Vec<u64> = sinks
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["bytes"].as_u64())
+        .collect();
+    assert_eq!(
+        arrived,
+        vec![u64::from(MQ_STREAM_BYTES); MQ_PAIRS as usize],
+        "{sinks}\n{}",
+        section("mq-console")
+    );
+    let stats: serde_json::Value = json("mq-stats");
+    let queues = stats["queues"].as_array().expect("per-queue stats");
+    assert_eq!(queues.len(), 2 * MQ_PAIRS as usize, "{stats}");
+    for queue in queues {
+        assert!(
+            queue["frames"].as_u64().unwrap_or(0) > 0,
+            "queue {} carried nothing: {stats}",
+            queue["name"]
+        );
+    }
+    assert_eq!(section("mq-exit").trim(), "0", "{}", section("mq-stderr"));
 }
