@@ -21,6 +21,7 @@ TESTBED_EXITS = {
     103: "timeout (the command outlived tools/testbed --timeout)",
     104: "test host reset or QEMU died",
     105: "QEMU could not be started",
+    106: "test host soft-locked (a CPU stuck past tools/testbed --lockup-limit)",
 }
 HANG_EXITS = {103}
 

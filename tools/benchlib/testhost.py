@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parent.parent.parent
 TESTBED = REPO / "tools" / "testbed"
 
 # tools/testbed's exit codes for a test host that was lost, not a failing command.
-LOST = {101: "the test host did not come up", 104: "the test host reset or QEMU died"}
+LOST = {101: "the test host did not come up", 104: "the test host reset or QEMU died",
+        106: "the test host soft-locked"}
 
 
 def log(message):

@@ -37,6 +37,10 @@ class ClassifyTest(unittest.TestCase):
         self.assertEqual(soak.classify("booting...\n", 103),
                          (False, soak.TESTBED_EXITS[103], True))
 
+    def test_a_soft_locked_test_host_is_lost_not_a_hang(self):
+        out = "[ 604.5] watchdog: BUG: soft lockup - CPU#1 stuck for 304s! [kworker/1:0:28]\n"
+        self.assertEqual(soak.classify(out, 106), (False, soak.TESTBED_EXITS[106], False))
+
     def test_a_lost_test_host_is_named(self):
         self.assertEqual(soak.classify("", 104)[1], soak.TESTBED_EXITS[104])
 
