@@ -22,6 +22,7 @@ TESTBED_EXITS = {
     104: "test host reset or QEMU died",
     105: "QEMU could not be started",
     106: "test host soft-locked (a CPU stuck past tools/testbed --lockup-limit)",
+    107: "test host stopped (its userspace heartbeat silent past tools/testbed --silence-limit)",
 }
 HANG_EXITS = {103}
 

@@ -12,7 +12,7 @@ TESTBED = REPO / "tools" / "testbed"
 
 # tools/testbed's exit codes for a test host that was lost, not a failing command.
 LOST = {101: "the test host did not come up", 104: "the test host reset or QEMU died",
-        106: "the test host soft-locked"}
+        106: "the test host soft-locked", 107: "the test host stopped (no heartbeat)"}
 
 
 def log(message):

@@ -5,12 +5,15 @@ end the run with the right exit code and say why."""
 import argparse
 import contextlib
 import io
+import os
 import subprocess
 import sys
+import tempfile
 import time
 import unittest
 
 from benchlib.tests.test_testbed_parents import testbed
+import testbed_watch  # noqa: E402  (tools/ is on sys.path once testbed is loaded)
 
 MARK = "@@testbed-test@@"
 
@@ -20,9 +23,9 @@ def fake_qemu(script):
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def args(timeout=60, lockup_limit=300):
-    return argparse.Namespace(boot_timeout=30, timeout=timeout, lockup_limit=lockup_limit, verbose=False,
-                              cmd=["true"])
+def args(timeout=60, lockup_limit=300, silence_limit=240):
+    return argparse.Namespace(boot_timeout=30, timeout=timeout, lockup_limit=lockup_limit,
+                              silence_limit=silence_limit, verbose=False, cmd=["true"])
 
 
 class Captured:
@@ -32,14 +35,14 @@ class Captured:
         self.out = io.BytesIO()
         self.err = io.StringIO()
 
-    def run(self, qemu, a):
+    def run(self, qemu, a, watch=None):
         class Out:
             buffer = self.out
         old = sys.stdout
         sys.stdout = Out()
         try:
             with contextlib.redirect_stderr(self.err):
-                return testbed.stream(qemu, a, MARK, time.time())
+                return testbed.stream(qemu, a, MARK, time.time(), watch)
         finally:
             sys.stdout = old
             if qemu.poll() is None:
@@ -79,6 +82,33 @@ class StreamTest(unittest.TestCase):
         rc = c.run(fake_qemu(f"echo '{MARK} READY=x'; sleep 30"), args(timeout=1))
         self.assertEqual(rc, testbed.EXIT_TIMEOUT)
         self.assertIn("exceeded --timeout 1s", c.err.getvalue())
+
+    def test_a_test_host_whose_heartbeat_stops_is_killed_at_the_silence_limit(self):
+        with tempfile.TemporaryDirectory() as d:
+            beat = os.path.join(d, "heartbeat")
+            watch = testbed.Watch(testbed_watch.Heartbeat(beat), os.path.join(d, "no-monitor"), None)
+            c = Captured()
+            t0 = time.time()
+            # Two beats, then silence while the console goes on.
+            rc = c.run(fake_qemu(f"echo '{MARK} READY=x'; echo 'beat 1' >> {beat}; sleep 1; "
+                                 f"echo 'beat 2' >> {beat}; echo working; sleep 60"),
+                       args(timeout=600, silence_limit=3), watch)
+            self.assertEqual(rc, testbed.EXIT_SILENT)
+            self.assertLess(time.time() - t0, 20)
+            err = c.err.getvalue()
+            self.assertIn("no heartbeat from its userspace", err)
+            self.assertIn("QEMU's monitor did not answer", err)
+            self.assertIn("working", err)  # the console tail
+
+    def test_a_beating_test_host_is_not_silent(self):
+        with tempfile.TemporaryDirectory() as d:
+            beat = os.path.join(d, "heartbeat")
+            watch = testbed.Watch(testbed_watch.Heartbeat(beat), os.path.join(d, "no-monitor"), None)
+            c = Captured()
+            rc = c.run(fake_qemu(f"echo '{MARK} READY=x'; for i in 1 2 3 4 5 6; do echo beat >> {beat}; "
+                                 f"sleep 1; done; echo '{MARK} EXIT=0'"),
+                       args(timeout=600, silence_limit=3), watch)
+            self.assertEqual(rc, 0)
 
 
 if __name__ == "__main__":
