@@ -24,6 +24,8 @@ RIP_RE = re.compile(r"\bRIP=([0-9a-f]{16})")
 CPU_RE = re.compile(r"CPU #(\d+):")
 WORD_RE = re.compile(r"0x([0-9a-f]{16})\b")
 PROMPT = b"(qemu) "
+# The lines of `info lapic` that say whether a timer or interrupt is due.
+LAPIC_RE = re.compile(r"^(LVTT|Timer|ISR|IRR|SPIV|ESR)\b")
 # No kernel function is this long: an address further past a symbol is data.
 MAX_FUNCTION_BYTES = 0x10000
 ANSI_RE = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
@@ -144,6 +146,7 @@ def cpu_report(monitor, symbols, samples=3, interval=1.0, stack_words=64):
     cpus = [int(c) for c in CPU_RE.findall(monitor.cmd("info cpus"))] or [0]
     seen = {c: [] for c in cpus}
     stacks = {}
+    lapics = {}
     for k in range(samples):
         for c in cpus:
             monitor.cmd("cpu %d" % c)
@@ -152,6 +155,9 @@ def cpu_report(monitor, symbols, samples=3, interval=1.0, stack_words=64):
             seen[c].append(int(rip.group(1), 16) if rip else None)
             if k == samples - 1:
                 stacks[c] = monitor.cmd("x/%dgx $esp" % stack_words)
+                # Its timer and pending interrupts: one stop found the only
+                # CPU idle in halt, nothing woken for 240 s.
+                lapics[c] = monitor.cmd("info lapic")
         if k + 1 < samples:
             time.sleep(interval)
     lines = []
@@ -169,6 +175,9 @@ def cpu_report(monitor, symbols, samples=3, interval=1.0, stack_words=64):
                     frames.append(n)
         lines.append("CPU %d: kernel text on its stack (innermost first): %s"
                      % (c, ", ".join(frames[:16]) or "none"))
+        for line in lapics.get(c, "").splitlines():
+            if LAPIC_RE.match(line.strip()):
+                lines.append("CPU %d: lapic %s" % (c, " ".join(line.split())))
     return lines
 
 

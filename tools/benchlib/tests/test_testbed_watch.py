@@ -85,6 +85,10 @@ class WatchTest(unittest.TestCase):
                 "info cpus": "* CPU #0: thread_id=11\r\n  CPU #1: thread_id=12",
                 "cpu ": "",
                 "info registers": "RAX=0 RBX=0\r\nRIP=ffffffff81ce705f RFL=00000246",
+                "info lapic": "dumping local APIC state for CPU 0\r\n\r\n"
+                              "LVTT\t 0x000400ec active-hi edge                 tsc-deadline\r\n"
+                              "Timer\t DCR=0x0 (divide by 2) initial_count = 0 current_count = 0\r\n"
+                              "ISR\t (none)\r\nIRR\t 236",
                 "x/": "ffffc90000013e80: 0xffffffff81ce7085 0x0000000000000000\r\n"
                       "ffffc90000013e90: 0xffffffffc03f8010 0x00007fff00000000",
             })
@@ -94,6 +98,8 @@ class WatchTest(unittest.TestCase):
         self.assertIn("CPU 0: RIP ffffffff81ce705f pv_native_safe_halt+0xf", text)
         self.assertIn("CPU 1: RIP", text)
         self.assertIn("default_idle+0x5, [vduse]+0x10", text)
+        self.assertIn("CPU 0: lapic LVTT 0x000400ec active-hi edge tsc-deadline", text)
+        self.assertIn("CPU 1: lapic IRR 236", text)
 
     def test_a_monitor_that_does_not_answer_is_said_to_be_stuck(self):
         with tempfile.TemporaryDirectory() as d:
