@@ -21,6 +21,9 @@ const SIM_MAC: &str = "52:54:00:aa:bb:cc";
 /// byte: any MAC starting 52:54:00 counts as its own. This one differs in
 /// the first byte.
 const OTHER_MAC: &str = "02:11:22:33:44:55";
+/// The MAC the guest sets through the control queue: no zero byte (the
+/// simulator's strncmp), and a first byte unlike the device's.
+const NEW_MAC: &str = "02:aa:bb:cc:dd:ee";
 const MIB: u64 = 1 << 20;
 /// vdpa_sim_blk's RAM disk, in 512-byte sectors.
 const SIM_BLK_SECTORS: u64 = 128 * MIB / 512;
@@ -100,6 +103,51 @@ sleep 8",
     )
 }
 
+/// The guest sets a new MAC with `ip link set eth0 address`: through the
+/// control queue the VMM shadows, the command reaches vdpa_sim_net's own
+/// control queue, whose address space (1) holds only the VMM's buffers.
+/// `mc LABEL` counts what comes back of 3 pings to a static neighbour at
+/// the new MAC and 3 to one at the old: the simulator loops back only
+/// frames to the MAC in its config.
+fn mac_guest() -> String {
+    format!(
+        "for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do echo 1 > $f; done
+ip link set eth0 up; ip addr add 192.0.2.2/24 dev eth0
+arp -s 192.0.2.7 {SIM_MAC}; arp -s 192.0.2.8 {NEW_MAC}
+rx() {{ cat /sys/class/net/eth0/statistics/rx_packets; }}
+mc() {{
+a=$(rx); ping -c 3 -W 1 192.0.2.8 >/dev/null 2>&1; sleep 2; b=$(rx)
+ping -c 3 -W 1 192.0.2.7 >/dev/null 2>&1; sleep 2; c=$(rx)
+echo \"sim-mac $1 new=$((b - a)) old=$((c - b))\"
+}}
+mc before
+ip link set eth0 address {NEW_MAC} && echo mac-set=ok || echo mac-set=failed
+echo guest-mac=$(cat /sys/class/net/eth0/address)
+mc after
+echo guest-done
+sleep 8"
+    )
+}
+
+fn mac_scenario(script: &mut HostScript) {
+    let api = "/tmp/api-mac.sock";
+    let run = vm("256M", "dev_mac", "", api, &mac_guest());
+    script
+        .sh(&format!(
+            "dev_mac=$(h_vdpa_add vdpasim_net sim0 --mac {SIM_MAC}) || h_step_failed 'a vdpasim_net device (mac)'"
+        ))
+        .sh(&format!("H_API={api}"))
+        .microvm(&run)
+        .wait_console("guest-done", 240, "the guest to change its MAC")
+        .ctl_section("mac-info", "info")
+        .section(
+            "mac-maps",
+            "grep microvm-shadow-cvq /proc/$(h_vmm_pid)/maps",
+        )
+        .wait_exit("mac", 60)
+        .sh("h_vdpa_del sim0");
+}
+
 /// The net scenario on one vdpa_sim_net mode (the guest stays up 8 s
 /// after `guest-done` for the host's last look at the VMM): loopback before and after a
 /// plug of 128 MiB and after a device reset.
@@ -167,6 +215,7 @@ fn host_script() -> String {
     // --- net on vdpa_sim_net: set_map/VA, dma_map/VA behind the vIOMMU,
     // dma_map/PA (pinning: the VMM raises RLIMIT_MEMLOCK).
     net_scenario(&mut script, "setmap", "", "");
+    mac_scenario(&mut script);
     net_scenario(&mut script, "dmamap-viommu", "batch_mapping=0", ",iommu=on");
     net_scenario(&mut script, "pa", "batch_mapping=0 use_va=0", "");
     script.sh("h_parent_unload || h_step_failed 'the vdpa_sim_net parent to unload'");
@@ -241,6 +290,7 @@ fn host_script() -> String {
 fn every_guest_command_fits_on_the_kernel_command_line() {
     for (name, guest) in [
         ("net", net_guest()),
+        ("mac", mac_guest()),
         ("block", block_guest()),
         ("root", root_guest()),
     ] {
@@ -373,6 +423,95 @@ fn assert_net_scenario(label: &str) {
     );
     assert_ne!(acked & (1 << 8), 0, "{label}: IOTLB_PERSIST acked: {info}");
     assert_eq!(device["iotlb_replays"], 0, "{label}: {counters}");
+}
+
+/// (new, old): frames to the new and the old MAC that came back in the
+/// guest's check `label`.
+fn mac_loopback(console: &str, label: &str) -> (u64, u64) {
+    let line = console
+        .lines()
+        .find(|l| l.starts_with(&format!("sim-mac {label} ")))
+        .unwrap_or_else(|| panic!("no MAC check {label}:\n{console}"));
+    let field = |key: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {line}"))
+    };
+    (field("new"), field("old"))
+}
+
+#[test]
+fn vdpa_sim_net_takes_the_guests_mac_through_its_own_control_queue_in_address_space_1() {
+    let console = section("mac-console");
+    assert_eq!(
+        section("mac-exit").trim(),
+        "0",
+        "{}\n{console}",
+        section("mac-stderr")
+    );
+    assert!(console.contains("mac-set=ok"), "{console}");
+    assert!(
+        console.contains(&format!("guest-mac={NEW_MAC}")),
+        "{console}"
+    );
+    // The device's filter (its config MAC) moved with the command.
+    let (new, old) = mac_loopback(console, "before");
+    assert!(
+        old >= 3 && new == 0,
+        "before: new={new} old={old}\n{console}"
+    );
+    let (new, old) = mac_loopback(console, "after");
+    assert!(
+        new >= 3 && old == 0,
+        "after: new={new} old={old}\n{console}"
+    );
+
+    let info = json("mac-info");
+    let device = &info["devices"][0];
+    let control = &device["control_queue"];
+    assert!(
+        control["mode"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("shadowed"),
+        "{control}"
+    );
+    assert_eq!(control["mac"], NEW_MAC, "{control}");
+    assert_eq!(control["refused"], 0, "{control}");
+    assert!(control["commands"].as_u64().unwrap_or(0) >= 1, "{control}");
+    // ASID 1 holds the VMM's ring and command buffer, two pages of its
+    // memfd, and nothing else; the guest's space (ASID 0) holds boot RAM.
+    let asid1 = control["address_space_1"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{control}"));
+    assert_eq!(asid1.len(), 2, "{control}");
+    let maps = section("mac-maps");
+    let (start, end) = maps
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|r| r.split_once('-'))
+        .map(|(a, b)| (e2e::hex(a), e2e::hex(b)))
+        .unwrap_or_else(|| panic!("no memfd:microvm-shadow-cvq in the VMM's maps: {maps}"));
+    for range in asid1 {
+        let host = e2e::hex(
+            range["host_addr"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{range}")),
+        );
+        let size = range["size"].as_u64().unwrap_or(0);
+        assert!(
+            host >= start && host + size <= end,
+            "{range} lies in the VMM's buffers {start:#x}-{end:#x}"
+        );
+    }
+    assert_eq!(iotlb_bytes(device), 256 * MIB, "{device}");
+    // What the guest's driver offered itself: the control queue and MAC
+    // change, no multiqueue.
+    let features = e2e::hex(device["guest_features"].as_str().unwrap_or("0"));
+    assert_ne!(features & (1 << 17), 0, "CTRL_VQ: {device}");
+    assert_ne!(features & (1 << 23), 0, "CTRL_MAC_ADDR: {device}");
 }
 
 #[test]

@@ -53,6 +53,7 @@ const VHOST_VDPA_GET_CONFIG: u64 = ioc(IOC_READ, VHOST_VIRTIO, 0x73, 8);
 const VHOST_VDPA_SET_CONFIG: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x74, 8);
 const VHOST_VDPA_SET_VRING_ENABLE: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x75, 8);
 const VHOST_VDPA_SET_CONFIG_CALL: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x77, 4);
+const VHOST_VDPA_SET_GROUP_ASID: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x7c, 8);
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
 const TIOCGWINSZ: u64 = 0x5413;
@@ -267,6 +268,8 @@ const VHOST_FROM_VCPU: &[u64] = &[
     VHOST_VDPA_SET_CONFIG,
     VHOST_VDPA_SET_VRING_ENABLE,
     VHOST_VDPA_SET_CONFIG_CALL,
+    // A shadowed control queue's group goes to address space 1 at start.
+    VHOST_VDPA_SET_GROUP_ASID,
 ];
 /// On each vhost-vdpa device, from the API: the kernel answers the status
 /// itself (VDUSE keeps it), so it never waits on the device.
@@ -806,6 +809,7 @@ mod tests {
         assert_eq!(VHOST_GET_VRING_BASE, 0xc008_af12);
         assert_eq!(VHOST_VDPA_SET_STATUS, 0x4001_af72);
         assert_eq!(VHOST_VDPA_SET_CONFIG_CALL, 0x4004_af77);
+        assert_eq!(VHOST_VDPA_SET_GROUP_ASID, 0x4008_af7c);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
         // The sizes encoded in them are those of the structs kvm-ioctls passes.

@@ -180,6 +180,19 @@ fn control_queue(info: &devices::virtio::vdpa::VdpaInfo) -> Value {
         "guest_offloads": state.guest_offloads.map(hex),
         "commands": state.commands,
         "refused": state.refused,
+        // Shadowed: everything the device's address space 1 holds, with
+        // the VMM addresses behind it (the VMM's own buffers).
+        "address_space_1": control.address_space_1.as_ref().map(|ranges| {
+            ranges
+                .iter()
+                .map(|r| json!({
+                    "iova": hex(r.iova),
+                    "size": r.size,
+                    "perm": perm(r.perm),
+                    "host_addr": hex(r.host_addr),
+                }))
+                .collect::<Vec<_>>()
+        }),
     })
 }
 

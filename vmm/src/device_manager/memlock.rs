@@ -16,12 +16,16 @@ use crate::config::Size;
 /// Room a device behind the vIOMMU may pin beyond guest RAM: the guest may
 /// map one page at several IOVAs at once (each mapping is pinned again).
 pub const IOMMU_SLACK: u64 = 64 << 20;
+/// What a net device's shadowed control queue pins beyond guest RAM: the
+/// VMM's ring and command buffer in address space 1 (two pages).
+pub const CONTROL_QUEUE_BYTES: u64 = 2 * 4096;
 
 /// What pinning all guest memory for `devices` vDPA devices, `behind_iommu`
 /// of them behind the vIOMMU, charges to RLIMIT_MEMLOCK (each device pins
 /// its own mappings).
 pub fn needed(guest_bytes: u64, devices: u64, behind_iommu: u64) -> u64 {
     guest_bytes
+        .saturating_add(CONTROL_QUEUE_BYTES)
         .saturating_mul(devices)
         .saturating_add(IOMMU_SLACK.saturating_mul(behind_iommu))
 }
@@ -151,10 +155,16 @@ mod tests {
     #[test]
     fn every_device_may_pin_all_guest_memory() {
         // 512M boot + 1G hotplug, one identity device.
-        assert_eq!(needed(512 * MIB + GIB, 1, 0), 512 * MIB + GIB);
+        assert_eq!(
+            needed(512 * MIB + GIB, 1, 0),
+            512 * MIB + GIB + CONTROL_QUEUE_BYTES
+        );
         // Two devices pin their own mappings; one behind the vIOMMU gets room
         // for pages mapped twice.
-        assert_eq!(needed(GIB, 2, 1), 2 * GIB + IOMMU_SLACK);
+        assert_eq!(
+            needed(GIB, 2, 1),
+            2 * (GIB + CONTROL_QUEUE_BYTES) + IOMMU_SLACK
+        );
         assert_eq!(needed(GIB, 0, 0), 0);
         assert_eq!(needed(u64::MAX, 2, 1), u64::MAX, "saturates");
     }

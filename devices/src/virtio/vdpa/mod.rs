@@ -27,10 +27,11 @@
 //! - IOTLB_PERSIST: acked; the parent then keeps its mappings across a
 //!   device reset, so no replay follows a reset. Without it the reset may
 //!   drop them (VDPA_RESET_F_CLEAN_MAP) and the device's space is replayed.
-//! - IOTLB_ASID: not acked. Every virtqueue group stays in address space 0
-//!   (each group's default), where every message goes; a parent with a
-//!   control-queue group in a second address space (vdpa_sim_net) is served
-//!   that way, since the control queue is not started.
+//! - IOTLB_ASID: acked only for a net device whose control queue the VMM
+//!   shadows (vdpa_sim_net: the control queue alone in group 1, two address
+//!   spaces): that group goes to address space 1, which holds only the
+//!   VMM's command buffers. Every other group stays in address space 0
+//!   (each group's default), where every other message goes.
 //! - ENABLE_AFTER_DRIVER_OK: not acked: the VMM enables every vring before
 //!   DRIVER_OK, which every parent accepts.
 //! - SUSPEND, RESUME, DESC_ASID: not acked (nothing here uses them yet).
@@ -65,7 +66,8 @@ use crate::dma::{DmaCounters, DmaMapper, DmaRange, DmaSpaces, SharedSpaces, Vhos
 use crate::virtio::queue_worker::{QueueWorker, Serve};
 use block::{BlockLayer, BlockOptions};
 use net::control_queue::{lock_state, ControlServer, SharedNetState, VringEnable};
-use net::ctrl::{control_queue_index, ControlLimits, ControlMode, NetState};
+use net::ctrl::{control_queue_index, ControlLimits, ControlMode, NetState, SHADOW_ASID};
+use net::shadow_cvq::{ShadowCvq, ShadowWiring};
 use net::{NetLayer, NetOptions, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ};
 
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -168,8 +170,9 @@ pub enum VdpaError {
     #[error("{requested} queue pairs requested; the device offers {offered}")]
     Queues { requested: u16, offered: u16 },
     #[error(
-        "{requested} queue pairs requested, but the device has a control queue of its own, \
-         which this VMM does not forward yet: such a device drives one pair (queues=1)"
+        "{requested} queue pairs requested, but the device has a control queue of its own that \
+         the VMM cannot isolate (it shares a virtqueue group with data queues, the device has one \
+         address space, or it is behind the vIOMMU): such a device drives one pair (queues=1)"
     )]
     OwnControlQueue { requested: u16 },
     #[error("the device reports {count} queues; at least 1 and at most {max} are supported")]
@@ -276,6 +279,9 @@ pub struct DeviceProbe {
     pub virtqueues: Option<u32>,
     pub groups: Option<u32>,
     pub address_spaces: Option<u32>,
+    /// VHOST_VDPA_GET_VRING_GROUP of each virtqueue, by index (empty where
+    /// the kernel does not answer).
+    pub vring_groups: Vec<u32>,
 }
 
 /// The per-type layer of a device.
@@ -348,7 +354,8 @@ pub fn negotiate(config: &VdpaConfig, probe: &DeviceProbe) -> Result<VdpaState, 
             if config.block.is_some_and(|b| b.readonly) {
                 return Err(VdpaError::ReadonlyNotBlock(kind.name()));
             }
-            Layer::Net(NetLayer::new(&config.net, probe)?)
+            let can_serve = config.translation == Translation::Identity;
+            Layer::Net(NetLayer::new(&config.net, probe, can_serve)?)
         }
         DeviceKind::Block => {
             Layer::Block(BlockLayer::new(&config.block.unwrap_or_default(), probe)?)
@@ -365,9 +372,12 @@ pub fn negotiate(config: &VdpaConfig, probe: &DeviceProbe) -> Result<VdpaState, 
     {
         return Err(VdpaError::ControlBehindIommu);
     }
-    // A control queue the VMM serves is not the device's.
+    // A control queue the VMM serves alone is not the device's.
     let device_queues = match &layer {
-        Layer::Net(net) if net.control.is_some() => queue_count.saturating_sub(1),
+        Layer::Net(NetLayer {
+            control: Some(ControlMode::VmmOnly),
+            ..
+        }) => queue_count.saturating_sub(1),
         _ => queue_count,
     };
     if let Some(has) = probe.virtqueues {
@@ -401,7 +411,14 @@ pub fn negotiate(config: &VdpaConfig, probe: &DeviceProbe) -> Result<VdpaState, 
         true => VHOST_BACKEND_F_IOTLB_BATCH,
         false => 0,
     };
-    let wanted = VHOST_BACKEND_F_IOTLB_MSG_V2 | batch | VHOST_BACKEND_F_IOTLB_PERSIST;
+    let asid = match &layer {
+        Layer::Net(NetLayer {
+            control: Some(ControlMode::Shadowed { .. }),
+            ..
+        }) => VHOST_BACKEND_F_IOTLB_ASID,
+        _ => 0,
+    };
+    let wanted = VHOST_BACKEND_F_IOTLB_MSG_V2 | batch | VHOST_BACKEND_F_IOTLB_PERSIST | asid;
     Ok(VdpaState {
         kind,
         layer,
@@ -569,6 +586,8 @@ pub struct VdpaDevice {
     no_interrupt: EventFd,
     /// The guest's control queue, where the VMM serves it.
     control: Option<ControlQueue>,
+    /// The device's own control queue, where the VMM shadows it.
+    shadow: Option<ShadowWiring>,
 }
 
 /// The VMM-served control queue: its worker and the net state it keeps.
@@ -583,6 +602,9 @@ struct ControlQueue {
 pub struct ControlReport {
     pub mode: &'static str,
     pub state: NetState,
+    /// Shadowed: what the device's address space 1 holds (the VMM's own
+    /// ring and command buffers, nothing of the guest's).
+    pub address_space_1: Option<Vec<DmaRange>>,
 }
 
 /// Asks the kernel what the device is (before anything is negotiated).
@@ -623,7 +645,16 @@ fn probe_device(vhost: &VhostKernVdpa<Arc<GuestMemoryMmap>>) -> Result<DevicePro
         virtqueues: vhost.get_vqs_count().ok(),
         groups: vhost.get_group_num().ok(),
         address_spaces: vhost.get_as_num().ok(),
+        vring_groups: vring_groups(vhost),
     })
+}
+
+/// Each virtqueue's group, while the kernel answers (at most 64 asked).
+fn vring_groups(vhost: &VhostKernVdpa<Arc<GuestMemoryMmap>>) -> Vec<u32> {
+    let count = vhost.get_vqs_count().unwrap_or(0).min(64);
+    (0..count)
+        .map_while(|index| vhost.get_vring_group(index).ok())
+        .collect()
 }
 
 impl VdpaDevice {
@@ -682,6 +713,7 @@ impl VdpaDevice {
             spaces: None,
             no_interrupt: EventFd::new(EFD_NONBLOCK).map_err(VdpaError::Dup)?,
             control: None,
+            shadow: None,
         })
     }
 
@@ -704,22 +736,48 @@ impl VdpaDevice {
         let Layer::Net(NetLayer {
             control: Some(mode),
             ..
-        }) = &self.state.layer
+        }) = self.state.layer
         else {
             return Ok(());
         };
         let state = SharedNetState::default();
+        let shadow = match mode {
+            ControlMode::Shadowed { .. } => Some(self.map_shadow_queue()?),
+            ControlMode::VmmOnly => None,
+        };
         let queues = VringEnable {
             fd: self.vhost.as_raw_fd(),
+            shadow,
         };
         let server = ControlServer::new(state.clone(), queues, translate);
         let worker = QueueWorker::spawn("net-control", memory, server, on_start)?;
         self.control = Some(ControlQueue {
-            mode: *mode,
+            mode,
             worker,
             state,
         });
         Ok(())
+    }
+
+    /// Allocates the VMM's side of the device's control queue and maps it,
+    /// alone, in address space 1: one transaction of the engine, before
+    /// the guest runs.
+    fn map_shadow_queue(&mut self) -> std::io::Result<ShadowCvq> {
+        let (cvq, wiring) = ShadowCvq::new(self.state.iova_first).map_err(std::io::Error::other)?;
+        {
+            let mut mapper = self.lock_mapper();
+            let mut txn = mapper.begin(SHADOW_ASID);
+            for range in &wiring.mappings {
+                txn.add(*range);
+            }
+            mapper.commit(txn).map_err(|e| {
+                std::io::Error::other(format!(
+                    "mapping the VMM's control-queue buffers in address space {SHADOW_ASID}: {e}"
+                ))
+            })?;
+        }
+        self.shadow = Some(wiring);
+        Ok(cvq)
     }
 
     /// The control queue's mode and the net state, where the VMM serves it.
@@ -727,6 +785,10 @@ impl VdpaDevice {
         self.control.as_ref().map(|c| ControlReport {
             mode: c.mode.name(),
             state: lock_state(&c.state).clone(),
+            address_space_1: self
+                .shadow
+                .as_ref()
+                .map(|_| self.lock_mapper().mappings(SHADOW_ASID)),
         })
     }
 
@@ -801,6 +863,10 @@ impl VdpaDevice {
 
     pub fn info(&self, guest_features: u64) -> VdpaInfo {
         let state = &self.state;
+        // Before the mapper's lock below, which the report takes too (a
+        // guard in the struct expression lives until its end).
+        let control = self.control_report();
+        let mappings = self.lock_mapper().mappings(0);
         VdpaInfo {
             path: self.path.clone(),
             kind: state.kind,
@@ -819,12 +885,12 @@ impl VdpaDevice {
             groups: state.groups,
             address_spaces: state.address_spaces,
             status: self.vhost.get_status().unwrap_or(0),
-            mappings: self.lock_mapper().mappings(0),
+            mappings,
             block: match &state.layer {
                 Layer::Block(block) => Some(*block),
                 Layer::Net(_) => None,
             },
-            control: self.control_report(),
+            control,
         }
     }
 
@@ -906,8 +972,19 @@ impl VdpaDevice {
         // accepts (ENABLE_AFTER_DRIVER_OK is not needed, so not acked);
         // with a control queue, only the first pair's until the guest asks
         // for more (the device must not use the others before).
+        let shadowed = matches!(
+            &self.state.layer,
+            Layer::Net(NetLayer {
+                control: Some(ControlMode::Shadowed { .. }),
+                ..
+            })
+        );
+        if shadowed && activation.features & VIRTIO_NET_F_CTRL_VQ != 0 {
+            self.start_shadow_queue(features)?;
+        }
         for &(queue, _) in &data {
-            let on = control.is_none() || queue.index < 2;
+            // The device's own control queue keeps the pairs in use.
+            let on = control.is_none() || shadowed || queue.index < 2;
             self.vhost
                 .set_vring_enable(usize::from(queue.index), on)
                 .map_err(|e| fail("VHOST_VDPA_SET_VRING_ENABLE", e))?;
@@ -920,6 +997,75 @@ impl VdpaDevice {
             self.serve_control(activation, index, max_pairs)?;
         }
         Ok(())
+    }
+
+    /// Puts the device's control-queue group in address space 1 and gives
+    /// the queue the VMM's ring there (before DRIVER_OK). A reset put the
+    /// group back in address space 0; without IOTLB_PERSIST it may also
+    /// have dropped address space 1, which is then sent again.
+    fn start_shadow_queue(&mut self, device_features: u64) -> Result<(), VdpaError> {
+        let fail = |what: &'static str, source: vhost::Error| VdpaError::Ioctl { what, source };
+        let Layer::Net(NetLayer {
+            control:
+                Some(ControlMode::Shadowed {
+                    device_queue,
+                    group,
+                }),
+            ..
+        }) = self.state.layer
+        else {
+            return Ok(());
+        };
+        let Some(wiring) = &self.shadow else {
+            return Err(VdpaError::Control(
+                "the device's control queue has no buffers".into(),
+            ));
+        };
+        // With MQ the device's control queue follows all its pairs, else
+        // the first (which `shadow_mode` chose by the pairs offered).
+        let multiqueue = device_features & VIRTIO_NET_F_MQ != 0;
+        if multiqueue != (device_queue != 2) {
+            return Err(VdpaError::Control(format!(
+                "the driver {} multiqueue, which moves the device's control queue from {device_queue}",
+                if multiqueue { "took" } else { "declined" }
+            )));
+        }
+        set_group_asid(&self.vhost, group, SHADOW_ASID)
+            .map_err(|e| fail("VHOST_VDPA_SET_GROUP_ASID", e))?;
+        let persist = self.state.backend_features & VHOST_BACKEND_F_IOTLB_PERSIST != 0;
+        if !persist && self.state.resets > 0 {
+            self.lock_mapper()
+                .replay(SHADOW_ASID)
+                .map_err(|e| VdpaError::Control(format!("address space 1 again: {e}")))?;
+        }
+        wiring
+            .clear()
+            .map_err(|e| VdpaError::Control(e.to_string()))?;
+        let index = usize::from(device_queue);
+        let ring = wiring.ring;
+        self.vhost
+            .set_vring_num(index, ring.size)
+            .map_err(|e| fail("VHOST_SET_VRING_NUM", e))?;
+        let queue = QueueConfig {
+            index: device_queue,
+            size: ring.size,
+            desc: ring.desc,
+            driver: ring.avail,
+            device: ring.used,
+        };
+        set_vring_iova(&self.vhost, &queue).map_err(|e| fail("VHOST_SET_VRING_ADDR", e))?;
+        self.vhost
+            .set_vring_base(index, 0)
+            .map_err(|e| fail("VHOST_SET_VRING_BASE", e))?;
+        self.vhost
+            .set_vring_kick(index, &wiring.kick)
+            .map_err(|e| fail("VHOST_SET_VRING_KICK", e))?;
+        self.vhost
+            .set_vring_call(index, &wiring.call)
+            .map_err(|e| fail("VHOST_SET_VRING_CALL", e))?;
+        self.vhost
+            .set_vring_enable(index, true)
+            .map_err(|e| fail("VHOST_VDPA_SET_VRING_ENABLE", e))
     }
 
     /// Hands the guest's control queue to the worker, once the device runs.
@@ -965,6 +1111,27 @@ impl VdpaDevice {
             })
             .map_err(gone)
     }
+}
+
+/// VHOST_VDPA_SET_GROUP_ASID. (The vhost crate's `set_group_asid`, 0.18,
+/// sends VHOST_VDPA_GET_VRING_GROUP instead: the seccomp filter caught it.)
+fn set_group_asid(
+    vhost: &VhostKernVdpa<Arc<GuestMemoryMmap>>,
+    group: u32,
+    asid: u32,
+) -> Result<(), vhost::Error> {
+    let state = vhost_binding::vhost_vring_state {
+        index: group,
+        num: asid,
+    };
+    // SAFETY: VHOST_VDPA_SET_GROUP_ASID on our open vhost-vdpa descriptor
+    // reads one `struct vhost_vring_state`, which `state` is and which
+    // outlives the call; the kernel keeps no pointer to it.
+    let ret = unsafe { ioctl_with_ref(vhost, vhost_binding::VHOST_VDPA_SET_GROUP_ASID(), &state) };
+    if ret < 0 {
+        return Err(vhost::Error::IoctlError(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Hands the device the ring addresses the driver wrote: IOVAs, which are
@@ -1101,7 +1268,95 @@ mod tests {
             virtqueues: Some(3),
             groups: Some(2),
             address_spaces: Some(2),
+            // Not asked (an older kernel): the control queue stays hidden.
+            vring_groups: Vec::new(),
         }
+    }
+
+    /// vdpa_sim_net as 6.12 reports it: rx and tx in group 0, the control
+    /// queue alone in group 1.
+    fn sim_net_grouped() -> DeviceProbe {
+        DeviceProbe {
+            vring_groups: vec![0, 0, 1],
+            ..sim_net()
+        }
+    }
+
+    #[test]
+    fn a_control_queue_alone_in_its_group_is_shadowed_in_address_space_1() {
+        let state = negotiate(&any_type(), &sim_net_grouped()).unwrap();
+        let Layer::Net(net) = &state.layer else {
+            panic!("not net")
+        };
+        assert_eq!(
+            net.control,
+            Some(ControlMode::Shadowed {
+                device_queue: 2,
+                group: 1
+            })
+        );
+        assert_eq!(state.queue_count, 3, "one pair and the control queue");
+        assert_ne!(state.backend_features & VHOST_BACKEND_F_IOTLB_ASID, 0);
+        let guest = state.guest_features();
+        assert_eq!(
+            guest & (VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_CTRL_MAC_ADDR | VIRTIO_NET_F_MQ),
+            VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_CTRL_MAC_ADDR
+        );
+        // The device is told of its control queue too.
+        assert_ne!(state.device_features_for(guest) & VIRTIO_NET_F_CTRL_VQ, 0);
+        // Its config is the device's: no pairs put over it with one pair.
+        let probe = sim_net_grouped();
+        let mut data = [0u8; 12];
+        state.read_config(0, &mut data, |at, buf| {
+            let at = at as usize;
+            buf.copy_from_slice(&probe.config[at..at + buf.len()]);
+        });
+        assert_eq!(data.as_slice(), probe.config.as_slice());
+
+        // Not where the group is shared, there is one address space, the
+        // kernel cannot name one, or behind the vIOMMU (the VMM could not
+        // read the guest's queue): hidden, as before.
+        for probe in [
+            DeviceProbe {
+                vring_groups: vec![0, 0, 0],
+                ..sim_net()
+            },
+            DeviceProbe {
+                address_spaces: Some(1),
+                ..sim_net_grouped()
+            },
+            DeviceProbe {
+                backend_features: SIM_BACKEND & !VHOST_BACKEND_F_IOTLB_ASID,
+                ..sim_net_grouped()
+            },
+        ] {
+            let state = negotiate(&any_type(), &probe).unwrap();
+            assert_eq!(state.queue_count, 2, "{probe:?}");
+            assert_eq!(state.backend_features & VHOST_BACKEND_F_IOTLB_ASID, 0);
+        }
+        let behind = VdpaConfig {
+            translation: Translation::Iommu,
+            ..any_type()
+        };
+        assert_eq!(
+            negotiate(&behind, &sim_net_grouped()).unwrap().queue_count,
+            2
+        );
+        // More pairs than the device has are refused.
+        let two = VdpaConfig {
+            net: NetOptions {
+                mac: None,
+                queue_pairs: 2,
+            },
+            ..any_type()
+        };
+        assert!(matches!(
+            negotiate(&two, &sim_net_grouped()),
+            Err(VdpaError::Queues {
+                requested: 2,
+                offered: 1
+            })
+        ));
     }
 
     fn sim_blk() -> DeviceProbe {

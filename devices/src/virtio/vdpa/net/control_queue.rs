@@ -13,26 +13,49 @@ use vhost::vhost_kern::vhost_binding;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::ctrl::{
-    data_queue_enables, parse, Command, ControlLimits, Effect, NetState, MAX_COMMAND_BYTES,
-    VIRTIO_NET_ERR, VIRTIO_NET_OK,
+    data_queue_enables, parse, Command, ControlLimits, Effect, NetState, Refusal,
+    MAX_COMMAND_BYTES, VIRTIO_NET_ERR, VIRTIO_NET_OK,
 };
+use super::shadow_cvq::{ShadowCvq, ShadowError};
 use crate::dma::{GuestTranslate, Perm};
 use crate::virtio::queue_worker::{Chain, Drain, QueueHandler};
 
-/// Switches the device's data queues on and off.
+/// What the server applies commands to: the device's data queues, and
+/// (shadowed mode) the device's own control queue.
 pub trait DataQueues: Send + 'static {
     fn set_enabled(&mut self, index: u16, on: bool) -> io::Result<()>;
+    /// Sends a command through the device's own control queue; its ack.
+    fn forward(&mut self, command: &[u8]) -> Result<u8, ShadowError>;
+    /// The device was started again: its control queue starts over.
+    fn restart(&mut self) -> Result<(), ShadowError>;
 }
 
 /// VHOST_VDPA_SET_VRING_ENABLE on the device's control descriptor, by
 /// number: the worker's seccomp filter binds the ioctl to it. It stays
-/// open for the VM's life.
-#[derive(Clone, Copy, Debug)]
+/// open for the VM's life. `shadow`: the device's own control queue, in
+/// the shadowed mode.
 pub struct VringEnable {
     pub fd: RawFd,
+    pub shadow: Option<ShadowCvq>,
 }
 
 impl DataQueues for VringEnable {
+    fn forward(&mut self, command: &[u8]) -> Result<u8, ShadowError> {
+        match &mut self.shadow {
+            Some(shadow) => shadow.forward(command),
+            None => Err(ShadowError::Memory(
+                "the device has no control queue".into(),
+            )),
+        }
+    }
+
+    fn restart(&mut self) -> Result<(), ShadowError> {
+        match &mut self.shadow {
+            Some(shadow) => shadow.restart(),
+            None => Ok(()),
+        }
+    }
+
     fn set_enabled(&mut self, index: u16, on: bool) -> io::Result<()> {
         let state = vhost_binding::vhost_vring_state {
             index: u32::from(index),
@@ -90,6 +113,9 @@ impl<Q: DataQueues> ControlServer<Q> {
     /// which the caller has arranged on the device.
     pub fn activate(&mut self, limits: ControlLimits) {
         lock_state(&self.state).reset();
+        if let Err(e) = self.queues.restart() {
+            eprintln!("microvm: control queue: the device's control queue cannot start over: {e}");
+        }
         self.limits = Some(limits);
     }
 
@@ -118,6 +144,15 @@ impl<Q: DataQueues> ControlServer<Q> {
         let effect = lock_state(&self.state)
             .plan(&command, &limits)
             .map_err(|e| e.to_string())?;
+        if effect == Effect::Forward {
+            let ack = self
+                .queues
+                .forward(bytes)
+                .map_err(|e| format!("forwarding it to the device failed: {e}"))?;
+            if ack != VIRTIO_NET_OK {
+                return Err(Refusal::DeviceRefused.to_string());
+            }
+        }
         self.apply(effect, limits.max_pairs)
             .map_err(|e| format!("the device refused it: {e}"))?;
         lock_state(&self.state).commit(command);
@@ -222,11 +257,14 @@ mod tests {
     use crate::dma::TableTranslate;
     use crate::virtio::test_ring::TestRing;
 
-    /// Records each enable; refuses the `fail_at`-th call.
+    /// Records each enable; refuses the `fail_at`-th call. Forwarded
+    /// commands are recorded and answered with `ack`.
     #[derive(Default)]
     struct Recording {
         calls: Arc<Mutex<Vec<(u16, bool)>>>,
         fail_at: Option<usize>,
+        forwarded: Arc<Mutex<Vec<Vec<u8>>>>,
+        ack: u8,
     }
 
     impl DataQueues for Recording {
@@ -237,6 +275,15 @@ mod tests {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
             calls.push((index, on));
+            Ok(())
+        }
+
+        fn forward(&mut self, command: &[u8]) -> Result<u8, ShadowError> {
+            self.forwarded.lock().unwrap().push(command.to_vec());
+            Ok(self.ack)
+        }
+
+        fn restart(&mut self) -> Result<(), ShadowError> {
             Ok(())
         }
     }
@@ -255,18 +302,22 @@ mod tests {
     }
 
     fn bench(fail_at: Option<usize>) -> Bench {
-        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let calls = Arc::new(Mutex::new(Vec::new()));
         let queues = Recording {
-            calls: calls.clone(),
             fail_at,
+            ..Recording::default()
         };
+        bench_with(queues, VIRTIO_NET_F_MQ, ControlMode::VmmOnly)
+    }
+
+    fn bench_with(queues: Recording, negotiated: u64, mode: ControlMode) -> Bench {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let calls = queues.calls.clone();
         let state = SharedNetState::default();
         let mut server = ControlServer::new(state.clone(), queues, Arc::new(TableTranslate(RAM)));
         server.activate(ControlLimits {
-            negotiated: VIRTIO_NET_F_MQ,
+            negotiated,
             max_pairs: 4,
-            mode: ControlMode::VmmOnly,
+            mode,
         });
         Bench {
             memory,
@@ -275,6 +326,47 @@ mod tests {
             calls,
             state,
         }
+    }
+
+    #[test]
+    fn shadowed_commands_go_to_the_devices_control_queue_and_its_answer_decides() {
+        use super::super::ctrl::VIRTIO_NET_F_CTRL_RX;
+        use super::super::VIRTIO_NET_F_CTRL_MAC_ADDR;
+        let shadowed = ControlMode::Shadowed {
+            device_queue: 2,
+            group: 1,
+        };
+        let negotiated = VIRTIO_NET_F_CTRL_MAC_ADDR | VIRTIO_NET_F_CTRL_RX;
+        let forwarded = Arc::new(Mutex::new(Vec::new()));
+        let ok = Recording {
+            forwarded: forwarded.clone(),
+            ack: VIRTIO_NET_OK,
+            ..Recording::default()
+        };
+        let mut b = bench_with(ok, negotiated, shadowed);
+        let mac = [1u8, 1, 0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee];
+        assert_eq!(b.send(&mac), (VIRTIO_NET_OK, 1));
+        assert_eq!(
+            lock_state(&b.state).mac,
+            Some([0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee])
+        );
+        // Malformed or not negotiated: refused by the VMM, never forwarded.
+        assert_eq!(b.send(&[1, 1, 0x02]), (VIRTIO_NET_ERR, 1));
+        assert_eq!(b.send(&[4, 0, 2, 0]), (VIRTIO_NET_ERR, 1));
+        assert_eq!(b.send(&[0, 0, 1]), (VIRTIO_NET_OK, 1));
+        assert_eq!(*forwarded.lock().unwrap(), [mac.to_vec(), vec![0, 0, 1]]);
+        assert!(b.calls.lock().unwrap().is_empty());
+
+        // The device says ERR: so does the guest's answer, and the state
+        // keeps what it had.
+        let refusing = Recording {
+            ack: VIRTIO_NET_ERR,
+            ..Recording::default()
+        };
+        let mut b = bench_with(refusing, negotiated, shadowed);
+        assert_eq!(b.send(&mac), (VIRTIO_NET_ERR, 1));
+        assert_eq!(lock_state(&b.state).mac, None);
+        assert_eq!(lock_state(&b.state).refused, 1);
     }
 
     impl Bench {

@@ -233,12 +233,29 @@ pub enum ControlMode {
     /// only what it can apply itself (the queue pairs, by enabling and
     /// disabling the device's data queues).
     VmmOnly,
+    /// The device has a control queue in a virtqueue group of its own,
+    /// and a second address space: the VMM puts that group in ASID 1,
+    /// where only the VMM's own command buffers are mapped, and forwards
+    /// each command it accepts through it; the device's answer is the
+    /// guest's.
+    Shadowed {
+        /// The device's control queue (its index on the device).
+        device_queue: u16,
+        /// Its virtqueue group.
+        group: u32,
+    },
 }
+
+/// The address space a shadowed control queue's group is put in.
+pub const SHADOW_ASID: u32 = 1;
 
 impl ControlMode {
     pub fn name(self) -> &'static str {
         match self {
             ControlMode::VmmOnly => "served by the VMM alone (the device has no control queue)",
+            ControlMode::Shadowed { .. } => {
+                "shadowed: read by the VMM, forwarded through the device's own control queue in address space 1"
+            }
         }
     }
 }
@@ -261,6 +278,8 @@ pub enum Refusal {
     QueuePairs { requested: u16, max: u16 },
     #[error("the device cannot apply it (it has no control queue), so the VMM refuses it")]
     DeviceCannot,
+    #[error("the device's own control queue answered ERR")]
+    DeviceRefused,
 }
 
 /// What must be done to the device before a command's answer is OK.
@@ -271,6 +290,9 @@ pub enum Effect {
     /// Enable the data queues of pairs `0..to` and disable the rest of
     /// `0..max`.
     QueuePairs { from: u16, to: u16 },
+    /// Send the command through the device's own control queue; its
+    /// answer decides.
+    Forward,
 }
 
 /// The receive filter as the driver set it (virtio's defaults after
@@ -360,19 +382,22 @@ impl NetState {
         if limits.negotiated & feature == 0 {
             return Err(Refusal::NotNegotiated(name));
         }
-        match (command, limits.mode) {
-            (Command::QueuePairs(pairs), _) => {
-                if *pairs == 0 || *pairs > limits.max_pairs || *pairs > MAX_QUEUE_PAIRS {
-                    return Err(Refusal::QueuePairs {
-                        requested: *pairs,
-                        max: limits.max_pairs,
-                    });
-                }
-                Ok(Effect::QueuePairs {
-                    from: self.queue_pairs,
-                    to: *pairs,
-                })
+        if let Command::QueuePairs(pairs) = command {
+            if *pairs == 0 || *pairs > limits.max_pairs || *pairs > MAX_QUEUE_PAIRS {
+                return Err(Refusal::QueuePairs {
+                    requested: *pairs,
+                    max: limits.max_pairs,
+                });
             }
+        }
+        match (command, limits.mode) {
+            // The device's own control queue applies everything it was
+            // offered, the pair count included.
+            (_, ControlMode::Shadowed { .. }) => Ok(Effect::Forward),
+            (Command::QueuePairs(pairs), ControlMode::VmmOnly) => Ok(Effect::QueuePairs {
+                from: self.queue_pairs,
+                to: *pairs,
+            }),
             // The VMM does not filter frames and cannot change the
             // device's MAC: an OK would be a lie.
             (_, ControlMode::VmmOnly) => Err(Refusal::DeviceCannot),

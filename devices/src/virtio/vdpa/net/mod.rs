@@ -6,17 +6,23 @@
 //! number of pairs in use with VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET. For a device
 //! without a control queue of its own (VDUSE refuses one for net devices)
 //! the VMM serves the guest's ([`control_queue`]) and applies the pair count
-//! by enabling the device's data queues. A device with its own control
-//! queue keeps it hidden, and so one pair: forwarding through it in a
-//! second address space is not built yet. With one pair the control queue
+//! by enabling the device's data queues; with one pair the control queue
 //! and everything that needs it stay hidden (the VMM could honour nothing
-//! on it alone).
+//! on it alone). A device whose own control queue is alone in its group
+//! and which has a second address space gets it shadowed: the VMM serves
+//! the guest's and forwards what it accepts through the device's, in
+//! address space 1 with only the VMM's buffers ([`shadow_cvq`]). Another
+//! device with a control queue keeps it hidden, and one pair.
 
 pub mod control_queue;
 pub mod ctrl;
+pub mod shadow_cvq;
 
 use super::super::VIRTIO_F_VERSION_1;
-use super::{DeviceProbe, VdpaError, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use super::{
+    DeviceProbe, VdpaError, VHOST_BACKEND_F_IOTLB_ASID, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
 use ctrl::ControlMode;
 
 pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
@@ -81,21 +87,32 @@ pub struct NetLayer {
 }
 
 impl NetLayer {
-    pub fn new(options: &NetOptions, probe: &DeviceProbe) -> Result<NetLayer, VdpaError> {
+    /// `can_serve`: the VMM can read the guest's control queue (it lies
+    /// at guest physical addresses: no vIOMMU).
+    pub fn new(
+        options: &NetOptions,
+        probe: &DeviceProbe,
+        can_serve: bool,
+    ) -> Result<NetLayer, VdpaError> {
         let pairs = options.queue_pairs.max(1);
         let offered = offered_pairs(probe);
-        let control = match pairs {
-            1 => None,
-            _ if probe.device_features & VIRTIO_NET_F_CTRL_VQ != 0 => {
-                return Err(VdpaError::OwnControlQueue { requested: pairs })
-            }
-            _ if pairs > offered => {
-                return Err(VdpaError::Queues {
-                    requested: pairs,
-                    offered,
-                })
-            }
-            _ => Some(ControlMode::VmmOnly),
+        let own = probe.device_features & VIRTIO_NET_F_CTRL_VQ != 0;
+        let shadow = match own && can_serve {
+            true => shadow_mode(probe, pairs, offered),
+            false => None,
+        };
+        let too_many = || VdpaError::Queues {
+            requested: pairs,
+            offered,
+        };
+        let control = match (own, shadow) {
+            (true, Some(_)) if pairs > offered => return Err(too_many()),
+            (true, Some(mode)) => Some(mode),
+            (true, None) if pairs == 1 => None,
+            (true, None) => return Err(VdpaError::OwnControlQueue { requested: pairs }),
+            (false, _) if pairs == 1 => None,
+            (false, _) if pairs > offered => return Err(too_many()),
+            (false, _) => Some(ControlMode::VmmOnly),
         };
         Ok(NetLayer {
             mac: options.mac,
@@ -120,8 +137,16 @@ impl NetLayer {
             Some(_) => VIRTIO_NET_F_MAC,
             None => 0,
         };
+        let multiqueue = match self.queue_pairs {
+            1 => 0,
+            _ => VIRTIO_NET_F_MQ,
+        };
         let control = match self.control {
-            Some(_) => VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_MQ,
+            Some(ControlMode::VmmOnly) => VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_MQ,
+            // What the device's control queue applies, as it offers it.
+            Some(ControlMode::Shadowed { .. }) => {
+                VIRTIO_NET_F_CTRL_VQ | (device_features & (SHADOWED_FEATURES | multiqueue))
+            }
             None => 0,
         };
         (device_features & GUEST_VISIBLE_FEATURES) | mac | control
@@ -133,7 +158,12 @@ impl NetLayer {
         if let Some(mac) = self.mac {
             overlay(offset, data, CONFIG_MAC, &mac);
         }
-        if self.control.is_some() {
+        let pairs_offered = match self.control {
+            Some(ControlMode::VmmOnly) => true,
+            Some(ControlMode::Shadowed { .. }) => self.queue_pairs > 1,
+            None => false,
+        };
+        if pairs_offered {
             overlay(
                 offset,
                 data,
@@ -154,6 +184,36 @@ fn overlay(offset: u64, data: &mut [u8], field: u64, value: &[u8]) {
                 *byte = *v;
             }
         }
+    }
+}
+
+/// What a shadowed control queue may offer the guest, where the device
+/// does: the commands the VMM parses and forwards.
+const SHADOWED_FEATURES: u64 = VIRTIO_NET_F_CTRL_MAC_ADDR
+    | ctrl::VIRTIO_NET_F_CTRL_RX
+    | ctrl::VIRTIO_NET_F_CTRL_RX_EXTRA
+    | ctrl::VIRTIO_NET_F_CTRL_VLAN;
+
+/// The shadowed mode, where the device allows it: its control queue (at
+/// the index it has with the pairs the guest gets) in a virtqueue group
+/// no data queue is in, a second address space, and IOTLB messages that
+/// name one (VHOST_BACKEND_F_IOTLB_ASID).
+fn shadow_mode(probe: &DeviceProbe, pairs: u16, offered: u16) -> Option<ControlMode> {
+    if probe.address_spaces? < 2 || probe.backend_features & VHOST_BACKEND_F_IOTLB_ASID == 0 {
+        return None;
+    }
+    let device_queue = match pairs {
+        1 => 2,
+        _ => offered.checked_mul(2)?,
+    };
+    let group = *probe.vring_groups.get(usize::from(device_queue))?;
+    let data = probe.vring_groups.get(..usize::from(device_queue))?;
+    match data.iter().all(|&g| g != group) {
+        true => Some(ControlMode::Shadowed {
+            device_queue,
+            group,
+        }),
+        false => None,
     }
 }
 
@@ -245,7 +305,7 @@ mod tests {
             mac: None,
             queue_pairs: 2,
         };
-        let error = NetLayer::new(&options, &probe).unwrap_err();
+        let error = NetLayer::new(&options, &probe, true).unwrap_err();
         assert!(
             matches!(error, VdpaError::OwnControlQueue { requested: 2 }),
             "{error:?}"
@@ -255,7 +315,7 @@ mod tests {
             ..options
         };
         assert_eq!(
-            NetLayer::new(&one, &probe).unwrap(),
+            NetLayer::new(&one, &probe, true).unwrap(),
             NetLayer {
                 mac: None,
                 queue_pairs: 1,
@@ -281,7 +341,7 @@ mod tests {
             mac: None,
             queue_pairs: 3,
         };
-        let layer = NetLayer::new(&three, &vduse_net(4)).unwrap();
+        let layer = NetLayer::new(&three, &vduse_net(4), true).unwrap();
         assert_eq!(layer.control, Some(ControlMode::VmmOnly));
         assert_eq!(layer.queue_count(), 7, "three pairs and the control queue");
         let guest = layer.guest_features(vduse_net(4).device_features);
@@ -306,7 +366,7 @@ mod tests {
             queue_pairs: 5,
             ..three.clone()
         };
-        let error = NetLayer::new(&five, &vduse_net(4)).unwrap_err();
+        let error = NetLayer::new(&five, &vduse_net(4), true).unwrap_err();
         assert!(
             matches!(
                 error,
@@ -321,7 +381,7 @@ mod tests {
             device_features: VIRTIO_F_VERSION_1,
             ..vduse_net(4)
         };
-        let error = NetLayer::new(&three, &no_mq).unwrap_err();
+        let error = NetLayer::new(&three, &no_mq, true).unwrap_err();
         assert!(
             matches!(
                 error,
@@ -337,7 +397,7 @@ mod tests {
             queue_pairs: 1,
             ..three
         };
-        let layer = NetLayer::new(&one, &vduse_net(4)).unwrap();
+        let layer = NetLayer::new(&one, &vduse_net(4), true).unwrap();
         assert_eq!((layer.control, layer.queue_count()), (None, 2));
         assert_eq!(
             layer.guest_features(vduse_net(4).device_features) & VIRTIO_NET_F_MQ,
