@@ -27,7 +27,7 @@ pub trait DataQueues: Send + 'static {
     /// Sends a command through the device's own control queue; its ack.
     fn forward(&mut self, command: &[u8]) -> Result<u8, ShadowError>;
     /// The device was started again: its control queue starts over.
-    fn restart(&mut self) -> Result<(), ShadowError>;
+    fn restart(&mut self);
 }
 
 /// VHOST_VDPA_SET_VRING_ENABLE on the device's control descriptor, by
@@ -43,16 +43,13 @@ impl DataQueues for VringEnable {
     fn forward(&mut self, command: &[u8]) -> Result<u8, ShadowError> {
         match &mut self.shadow {
             Some(shadow) => shadow.forward(command),
-            None => Err(ShadowError::Memory(
-                "the device has no control queue".into(),
-            )),
+            None => Err(ShadowError::NotShadowed),
         }
     }
 
-    fn restart(&mut self) -> Result<(), ShadowError> {
-        match &mut self.shadow {
-            Some(shadow) => shadow.restart(),
-            None => Ok(()),
+    fn restart(&mut self) {
+        if let Some(shadow) = &mut self.shadow {
+            shadow.restart();
         }
     }
 
@@ -113,9 +110,7 @@ impl<Q: DataQueues> ControlServer<Q> {
     /// which the caller has arranged on the device.
     pub fn activate(&mut self, limits: ControlLimits) {
         lock_state(&self.state).reset();
-        if let Err(e) = self.queues.restart() {
-            eprintln!("microvm: control queue: the device's control queue cannot start over: {e}");
-        }
+        self.queues.restart();
         self.limits = Some(limits);
     }
 
@@ -283,9 +278,7 @@ mod tests {
             Ok(self.ack)
         }
 
-        fn restart(&mut self) -> Result<(), ShadowError> {
-            Ok(())
-        }
+        fn restart(&mut self) {}
     }
 
     const RAM: &[(u64, u64, u64)] = &[(0, 1 << 20, 0)];

@@ -57,6 +57,8 @@ pub enum ShadowError {
     Stuck,
     #[error("the device completed the command without writing its ack (used length {0})")]
     NoAck(u32),
+    #[error("the device's control queue is not shadowed")]
+    NotShadowed,
 }
 
 /// Where the ring lies for the device (IOVAs in address space 1).
@@ -170,15 +172,13 @@ impl ShadowCvq {
         self.state
     }
 
-    /// The device's ring starts over (its base was set to 0 at start).
-    pub fn restart(&mut self) -> Result<(), ShadowError> {
-        self.memory
-            .write_slice(&[0u8; SIZE as usize], GuestAddress(0))?;
+    /// The device's ring starts over: its base was set to 0 and the ring
+    /// cleared ([`ShadowWiring::clear`]) before DRIVER_OK.
+    pub fn restart(&mut self) {
         self.state = ShadowState {
             forwarded: self.state.forwarded,
             ..ShadowState::default()
         };
-        Ok(())
     }
 
     /// Sends `command` (class, command, data) through the device's
@@ -268,9 +268,9 @@ impl ShadowCvq {
 mod tests {
     use super::*;
 
-    /// Plays the device: takes the avail entry, writes `ack`, completes it.
-    fn device_answers(cvq: &ShadowCvq, ack: u8) {
-        let m = &cvq.memory;
+    /// Plays the device on the ring in `m` at `iova`: takes the avail
+    /// entry, writes `ack`, completes it.
+    fn device_answers(m: &GuestMemoryMmap, iova: u64, ack: u8) {
         let avail: u16 = m.read_obj(GuestAddress(AVAIL + 2)).unwrap();
         let head: u16 = m
             .read_obj(GuestAddress(
@@ -279,7 +279,7 @@ mod tests {
             .unwrap();
         assert_eq!(head, 0);
         let ack_iova: u64 = m.read_obj(GuestAddress(DESC + 16)).unwrap();
-        m.write_obj(ack, GuestAddress(ack_iova - cvq.iova)).unwrap();
+        m.write_obj(ack, GuestAddress(ack_iova - iova)).unwrap();
         let used: u16 = m.read_obj(GuestAddress(USED + 2)).unwrap();
         let slot = u64::from(used % SHADOW_QUEUE_SIZE);
         m.write_obj(u32::from(head), GuestAddress(USED + 4 + 8 * slot))
@@ -313,16 +313,9 @@ mod tests {
         let device = std::thread::spawn(move || {
             for _ in 0..200 {
                 if kick.read().is_ok() {
-                    let fake = ShadowCvq {
-                        memory: memory.clone(),
-                        iova,
-                        kick: EventFd::new(EFD_NONBLOCK).unwrap(),
-                        call: EventFd::new(EFD_NONBLOCK).unwrap(),
-                        state: ShadowState::default(),
-                    };
                     let mut got = vec![0u8; 8];
                     memory.read_slice(&mut got, GuestAddress(COMMAND)).unwrap();
-                    device_answers(&fake, 0);
+                    device_answers(&memory, iova, 0);
                     return got;
                 }
                 std::thread::sleep(Duration::from_millis(5));
@@ -346,7 +339,7 @@ mod tests {
             Err(ShadowError::NoAnswer(_))
         ));
         assert!(matches!(cvq.forward(&[1, 1]), Err(ShadowError::Stuck)));
-        cvq.restart().unwrap();
+        cvq.restart();
         assert!(!cvq.state().stuck);
         assert!(matches!(
             cvq.forward(&vec![0u8; MAX_FORWARDED + 1]),
