@@ -108,14 +108,16 @@ sleep 8",
 /// control queue, whose address space (1) holds only the VMM's buffers.
 /// `mc LABEL` counts what comes back of 3 pings to a static neighbour at
 /// the new MAC and 3 to one at the old: the simulator loops back only
-/// frames to the MAC in its config.
+/// frames to the MAC in its config. The neighbours are set again each time:
+/// a MAC change flushes even permanent ARP entries, and the broadcast ARP
+/// requests that follow would loop back whatever the filter.
 fn mac_guest() -> String {
     format!(
         "for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do echo 1 > $f; done
 ip link set eth0 up; ip addr add 192.0.2.2/24 dev eth0
-arp -s 192.0.2.7 {SIM_MAC}; arp -s 192.0.2.8 {NEW_MAC}
 rx() {{ cat /sys/class/net/eth0/statistics/rx_packets; }}
 mc() {{
+arp -s 192.0.2.7 {SIM_MAC}; arp -s 192.0.2.8 {NEW_MAC}
 a=$(rx); ping -c 3 -W 1 192.0.2.8 >/dev/null 2>&1; sleep 2; b=$(rx)
 ping -c 3 -W 1 192.0.2.7 >/dev/null 2>&1; sleep 2; c=$(rx)
 echo \"sim-mac $1 new=$((b - a)) old=$((c - b))\"
