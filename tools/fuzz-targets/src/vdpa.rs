@@ -5,7 +5,7 @@
 use devices::virtio::vdpa::block::BlockOptions;
 use devices::virtio::vdpa::net::{NetOptions, VIRTIO_NET_F_MAC};
 use devices::virtio::vdpa::{
-    negotiate, DeviceKind, DeviceProbe, Layer, Translation, VdpaConfig,
+    negotiate, DeviceKind, DeviceProbe, Layer, Translation, VdpaConfig, VHOST_BACKEND_F_IOTLB_ASID,
     VHOST_BACKEND_F_IOTLB_BATCH, VHOST_BACKEND_F_IOTLB_MSG_V2, VHOST_BACKEND_F_IOTLB_PERSIST,
 };
 use devices::virtio::VIRTIO_F_ACCESS_PLATFORM;
@@ -49,6 +49,11 @@ fn decode(data: &[u8]) -> (VdpaConfig, DeviceProbe, u64, usize) {
             let len = input.below(80);
             input.bytes(len).to_vec()
         },
+        // Last, so the seeds written before it decode as they did.
+        vring_groups: {
+            let len = input.below(5);
+            (0..len).map(|_| input.u32() % 3).collect()
+        },
     };
     let (offset, len) = (input.u64(), input.below(16));
     (config, probe, offset, len)
@@ -60,8 +65,10 @@ pub fn vdpa_negotiate(data: &[u8]) {
         return;
     };
     // Nothing acked that the kernel did not offer or the VMM does not handle.
-    let handled =
-        VHOST_BACKEND_F_IOTLB_MSG_V2 | VHOST_BACKEND_F_IOTLB_BATCH | VHOST_BACKEND_F_IOTLB_PERSIST;
+    let handled = VHOST_BACKEND_F_IOTLB_MSG_V2
+        | VHOST_BACKEND_F_IOTLB_BATCH
+        | VHOST_BACKEND_F_IOTLB_PERSIST
+        | VHOST_BACKEND_F_IOTLB_ASID;
     assert_eq!(
         state.backend_features & !(probe.backend_features & handled),
         0
