@@ -138,9 +138,11 @@ fn mac_scenario(script: &mut HostScript) {
         .sh(&format!(
             "dev_mac=$(h_vdpa_add vdpasim_net sim0 --mac {SIM_MAC}) || h_step_failed 'a vdpasim_net device (mac)'"
         ))
+        .section("mac-device-before", "vdpa-mgmt dev mac sim0")
         .sh(&format!("H_API={api}"))
         .microvm(&run)
         .wait_console("guest-done", 240, "the guest to change its MAC")
+        .section("mac-device-after", "vdpa-mgmt dev mac sim0")
         .ctl_section("mac-info", "info")
         .section(
             "mac-maps",
@@ -457,7 +459,10 @@ fn vdpa_sim_net_takes_the_guests_mac_through_its_own_control_queue_in_address_sp
         console.contains(&format!("guest-mac={NEW_MAC}")),
         "{console}"
     );
-    // The device's filter (its config MAC) moved with the command.
+    // The device's own config (read over vdpa netlink, not through the
+    // VMM) holds the new MAC, and its filter moved with it.
+    assert_eq!(section("mac-device-before").trim(), SIM_MAC);
+    assert_eq!(section("mac-device-after").trim(), NEW_MAC);
     let (new, old) = mac_loopback(console, "before");
     assert!(
         old >= 3 && new == 0,

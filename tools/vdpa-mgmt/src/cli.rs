@@ -93,6 +93,8 @@ pub enum DevCmd {
     },
     /// VDPA_CMD_DEV_DEL: delete device NAME.
     Del { name: String },
+    /// VDPA_CMD_DEV_CONFIG_GET: the MAC address in net device NAME's own config.
+    Mac { name: String },
     /// Wait for the vhost-vdpa node of device NAME and print it (/dev/vhost-vdpa-K).
     Node {
         name: String,

@@ -3,6 +3,7 @@
 //!
 //!   vdpa-mgmt dev add --mgmtdev M --name N [--mac MAC] [--features HEX]
 //!   vdpa-mgmt dev del N
+//!   vdpa-mgmt dev mac N                    the MAC in the device's own config
 //!   vdpa-mgmt dev node N [--timeout S]     prints /dev/vhost-vdpa-K
 //!   vdpa-mgmt mgmtdev list                 one line per management device
 //!
@@ -47,6 +48,18 @@ fn run(cli: Cli) -> Result<Vec<String>, String> {
                 .and_then(|mut v| v.dev_del(&name))
                 .map_err(|e| e.to_string())?;
             Ok(Vec::new())
+        }
+        Cmd::Dev {
+            cmd: DevCmd::Mac { name },
+        } => {
+            let mac = Vdpa::open()
+                .and_then(|mut v| v.dev_config_mac(&name))
+                .map_err(|e| e.to_string())?;
+            Ok(vec![mac
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")])
         }
         Cmd::Dev {
             cmd: DevCmd::Node { name, timeout },
