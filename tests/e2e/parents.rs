@@ -332,19 +332,24 @@ fn json(name: &str) -> serde_json::Value {
     run().json(name)
 }
 
-/// (broadcast, other) frames that came back in the guest's check `label`.
-fn loopback(console: &str, label: &str) -> (u64, u64) {
+/// The two counts `keys` of the guest's console line `CHECK LABEL k=v ...`.
+fn console_counts(console: &str, check: &str, label: &str, keys: [&str; 2]) -> (u64, u64) {
     let line = console
         .lines()
-        .find(|l| l.starts_with(&format!("sim-rx {label} ")))
-        .unwrap_or_else(|| panic!("no loopback check {label}:\n{console}"));
+        .find(|l| l.starts_with(&format!("{check} {label} ")))
+        .unwrap_or_else(|| panic!("no {check} check {label}:\n{console}"));
     let field = |key: &str| -> u64 {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(&format!("{key}=")))
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {key} in {line}"))
     };
-    (field("broadcast"), field("other"))
+    (field(keys[0]), field(keys[1]))
+}
+
+/// (broadcast, other) frames that came back in the guest's check `label`.
+fn loopback(console: &str, label: &str) -> (u64, u64) {
+    console_counts(console, "sim-rx", label, ["broadcast", "other"])
 }
 
 /// Bytes a device's IOTLB holds, from its `info` entry.
@@ -432,17 +437,7 @@ fn assert_net_scenario(label: &str) {
 /// (new, old): frames to the new and the old MAC that came back in the
 /// guest's check `label`.
 fn mac_loopback(console: &str, label: &str) -> (u64, u64) {
-    let line = console
-        .lines()
-        .find(|l| l.starts_with(&format!("sim-mac {label} ")))
-        .unwrap_or_else(|| panic!("no MAC check {label}:\n{console}"));
-    let field = |key: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{key}=")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in {line}"))
-    };
-    (field("new"), field("old"))
+    console_counts(console, "sim-mac", label, ["new", "old"])
 }
 
 #[test]
