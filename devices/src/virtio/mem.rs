@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::queue_worker::{Drain, QueueHandler, QueueWorker, Serve};
+use super::queue_worker::{Drain, Parker, QueueHandler, QueueWorker, Serve};
 
 pub mod dma;
 use super::*;
@@ -291,6 +291,11 @@ impl VirtioMem {
     /// Shared with the control API.
     pub fn state(&self) -> Arc<Mutex<MemState>> {
         self.state.clone()
+    }
+
+    /// Parks the worker between two requests (a pause).
+    pub fn parker(&self) -> Parker {
+        self.worker.parker()
     }
 
     fn lock(&self) -> MutexGuard<'_, MemState> {

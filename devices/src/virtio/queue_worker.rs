@@ -11,6 +11,7 @@
 //!   worker.serve(Serve { queue, index, kick, interrupt }) at DRIVER_OK
 //!   worker.stop()                                         at reset
 //!   worker.call(|handler| ...)                            device state changes
+//!   let parked = worker.park()?; ...; drop(parked)        VM paused, resumed
 //! ```
 //!
 //! `call` runs a closure on the worker thread, with the handler, between two
@@ -39,6 +40,12 @@
 //! request the handler is in the middle of completes first (its used entry
 //! is written before `stop` returns); chains still queued are left alone,
 //! because `next_chain` returns `None` as soon as a stop is asked for.
+//!
+//! `park` is the pause of a running VM: it returns once the worker sits
+//! between two drains (the drain in progress completes, all of it: a guest
+//! request is never left half done) and keeps it there, queue and position
+//! kept, until the returned [`Parked`] is dropped. Kicks that arrive
+//! meanwhile wait in the kick eventfd and are served after it.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -255,6 +262,8 @@ pub struct Serve {
 pub enum WorkerError {
     #[error("the {0} thread is gone")]
     Gone(String),
+    #[error("the {0} thread did not finish its request within {1:?}")]
+    Busy(String, std::time::Duration),
 }
 
 /// Work for the handler, run on the worker thread.
@@ -266,6 +275,56 @@ enum Command<H> {
     Stop(Sender<()>),
     /// Acknowledged once the closure ran.
     Call(Call<H>, Sender<()>),
+    /// Acknowledged between two drains; the worker then waits until the
+    /// second channel's sender is dropped.
+    Park(Sender<()>, Receiver<()>),
+}
+
+/// A worker held between two drains (see [`QueueWorker::park`]); dropping
+/// it lets the worker go on.
+#[must_use = "the worker goes on as soon as this is dropped"]
+pub struct Parked {
+    _release: Sender<()>,
+}
+
+/// Sends a park command to one worker: true if it was queued.
+type AskPark = dyn Fn(Sender<()>, Receiver<()>) -> bool + Send + Sync;
+
+/// Parks one worker, whatever its handler: what pausing a VM needs of
+/// each device thread (see [`QueueWorker::parker`]).
+#[derive(Clone)]
+pub struct Parker {
+    name: String,
+    ask: Arc<AskPark>,
+}
+
+impl Parker {
+    /// The worker thread's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Returns once the worker sits between two drains, and keeps it there
+    /// until the answer is dropped. Waits at most `bound` for the drain in
+    /// progress (a handler's own device commit is bounded by the kernel).
+    pub fn park(&self, bound: std::time::Duration) -> Result<Parked, WorkerError> {
+        let (ack, acked) = channel();
+        let (release, released) = channel();
+        if !(self.ask)(ack, released) {
+            return Err(WorkerError::Gone(self.name.clone()));
+        }
+        match acked.recv_timeout(bound) {
+            Ok(()) => Ok(Parked { _release: release }),
+            // Dropping `release` lets the worker go on at once when it gets
+            // there: nothing stays parked behind a refusal.
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                Err(WorkerError::Busy(self.name.clone(), bound))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(WorkerError::Gone(self.name.clone()))
+            }
+        }
+    }
 }
 
 /// The device's handle on its worker thread, whose handler is an `H`.
@@ -273,12 +332,12 @@ pub struct QueueWorker<H> {
     name: String,
     commands: Sender<Command<H>>,
     /// Wakes the worker when a command is queued.
-    wake: EventFd,
+    wake: Arc<EventFd>,
     /// Tells a handler in the middle of a drain to stop popping chains.
     stopping: Arc<AtomicBool>,
 }
 
-impl<H: QueueHandler> QueueWorker<H> {
+impl<H: QueueHandler + 'static> QueueWorker<H> {
     /// Starts the thread `name`. `on_start` runs first on it; if it fails,
     /// the thread ends and `serve`, `stop` and `call` report
     /// `WorkerError::Gone`.
@@ -310,7 +369,7 @@ impl<H: QueueHandler> QueueWorker<H> {
         Ok(QueueWorker {
             name: name.into(),
             commands,
-            wake,
+            wake: Arc::new(wake),
             stopping,
         })
     }
@@ -337,6 +396,23 @@ impl<H: QueueHandler> QueueWorker<H> {
         let (ack, acked) = channel();
         self.send(Command::Call(Box::new(f), ack))?;
         acked.recv().map_err(|_| self.gone())
+    }
+
+    /// See [`Parker::park`].
+    pub fn park(&self, bound: std::time::Duration) -> Result<Parked, WorkerError> {
+        self.parker().park(bound)
+    }
+
+    /// A handle that parks this worker from another thread, without the
+    /// device it belongs to (whose lock the worker may need to finish).
+    pub fn parker(&self) -> Parker {
+        let (commands, wake) = (self.commands.clone(), self.wake.clone());
+        Parker {
+            name: self.name.clone(),
+            ask: Arc::new(move |ack, released| {
+                commands.send(Command::Park(ack, released)).is_ok() && wake.write(1).is_ok()
+            }),
+        }
     }
 
     fn send(&self, command: Command<H>) -> Result<(), WorkerError> {
@@ -386,6 +462,13 @@ impl<H: QueueHandler> Thread<H> {
                         Command::Call(f, ack) => {
                             f(&mut handler);
                             let _ = ack.send(());
+                        }
+                        Command::Park(ack, released) => {
+                            // A parker that gave up dropped `ack`: go on.
+                            if ack.send(()).is_ok() {
+                                // Err once the `Parked` is dropped.
+                                let _ = released.recv();
+                            }
                         }
                     }
                 }
@@ -573,6 +656,64 @@ mod tests {
         worker.stop().unwrap();
         worker.serve(serve(&ring, &kick, &interrupt)).unwrap();
         wait_until("the queued chain", || ring.used_idx(&memory) == 1);
+    }
+
+    #[test]
+    fn a_parked_worker_keeps_its_queue_and_serves_kicks_once_released() {
+        let memory = memory();
+        let (worker, seen) = worker(&memory);
+        let mut ring = TestRing::new(0x1000, 8);
+        let interrupt = Arc::new(CountingInterrupt::default());
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        ring.add_chain(&memory, &[(0x8000, 16, false)]);
+        worker.serve(serve(&ring, &kick, &interrupt)).unwrap();
+        wait_until("the first chain", || ring.used_idx(&memory) == 1);
+
+        let parked = worker.park(Duration::from_secs(5)).unwrap();
+        ring.add_chain(&memory, &[(0x8000, 16, false)]);
+        kick.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(ring.used_idx(&memory), 1, "parked: the kick waits");
+        drop(parked);
+        wait_until("the kick after release", || ring.used_idx(&memory) == 2);
+        // The position was kept: no chain served twice.
+        assert_eq!(*seen.lock().unwrap(), vec![0, 1]);
+    }
+
+    #[test]
+    fn park_waits_for_the_drain_in_progress_and_gives_up_at_its_bound() {
+        let memory = memory();
+        let (entered, inside) = channel::<()>();
+        let gate = Arc::new(Mutex::new(()));
+        let held = gate.lock().unwrap();
+        let handler_gate = gate.clone();
+        let handler = move |drain: &mut Drain<'_>| {
+            while let Some(chain) = drain.next_chain() {
+                let _ = entered.send(());
+                // A request that takes as long as the test says.
+                drop(handler_gate.lock().unwrap());
+                drain.add_used(chain.head_index(), 0);
+            }
+        };
+        let worker =
+            QueueWorker::spawn("test-worker", memory.clone(), handler, Box::new(|| Ok(())))
+                .unwrap();
+        let mut ring = TestRing::new(0x1000, 8);
+        let interrupt = Arc::new(CountingInterrupt::default());
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        ring.add_chain(&memory, &[(0x8000, 16, false)]);
+        worker.serve(serve(&ring, &kick, &interrupt)).unwrap();
+        inside.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(matches!(
+            worker.park(Duration::from_millis(100)),
+            Err(WorkerError::Busy(..))
+        ));
+        drop(held);
+        // The refused park left nothing parked: the request completes, and
+        // a new park succeeds once it has.
+        wait_until("the request", || ring.used_idx(&memory) == 1);
+        let parked = worker.park(Duration::from_secs(5)).unwrap();
+        drop(parked);
     }
 
     #[test]

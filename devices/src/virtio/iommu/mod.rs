@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::queue_worker::{Chain, Drain, QueueHandler, QueueWorker, Serve};
+use super::queue_worker::{Chain, Drain, Parker, QueueHandler, QueueWorker, Serve};
 use super::*;
 use crate::dma::{DeviceReport, DmaSpaces, GuestTranslate, Plan, SharedSpaces, SpaceError};
 
@@ -277,6 +277,11 @@ impl VirtioIommu {
     /// Shared with the VMM (memory unplug) and the control API.
     pub fn handle(&self) -> IommuHandle {
         self.handle.clone()
+    }
+
+    /// Parks the worker between two drains (a pause).
+    pub fn parker(&self) -> Parker {
+        self.worker.parker()
     }
 }
 
