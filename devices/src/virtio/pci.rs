@@ -266,6 +266,13 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         &self.device
     }
 
+    /// The device model, for what the VMM does to it behind the driver's
+    /// back (a pause stops and restarts its backend; the transport's
+    /// registers, and so what the driver sees, do not change).
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
     /// Tells the driver the device configuration changed.
     pub fn signal_config_change(&mut self) {
         self.config_generation = self.config_generation.wrapping_add(1);

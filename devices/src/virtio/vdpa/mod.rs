@@ -34,7 +34,9 @@
 //!   (each group's default), where every other message goes.
 //! - ENABLE_AFTER_DRIVER_OK: not acked: the VMM enables every vring before
 //!   DRIVER_OK, which every parent accepts.
-//! - SUSPEND, RESUME, DESC_ASID: not acked (nothing here uses them yet).
+//! - SUSPEND and RESUME: acked together where both are offered: a pause
+//!   then suspends the device instead of resetting it ([`pause`]).
+//! - DESC_ASID: not acked (nothing here uses it).
 //!
 //! Mapping models differ per parent (drivers/vhost/vdpa.c): a `dma_map`
 //! parent applies each UPDATE/INVALIDATE at once (batching changes nothing
@@ -45,6 +47,7 @@
 
 pub mod block;
 pub mod net;
+pub mod pause;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -62,13 +65,16 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use super::*;
 use crate::dma::GuestTranslate;
-use crate::dma::{DmaCounters, DmaMapper, DmaRange, DmaSpaces, SharedSpaces, VhostVdpaIotlb};
+use crate::dma::{
+    DmaCounters, DmaMapper, DmaRange, DmaSpaces, SharedSpaces, VhostVdpaIotlb, DEVICE_ASID,
+};
 use crate::virtio::queue_worker::{QueueWorker, Serve};
 use block::{BlockLayer, BlockOptions};
 use net::control_queue::{lock_state, ControlServer, SharedNetState, VringEnable};
 use net::ctrl::{control_queue_index, ControlLimits, ControlMode, NetState, SHADOW_ASID};
 use net::shadow_cvq::{ShadowCvq, ShadowWiring};
 use net::{NetLayer, NetOptions, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ};
+use pause::{QueuePosition, Stopped};
 
 pub const VIRTIO_ID_NET: u32 = 1;
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -206,6 +212,8 @@ pub enum VdpaError {
     FeaturesRefused,
     #[error("the control queue: {0}")]
     Control(String),
+    #[error("pause: {0}")]
+    Pause(String),
     #[error("queues= above 1 needs a control queue the VMM serves, which is not built behind the vIOMMU yet: use iommu=off or queues=1")]
     ControlBehindIommu,
 }
@@ -319,6 +327,9 @@ pub struct VdpaState {
     pub activations: u64,
     pub resets: u64,
     pub iotlb_replays: u64,
+    /// How the device was stopped, while the VM is paused.
+    pub stopped: Option<Stopped>,
+    pub pauses: u64,
 }
 
 /// Decides, from what the device reported and what the user asked, whether
@@ -418,7 +429,14 @@ pub fn negotiate(config: &VdpaConfig, probe: &DeviceProbe) -> Result<VdpaState, 
         }) => VHOST_BACKEND_F_IOTLB_ASID,
         _ => 0,
     };
-    let wanted = VHOST_BACKEND_F_IOTLB_MSG_V2 | batch | VHOST_BACKEND_F_IOTLB_PERSIST | asid;
+    // SUSPEND is of use only with RESUME (else a pause resets the device).
+    let suspend = VHOST_BACKEND_F_SUSPEND | VHOST_BACKEND_F_RESUME;
+    let suspend = match probe.backend_features & suspend == suspend {
+        true => suspend,
+        false => 0,
+    };
+    let wanted =
+        VHOST_BACKEND_F_IOTLB_MSG_V2 | batch | VHOST_BACKEND_F_IOTLB_PERSIST | asid | suspend;
     Ok(VdpaState {
         kind,
         layer,
@@ -439,6 +457,8 @@ pub fn negotiate(config: &VdpaConfig, probe: &DeviceProbe) -> Result<VdpaState, 
         activations: 0,
         resets: 0,
         iotlb_replays: 0,
+        stopped: None,
+        pauses: 0,
     })
 }
 
@@ -588,6 +608,11 @@ pub struct VdpaDevice {
     control: Option<ControlQueue>,
     /// The device's own control queue, where the VMM shadows it.
     shadow: Option<ShadowWiring>,
+    /// What the driver started the device with (until its reset): a
+    /// resume after a reset starts it again with the same.
+    activation: Option<Activation>,
+    /// Guest memory, where a pause reads the rings' used indexes.
+    memory: Arc<GuestMemoryMmap>,
 }
 
 /// The VMM-served control queue: its worker and the net state it keeps.
@@ -666,7 +691,7 @@ impl VdpaDevice {
     ) -> Result<VdpaDevice, VdpaError> {
         let path = config.path.clone();
         let text = path.to_string_lossy().into_owned();
-        let mut vhost = VhostKernVdpa::new(&text, memory).map_err(|e| match e {
+        let mut vhost = VhostKernVdpa::new(&text, memory.clone()).map_err(|e| match e {
             vhost::Error::VhostOpen(source) => VdpaError::Open {
                 path: path.clone(),
                 source,
@@ -714,6 +739,8 @@ impl VdpaDevice {
             no_interrupt: EventFd::new(EFD_NONBLOCK).map_err(VdpaError::Dup)?,
             control: None,
             shadow: None,
+            activation: None,
+            memory,
         })
     }
 
@@ -810,6 +837,12 @@ impl VdpaDevice {
     }
 
     /// What is known about the device (plain data).
+    /// The worker of the guest's control queue, where the VMM serves it: a
+    /// pause parks it between two commands.
+    pub fn control_parker(&self) -> Option<crate::virtio::queue_worker::Parker> {
+        self.control.as_ref().map(|c| c.worker.parker())
+    }
+
     pub fn state(&self) -> &VdpaState {
         &self.state
     }
@@ -921,6 +954,24 @@ impl VdpaDevice {
     }
 
     fn start(&mut self, activation: &Activation) -> Result<(), VdpaError> {
+        let control = self.bring_up(activation, &[], 1)?;
+        if let Some((index, max_pairs)) = control {
+            self.serve_control(activation, index, max_pairs)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the device from reset to DRIVER_OK on the driver's rings: each
+    /// data queue from its position in `positions` (0 where none is given),
+    /// the first `pairs` queue pairs enabled where the VMM serves the
+    /// control queue. Returns the guest's control queue (index, most pairs)
+    /// where the VMM serves it.
+    fn bring_up(
+        &mut self,
+        activation: &Activation,
+        positions: &[QueuePosition],
+        pairs: u16,
+    ) -> Result<Option<(u16, u16)>, VdpaError> {
         let fail = |what: &'static str, source: vhost::Error| VdpaError::Ioctl { what, source };
         let base = STATUS_ACKNOWLEDGE | STATUS_DRIVER;
         self.vhost
@@ -952,8 +1003,12 @@ impl VdpaDevice {
                 .set_vring_num(index, queue.size)
                 .map_err(|e| fail("VHOST_SET_VRING_NUM", e))?;
             set_vring_iova(&self.vhost, queue).map_err(|e| fail("VHOST_SET_VRING_ADDR", e))?;
+            let base = positions
+                .iter()
+                .find(|p| p.index == queue.index)
+                .map_or(0, |p| p.used_idx);
             self.vhost
-                .set_vring_base(index, 0)
+                .set_vring_base(index, base)
                 .map_err(|e| fail("VHOST_SET_VRING_BASE", e))?;
             self.vhost
                 .set_vring_kick(index, kick)
@@ -984,7 +1039,7 @@ impl VdpaDevice {
         }
         for &(queue, _) in &data {
             // The device's own control queue keeps the pairs in use.
-            let on = control.is_none() || shadowed || queue.index < 2;
+            let on = control.is_none() || shadowed || queue.index < pairs.saturating_mul(2);
             self.vhost
                 .set_vring_enable(usize::from(queue.index), on)
                 .map_err(|e| fail("VHOST_VDPA_SET_VRING_ENABLE", e))?;
@@ -993,10 +1048,7 @@ impl VdpaDevice {
             .set_status(base | STATUS_FEATURES_OK | STATUS_DRIVER_OK)
             .map_err(|e| fail("set DRIVER_OK", e))?;
         self.state.active = data.iter().map(|(q, _)| **q).collect();
-        if let Some((index, max_pairs)) = control {
-            self.serve_control(activation, index, max_pairs)?;
-        }
-        Ok(())
+        Ok(control)
     }
 
     /// Puts the device's control-queue group in address space 1 and gives
@@ -1192,6 +1244,7 @@ impl VirtioDevice for VdpaDevice {
         match self.start(&activation) {
             Ok(()) => {
                 self.state.activations += 1;
+                self.activation = Some(activation);
                 Ok(())
             }
             Err(error) => {
@@ -1209,6 +1262,7 @@ impl VirtioDevice for VdpaDevice {
         }
         let _ = self.vhost.set_status(0);
         self.state.active.clear();
+        self.activation = None;
         self.state.resets += 1;
         // Without IOTLB_PERSIST a parent may drop its mappings on reset
         // (VDPA_RESET_F_CLEAN_MAP); put back exactly what its space holds.
@@ -1466,11 +1520,14 @@ mod tests {
     fn only_the_backend_features_the_vmm_handles_are_acked() {
         let state = negotiate(&any_type(), &sim_net()).unwrap();
         assert_eq!(state.backend_features_offered, SIM_BACKEND);
+        // SUSPEND and RESUME together: a pause suspends the device.
+        let suspend = VHOST_BACKEND_F_SUSPEND | VHOST_BACKEND_F_RESUME;
         assert_eq!(
             state.backend_features,
             VHOST_BACKEND_F_IOTLB_MSG_V2
                 | VHOST_BACKEND_F_IOTLB_BATCH
                 | VHOST_BACKEND_F_IOTLB_PERSIST
+                | suspend
         );
         let unbatched = VdpaConfig {
             batching: false,
@@ -1479,8 +1536,16 @@ mod tests {
         let state = negotiate(&unbatched, &sim_net()).unwrap();
         assert_eq!(
             state.backend_features,
-            VHOST_BACKEND_F_IOTLB_MSG_V2 | VHOST_BACKEND_F_IOTLB_PERSIST
+            VHOST_BACKEND_F_IOTLB_MSG_V2 | VHOST_BACKEND_F_IOTLB_PERSIST | suspend
         );
+        // SUSPEND without RESUME (VDUSE 7.3) is of no use to a pause: a
+        // device that cannot go on where it stopped is reset instead.
+        let suspend_only = DeviceProbe {
+            backend_features: SIM_BACKEND & !VHOST_BACKEND_F_RESUME,
+            ..sim_net()
+        };
+        let state = negotiate(&any_type(), &suspend_only).unwrap();
+        assert_eq!(state.backend_features & suspend, 0);
         // VDUSE 6.12: MSG_V2, BATCH, ASID; nothing acked that is not offered.
         let vduse = DeviceProbe {
             backend_features: 0xe,
