@@ -23,9 +23,11 @@ use crate::device_manager::device_query::{DeviceQueries, ANSWER_BOUND};
 use crate::device_manager::memlock::{self, MemlockStatus};
 use crate::device_manager::vdpa::VdpaRequest;
 use crate::device_manager::DeviceManager;
+use crate::lifecycle::{self, Lifecycle};
 use crate::seccomp::{self, FilterFds, SeccompError, ThreadKind};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vcpu_gate::{install_kick_handler, VcpuGate};
 use crate::vstate::vm::Vm;
 use crate::{GuestExit, VmmError};
 
@@ -200,6 +202,10 @@ impl Vmm {
             true => Some(Filters::build(&devices)?),
             false => None,
         };
+        // Pause moves vCPU threads out of KVM_RUN with a signal, whose
+        // handler must be in place before any of them starts.
+        install_kick_handler().map_err(VmmError::Lifecycle)?;
+        let gate = Arc::new(VcpuGate::new());
         if let Some(socket) = api_socket {
             let summary = VmSummary {
                 vcpus: config.vcpus,
@@ -213,8 +219,14 @@ impl Vmm {
                 ANSWER_BOUND,
             )
             .map_err(crate::device_manager::DeviceError::from)?;
+            let lifecycle = Lifecycle::spawn(
+                devices.pause_targets(gate.clone()),
+                filters.as_ref().map(|f| f.lifecycle.clone()),
+                lifecycle::ANSWER_BOUND,
+            )
+            .map_err(VmmError::Lifecycle)?;
             let filter = filters.as_ref().map(|f| f.api.clone());
-            let view = Arc::new(devices.api_view(summary, queries));
+            let view = Arc::new(devices.api_view(summary, queries, lifecycle));
             api::spawn(socket.into_listener(), view, filter)?;
         }
 
@@ -238,7 +250,7 @@ impl Vmm {
             _ => None,
         };
 
-        start_vcpus(vcpus, &io_bus, &mmio_bus, &exit, filters.as_ref())?;
+        start_vcpus(vcpus, &io_bus, &mmio_bus, &exit, &gate, filters.as_ref())?;
         if let Some(filters) = &filters {
             seccomp::apply(&filters.vmm)?;
         }
@@ -262,6 +274,7 @@ struct Filters {
     vmm: BpfProgram,
     api: BpfProgram,
     device_query: BpfProgram,
+    lifecycle: BpfProgram,
     fds: FilterFds,
 }
 
@@ -273,6 +286,7 @@ impl Filters {
             vmm: seccomp::filter(ThreadKind::Vmm, &fds)?,
             api: seccomp::filter(ThreadKind::Api, &fds)?,
             device_query: seccomp::filter(ThreadKind::DeviceQuery, &fds)?,
+            lifecycle: seccomp::filter(ThreadKind::Lifecycle, &fds)?,
             fds,
         })
     }
@@ -289,11 +303,13 @@ fn start_vcpus(
     io_bus: &Arc<Bus>,
     mmio_bus: &Arc<Bus>,
     exit: &ExitSignal,
+    gate: &Arc<VcpuGate>,
     filters: Option<&Filters>,
 ) -> Result<(), VmmError> {
     for vcpu in vcpus {
         let id = vcpu.id();
         let (io_bus, mmio_bus, exit) = (io_bus.clone(), mmio_bus.clone(), exit.clone());
+        let gate = gate.clone();
         let filter = filters.map(|f| f.vcpu(&vcpu)).transpose()?;
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
@@ -304,7 +320,7 @@ fn start_vcpus(
                         return;
                     }
                 }
-                vcpu.run(io_bus, mmio_bus, exit)
+                vcpu.run(io_bus, mmio_bus, exit, &gate)
             })
             .map_err(|source| VmmError::Thread { id, source })?;
     }

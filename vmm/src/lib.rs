@@ -11,6 +11,7 @@ pub mod builder;
 pub mod config;
 pub mod console;
 pub mod device_manager;
+pub mod lifecycle;
 pub mod panic_hook;
 pub mod seccomp;
 pub mod vstate;
@@ -50,6 +51,8 @@ pub enum VmmError {
     EventFd(std::io::Error),
     #[error("event loop failed: {0}")]
     EventLoop(String),
+    #[error("cannot set up pause and resume: {0}")]
+    Lifecycle(std::io::Error),
     #[error("cannot start a thread for vCPU {id}: {source}")]
     Thread { id: u8, source: std::io::Error },
     #[error("{0}")]

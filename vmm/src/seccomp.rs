@@ -29,6 +29,8 @@ const KVMIO: u64 = 0xae;
 const VHOST_VIRTIO: u64 = 0xaf;
 
 const KVM_RUN: u64 = ioc(IOC_NONE, KVMIO, 0x80, 0);
+/// Tells the guest's kvmclock that the vCPU was stopped (a pause).
+const KVM_KVMCLOCK_CTRL: u64 = ioc(IOC_NONE, KVMIO, 0xad, 0);
 /// struct kvm_regs.
 const KVM_GET_REGS: u64 = ioc(IOC_READ, KVMIO, 0x81, 144);
 /// struct kvm_userspace_memory_region.
@@ -54,6 +56,8 @@ const VHOST_VDPA_SET_CONFIG: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x74, 8);
 const VHOST_VDPA_SET_VRING_ENABLE: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x75, 8);
 const VHOST_VDPA_SET_CONFIG_CALL: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x77, 4);
 const VHOST_VDPA_SET_GROUP_ASID: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x7c, 8);
+const VHOST_VDPA_SUSPEND: u64 = ioc(IOC_NONE, VHOST_VIRTIO, 0x7d, 0);
+const VHOST_VDPA_RESUME: u64 = ioc(IOC_NONE, VHOST_VIRTIO, 0x7e, 0);
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
 const TIOCGWINSZ: u64 = 0x5413;
@@ -78,6 +82,9 @@ pub enum ThreadKind {
     /// A net device's control-queue worker: serves the guest's commands
     /// and enables or disables the device's data queues.
     NetControlWorker,
+    /// Pauses and resumes the VM: parks the vCPUs (signals them) and the
+    /// workers, stops and restarts the vhost-vdpa devices.
+    Lifecycle,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -228,6 +235,10 @@ const DEVICE_QUERY_ONLY: &[Allowed] = &[];
 /// A net control-queue worker waits on its queue.
 const NET_CONTROL_WORKER_ONLY: &[Allowed] = &[(libc::SYS_poll, &[]), (libc::SYS_ppoll, &[])];
 
+/// The lifecycle thread waits on its channel (futex) and kicks vCPU
+/// threads (tgkill, in COMMON); the rest is its ioctls.
+const LIFECYCLE_ONLY: &[Allowed] = &[];
+
 const VMM_ONLY: &[Allowed] = &[
     (libc::SYS_epoll_wait, &[]),
     (libc::SYS_epoll_pwait, &[]),
@@ -240,8 +251,9 @@ const VCPU_ONLY: &[Allowed] = &[(libc::SYS_fcntl, &[&[eq(1, libc::F_DUPFD_CLOEXE
 
 /// The terminal requests of the VMM thread: stdin into raw mode and back.
 const TERMINAL: &[u64] = &[TCGETS, TCSETS, TIOCGWINSZ];
-/// On its own vCPU: run it, and read the registers to report a failed exit.
-const VCPU_OWN: &[u64] = &[KVM_RUN, KVM_GET_REGS];
+/// On its own vCPU: run it, read the registers to report a failed exit,
+/// and tell the guest's clock when a pause parked it.
+const VCPU_OWN: &[u64] = &[KVM_RUN, KVM_GET_REGS, KVM_KVMCLOCK_CTRL];
 /// On the VM, from device emulation: a guest write can reprogram MSI-X
 /// routes or move a BAR (its ioeventfds).
 const VM_FROM_VCPU: &[u64] = &[KVM_SET_GSI_ROUTING, KVM_IOEVENTFD];
@@ -277,6 +289,11 @@ const VHOST_FROM_API: &[u64] = &[VHOST_VDPA_GET_STATUS];
 /// On each vhost-vdpa device, from the device query thread: queue state,
 /// a round trip to the device (VDUSE: to its userspace process).
 const VHOST_FROM_DEVICE_QUERY: &[u64] = &[VHOST_GET_VRING_BASE];
+/// On each vhost-vdpa device, from the lifecycle thread: a pause suspends
+/// the device, or resets it where it cannot suspend; a resume resumes it,
+/// or starts it again as the driver had (the requests the driver's own
+/// start makes from a vCPU thread).
+const VHOST_FROM_LIFECYCLE: &[u64] = &[VHOST_VDPA_SUSPEND, VHOST_VDPA_RESUME];
 /// On each vhost-vdpa device, from a net control-queue worker: the guest
 /// sets the queue pairs in use.
 const VHOST_FROM_NET_CONTROL: &[u64] = &[VHOST_VDPA_SET_VRING_ENABLE];
@@ -331,6 +348,11 @@ fn ioctl_rules(kind: ThreadKind, fds: &FilterFds) -> Result<Vec<(RawFd, u64)>, &
         ThreadKind::IommuWorker => Vec::new(),
         ThreadKind::DeviceQuery => on_vhost(VHOST_FROM_DEVICE_QUERY),
         ThreadKind::NetControlWorker => on_vhost(VHOST_FROM_NET_CONTROL),
+        ThreadKind::Lifecycle => {
+            let mut rules = on_vhost(VHOST_FROM_VCPU);
+            rules.extend(on_vhost(VHOST_FROM_LIFECYCLE));
+            rules
+        }
         ThreadKind::Vcpu => {
             let vcpu = fds
                 .vcpu
@@ -408,6 +430,7 @@ pub fn filter(kind: ThreadKind, fds: &FilterFds) -> Result<BpfProgram, SeccompEr
         ThreadKind::IommuWorker => IOMMU_WORKER_ONLY,
         ThreadKind::DeviceQuery => DEVICE_QUERY_ONLY,
         ThreadKind::NetControlWorker => NET_CONTROL_WORKER_ONLY,
+        ThreadKind::Lifecycle => LIFECYCLE_ONLY,
         ThreadKind::Vcpu => VCPU_ONLY,
     };
     add(&mut rules, COMMON).map_err(|e| error(&e))?;
@@ -810,6 +833,9 @@ mod tests {
         assert_eq!(VHOST_VDPA_SET_STATUS, 0x4001_af72);
         assert_eq!(VHOST_VDPA_SET_CONFIG_CALL, 0x4004_af77);
         assert_eq!(VHOST_VDPA_SET_GROUP_ASID, 0x4008_af7c);
+        assert_eq!(VHOST_VDPA_SUSPEND, 0xaf7d);
+        assert_eq!(VHOST_VDPA_RESUME, 0xaf7e);
+        assert_eq!(KVM_KVMCLOCK_CTRL, 0xaead);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
         // The sizes encoded in them are those of the structs kvm-ioctls passes.
@@ -992,6 +1018,47 @@ mod tests {
         let dup = files.dup.as_raw_fd();
         assert!(!allows(kind, &fds, dup, VHOST_VDPA_SET_VRING_ENABLE));
         assert!(!allows(kind, &fds, fds.vm, KVM_SET_GSI_ROUTING));
+    }
+
+    #[test]
+    fn the_lifecycle_thread_may_stop_and_start_vhost_devices_and_nothing_on_kvm() {
+        use std::os::fd::AsRawFd;
+        let files = Files::open();
+        let fds = files.fds();
+        let kind = ThreadKind::Lifecycle;
+        for vhost in &fds.vhost {
+            for &request in VHOST_FROM_VCPU.iter().chain(VHOST_FROM_LIFECYCLE) {
+                assert!(
+                    allows(kind, &fds, *vhost, request),
+                    "{request:#x} on {vhost}"
+                );
+            }
+        }
+        let dup = files.dup.as_raw_fd();
+        assert!(!allows(kind, &fds, dup, VHOST_VDPA_SUSPEND));
+        assert!(!allows(kind, &fds, fds.vm, KVM_SET_GSI_ROUTING));
+        assert!(!allows(kind, &fds, fds.vm, KVM_SET_USER_MEMORY_REGION));
+        assert!(!allows(kind, &fds, files.vcpu.as_raw_fd(), KVM_RUN));
+        assert!(!allows(
+            kind,
+            &fds,
+            files.vcpu.as_raw_fd(),
+            KVM_KVMCLOCK_CTRL
+        ));
+        // The other threads may not suspend or resume a device.
+        for other in [
+            ThreadKind::Api,
+            ThreadKind::DeviceQuery,
+            ThreadKind::NetControlWorker,
+        ] {
+            for vhost in &fds.vhost {
+                assert!(
+                    !allows(other, &fds, *vhost, VHOST_VDPA_SUSPEND),
+                    "{other:?}"
+                );
+                assert!(!allows(other, &fds, *vhost, VHOST_VDPA_RESUME), "{other:?}");
+            }
+        }
     }
 
     #[test]

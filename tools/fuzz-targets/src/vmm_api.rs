@@ -10,7 +10,8 @@ use clap::Parser;
 
 use devices::dma::TransactionRecord;
 use vmm::api::control::{
-    IommuStatus, MemoryRequestError, MemoryStatus, VdpaStatus, VmControl, VmSummary,
+    IommuStatus, LifecycleError, MemoryRequestError, MemoryStatus, RunState, Transition,
+    VdpaStatus, VmControl, VmSummary,
 };
 use vmm::api::http::{self, HttpError};
 use vmm::api::routes::{self, ApiState, Outcome};
@@ -47,6 +48,15 @@ impl VmControl for StillVm {
 
     fn transactions(&self) -> Vec<TransactionRecord> {
         vec![]
+    }
+
+    fn run_state(&self) -> RunState {
+        RunState::Running
+    }
+
+    /// No vCPUs or devices to stop: every pause is refused.
+    fn set_run_state(&self, _target: RunState) -> Result<Transition, LifecycleError> {
+        Err(LifecycleError::Gone)
     }
 }
 

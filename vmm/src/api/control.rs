@@ -8,6 +8,8 @@ use devices::virtio::mem::{RequestRecord, ResizeError};
 use devices::virtio::pci::TransportCounters;
 use devices::virtio::vdpa::{QueueReport, VdpaInfo};
 
+pub use crate::lifecycle::{LifecycleError, RunState, Transition};
+
 /// The VM as configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmSummary {
@@ -86,4 +88,8 @@ pub trait VmControl: Send + Sync {
     fn request_memory(&self, size: u64) -> Result<(), MemoryRequestError>;
     /// Every DMA transaction still in the history, oldest first.
     fn transactions(&self) -> Vec<TransactionRecord>;
+    /// Whether the VM runs or is paused.
+    fn run_state(&self) -> RunState;
+    /// Pauses or resumes the VM (see [`crate::lifecycle`]).
+    fn set_run_state(&self, target: RunState) -> Result<Transition, LifecycleError>;
 }

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 use devices::dma::{ChangeKind, DmaRange, Perm, TransactionRecord};
 use serde_json::{json, Value};
 
-use super::control::{MemoryRequestError, VdpaStatus, VmControl};
+use super::control::{
+    LifecycleError, MemoryRequestError, RunState, Transition, VdpaStatus, VmControl,
+};
 use super::http::{Request, Response};
 use crate::config::parse_size;
 use devices::virtio::mem::ResizeError;
@@ -38,7 +40,9 @@ pub fn handle(state: &ApiState, request: &Request) -> Outcome {
         ("GET", "/info") => Response::json(200, &info(state)),
         ("GET", "/counters") => Response::json(200, &counters(state)),
         ("PUT", "/memory") => return start_resize(state, &request.body),
-        (_, "/info" | "/counters" | "/memory") => Response::error(
+        ("GET", "/vm") => Response::json(200, &json!({ "state": state.run_state().name() })),
+        ("PUT", "/vm") => set_run_state(state, &request.body),
+        (_, "/info" | "/counters" | "/memory" | "/vm") => Response::error(
             405,
             format!("{} is not allowed on {}", request.method, request.path),
         ),
@@ -67,6 +71,7 @@ fn info(state: &ApiState) -> Value {
     let summary = state.summary();
     let devices: Vec<Value> = state.vdpa_devices().iter().map(net_info).collect();
     json!({
+        "state": state.run_state().name(),
         "vcpus": summary.vcpus,
         "memory": {
             "size": summary.memory_bytes,
@@ -350,6 +355,51 @@ impl PendingResize {
     }
 }
 
+/// PUT /vm {"state": "paused"|"running"}: pauses or resumes the VM, and
+/// answers once it is done with what each step took (or, refused, with
+/// why; the VM is then as it was).
+fn set_run_state(state: &ApiState, body: &[u8]) -> Response {
+    let request: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return Response::error(400, format!("body is not JSON: {e}")),
+    };
+    let Some(target) = request["state"].as_str().and_then(RunState::from_name) else {
+        return Response::error(400, "state must be \"paused\" or \"running\"");
+    };
+    match state.set_run_state(target) {
+        Ok(done) => Response::json(200, &transition(&done)),
+        Err(error) => Response::error(
+            match error {
+                LifecycleError::NoAnswer(_) => 504,
+                _ => 500,
+            },
+            format!(
+                "cannot set the VM {}: {error}; it is {}",
+                target.name(),
+                state.run_state().name()
+            ),
+        ),
+    }
+}
+
+fn transition(done: &Transition) -> Value {
+    let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    let devices: Vec<Value> = done
+        .device_methods
+        .iter()
+        .map(|(id, method)| json!({ "id": id, "stopped_by": method }))
+        .collect();
+    json!({
+        "state": done.state.name(),
+        "changed": done.changed,
+        "took_us": micros(done.total()),
+        "vcpus_us": micros(done.vcpus),
+        "workers_us": micros(done.workers),
+        "devices_us": micros(done.devices),
+        "devices": devices,
+    })
+}
+
 /// PUT /memory {"requested_size": SIZE[, "timeout_ms": N]}: asks the guest to
 /// plug or unplug until SIZE of hotplug memory is plugged. A new target
 /// replaces one the guest has not reached yet.
@@ -584,6 +634,15 @@ mod tests {
         }
         fn transactions(&self) -> Vec<TransactionRecord> {
             vec![]
+        }
+        fn run_state(&self) -> crate::lifecycle::RunState {
+            crate::lifecycle::RunState::Running
+        }
+        fn set_run_state(
+            &self,
+            _target: crate::lifecycle::RunState,
+        ) -> Result<crate::lifecycle::Transition, crate::lifecycle::LifecycleError> {
+            Err(crate::lifecycle::LifecycleError::Gone)
         }
     }
 

@@ -658,6 +658,15 @@ mod tests {
         fn transactions(&self) -> Vec<devices::dma::TransactionRecord> {
             vec![]
         }
+        fn run_state(&self) -> crate::lifecycle::RunState {
+            crate::lifecycle::RunState::Running
+        }
+        fn set_run_state(
+            &self,
+            _target: crate::lifecycle::RunState,
+        ) -> Result<crate::lifecycle::Transition, crate::lifecycle::LifecycleError> {
+            Err(crate::lifecycle::LifecycleError::Gone)
+        }
     }
 
     #[test]

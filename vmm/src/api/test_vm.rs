@@ -7,13 +7,16 @@ use devices::dma::TransactionRecord;
 use devices::virtio::mem::ResizeError;
 
 use super::control::{
-    IommuStatus, MemoryRequestError, MemoryStatus, VdpaStatus, VmControl, VmSummary,
+    IommuStatus, LifecycleError, MemoryRequestError, MemoryStatus, RunState, Transition,
+    VdpaStatus, VmControl, VmSummary,
 };
 
 /// A VM that never changes by itself.
 pub struct StillVm {
     hotplug: Option<(u64, u64)>,
     requested: Mutex<u64>,
+    /// Pause and resume only flip this: the fake has no vCPUs or devices.
+    state: Mutex<RunState>,
 }
 
 impl StillVm {
@@ -22,6 +25,7 @@ impl StillVm {
         StillVm {
             hotplug: None,
             requested: Mutex::new(0),
+            state: Mutex::new(RunState::Running),
         }
     }
 
@@ -30,6 +34,7 @@ impl StillVm {
         StillVm {
             hotplug: Some((size, block)),
             requested: Mutex::new(0),
+            state: Mutex::new(RunState::Running),
         }
     }
 }
@@ -87,5 +92,23 @@ impl VmControl for StillVm {
 
     fn transactions(&self) -> Vec<TransactionRecord> {
         vec![]
+    }
+
+    fn run_state(&self) -> RunState {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_run_state(&self, target: RunState) -> Result<Transition, LifecycleError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = *state != target;
+        *state = target;
+        Ok(Transition {
+            state: target,
+            changed,
+            vcpus: std::time::Duration::ZERO,
+            workers: std::time::Duration::ZERO,
+            devices: std::time::Duration::ZERO,
+            device_methods: Vec::new(),
+        })
     }
 }

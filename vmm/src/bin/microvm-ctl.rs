@@ -38,6 +38,14 @@ enum Command {
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=600))]
         timeout: u64,
     },
+    /// Pause the VM: vCPUs parked, device workers idle, every vDPA device
+    /// stopped (suspended where it can be, else reset with its rings'
+    /// positions kept). Prints what each step took.
+    Pause,
+    /// Resume a paused VM where it stopped.
+    Resume,
+    /// Whether the VM runs or is paused.
+    State,
     /// Send the bytes on stdin as the request and print the raw answer
     /// (for debugging API clients).
     SendRaw,
@@ -111,6 +119,15 @@ fn main() -> ExitCode {
             let body = serde_json::json!({ "requested_size": size, "timeout_ms": wait.as_millis() as u64 });
             ("PUT", "/memory", body.to_string(), wait)
         }
+        Command::Pause | Command::Resume => {
+            let state = match cli.command {
+                Command::Pause => "paused",
+                _ => "running",
+            };
+            let body = serde_json::json!({ "state": state });
+            ("PUT", "/vm", body.to_string(), vmm::lifecycle::ANSWER_BOUND)
+        }
+        Command::State => ("GET", "/vm", String::new(), Duration::ZERO),
         Command::SendRaw => {
             let mut request = Vec::new();
             if let Err(e) = std::io::stdin().read_to_end(&mut request) {

@@ -11,8 +11,10 @@ use super::lock;
 use super::vdpa::VdpaHandle;
 use super::virtio_mem::MemHandle;
 use crate::api::control::{
-    IommuStatus, MemoryRequestError, MemoryStatus, VdpaStatus, VmControl, VmSummary,
+    IommuStatus, LifecycleError, MemoryRequestError, MemoryStatus, RunState, Transition,
+    VdpaStatus, VmControl, VmSummary,
 };
+use crate::lifecycle::Lifecycle;
 
 pub struct ApiView {
     summary: VmSummary,
@@ -21,6 +23,7 @@ pub struct ApiView {
     memory: Option<MemHandle>,
     iommu: Option<IommuDevice>,
     spaces: SharedSpaces,
+    lifecycle: Lifecycle,
 }
 
 fn locked<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -39,6 +42,7 @@ impl ApiView {
         memory: Option<MemHandle>,
         iommu: Option<IommuDevice>,
         spaces: SharedSpaces,
+        lifecycle: Lifecycle,
     ) -> ApiView {
         ApiView {
             summary,
@@ -47,6 +51,7 @@ impl ApiView {
             memory,
             iommu,
             spaces,
+            lifecycle,
         }
     }
 }
@@ -150,5 +155,13 @@ impl VmControl for ApiView {
 
     fn transactions(&self) -> Vec<TransactionRecord> {
         lock(&self.spaces).history()
+    }
+
+    fn run_state(&self) -> RunState {
+        self.lifecycle.state()
+    }
+
+    fn set_run_state(&self, target: RunState) -> Result<Transition, LifecycleError> {
+        self.lifecycle.set(target)
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use devices::dma::{GuestTranslate, SharedSpaces};
 use devices::virtio::iommu::{IommuConfig, IommuEndpoint, IommuError, IommuHandle, VirtioIommu};
+use devices::virtio::queue_worker::Parker;
 
 use super::pci::{plug_virtio, PciWiring, PlugError, Plugged};
 use super::vdpa::VdpaHandle;
@@ -37,6 +38,8 @@ pub struct IommuDevice {
     pub handle: IommuHandle,
     /// PCI BDFs of its endpoints, for the VIOT table.
     pub endpoints: Vec<u16>,
+    /// Parks the request worker (a pause).
+    pub parker: Parker,
 }
 
 impl IommuDevice {
@@ -91,11 +94,13 @@ pub fn add_virtio_iommu(
         install,
     )?;
     let handle = device.handle();
+    let parker = device.parker();
     // One vector per queue (request, event), one for configuration changes.
     let Plugged { slot, .. } = plug_virtio(device, 3, wiring)?;
     Ok(IommuDevice {
         slot,
         handle,
         endpoints: endpoints.iter().map(|n| bdf(n.slot)).collect(),
+        parker,
     })
 }

@@ -25,9 +25,11 @@ use devices::virtio::vdpa::DeviceKind;
 use seccompiler::BpfProgram;
 
 use crate::api::control::VmSummary;
+use crate::lifecycle::{Lifecycle, PauseTargets};
 use crate::seccomp::{self, FilterFds, SeccompError, ThreadKind};
 use crate::vstate::interrupts::{KvmIoEvents, KvmMsiRouter};
 use crate::vstate::memory::GuestRam;
+use crate::vstate::vcpu_gate::VcpuGate;
 use crate::vstate::vm::Vm;
 use api_view::ApiView;
 use device_query::DeviceQueries;
@@ -234,8 +236,13 @@ impl DeviceManager {
     }
 
     /// The narrow handle the control API gets; it asks the devices' queue
-    /// state through `queries`.
-    pub fn api_view(&self, summary: VmSummary, queries: DeviceQueries) -> ApiView {
+    /// state through `queries`, and pauses and resumes through `lifecycle`.
+    pub fn api_view(
+        &self,
+        summary: VmSummary,
+        queries: DeviceQueries,
+        lifecycle: Lifecycle,
+    ) -> ApiView {
         ApiView::new(
             summary,
             self.vdpa.clone(),
@@ -243,7 +250,30 @@ impl DeviceManager {
             self.hotplug.clone(),
             self.iommu.clone(),
             self.spaces.clone(),
+            lifecycle,
         )
+    }
+
+    /// What a pause stops, besides the vCPUs at `gate`: every device
+    /// worker (the guest's requests to the VMM) and every vDPA device.
+    pub fn pause_targets(&self, gate: Arc<VcpuGate>) -> PauseTargets {
+        let control = self.vdpa.iter().filter_map(|d| {
+            let pci = d.pci.lock().unwrap_or_else(|p| p.into_inner());
+            pci.device().control_parker()
+        });
+        let workers = (self.hotplug.iter().map(|m| m.parker.clone()))
+            .chain(self.iommu.iter().map(|i| i.parker.clone()))
+            .chain(control)
+            .collect();
+        PauseTargets {
+            gate,
+            workers,
+            vdpa: self
+                .vdpa
+                .iter()
+                .map(|d| (d.id.clone(), d.pci.clone()))
+                .collect(),
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use devices::dma::SharedSpaces;
 use devices::virtio::iommu::IommuHandle;
 use devices::virtio::mem::{MemRegion, MemState, VirtioMem};
 use devices::virtio::pci::VirtioPciDevice;
+use devices::virtio::queue_worker::Parker;
 
 use devices::virtio::mem::dma::DmaHotplug;
 
@@ -46,6 +47,8 @@ pub struct MemHandle {
     pub pci: Arc<Mutex<MemPciDevice>>,
     pub state: Arc<Mutex<MemState>>,
     pub backend: Arc<DmaHotplug>,
+    /// Parks the request worker (a pause).
+    pub parker: Parker,
 }
 
 /// Where the plugged blocks' KVM slots come from: slots `first ..
@@ -100,6 +103,7 @@ pub fn add_virtio_mem(
     let device =
         VirtioMem::new(geometry, backend.clone(), memory, install).map_err(MemError::Worker)?;
     let state = device.state();
+    let parker = device.parker();
     // One vector for the request queue, one for configuration changes.
     let Plugged { pci, slot } = plug_virtio(device, 2, wiring)?;
     Ok(MemHandle {
@@ -108,5 +112,6 @@ pub fn add_virtio_mem(
         pci,
         state,
         backend,
+        parker,
     })
 }

@@ -1,5 +1,6 @@
 //! The VM's hardware state on KVM: the VM and its memory slots, vCPUs with
-//! their registers and CPUID, guest memory, and interrupt routing.
+//! their registers and CPUID (and the gate that parks them for a pause),
+//! guest memory, and interrupt routing.
 
 pub mod block_slots;
 pub mod cpuid;
@@ -7,4 +8,5 @@ pub mod interrupts;
 pub mod memory;
 pub mod regs;
 pub mod vcpu;
+pub mod vcpu_gate;
 pub mod vm;

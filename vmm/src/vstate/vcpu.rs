@@ -13,6 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::boot::loader::BootEntry;
 use crate::vstate::cpuid::{self, CpuidOptions};
 use crate::vstate::regs;
+use crate::vstate::vcpu_gate::VcpuGate;
 use crate::vstate::vm::Vm;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -118,9 +119,22 @@ impl Vcpu {
     }
 
     /// Runs the vCPU until the VM ends. Device accesses go to the buses;
-    /// anything that ends the VM is reported through `exit`.
-    pub fn run(mut self, io_bus: Arc<Bus>, mmio_bus: Arc<Bus>, exit: ExitSignal) {
+    /// anything that ends the VM is reported through `exit`. Before each
+    /// entry into the guest the vCPU passes `gate`, where a pause parks it.
+    pub fn run(mut self, io_bus: Arc<Bus>, mmio_bus: Arc<Bus>, exit: ExitSignal, gate: &VcpuGate) {
+        let seat = gate.register();
+        self.run_until_exit(&io_bus, &mmio_bus, &exit, gate);
+        gate.leave(seat);
+    }
+
+    fn run_until_exit(&mut self, io_bus: &Bus, mmio_bus: &Bus, exit: &ExitSignal, gate: &VcpuGate) {
         loop {
+            // Parked: tell the guest's kvmclock that it was stopped, so
+            // that its watchdogs do not call the pause a lockup (fails with
+            // EINVAL where the guest does not use kvmclock: nothing to tell).
+            gate.pass(|| {
+                let _ = self.fd.kvmclock_ctrl();
+            });
             let reason = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     io_bus.read(u64::from(port), data);
@@ -347,7 +361,8 @@ mod tests {
         let (io_bus, mmio_bus) = (Arc::new(io_bus), Arc::new(Bus::new()));
         let signal = exit.clone();
         let mmio = mmio_bus.clone();
-        std::thread::spawn(move || vcpu.run(io_bus, mmio, signal));
+        let gate = crate::vstate::vcpu_gate::VcpuGate::new();
+        std::thread::spawn(move || vcpu.run(io_bus, mmio, signal, &gate));
 
         let deadline = Instant::now() + Duration::from_secs(20);
         while exit.reason().is_none() && Instant::now() < deadline {

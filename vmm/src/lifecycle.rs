@@ -1,0 +1,447 @@
+//! Pause and resume of a running VM, on a thread of its own.
+//!
+//! Paused means: every vCPU out of KVM_RUN and parked at its gate; every
+//! device worker (virtio-mem, virtio-iommu, a net control queue) idle between
+//! two requests, the one in flight completed; every vDPA device stopped, so
+//! that nothing writes guest memory (see `devices::virtio::vdpa::pause`).
+//! The order is the order in which work flows: vCPUs first (no new guest
+//! requests), then the workers (the requests already queued are finished or
+//! wait), then the devices (DMA stops). Resume goes the other way.
+//!
+//! A step that fails undoes the steps before it, so a refused pause leaves
+//! the VM running and a refused resume leaves it paused, each as it was.
+//!
+//! The work runs on the "lifecycle" thread, whose seccomp filter allows the
+//! vhost requests that stop and start devices and nothing else of note; the
+//! API asks it and waits a bounded time for the answer.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use devices::virtio::queue_worker::{Parked, Parker, WorkerError};
+use devices::virtio::vdpa::VdpaError;
+use seccompiler::BpfProgram;
+
+use crate::device_manager::vdpa::VdpaPciDevice;
+use crate::seccomp;
+use crate::vstate::vcpu_gate::{GateError, VcpuGate};
+
+/// How long the vCPUs get to leave the guest.
+const VCPU_BOUND: Duration = Duration::from_secs(2);
+/// How long a worker gets to finish the request it is in: an IOTLB commit
+/// to a VDUSE device may wait for the device's process.
+const WORKER_BOUND: Duration = Duration::from_secs(10);
+/// How long the API waits for the lifecycle thread: every step above is
+/// bounded, and a VDUSE reset by the kernel's own 30 s.
+pub const ANSWER_BOUND: Duration = Duration::from_secs(60);
+
+/// What the VM is doing, as the API says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+impl RunState {
+    pub fn name(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<RunState> {
+        match name {
+            "running" => Some(RunState::Running),
+            "paused" => Some(RunState::Paused),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("the vCPUs: {0}")]
+    Vcpus(#[from] GateError),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error("{id}: {source}")]
+    Device { id: String, source: VdpaError },
+    #[error("the lifecycle thread did not answer within {0:?}")]
+    NoAnswer(Duration),
+    #[error("the lifecycle thread is gone")]
+    Gone,
+}
+
+/// What one pause or resume did, and how long each step took.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub state: RunState,
+    /// Whether anything changed (pausing a paused VM does not).
+    pub changed: bool,
+    pub vcpus: Duration,
+    pub workers: Duration,
+    pub devices: Duration,
+    /// How each vDPA device was stopped ("suspend", "reset", "idle"), by id.
+    pub device_methods: Vec<(String, &'static str)>,
+}
+
+impl Transition {
+    pub fn total(&self) -> Duration {
+        self.vcpus + self.workers + self.devices
+    }
+}
+
+/// What a pause stops.
+pub struct PauseTargets {
+    pub gate: Arc<VcpuGate>,
+    pub workers: Vec<Parker>,
+    /// Each vDPA device by id.
+    pub vdpa: Vec<(String, Arc<Mutex<VdpaPciDevice>>)>,
+}
+
+/// The VM's run state and the parked workers while paused.
+struct Machine {
+    targets: PauseTargets,
+    parked: Option<Vec<Parked>>,
+}
+
+fn lock(device: &Mutex<VdpaPciDevice>) -> MutexGuard<'_, VdpaPciDevice> {
+    device.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Machine {
+    fn state(&self) -> RunState {
+        match self.parked {
+            Some(_) => RunState::Paused,
+            None => RunState::Running,
+        }
+    }
+
+    fn unchanged(&self) -> Transition {
+        Transition {
+            state: self.state(),
+            changed: false,
+            vcpus: Duration::ZERO,
+            workers: Duration::ZERO,
+            devices: Duration::ZERO,
+            device_methods: Vec::new(),
+        }
+    }
+
+    fn pause(&mut self) -> Result<Transition, LifecycleError> {
+        if self.parked.is_some() {
+            return Ok(self.unchanged());
+        }
+        let started = Instant::now();
+        self.targets.gate.close(VCPU_BOUND)?;
+        let vcpus = started.elapsed();
+
+        let started = Instant::now();
+        let mut parked = Vec::with_capacity(self.targets.workers.len());
+        for worker in &self.targets.workers {
+            match worker.park(WORKER_BOUND) {
+                Ok(p) => parked.push(p),
+                Err(e) => {
+                    drop(parked);
+                    self.targets.gate.open();
+                    return Err(e.into());
+                }
+            }
+        }
+        let workers = started.elapsed();
+
+        let started = Instant::now();
+        let mut methods = Vec::with_capacity(self.targets.vdpa.len());
+        for (done, (id, device)) in self.targets.vdpa.iter().enumerate() {
+            let mut pci = lock(device);
+            if let Err(source) = pci.device_mut().pause() {
+                drop(pci);
+                // Undo: the devices before it run again, then the rest.
+                for (_, earlier) in self.targets.vdpa.iter().take(done).rev() {
+                    let _ = lock(earlier).device_mut().resume();
+                }
+                drop(parked);
+                self.targets.gate.open();
+                return Err(LifecycleError::Device {
+                    id: id.clone(),
+                    source,
+                });
+            }
+            let method = pci
+                .device()
+                .state()
+                .stopped
+                .as_ref()
+                .map_or("", |s| s.method());
+            methods.push((id.clone(), method));
+        }
+        let devices = started.elapsed();
+        self.parked = Some(parked);
+        Ok(Transition {
+            state: RunState::Paused,
+            changed: true,
+            vcpus,
+            workers,
+            devices,
+            device_methods: methods,
+        })
+    }
+
+    fn resume(&mut self) -> Result<Transition, LifecycleError> {
+        if self.parked.is_none() {
+            return Ok(self.unchanged());
+        }
+        let started = Instant::now();
+        let mut methods = Vec::with_capacity(self.targets.vdpa.len());
+        for (done, (id, device)) in self.targets.vdpa.iter().enumerate() {
+            let mut pci = lock(device);
+            let method = pci
+                .device()
+                .state()
+                .stopped
+                .as_ref()
+                .map_or("", |s| s.method());
+            if let Err(source) = pci.device_mut().resume() {
+                drop(pci);
+                // Undo: the devices already running stop again; the VM
+                // stays paused, and a later resume tries again.
+                for (_, earlier) in self.targets.vdpa.iter().take(done) {
+                    let _ = lock(earlier).device_mut().pause();
+                }
+                return Err(LifecycleError::Device {
+                    id: id.clone(),
+                    source,
+                });
+            }
+            methods.push((id.clone(), method));
+        }
+        let devices = started.elapsed();
+
+        let started = Instant::now();
+        self.parked = None;
+        let workers = started.elapsed();
+
+        let started = Instant::now();
+        self.targets.gate.open();
+        let vcpus = started.elapsed();
+        Ok(Transition {
+            state: RunState::Running,
+            changed: true,
+            vcpus,
+            workers,
+            devices,
+            device_methods: methods,
+        })
+    }
+}
+
+type Answer = Result<Transition, LifecycleError>;
+
+/// The API's handle on the lifecycle thread.
+pub struct Lifecycle {
+    requests: Mutex<Sender<(RunState, Sender<Answer>)>>,
+    paused: Arc<AtomicBool>,
+    bound: Duration,
+}
+
+impl Lifecycle {
+    /// Starts the "lifecycle" thread under `filter` (when seccomp is on).
+    pub fn spawn(
+        targets: PauseTargets,
+        filter: Option<BpfProgram>,
+        bound: Duration,
+    ) -> std::io::Result<Lifecycle> {
+        let (requests, received) = channel();
+        let paused = Arc::new(AtomicBool::new(false));
+        let flag = paused.clone();
+        std::thread::Builder::new()
+            .name("lifecycle".into())
+            .spawn(move || {
+                if let Some(filter) = filter {
+                    if let Err(e) = seccomp::apply(&filter) {
+                        eprintln!("microvm: pause and resume disabled: {e}");
+                        return;
+                    }
+                }
+                serve(
+                    Machine {
+                        targets,
+                        parked: None,
+                    },
+                    received,
+                    &flag,
+                );
+            })?;
+        Ok(Lifecycle {
+            requests: Mutex::new(requests),
+            paused,
+            bound,
+        })
+    }
+
+    pub fn state(&self) -> RunState {
+        match self.paused.load(Ordering::Acquire) {
+            true => RunState::Paused,
+            false => RunState::Running,
+        }
+    }
+
+    /// Takes the VM to `target`; returns what it took.
+    pub fn set(&self, target: RunState) -> Answer {
+        let (reply, answer) = channel();
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send((target, reply))
+            .map_err(|_| LifecycleError::Gone)?;
+        match answer.recv_timeout(self.bound) {
+            Ok(answer) => answer,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                Err(LifecycleError::NoAnswer(self.bound))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(LifecycleError::Gone),
+        }
+    }
+}
+
+fn serve(
+    mut machine: Machine,
+    requests: Receiver<(RunState, Sender<Answer>)>,
+    paused: &AtomicBool,
+) {
+    while let Ok((target, reply)) = requests.recv() {
+        let answer = match target {
+            RunState::Paused => machine.pause(),
+            RunState::Running => machine.resume(),
+        };
+        paused.store(machine.state() == RunState::Paused, Ordering::Release);
+        let _ = reply.send(answer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::virtio::queue_worker::{Drain, QueueWorker};
+    use std::sync::atomic::AtomicU64;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    fn worker() -> QueueWorker<impl devices::virtio::queue_worker::QueueHandler> {
+        let memory = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap());
+        QueueWorker::spawn(
+            "test-worker",
+            memory,
+            |_: &mut Drain<'_>| {},
+            Box::new(|| Ok(())),
+        )
+        .unwrap()
+    }
+
+    /// A stand-in vCPU that counts its runs through the gate.
+    fn vcpu(gate: &Arc<VcpuGate>) -> Arc<AtomicU64> {
+        let runs = Arc::new(AtomicU64::new(0));
+        let (gate, count) = (gate.clone(), runs.clone());
+        let (ready, started) = channel();
+        std::thread::spawn(move || {
+            let _seat = gate.register();
+            ready.send(()).unwrap();
+            loop {
+                gate.pass(|| {});
+                count.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        started.recv().unwrap();
+        runs
+    }
+
+    #[test]
+    fn pause_parks_vcpus_and_workers_resume_releases_them_and_repeats_change_nothing() {
+        crate::vstate::vcpu_gate::install_kick_handler().unwrap();
+        let gate = Arc::new(VcpuGate::new());
+        let runs = vcpu(&gate);
+        let worker = worker();
+        let lifecycle = Lifecycle::spawn(
+            PauseTargets {
+                gate: gate.clone(),
+                workers: vec![worker.parker()],
+                vdpa: Vec::new(),
+            },
+            None,
+            ANSWER_BOUND,
+        )
+        .unwrap();
+        assert_eq!(lifecycle.state(), RunState::Running);
+        let paused = lifecycle.set(RunState::Paused).unwrap();
+        assert!(paused.changed);
+        assert_eq!(lifecycle.state(), RunState::Paused);
+        assert_eq!(gate.parked(), 1);
+        // The worker is parked: a call waits behind the park.
+        let (done, called) = channel();
+        std::thread::scope(|s| {
+            s.spawn(|| worker.call(move |_| done.send(()).unwrap()).unwrap());
+            assert!(called.recv_timeout(Duration::from_millis(100)).is_err());
+            let at_pause = runs.load(Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(runs.load(Ordering::Relaxed), at_pause);
+
+            assert!(!lifecycle.set(RunState::Paused).unwrap().changed);
+            let resumed = lifecycle.set(RunState::Running).unwrap();
+            assert!(resumed.changed);
+            called.recv_timeout(Duration::from_secs(5)).unwrap();
+        });
+        assert_eq!(lifecycle.state(), RunState::Running);
+        assert!(!lifecycle.set(RunState::Running).unwrap().changed);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let at_resume = runs.load(Ordering::Relaxed);
+        while runs.load(Ordering::Relaxed) == at_resume {
+            assert!(Instant::now() < deadline, "the vCPU did not run again");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_worker_that_cannot_park_refuses_the_pause_and_the_vcpus_run_on() {
+        crate::vstate::vcpu_gate::install_kick_handler().unwrap();
+        let gate = Arc::new(VcpuGate::new());
+        let _runs = vcpu(&gate);
+        let gone = {
+            let memory =
+                Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap());
+            // Its start fails, so its thread ends: it can never park.
+            let w = QueueWorker::spawn(
+                "dead-worker",
+                memory,
+                |_: &mut Drain<'_>| {},
+                Box::new(|| Err("no".into())),
+            )
+            .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while w.stop().is_ok() {
+                assert!(Instant::now() < deadline);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            w.parker()
+        };
+        let lifecycle = Lifecycle::spawn(
+            PauseTargets {
+                gate: gate.clone(),
+                workers: vec![gone],
+                vdpa: Vec::new(),
+            },
+            None,
+            ANSWER_BOUND,
+        )
+        .unwrap();
+        let error = lifecycle.set(RunState::Paused).unwrap_err();
+        assert!(
+            matches!(error, LifecycleError::Worker(WorkerError::Gone(_))),
+            "{error}"
+        );
+        assert_eq!(lifecycle.state(), RunState::Running);
+        assert!(!gate.is_closed());
+    }
+}
