@@ -236,8 +236,10 @@ const DEVICE_QUERY_ONLY: &[Allowed] = &[];
 const NET_CONTROL_WORKER_ONLY: &[Allowed] = &[(libc::SYS_poll, &[]), (libc::SYS_ppoll, &[])];
 
 /// The lifecycle thread waits on its channel (futex) and kicks vCPU
-/// threads (tgkill, in COMMON); the rest is its ioctls.
-const LIFECYCLE_ONLY: &[Allowed] = &[];
+/// threads (tgkill, in COMMON). Starting a device again after a reset
+/// hands it the interrupt eventfds as a driver's start does on a vCPU
+/// thread: duplicates (EventFd::try_clone).
+const LIFECYCLE_ONLY: &[Allowed] = &[(libc::SYS_fcntl, &[&[eq(1, libc::F_DUPFD_CLOEXEC as u32)]])];
 
 const VMM_ONLY: &[Allowed] = &[
     (libc::SYS_epoll_wait, &[]),
@@ -807,7 +809,7 @@ mod tests {
     }
 
     #[test]
-    fn only_vcpu_threads_may_duplicate_descriptors() {
+    fn only_vcpu_and_lifecycle_threads_may_duplicate_descriptors() {
         fn duplicate(fd: libc::c_int) {
             say_alive(fd);
             // SAFETY: fcntl on the pipe we were given; no pointers.
@@ -818,6 +820,8 @@ mod tests {
             }
         }
         let (status, _) = in_filtered_child(ThreadKind::Vcpu, duplicate);
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
+        let (status, _) = in_filtered_child(ThreadKind::Lifecycle, duplicate);
         assert!(libc::WIFEXITED(status), "status {status:#x}");
         let (status, _) = in_filtered_child(ThreadKind::Api, duplicate);
         assert_killed_by_sigsys(status);

@@ -31,6 +31,8 @@ pub struct VdpaStatus {
     pub activations: u64,
     pub resets: u64,
     pub iotlb_replays: u64,
+    /// Pauses that stopped the device (a VM pause while it ran).
+    pub pauses: u64,
     pub queues: Vec<QueueReport>,
     /// Whether the device answered the queue-state question in time (a
     /// VDUSE device whose process is dead or wedged does not).

@@ -11,6 +11,7 @@ use super::control::{
 use super::http::{Request, Response};
 use crate::config::parse_size;
 use devices::virtio::mem::ResizeError;
+use devices::virtio::vdpa::pause::Stopped;
 use devices::virtio::vdpa::DeviceKind;
 
 /// How long PUT /memory waits for the guest by default.
@@ -201,6 +202,17 @@ fn control_queue(info: &devices::virtio::vdpa::VdpaInfo) -> Value {
     })
 }
 
+fn stopped(stopped: &Stopped) -> Value {
+    let positions: Vec<Value> = match stopped {
+        Stopped::Reset { positions } => positions
+            .iter()
+            .map(|p| json!({ "queue": p.index, "used_idx": p.used_idx }))
+            .collect(),
+        _ => Vec::new(),
+    };
+    json!({ "by": stopped.method(), "positions": positions })
+}
+
 fn net_info(net: &VdpaStatus) -> Value {
     let info = &net.info;
     let (iotlb, iotlb_omitted) = listed(&net.iotlb, mapping);
@@ -240,6 +252,9 @@ fn net_info(net: &VdpaStatus) -> Value {
         "groups": info.groups,
         "address_spaces": info.address_spaces,
         "iova_range": { "first": hex(info.iova_first), "last": hex(info.iova_last) },
+        // While the VM is paused: how the device was stopped, and where
+        // each queue will start again after a reset.
+        "stopped": info.stopped.as_ref().map(stopped),
         "queues": info.queues,
         "queue_max_size": info.queue_max_size,
         "block": block,
@@ -546,6 +561,7 @@ fn net_counters(net: &VdpaStatus) -> Value {
         "resets": net.transport.resets,
         "activation_failures": net.transport.activation_failures,
         "iotlb_replays": net.iotlb_replays,
+        "pauses": net.pauses,
         // false: the device did not tell its queues' progress within the
         // API's bound (their last_avail_idx is then null).
         "device_answering": net.device_answering,
@@ -657,6 +673,7 @@ mod tests {
             activations: 1,
             resets: 0,
             iotlb_replays: 0,
+            pauses: 1,
             queues: vec![],
             device_answering: true,
             boot_mapping: DeviceReport {
@@ -701,8 +718,16 @@ mod tests {
                 readonly: false,
             }),
             control: None,
+            stopped: Some(Stopped::Reset {
+                positions: vec![devices::virtio::vdpa::pause::QueuePosition {
+                    index: 0,
+                    used_idx: 7,
+                }],
+            }),
         };
         let value = net_info(&vdpa_status(info));
+        assert_eq!(value["stopped"]["by"], "reset");
+        assert_eq!(value["stopped"]["positions"][0]["used_idx"], 7);
         assert_eq!(value["type"], "block");
         assert_eq!(value["kind"], "virtio-blk");
         assert_eq!(value["device_id"], 2);
@@ -719,6 +744,79 @@ mod tests {
         assert_eq!(value["block"]["blk_size"], 512);
         assert_eq!(value["block"]["size_max"], Value::Null);
         assert_eq!(value["block"]["readonly"], false);
+    }
+
+    fn answer(vm: &ApiState, raw: &[u8]) -> (u16, Value) {
+        let request = http::parse(raw).unwrap().unwrap();
+        let Outcome::Answer(answer) = handle(vm, &request) else {
+            panic!("a resize started");
+        };
+        let bytes = answer.to_bytes();
+        let (_, body) = std::str::from_utf8(&bytes)
+            .unwrap()
+            .split_once("\r\n\r\n")
+            .unwrap();
+        (answer.status, serde_json::from_str(body).unwrap())
+    }
+
+    #[test]
+    fn put_vm_pauses_and_resumes_and_refuses_what_is_not_a_state() {
+        let vm = crate::api::test_vm::StillVm::new();
+        let put = |body: &str| {
+            let raw = format!(
+                "PUT /vm HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            answer(&vm, raw.as_bytes())
+        };
+        assert_eq!(
+            answer(&vm, b"GET /vm HTTP/1.1\r\n\r\n").1["state"],
+            "running"
+        );
+        let (status, body) = put(r#"{"state": "paused"}"#);
+        assert_eq!(
+            (status, &body["state"], &body["changed"]),
+            (200, &json!("paused"), &json!(true))
+        );
+        assert_eq!(
+            answer(&vm, b"GET /vm HTTP/1.1\r\n\r\n").1["state"],
+            "paused"
+        );
+        assert_eq!(
+            answer(&vm, b"GET /info HTTP/1.1\r\n\r\n").1["state"],
+            "paused"
+        );
+        assert_eq!(put(r#"{"state": "paused"}"#).1["changed"], false);
+        assert_eq!(put(r#"{"state": "running"}"#).1["state"], "running");
+        for bad in [r#"{"state": "stopped"}"#, r#"{"state": 1}"#, "{}", "paused"] {
+            let (status, body) = put(bad);
+            assert_eq!(status, 400, "{bad}: {body}");
+        }
+        assert_eq!(answer(&vm, b"DELETE /vm HTTP/1.1\r\n\r\n").0, 405);
+        assert_eq!(
+            answer(&vm, b"GET /vm HTTP/1.1\r\n\r\n").1["state"],
+            "running"
+        );
+    }
+
+    #[test]
+    fn a_refused_pause_is_an_error_that_says_the_state_the_vm_is_in() {
+        let vm = FragmentedVm {
+            mappings: 0,
+            plugged: 0,
+        };
+        let body = r#"{"state": "paused"}"#;
+        let raw = format!(
+            "PUT /vm HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (status, body) = answer(&vm, raw.as_bytes());
+        assert_eq!(status, 500);
+        let error = body["error"].as_str().unwrap();
+        assert!(
+            error.starts_with("cannot set the VM paused: ") && error.ends_with("; it is running"),
+            "{error}"
+        );
     }
 
     fn info_of(vm: &FragmentedVm) -> (usize, Value) {

@@ -103,6 +103,7 @@ impl VmControl for ApiView {
                     activations: counters.activations,
                     resets: counters.resets,
                     iotlb_replays: counters.iotlb_replays,
+                    pauses: counters.pauses,
                     queues,
                     device_answering,
                     boot_mapping: net.boot_mapping.clone(),

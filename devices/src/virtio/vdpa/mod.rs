@@ -537,6 +537,8 @@ pub struct VdpaInfo {
     pub block: Option<BlockLayer>,
     /// A net device's control queue, where the VMM serves it.
     pub control: Option<ControlReport>,
+    /// How the device was stopped, while the VM is paused.
+    pub stopped: Option<Stopped>,
 }
 
 /// Per-queue state the device reports: where the ring is and how far the
@@ -588,6 +590,7 @@ pub struct VdpaCounters {
     pub activations: u64,
     pub resets: u64,
     pub iotlb_replays: u64,
+    pub pauses: u64,
     pub queues: Vec<QueueReport>,
 }
 
@@ -924,6 +927,7 @@ impl VdpaDevice {
                 Layer::Net(_) => None,
             },
             control,
+            stopped: state.stopped.clone(),
         }
     }
 
@@ -945,6 +949,7 @@ impl VdpaDevice {
             activations: self.state.activations,
             resets: self.state.resets,
             iotlb_replays: self.state.iotlb_replays,
+            pauses: self.state.pauses,
             queues,
         }
     }
