@@ -97,6 +97,9 @@ wait_plug
 loop_check plugged
 reset_device
 loop_check reset
+echo pause-point
+sleep 10
+loop_check resumed
 echo guest-done
 sleep 8",
         guest_net_prelude()
@@ -186,7 +189,16 @@ fn net_scenario(script: &mut HostScript, label: &str, load_args: &str, vdpa_opti
             &format!("{label}-pinned-plugged"),
             "grep -E '^Vm(Pin|Lck):' /proc/$vmm_pid/status",
         )
-        .wait_console("guest-done", 180, &format!("the {label} guest to reset its device"))
+        .wait_console("pause-point", 180, &format!("the {label} guest to reset its device"))
+        // The VM paused while the guest sleeps: vdpa_sim suspends.
+        .section(&format!("{label}-pause"), "h_ctl pause 2>&1; echo \"exit=$?\"")
+        .ctl_section(&format!("{label}-info-paused"), "info")
+        .section(
+            &format!("{label}-paused-console"),
+            "before=$(wc -l </tmp/console.log); sleep 2; echo \"lines $(( $(wc -l </tmp/console.log) - before ))\"",
+        )
+        .section(&format!("{label}-resume"), "h_ctl resume 2>&1; echo \"exit=$?\"")
+        .wait_console("guest-done", 180, &format!("the {label} guest to loop frames after the resume"))
         .ctl_section(&format!("{label}-counters-end"), "counters")
         .wait_exit(label, 60)
         .sh("h_vdpa_del sim0");
@@ -382,7 +394,7 @@ fn assert_net_scenario(label: &str) {
         console.contains(&format!("guest-mac={SIM_MAC}")),
         "the MAC given at vdpa dev add reaches the guest:\n{console}"
     );
-    for check in ["boot", "plugged", "reset"] {
+    for check in ["boot", "plugged", "reset", "resumed"] {
         let (broadcast, other) = loopback(console, check);
         assert!(
             broadcast >= 3,
@@ -432,6 +444,40 @@ fn assert_net_scenario(label: &str) {
     );
     assert_ne!(acked & (1 << 8), 0, "{label}: IOTLB_PERSIST acked: {info}");
     assert_eq!(device["iotlb_replays"], 0, "{label}: {counters}");
+    assert_pause_by_suspend(label, &acked);
+}
+
+/// The pause suspended the device (vdpa_sim offers SUSPEND and RESUME,
+/// bits 4 and 5, and the VMM acks both), nothing ran while paused, and the
+/// device looped frames again after the resume ("resumed" check above).
+fn assert_pause_by_suspend(label: &str, acked: &u64) {
+    assert_eq!(acked & 0x30, 0x30, "{label}: SUSPEND and RESUME acked");
+    let pause = section(&format!("{label}-pause"));
+    assert!(pause.contains("exit=0"), "{label}: pause:\n{pause}");
+    assert!(
+        pause.contains("\"stopped_by\": \"suspend\""),
+        "{label}: pause:\n{pause}"
+    );
+    let info = json(&format!("{label}-info-paused"));
+    assert_eq!(info["state"], "paused", "{info}");
+    assert_eq!(info["devices"][0]["stopped"]["by"], "suspend", "{info}");
+    assert_eq!(
+        section(&format!("{label}-paused-console")).trim(),
+        "lines 0",
+        "{label}: the guest printed while paused"
+    );
+    let resume = section(&format!("{label}-resume"));
+    assert!(
+        resume.contains("exit=0") && resume.contains("\"running\""),
+        "{label}: resume:\n{resume}"
+    );
+    let counters = json(&format!("{label}-counters-end"));
+    assert_eq!(counters["devices"][0]["pauses"], 1, "{label}: {counters}");
+    // SUSPEND kept the rings: no reset, no replay for the pause.
+    assert_eq!(
+        counters["devices"][0]["iotlb_replays"], 0,
+        "{label}: {counters}"
+    );
 }
 
 /// (new, old): frames to the new and the old MAC that came back in the
@@ -517,7 +563,7 @@ fn vdpa_sim_net_takes_the_guests_mac_through_its_own_control_queue_in_address_sp
 }
 
 #[test]
-fn vdpa_sim_net_in_set_map_mode_loops_frames_through_hotplug_and_reset() {
+fn vdpa_sim_net_in_set_map_mode_loops_frames_through_hotplug_reset_and_a_pause_by_suspend() {
     assert!(section("setmap-node")
         .trim()
         .starts_with("/dev/vhost-vdpa-"));
