@@ -26,7 +26,7 @@ use crate::device_manager::DeviceManager;
 use crate::lifecycle::{self, Lifecycle};
 use crate::seccomp::{self, FilterFds, SeccompError, ThreadKind};
 use crate::vstate::memory::GuestRam;
-use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vcpu::{SavedVcpu, Vcpu};
 use crate::vstate::vcpu_gate::{install_kick_handler, VcpuGate};
 use crate::vstate::vm::Vm;
 use crate::{GuestExit, VmmError};
@@ -205,7 +205,7 @@ impl Vmm {
         // Pause moves vCPU threads out of KVM_RUN with a signal, whose
         // handler must be in place before any of them starts.
         install_kick_handler().map_err(VmmError::Lifecycle)?;
-        let gate = Arc::new(VcpuGate::new());
+        let gate: Arc<VcpuGate<SavedVcpu>> = Arc::new(VcpuGate::new());
         if let Some(socket) = api_socket {
             let summary = VmSummary {
                 vcpus: config.vcpus,
@@ -303,7 +303,7 @@ fn start_vcpus(
     io_bus: &Arc<Bus>,
     mmio_bus: &Arc<Bus>,
     exit: &ExitSignal,
-    gate: &Arc<VcpuGate>,
+    gate: &Arc<VcpuGate<SavedVcpu>>,
     filters: Option<&Filters>,
 ) -> Result<(), VmmError> {
     for vcpu in vcpus {

@@ -26,6 +26,7 @@ use seccompiler::BpfProgram;
 
 use crate::device_manager::vdpa::VdpaPciDevice;
 use crate::seccomp;
+use crate::vstate::vcpu::SavedVcpu;
 use crate::vstate::vcpu_gate::{GateError, VcpuGate};
 
 /// How long the vCPUs get to leave the guest.
@@ -96,7 +97,7 @@ impl Transition {
 
 /// What a pause stops.
 pub struct PauseTargets {
-    pub gate: Arc<VcpuGate>,
+    pub gate: Arc<VcpuGate<SavedVcpu>>,
     pub workers: Vec<Parker>,
     /// Each vDPA device by id.
     pub vdpa: Vec<(String, Arc<Mutex<VdpaPciDevice>>)>,
@@ -340,16 +341,25 @@ mod tests {
         .unwrap()
     }
 
+    /// What a stand-in vCPU "saves": it has no state.
+    fn not_saved() -> crate::vstate::vcpu_state::VcpuStateError {
+        crate::vstate::vcpu_state::VcpuStateError::PartialMsrs {
+            id: 0,
+            set: 0,
+            wanted: 0,
+        }
+    }
+
     /// A stand-in vCPU that counts its runs through the gate.
-    fn vcpu(gate: &Arc<VcpuGate>) -> Arc<AtomicU64> {
+    fn vcpu(gate: &Arc<VcpuGate<SavedVcpu>>) -> Arc<AtomicU64> {
         let runs = Arc::new(AtomicU64::new(0));
         let (gate, count) = (gate.clone(), runs.clone());
         let (ready, started) = channel();
         std::thread::spawn(move || {
-            let _seat = gate.register();
+            let seat = gate.register();
             ready.send(()).unwrap();
             loop {
-                gate.pass(|| {});
+                gate.pass(&seat, || {}, || Err(not_saved()));
                 count.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(1));
             }

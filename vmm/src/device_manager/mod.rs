@@ -29,6 +29,7 @@ use crate::lifecycle::{Lifecycle, PauseTargets};
 use crate::seccomp::{self, FilterFds, SeccompError, ThreadKind};
 use crate::vstate::interrupts::{KvmIoEvents, KvmMsiRouter};
 use crate::vstate::memory::GuestRam;
+use crate::vstate::vcpu::SavedVcpu;
 use crate::vstate::vcpu_gate::VcpuGate;
 use crate::vstate::vm::Vm;
 use api_view::ApiView;
@@ -256,7 +257,7 @@ impl DeviceManager {
 
     /// What a pause stops, besides the vCPUs at `gate`: every device
     /// worker (the guest's requests to the VMM) and every vDPA device.
-    pub fn pause_targets(&self, gate: Arc<VcpuGate>) -> PauseTargets {
+    pub fn pause_targets(&self, gate: Arc<VcpuGate<SavedVcpu>>) -> PauseTargets {
         let control = self.vdpa.iter().filter_map(|d| {
             let pci = d.pci.lock().unwrap_or_else(|p| p.into_inner());
             pci.device().control_parker()

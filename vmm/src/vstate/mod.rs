@@ -9,4 +9,6 @@ pub mod memory;
 pub mod regs;
 pub mod vcpu;
 pub mod vcpu_gate;
+pub mod vcpu_state;
 pub mod vm;
+pub mod vm_state;

@@ -13,7 +13,8 @@ use vm_memory::GuestMemoryMmap;
 use crate::boot::loader::BootEntry;
 use crate::vstate::cpuid::{self, CpuidOptions};
 use crate::vstate::regs;
-use crate::vstate::vcpu_gate::VcpuGate;
+use crate::vstate::vcpu_gate::{GateSeat, VcpuGate};
+use crate::vstate::vcpu_state::{SaveContext, VcpuState, VcpuStateError};
 use crate::vstate::vm::Vm;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -63,7 +64,12 @@ pub enum VcpuError {
 pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
+    /// What saving its state needs to know of the host.
+    save_context: SaveContext,
 }
+
+/// What a parked vCPU leaves at its gate when its state is asked for.
+pub type SavedVcpu = Result<VcpuState, VcpuStateError>;
 
 impl Vcpu {
     /// Creates vCPU `id` of `count` and gives it the state every CPU has at
@@ -105,11 +111,29 @@ impl Vcpu {
             fd.set_regs(&regs::boot_regs(boot))
                 .map_err(set("registers"))?;
         }
-        Ok(Vcpu { id, fd })
+        let save_context = SaveContext {
+            msr_indices: vm
+                .kvm
+                .get_msr_index_list()
+                .map(|list| list.as_slice().to_vec())
+                .unwrap_or_default(),
+            xsave_size: usize::try_from(vm.kvm.check_extension_int(kvm_ioctls::Cap::Xsave2))
+                .unwrap_or(0),
+        };
+        Ok(Vcpu {
+            id,
+            fd,
+            save_context,
+        })
     }
 
     pub fn id(&self) -> u8 {
         self.id
+    }
+
+    /// Gives this vCPU, which has not run, a saved state (a restore).
+    pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuStateError> {
+        state.restore(&self.fd, &self.save_context)
     }
 
     /// The vCPU's descriptor, which its thread's seccomp filter binds
@@ -121,20 +145,39 @@ impl Vcpu {
     /// Runs the vCPU until the VM ends. Device accesses go to the buses;
     /// anything that ends the VM is reported through `exit`. Before each
     /// entry into the guest the vCPU passes `gate`, where a pause parks it.
-    pub fn run(mut self, io_bus: Arc<Bus>, mmio_bus: Arc<Bus>, exit: ExitSignal, gate: &VcpuGate) {
+    pub fn run(
+        mut self,
+        io_bus: Arc<Bus>,
+        mmio_bus: Arc<Bus>,
+        exit: ExitSignal,
+        gate: &VcpuGate<SavedVcpu>,
+    ) {
         let seat = gate.register();
-        self.run_until_exit(&io_bus, &mmio_bus, &exit, gate);
+        self.run_until_exit(&io_bus, &mmio_bus, &exit, gate, &seat);
         gate.leave(seat);
     }
 
-    fn run_until_exit(&mut self, io_bus: &Bus, mmio_bus: &Bus, exit: &ExitSignal, gate: &VcpuGate) {
+    fn run_until_exit(
+        &mut self,
+        io_bus: &Bus,
+        mmio_bus: &Bus,
+        exit: &ExitSignal,
+        gate: &VcpuGate<SavedVcpu>,
+        seat: &GateSeat,
+    ) {
         loop {
             // Parked: tell the guest's kvmclock that it was stopped, so
             // that its watchdogs do not call the pause a lockup (fails with
             // EINVAL where the guest does not use kvmclock: nothing to tell).
-            gate.pass(|| {
-                let _ = self.fd.kvmclock_ctrl();
-            });
+            // Asked for its state while parked, the vCPU saves it.
+            let (id, fd, context) = (self.id, &self.fd, &self.save_context);
+            gate.pass(
+                seat,
+                || {
+                    let _ = fd.kvmclock_ctrl();
+                },
+                || VcpuState::save(id, fd, context),
+            );
             let reason = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     io_bus.read(u64::from(port), data);
@@ -279,6 +322,7 @@ mod tests {
     use super::*;
     use crate::boot::loader::BootProtocol;
     use crate::vstate::memory::{layout, GuestRam};
+    use crate::vstate::vm_state::VmState;
     use devices::bus::BusDevice;
     use devices::legacy::AcpiPm;
     use std::sync::Mutex;
@@ -316,6 +360,127 @@ mod tests {
         0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
         0xee, // out dx, al
     ];
+
+    /// 32-bit code: count in ECX, store the count at COUNTER, until the
+    /// word at STOP is not 0; then power off.
+    const COUNTER: u64 = 0x20_0000;
+    const STOP: u64 = 0x20_0100;
+    const COUNTING_GUEST: &[u8] = &[
+        0x31, 0xc9, // xor ecx, ecx
+        0x41, // loop: inc ecx
+        0x89, 0x0d, 0x00, 0x00, 0x20, 0x00, // mov [COUNTER], ecx
+        0xa1, 0x00, 0x01, 0x20, 0x00, // mov eax, [STOP]
+        0x85, 0xc0, // test eax, eax
+        0x74, 0xf0, // jz loop
+        0x66, 0xba, 0xc0, 0x03, // mov dx, 0x3c0
+        0xb0, 0x34, 0xee, // mov al, (5 << 2) | 0x20; out dx, al
+        0xf4, // hlt
+    ];
+
+    /// Runs `vcpu` on its own thread behind `gate`, with the ACPI sleep
+    /// register on its port bus; its exit signal. (The thread is left
+    /// behind: after the guest's poweroff it halts, and the VMM would end.)
+    fn start(vcpu: Vcpu, gate: &Arc<VcpuGate<SavedVcpu>>) -> ExitSignal {
+        let exit = ExitSignal::new().unwrap();
+        let io_bus = Bus::new();
+        io_bus
+            .insert(
+                u64::from(AcpiPm::BASE),
+                AcpiPm::LEN,
+                Arc::new(Mutex::new(AcpiPm::new(exit.clone(), 5))),
+            )
+            .unwrap();
+        let (io_bus, mmio_bus) = (Arc::new(io_bus), Arc::new(Bus::new()));
+        let (signal, gate) = (exit.clone(), gate.clone());
+        std::thread::spawn(move || vcpu.run(io_bus, mmio_bus, signal, &gate));
+        exit
+    }
+
+    fn counter(ram: &GuestRam) -> u32 {
+        ram.memory.read_obj::<u32>(GuestAddress(COUNTER)).unwrap()
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_guest_paused_mid_loop_goes_on_in_a_new_vm_from_its_saved_vcpu_vm_and_memory() {
+        crate::vstate::vcpu_gate::install_kick_handler().unwrap();
+        // The first VM counts until it is paused.
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let vm = Vm::new(Vm::open_kvm().unwrap()).unwrap();
+        vm.register_memory(&ram).unwrap();
+        let entry = GuestAddress(layout::HIMEM_START);
+        ram.memory.write_slice(COUNTING_GUEST, entry).unwrap();
+        let boot = BootEntry {
+            entry,
+            protocol: BootProtocol::Pvh {
+                start_info: GuestAddress(layout::PVH_START_INFO),
+            },
+        };
+        let gate = Arc::new(VcpuGate::new());
+        let vcpu = Vcpu::new(&vm, &ram.memory, 0, 1, Some(&boot)).unwrap();
+        let exit = start(vcpu, &gate);
+        wait_for("the guest to count", || counter(&ram) > 1000);
+        gate.close(Duration::from_secs(5)).unwrap();
+        let paused_at = counter(&ram);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(counter(&ram), paused_at, "a parked vCPU does not run");
+
+        // Its state, through the state file's serialisation.
+        let mut saved = gate.collect(Duration::from_secs(5)).unwrap();
+        assert_eq!(saved.len(), 1);
+        let vcpu_state = saved.remove(0).unwrap();
+        // ECX holds the count, or one more if the vCPU stopped between
+        // the increment and the store.
+        let count = vcpu_state.regs.rcx;
+        assert!(
+            count == u64::from(paused_at) || count == u64::from(paused_at) + 1,
+            "{count}"
+        );
+        let vm_state = VmState::save(&vm.fd).unwrap();
+        let text = serde_json::to_string(&(&vcpu_state, &vm_state)).unwrap();
+        let (vcpu_state, vm_state): (VcpuState, VmState) = serde_json::from_str(&text).unwrap();
+
+        // A new VM from the saved memory and state goes on counting from
+        // where the first stopped (not from 0: ECX came along).
+        let copy = GuestRam::new(64 << 20).unwrap();
+        let mut bytes = vec![0u8; 64 << 20];
+        ram.memory.read_slice(&mut bytes, GuestAddress(0)).unwrap();
+        copy.memory.write_slice(&bytes, GuestAddress(0)).unwrap();
+        let vm2 = Vm::new(Vm::open_kvm().unwrap()).unwrap();
+        vm2.register_memory(&copy).unwrap();
+        vm_state.restore(&vm2.fd).unwrap();
+        let vcpu2 = Vcpu::new(&vm2, &copy.memory, 0, 1, None).unwrap();
+        vcpu2.restore(&vcpu_state).unwrap();
+        let gate2 = Arc::new(VcpuGate::new());
+        let exit2 = start(vcpu2, &gate2);
+        let mut seen = paused_at;
+        wait_for("the restored guest to count", || {
+            seen = counter(&copy);
+            seen != paused_at
+        });
+        assert!(
+            seen > paused_at && seen < paused_at.saturating_add(1 << 30),
+            "restored at {paused_at}, then counted {seen}"
+        );
+        copy.memory.write_obj(1u32, GuestAddress(STOP)).unwrap();
+        wait_for("the restored guest to power off", || {
+            exit2.reason().is_some()
+        });
+        assert_eq!(exit2.reason(), Some(ExitReason::PowerOff));
+
+        // The first VM, released, goes on too, and stops when told.
+        ram.memory.write_obj(1u32, GuestAddress(STOP)).unwrap();
+        gate.open();
+        wait_for("the first guest to power off", || exit.reason().is_some());
+        assert_eq!(exit.reason(), Some(ExitReason::PowerOff));
+    }
 
     #[test]
     fn a_tiny_guest_runs_through_the_pvh_entry_and_powers_off() {
@@ -361,7 +526,8 @@ mod tests {
         let (io_bus, mmio_bus) = (Arc::new(io_bus), Arc::new(Bus::new()));
         let signal = exit.clone();
         let mmio = mmio_bus.clone();
-        let gate = crate::vstate::vcpu_gate::VcpuGate::new();
+        let gate: crate::vstate::vcpu_gate::VcpuGate<SavedVcpu> =
+            crate::vstate::vcpu_gate::VcpuGate::new();
         std::thread::spawn(move || vcpu.run(io_bus, mmio, signal, &gate));
 
         let deadline = Instant::now() + Duration::from_secs(20);

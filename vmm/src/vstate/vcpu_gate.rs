@@ -9,7 +9,10 @@
 //! refused: no VM is left half paused).
 //!
 //! A parked vCPU is outside KVM_RUN, so its registers are stable and every
-//! device access it made has completed.
+//! device access it made has completed. While the gate is closed it can be
+//! asked for its state ([`VcpuGate::collect`]): each parked vCPU thread
+//! saves its own (only that thread may use its vCPU's descriptor) and
+//! leaves it at the gate.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -43,23 +46,52 @@ pub enum GateError {
     },
     #[error("the VM is ending: {0} of its vCPU threads have stopped")]
     Ended(usize),
+    #[error("the vCPUs are not parked (the VM is not paused)")]
+    Running,
+    #[error("{saved} of {count} vCPUs saved their state within {bound:?}")]
+    NotSaved {
+        saved: usize,
+        count: usize,
+        bound: Duration,
+    },
 }
 
-#[derive(Debug, Default)]
-struct Inner {
+#[derive(Debug)]
+struct Inner<S> {
     closed: bool,
     /// The registered vCPU threads; `None` once one has ended.
     threads: Vec<Option<libc::pthread_t>>,
     parked: usize,
+    /// Bumped by each `collect`: a parked vCPU that has not answered this
+    /// round saves its state into `saved`, at its seat.
+    save_round: u64,
+    saved: Vec<Option<S>>,
 }
 
-/// The gate all vCPU threads of one VM pass.
-#[derive(Debug, Default)]
-pub struct VcpuGate {
+/// The gate all vCPU threads of one VM pass; `S` is what a parked vCPU
+/// saves when asked.
+#[derive(Debug)]
+pub struct VcpuGate<S = ()> {
     /// The fast path of `pass`: read before each KVM_RUN.
     closed: AtomicBool,
-    inner: Mutex<Inner>,
+    inner: Mutex<Inner<S>>,
     changed: Condvar,
+}
+
+impl<S> Default for VcpuGate<S> {
+    fn default() -> Self {
+        VcpuGate {
+            closed: AtomicBool::new(false),
+            inner: Mutex::new(Inner {
+                closed: false,
+                threads: Vec::new(),
+                parked: 0,
+                save_round: 0,
+                saved: Vec::new(),
+            }),
+            changed: Condvar::new(),
+        }
+    }
 }
 
 /// A vCPU thread's place at the gate (see [`VcpuGate::register`]).
@@ -68,12 +100,12 @@ pub struct GateSeat {
     index: usize,
 }
 
-impl VcpuGate {
-    pub fn new() -> VcpuGate {
+impl<S> VcpuGate<S> {
+    pub fn new() -> VcpuGate<S> {
         VcpuGate::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Inner<S>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -101,8 +133,9 @@ impl VcpuGate {
 
     /// Called by a vCPU thread before each KVM_RUN: returns at once while
     /// the gate is open, else runs `on_park` (the vCPU is out of the guest)
-    /// and waits until the gate opens.
-    pub fn pass(&self, on_park: impl FnOnce()) {
+    /// and waits until the gate opens, running `save` each time its state
+    /// is asked for meanwhile.
+    pub fn pass(&self, seat: &GateSeat, on_park: impl FnOnce(), mut save: impl FnMut() -> S) {
         if !self.closed.load(Ordering::Acquire) {
             return;
         }
@@ -112,12 +145,60 @@ impl VcpuGate {
         }
         on_park();
         inner.parked += 1;
+        let mut answered = inner.save_round;
         self.changed.notify_all();
         while inner.closed {
+            if inner.save_round != answered {
+                answered = inner.save_round;
+                // Saved without the lock: a few ioctls on this thread's own
+                // vCPU, while the others save theirs.
+                drop(inner);
+                let state = save();
+                inner = self.lock();
+                if let Some(slot) = inner.saved.get_mut(seat.index) {
+                    *slot = Some(state);
+                }
+                self.changed.notify_all();
+                continue;
+            }
             inner = self.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
         }
         inner.parked -= 1;
         self.changed.notify_all();
+    }
+
+    /// Each parked vCPU's saved state, by seat (registration order). The
+    /// gate must be closed with every vCPU parked; waits at most `bound`
+    /// for them to save.
+    pub fn collect(&self, bound: Duration) -> Result<Vec<S>, GateError> {
+        let deadline = Instant::now() + bound;
+        let mut inner = self.lock();
+        let count = inner.threads.len();
+        if !inner.closed || inner.parked != count {
+            return Err(GateError::Running);
+        }
+        inner.save_round = inner.save_round.wrapping_add(1);
+        inner.saved = (0..count).map(|_| None).collect();
+        self.changed.notify_all();
+        loop {
+            let saved = inner.saved.iter().filter(|s| s.is_some()).count();
+            if saved == count {
+                return Ok(inner.saved.drain(..).flatten().collect());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(GateError::NotSaved {
+                    saved,
+                    count,
+                    bound,
+                });
+            }
+            inner = self
+                .changed
+                .wait_timeout(inner, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Closes the gate and returns once every registered vCPU stands at it.
@@ -201,7 +282,7 @@ mod tests {
             let seat = gate.register();
             ready.send(()).unwrap();
             while !stop.load(Ordering::Relaxed) {
-                gate.pass(|| {});
+                gate.pass(&seat, || {}, || ());
                 runs.fetch_add(1, Ordering::Relaxed);
                 // A long "KVM_RUN": one nanosleep, which the kick signal
                 // ends early with EINTR as it ends KVM_RUN (std's sleep
@@ -248,7 +329,7 @@ mod tests {
     #[test]
     fn a_vcpu_that_never_comes_back_fails_the_pause_and_the_gate_opens_again() {
         install_kick_handler().unwrap();
-        let gate = Arc::new(VcpuGate::new());
+        let gate: Arc<VcpuGate> = Arc::new(VcpuGate::new());
         // Registered, but it never passes the gate (a vCPU stuck in a
         // device access that does not return).
         let stuck = gate.clone();
