@@ -3,7 +3,9 @@
 
 use std::io::{self, Write};
 
-use vm_superio::{serial::NoEvents, Serial, Trigger};
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
@@ -27,6 +29,60 @@ impl Trigger for EventFdTrigger {
 
 pub type SerialOutput = Box<dyn Write + Send>;
 
+/// The UART's registers and receive FIFO, as plain data (vm-superio's
+/// `SerialState`, which has no serde of its own).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> SerialSnapshot {
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> SerialState {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the serial port's saved state does not fit a 16550: {0}")]
+pub struct SerialRestoreError(String);
+
 pub struct SerialDevice {
     uart: Serial<EventFdTrigger, NoEvents, SerialOutput>,
 }
@@ -36,6 +92,26 @@ impl SerialDevice {
         SerialDevice {
             uart: Serial::new(EventFdTrigger::new(interrupt), output),
         }
+    }
+
+    /// A UART that goes on from `saved` (a restore).
+    pub fn from_snapshot(
+        interrupt: EventFd,
+        output: SerialOutput,
+        saved: &SerialSnapshot,
+    ) -> Result<SerialDevice, SerialRestoreError> {
+        let uart = Serial::from_state(
+            &SerialState::from(saved),
+            EventFdTrigger::new(interrupt),
+            NoEvents,
+            output,
+        )
+        .map_err(|e| SerialRestoreError(format!("{e:?}")))?;
+        Ok(SerialDevice { uart })
+    }
+
+    pub fn snapshot(&self) -> SerialSnapshot {
+        self.uart.state().into()
     }
 
     /// Feeds host input to the guest; returns how many bytes fit in the FIFO
@@ -114,6 +190,38 @@ mod tests {
         let mut byte = [0u8];
         serial.read(THR, &mut byte);
         assert_eq!(byte, [b'o']);
+    }
+
+    #[test]
+    fn a_uart_restored_from_its_snapshot_has_its_registers_and_unread_input() {
+        const SCRATCH: u64 = 7;
+        let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let mut serial = SerialDevice::new(irq, Box::new(io::sink()));
+        serial.write(IER, &[IER_RX_DATA]);
+        serial.write(SCRATCH, &[0x5a]);
+        serial.enqueue_input(b"ab");
+        let saved = serial.snapshot();
+        let text = serde_json::to_string(&saved).unwrap();
+        let saved: SerialSnapshot = serde_json::from_str(&text).unwrap();
+
+        let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let mut restored = SerialDevice::from_snapshot(irq, Box::new(io::sink()), &saved).unwrap();
+        assert_eq!(restored.snapshot(), saved);
+        let read = |serial: &mut SerialDevice, offset| {
+            let mut byte = [0u8];
+            serial.read(offset, &mut byte);
+            byte[0]
+        };
+        assert_eq!(read(&mut restored, SCRATCH), 0x5a);
+        assert_eq!(read(&mut restored, IER), IER_RX_DATA);
+        assert_eq!(read(&mut restored, THR), b'a', "unread input came along");
+        // A FIFO larger than a 16550's is refused, not truncated.
+        let too_much = SerialSnapshot {
+            in_buffer: vec![0; 1000],
+            ..saved
+        };
+        let irq = EventFd::new(0).unwrap();
+        assert!(SerialDevice::from_snapshot(irq, Box::new(io::sink()), &too_much).is_err());
     }
 
     #[test]

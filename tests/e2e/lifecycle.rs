@@ -2,14 +2,18 @@
 //! end in the test host: vduse-net (a VDUSE device, which has no SUSPEND, so
 //! a pause resets it and the resume starts it again where the guest's used
 //! rings say) on a TAP, the VM pinging the test host and sending a paced TCP
-//! stream across the pause. Twice in one test host: an identity-mapped device
-//! with 256 MiB plugged through virtio-mem, and a device behind the vIOMMU.
+//! stream across the pause. Three VMs in one test host: an identity-mapped
+//! device with 256 MiB plugged through virtio-mem, a device behind the
+//! vIOMMU, and the debug build (its seccomp filters too) on a two-pair device
+//! whose control queue the VMM serves, so the resume must enable both pairs
+//! again. Then snapshot and restore of a VM whose only device is its
+//! serial console (what snapshots cover so far): saved while paused, the
+//! VMM killed, restored in a new process that goes on where the guest was.
 
+use e2e::host_script::guest_cmd_arg;
 use e2e::host_script::microvm_on;
-use e2e::{iotlb_dump, merged, HostScript, VduseNet};
+use e2e::{iotlb_dump, merged, HostScript, MicrovmRun, VduseNet, DEBUG_MICROVM};
 
-const GUEST_IP: &str = "192.0.2.2";
-const HOST_IP: &str = "192.0.2.1";
 /// The stream: 40 pieces of 64 KiB, one every 0.25 s, so it runs about
 /// 10 s of guest time and the pause falls in its middle.
 const STREAM_PIECES: u32 = 40;
@@ -18,16 +22,37 @@ const PINGS: u32 = 40;
 /// How long the test host keeps the VM paused, besides its checks.
 const PAUSED_SECS: u32 = 3;
 
+/// One VM and its device.
+struct Case<'a> {
+    label: &'static str,
+    device: &'a VduseNet,
+    guest_ip: &'static str,
+    host_ip: &'static str,
+    memory: &'static str,
+    /// Appended to `--net`.
+    net: &'static str,
+    plug: bool,
+    debug: bool,
+    port: u32,
+}
+
 /// The guest: traffic that spans the pause, then its ping summary.
-fn guest_script(label: &str, port: u32) -> String {
+fn guest_script(case: &Case) -> String {
+    let Case {
+        label,
+        guest_ip,
+        host_ip,
+        port,
+        ..
+    } = case;
     format!(
-        "ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0
-ping -c 2 -W 2 {HOST_IP} >/dev/null
+        "ip link set eth0 up && ip addr add {guest_ip}/24 dev eth0
+ping -c 2 -W 2 {host_ip} >/dev/null
 echo {label}-ready
 wait_go
-ping -i 0.25 -c {PINGS} -W 5 {HOST_IP} >/tmp/ping.out 2>&1 &
+ping -i 0.25 -c {PINGS} -W 5 {host_ip} >/tmp/ping.out 2>&1 &
 P=$!
-(for i in $(seq {STREAM_PIECES}); do dd if=/dev/zero bs=64k count=1 2>/dev/null; sleep 0.25; done) | nc {HOST_IP} {port}
+(for i in $(seq {STREAM_PIECES}); do dd if=/dev/zero bs=64k count=1 2>/dev/null; sleep 0.25; done) | nc {host_ip} {port}
 wait $P
 echo \"{label}-ping $(grep 'packets transmitted' /tmp/ping.out)\"
 echo {label}-done
@@ -38,38 +63,41 @@ wait_go
 
 /// One VM's story: boot, (plug), start the traffic, pause, look while
 /// paused, resume, let the traffic end, look again.
-fn scenario(
-    script: &mut HostScript,
-    device: &VduseNet,
-    label: &str,
-    memory: &'static str,
-    net: &str,
-    plug: bool,
-) {
-    let port = if plug { 5300 } else { 5301 };
-    let vm = microvm_on(device, 2, memory, net, &guest_script(label, port));
+fn scenario(script: &mut HostScript, case: &Case) {
+    let Case {
+        label,
+        device,
+        guest_ip,
+        port,
+        ..
+    } = case;
+    let mut vm = microvm_on(device, 2, case.memory, case.net, &guest_script(case));
+    if case.debug {
+        vm.binary = DEBUG_MICROVM;
+    }
+    let iotlb = device.iotlb_dump.unwrap_or("/dev/null");
     script
         .sh(&format!(
             "timeout 300 microvm-tcp-sink --port {port} --bytes {STREAM_BYTES} >/tmp/sink-{port}.out 2>/tmp/sink-{port}.err &"
         ))
         .microvm(&vm)
         .wait_console(&format!("{label}-ready"), 240, "the guest to boot and ping");
-    if plug {
+    if case.plug {
         script.ctl_section(&format!("{label}-plug"), "memory-resize 256M --timeout 120");
     }
     script
-        .section(&format!("{label}-iotlb-before"), "cat /tmp/iotlb")
-        .go(GUEST_IP)
+        .section(&format!("{label}-iotlb-before"), &format!("cat {iotlb}"))
+        .go(guest_ip)
         .sh("sleep 3")
         .section(&format!("{label}-pause"), "h_ctl pause 2>&1; echo \"exit=$?\"")
         .ctl_section(&format!("{label}-state-paused"), "state")
         .ctl_section(&format!("{label}-info-paused"), "info")
-        .section(&format!("{label}-iotlb-paused"), "cat /tmp/iotlb")
+        .section(&format!("{label}-iotlb-paused"), &format!("cat {iotlb}"))
         .section(
             &format!("{label}-paused-checks"),
             &format!(
                 "before=$(wc -l </tmp/console.log)\n\
-                 echo \"host-ping $(ping -c {PAUSED_SECS} -W 1 {GUEST_IP} 2>&1 | grep 'packets transmitted')\"\n\
+                 echo \"host-ping $(ping -c {PAUSED_SECS} -W 1 {guest_ip} 2>&1 | grep 'packets transmitted')\"\n\
                  echo \"console-lines-while-paused $(( $(wc -l </tmp/console.log) - before ))\""
             ),
         )
@@ -78,30 +106,104 @@ fn scenario(
         .section(&format!("{label}-pause-again"), "h_ctl pause >/dev/null 2>&1; h_ctl pause 2>&1; h_ctl resume >/dev/null 2>&1; echo \"exit=$?\"")
         .wait_console(&format!("{label}-done"), 180, "the guest's traffic to end after the resume")
         .section(&format!("{label}-sink"), &format!("cat /tmp/sink-{port}.out /tmp/sink-{port}.err"))
-        .section(&format!("{label}-iotlb-after"), "cat /tmp/iotlb")
+        .section(&format!("{label}-iotlb-after"), &format!("cat {iotlb}"))
         .ctl_section(&format!("{label}-counters"), "counters")
-        .go(GUEST_IP)
-        .wait_exit(label, 60);
+        .go(guest_ip)
+        .wait_exit(label, 90);
 }
 
 fn host_script() -> String {
     let device = VduseNet::on_tap();
+    let pairs = VduseNet {
+        name: "mq0",
+        tap: Some(("tap1", "192.0.3.1/24")),
+        iotlb_dump: None,
+        extra_args: "--queues 2 --stats /tmp/mq-stats.json".to_string(),
+    };
+    let on_tap0 = |label, memory, net, plug, port| Case {
+        label,
+        device: &device,
+        guest_ip: "192.0.2.2",
+        host_ip: "192.0.2.1",
+        memory,
+        net,
+        plug,
+        debug: false,
+        port,
+    };
     let mut script = HostScript::new();
-    script.vduse_net(&device);
+    script.vduse_net(&device).vduse_net(&pairs);
     scenario(
         &mut script,
-        &device,
-        "plugged",
-        "512M,hotplug=512M",
-        "",
-        true,
+        &on_tap0("plugged", "512M,hotplug=512M", "", true, 5300),
     );
-    scenario(&mut script, &device, "viommu", "512M", ",iommu=on", false);
+    scenario(
+        &mut script,
+        &on_tap0("viommu", "512M", ",iommu=on", false, 5301),
+    );
+    scenario(
+        &mut script,
+        &Case {
+            label: "pairs",
+            device: &pairs,
+            guest_ip: "192.0.3.2",
+            host_ip: "192.0.3.1",
+            memory: "512M",
+            net: ",queues=2",
+            plug: false,
+            debug: true,
+            port: 5302,
+        },
+    );
     script
         .sh("kill -USR1 \"$(h_get dev_pid.net0)\"; sleep 0.5")
         .stop_devices()
-        .section("vduse-log", "sleep 0.5; cat /tmp/vduse-net0.err");
+        .section("vduse-log", "sleep 0.5; cat /tmp/vduse-net0.err")
+        .section("pairs-log", "cat /tmp/vduse-mq0.err");
+    snapshot_scenario(&mut script);
     script.build()
+}
+
+/// Ticks the guest prints, a quarter second apart, with its uptime.
+const TICKS: u32 = 80;
+
+/// A VM with no device but its console counts; it is paused, saved, its
+/// VMM killed, and a new VMM restores it from the snapshot and it counts on.
+/// Refusals on the way: a snapshot of a running VM, into a directory that
+/// exists, and restores of a corrupted state file and of a short memory file.
+fn snapshot_scenario(script: &mut HostScript) {
+    let guest = format!(
+        "i=0; while [ $i -lt {TICKS} ]; do i=$((i+1)); echo \"tick $i $(cut -d' ' -f1 /proc/uptime)\"; sleep 0.25; done; echo snap-guest-done"
+    );
+    let mut vm = MicrovmRun::new(2, "256M");
+    vm.cmdline_extra = format!("quiet {}", guest_cmd_arg(&guest));
+    vm.extra_args = "--api-socket \"$H_API\"".to_string();
+    script
+        .sh("H_API=/tmp/api-snap.sock")
+        .microvm(&vm)
+        .wait_console("^tick 8 ", 240, "the guest to boot and count")
+        .section("snap-running", "h_ctl snapshot /tmp/snap 2>&1; echo \"exit=$?\"")
+        .section("snap-pause", "h_ctl pause 2>&1; echo \"exit=$?\"")
+        .section("snap-take", "h_ctl snapshot /tmp/snap 2>&1; echo \"exit=$?\"")
+        .section("snap-again", "h_ctl snapshot /tmp/snap 2>&1; echo \"exit=$?\"")
+        .section("snap-files", "ls /tmp/snap; stat -c '%n %s' /tmp/snap/memory; head -n 1 /tmp/snap/state")
+        .section("snap-before", "grep '^tick' /tmp/console.log | tail -n 1")
+        .sh("h_vmm_stop; mv /tmp/console.log /tmp/console-before.log")
+        .section(
+            "restore-corrupt",
+            "cp -r /tmp/snap /tmp/bad && printf x | dd of=/tmp/bad/state bs=1 seek=400 conv=notrunc 2>/dev/null
+             microvm --restore /tmp/bad 2>&1; echo \"exit=$?\"",
+        )
+        .section(
+            "restore-short",
+            "cp -r /tmp/snap /tmp/short && truncate -s -4096 /tmp/short/memory
+             microvm --restore /tmp/short 2>&1; echo \"exit=$?\"",
+        )
+        .sh(
+            "rm -f \"$H_API\"\nH_CONSOLE=/tmp/console.log H_VMM_ERR=/tmp/microvm.err h_vmm_start microvm --restore /tmp/snap --api-socket \"$H_API\"",
+        )
+        .wait_console("snap-guest-done", 120, "the restored guest to count on to the end")
+        .wait_exit("restored", 60);
 }
 
 e2e::shared_test_host_run!("lifecycle", host_script());
@@ -239,6 +341,93 @@ fn an_identity_device_with_plugged_memory_pauses_and_resumes_with_its_traffic_wh
 fn a_device_behind_the_viommu_pauses_and_resumes_with_its_traffic_whole() {
     check_pause_and_resume("viommu");
     check_iotlb_while_paused("viommu");
+}
+
+#[test]
+fn the_debug_build_pauses_and_resumes_a_two_pair_device_and_enables_both_pairs_again() {
+    check_pause_and_resume("pairs");
+    let info = json("pairs-info-paused");
+    assert_eq!(
+        info["devices"][0]["control_queue"]["queue_pairs"], 2,
+        "{info}"
+    );
+    // Each of the four data queues stopped by the pause and the second one
+    // and started again by the resume from where the guest's rings stood.
+    let log = section("pairs-log");
+    for queue in ["queue 2 (rx) started", "queue 3 (tx) started"] {
+        let starts = log.lines().filter(|l| l.contains(queue)).count();
+        assert!(starts >= 3, "{queue}: {starts} times\n{log}");
+    }
+}
+
+/// (tick, uptime) of a `tick N UPTIME` line.
+fn tick(line: &str) -> (u32, f64) {
+    let mut words = line.split_whitespace().skip(1);
+    let n = words.next().and_then(|w| w.parse().ok());
+    let up = words.next().and_then(|w| w.parse().ok());
+    n.zip(up)
+        .unwrap_or_else(|| panic!("not a tick line: {line}"))
+}
+
+#[test]
+fn a_vm_saved_while_paused_goes_on_in_a_new_vmm_from_where_it_was() {
+    let running = section("snap-running");
+    assert!(
+        running.contains("the VM must be paused first") && !running.contains("exit=0"),
+        "{running}"
+    );
+    assert!(section("snap-pause").contains("exit=0"));
+    let taken = section("snap-take");
+    assert!(taken.contains("exit=0"), "{taken}");
+    assert!(taken.contains("\"memory_bytes\": 268435456"), "{taken}");
+    let again = section("snap-again");
+    assert!(
+        again.contains("cannot create the snapshot directory") && !again.contains("exit=0"),
+        "{again}"
+    );
+    let files = section("snap-files");
+    assert!(files.contains("/tmp/snap/memory 268435456"), "{files}");
+    assert!(
+        files.contains("{\"magic\":\"microvm-snapshot\",\"version\":1,\"arch\":\"x86_64\""),
+        "{files}"
+    );
+
+    // Each bad snapshot is refused with one line saying what is wrong.
+    let corrupt = section("restore-corrupt");
+    assert!(
+        corrupt.contains("microvm: restore: /tmp/bad/state: corrupted"),
+        "{corrupt}"
+    );
+    assert!(!corrupt.contains("exit=0"));
+    let short = section("restore-short");
+    assert!(
+        short.contains("the memory file is 268431360 bytes; the state says guest RAM is 268435456"),
+        "{short}"
+    );
+    assert!(!short.contains("exit=0"));
+
+    // The restored guest counts on from the tick it was saved at, with its
+    // uptime going on from where it was.
+    let (saved_tick, saved_uptime) = tick(section("snap-before").trim());
+    let console = section("restored-console");
+    let (first_tick, first_uptime) = tick(
+        console
+            .lines()
+            .find(|l| l.starts_with("tick "))
+            .unwrap_or_else(|| panic!("the restored guest printed no tick:\n{console}")),
+    );
+    assert_eq!(first_tick, saved_tick + 1, "{console}");
+    assert!(
+        first_uptime >= saved_uptime,
+        "uptime {saved_uptime} then {first_uptime}"
+    );
+    assert!(console.contains(&format!("tick {TICKS} ")), "{console}");
+    assert_eq!(
+        section("restored-exit").trim(),
+        "0",
+        "{}",
+        section("restored-stderr")
+    );
 }
 
 #[test]

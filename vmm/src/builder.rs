@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use devices::bus::{Bus, BusError};
 use devices::exit::{ExitReason, ExitSignal};
 use devices::legacy::{AcpiPm, I8042, SERIAL_COM1_BASE, SERIAL_COM1_IRQ, SERIAL_COM1_LEN};
-use devices::serial::SerialDevice;
+use devices::serial::{SerialDevice, SerialSnapshot};
 use devices::virtio::vdpa::Translation;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use seccompiler::BpfProgram;
@@ -25,6 +25,7 @@ use crate::device_manager::vdpa::VdpaRequest;
 use crate::device_manager::DeviceManager;
 use crate::lifecycle::{self, Lifecycle};
 use crate::seccomp::{self, FilterFds, SeccompError, ThreadKind};
+use crate::snapshot::{self, SnapshotError};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{SavedVcpu, Vcpu};
 use crate::vstate::vcpu_gate::{install_kick_handler, VcpuGate};
@@ -49,8 +50,12 @@ pub struct Vmm {
     api_socket: Option<api::ApiSocket>,
 }
 
-/// Checks the configuration against the host, then builds the VM.
+/// Checks the configuration against the host, then builds the VM: a new
+/// one from its kernel, or one saved by a snapshot (`--restore`).
 pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
+    if let Some(dir) = &config.restore {
+        return restore(config, dir);
+    }
     // Files, sizes and counts first, so bad input never waits on KVM.
     config.validate(&HostLimits::probe(u64::from(config::MAX_VCPUS)))?;
     // Bound before KVM is opened and any guest memory exists, so a bad
@@ -104,6 +109,80 @@ pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
     })
 }
 
+/// Rebuilds the VM a snapshot saved: the same memory size and vCPU count,
+/// guest RAM from the memory file, the serial port, the VM's and each
+/// vCPU's KVM state, all before any vCPU runs; then it runs like a new VM.
+/// Anything the snapshot cannot hold yet (devices) is refused first.
+fn restore(config: &VmmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError> {
+    if !config.net.is_empty() || !config.vdpa.is_empty() {
+        return Err(SnapshotError::DevicesNotSaved("--net, --vdpa".into()).into());
+    }
+    let saved = snapshot::read_state(dir)?;
+    let mut config = config.clone();
+    config.vcpus = u8::try_from(saved.vcpus.len())
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or(SnapshotError::VcpuCount {
+            vcpus: 0,
+            found: saved.vcpus.len(),
+        })?;
+    config.memory.size = config::Size(saved.memory_bytes);
+    config.memory.hotplug = None;
+    config.validate(&HostLimits::probe(u64::from(config::MAX_VCPUS)))?;
+    let api_socket = config
+        .api_socket
+        .as_deref()
+        .map(api::ApiSocket::bind)
+        .transpose()?;
+    let kvm = Vm::open_kvm()?;
+    let kvm_limits = HostLimits {
+        max_vcpus: Vm::max_vcpus(&kvm),
+        memory_bytes: u64::MAX,
+    };
+    config::check_vcpus(u64::from(config.vcpus), &kvm_limits)?;
+    let max_slots = Vm::max_memslots(&kvm);
+
+    let ram = Arc::new(build_memory(&config)?);
+    snapshot::read_memory(dir, &ram, saved.memory_bytes)?;
+    let vm = Vm::new(kvm)?;
+    let boot_slots = vm.register_memory(&ram)?;
+    let slots = (boot_slots, u32::try_from(max_slots).unwrap_or(u32::MAX));
+
+    let exit = ExitSignal::new().map_err(VmmError::EventFd)?;
+    let serial = build_serial_from(&vm, &config, Some(&saved.serial))?;
+    let io_bus = legacy_io_bus(&serial, &exit)?;
+    let mmio_bus = Arc::new(Bus::new());
+    let devices = build_devices(&config, &vm, &ram, slots, &io_bus, &mmio_bus)?;
+    let vcpus = saved
+        .vcpus
+        .iter()
+        .enumerate()
+        .map(|(index, state)| {
+            let id = u8::try_from(index).unwrap_or(u8::MAX);
+            let vcpu = Vcpu::new(&vm, &ram.memory, id, config.vcpus, None)?;
+            vcpu.restore(state)
+                .map_err(|e| SnapshotError::Vcpu(e.to_string()))?;
+            Ok(vcpu)
+        })
+        .collect::<Result<Vec<_>, VmmError>>()?;
+    saved
+        .vm
+        .restore(&vm.fd)
+        .map_err(|e| SnapshotError::Vm(e.to_string()))?;
+    Ok(Vmm {
+        config,
+        vm,
+        ram,
+        devices,
+        serial,
+        io_bus: Arc::new(io_bus),
+        mmio_bus,
+        exit,
+        vcpus,
+        api_socket,
+    })
+}
+
 fn build_memory(config: &VmmConfig) -> Result<GuestRam, VmmError> {
     let hotplug = config
         .memory
@@ -113,12 +192,24 @@ fn build_memory(config: &VmmConfig) -> Result<GuestRam, VmmError> {
 }
 
 fn build_serial(vm: &Vm, config: &VmmConfig) -> Result<Arc<Mutex<SerialDevice>>, VmmError> {
+    build_serial_from(vm, config, None)
+}
+
+/// The serial port: new, or as a snapshot saved it.
+fn build_serial_from(
+    vm: &Vm,
+    config: &VmmConfig,
+    saved: Option<&SerialSnapshot>,
+) -> Result<Arc<Mutex<SerialDevice>>, VmmError> {
     let irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd)?;
     vm.connect_irq(&irq, SERIAL_COM1_IRQ)?;
-    Ok(Arc::new(Mutex::new(SerialDevice::new(
-        irq,
-        console::serial_output(&config.serial)?,
-    ))))
+    let output = console::serial_output(&config.serial)?;
+    let serial = match saved {
+        None => SerialDevice::new(irq, output),
+        Some(saved) => SerialDevice::from_snapshot(irq, output, saved)
+            .map_err(|e| SnapshotError::Vm(e.to_string()))?,
+    };
+    Ok(Arc::new(Mutex::new(serial)))
 }
 
 /// The platform devices on the port I/O bus.
@@ -220,7 +311,7 @@ impl Vmm {
             )
             .map_err(crate::device_manager::DeviceError::from)?;
             let lifecycle = Lifecycle::spawn(
-                devices.pause_targets(gate.clone()),
+                devices.pause_targets(gate.clone(), serial.clone()),
                 filters.as_ref().map(|f| f.lifecycle.clone()),
                 lifecycle::ANSWER_BOUND,
             )

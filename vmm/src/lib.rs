@@ -14,6 +14,7 @@ pub mod device_manager;
 pub mod lifecycle;
 pub mod panic_hook;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vstate;
 
 use boot::{acpi, loader as boot_loader};
@@ -53,6 +54,8 @@ pub enum VmmError {
     EventLoop(String),
     #[error("cannot set up pause and resume: {0}")]
     Lifecycle(std::io::Error),
+    #[error("restore: {0}")]
+    Restore(#[from] snapshot::SnapshotError),
     #[error("cannot start a thread for vCPU {id}: {source}")]
     Thread { id: u8, source: std::io::Error },
     #[error("{0}")]

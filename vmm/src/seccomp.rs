@@ -31,6 +31,41 @@ const VHOST_VIRTIO: u64 = 0xaf;
 const KVM_RUN: u64 = ioc(IOC_NONE, KVMIO, 0x80, 0);
 /// Tells the guest's kvmclock that the vCPU was stopped (a pause).
 const KVM_KVMCLOCK_CTRL: u64 = ioc(IOC_NONE, KVMIO, 0xad, 0);
+const fn size<T>() -> u64 {
+    std::mem::size_of::<T>() as u64
+}
+/// What a parked vCPU reads of itself for a snapshot (vstate/vcpu_state.rs).
+const KVM_GET_SREGS: u64 = ioc(IOC_READ, KVMIO, 0x83, size::<kvm_bindings::kvm_sregs>());
+const KVM_GET_MSRS: u64 = ioc(IOC_READ | IOC_WRITE, KVMIO, 0x88, 8);
+const KVM_GET_LAPIC: u64 = ioc(
+    IOC_READ,
+    KVMIO,
+    0x8e,
+    size::<kvm_bindings::kvm_lapic_state>(),
+);
+const KVM_GET_CPUID2: u64 = ioc(IOC_READ | IOC_WRITE, KVMIO, 0x91, 8);
+const KVM_GET_MP_STATE: u64 = ioc(IOC_READ, KVMIO, 0x98, size::<kvm_bindings::kvm_mp_state>());
+const KVM_GET_VCPU_EVENTS: u64 = ioc(
+    IOC_READ,
+    KVMIO,
+    0x9f,
+    size::<kvm_bindings::kvm_vcpu_events>(),
+);
+const KVM_GET_XSAVE: u64 = ioc(IOC_READ, KVMIO, 0xa4, 4096);
+const KVM_GET_XCRS: u64 = ioc(IOC_READ, KVMIO, 0xa6, size::<kvm_bindings::kvm_xcrs>());
+/// What the lifecycle thread reads of the VM for a snapshot.
+const KVM_GET_IRQCHIP: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    KVMIO,
+    0x62,
+    size::<kvm_bindings::kvm_irqchip>(),
+);
+const KVM_GET_CLOCK: u64 = ioc(
+    IOC_READ,
+    KVMIO,
+    0x7c,
+    size::<kvm_bindings::kvm_clock_data>(),
+);
 /// struct kvm_regs.
 const KVM_GET_REGS: u64 = ioc(IOC_READ, KVMIO, 0x81, 144);
 /// struct kvm_userspace_memory_region.
@@ -235,11 +270,25 @@ const DEVICE_QUERY_ONLY: &[Allowed] = &[];
 /// A net control-queue worker waits on its queue.
 const NET_CONTROL_WORKER_ONLY: &[Allowed] = &[(libc::SYS_poll, &[]), (libc::SYS_ppoll, &[])];
 
+/// A new file a snapshot writes: created, never opened if it exists
+/// (std's File::create_new).
+const CREATE_NEW: u32 = (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC) as u32;
+
 /// The lifecycle thread waits on its channel (futex) and kicks vCPU
 /// threads (tgkill, in COMMON). Starting a device again after a reset
 /// hands it the interrupt eventfds as a driver's start does on a vCPU
-/// thread: duplicates (EventFd::try_clone).
-const LIFECYCLE_ONLY: &[Allowed] = &[(libc::SYS_fcntl, &[&[eq(1, libc::F_DUPFD_CLOEXEC as u32)]])];
+/// thread: duplicates (EventFd::try_clone). A snapshot creates its
+/// directory and new files in it (never opening one that exists, never
+/// reading one), syncs them and reads back their size.
+const LIFECYCLE_ONLY: &[Allowed] = &[
+    (libc::SYS_fcntl, &[&[eq(1, libc::F_DUPFD_CLOEXEC as u32)]]),
+    (libc::SYS_mkdir, &[]),
+    (libc::SYS_mkdirat, &[]),
+    (libc::SYS_openat, &[&[eq(2, CREATE_NEW)]]),
+    (libc::SYS_fsync, &[]),
+    (libc::SYS_statx, &[]),
+    (libc::SYS_newfstatat, &[]),
+];
 
 const VMM_ONLY: &[Allowed] = &[
     (libc::SYS_epoll_wait, &[]),
@@ -254,8 +303,24 @@ const VCPU_ONLY: &[Allowed] = &[(libc::SYS_fcntl, &[&[eq(1, libc::F_DUPFD_CLOEXE
 /// The terminal requests of the VMM thread: stdin into raw mode and back.
 const TERMINAL: &[u64] = &[TCGETS, TCSETS, TIOCGWINSZ];
 /// On its own vCPU: run it, read the registers to report a failed exit,
-/// and tell the guest's clock when a pause parked it.
-const VCPU_OWN: &[u64] = &[KVM_RUN, KVM_GET_REGS, KVM_KVMCLOCK_CTRL];
+/// tell the guest's clock when a pause parked it, and read its state for a
+/// snapshot while parked.
+const VCPU_OWN: &[u64] = &[
+    KVM_RUN,
+    KVM_GET_REGS,
+    KVM_KVMCLOCK_CTRL,
+    KVM_GET_SREGS,
+    KVM_GET_MSRS,
+    KVM_GET_LAPIC,
+    KVM_GET_CPUID2,
+    KVM_GET_MP_STATE,
+    KVM_GET_VCPU_EVENTS,
+    KVM_GET_XSAVE,
+    KVM_GET_XCRS,
+];
+/// On the VM, from the lifecycle thread: the interrupt controllers and the
+/// clock, for a snapshot.
+const VM_FROM_LIFECYCLE: &[u64] = &[KVM_GET_IRQCHIP, KVM_GET_CLOCK];
 /// On the VM, from device emulation: a guest write can reprogram MSI-X
 /// routes or move a BAR (its ioeventfds).
 const VM_FROM_VCPU: &[u64] = &[KVM_SET_GSI_ROUTING, KVM_IOEVENTFD];
@@ -353,6 +418,7 @@ fn ioctl_rules(kind: ThreadKind, fds: &FilterFds) -> Result<Vec<(RawFd, u64)>, &
         ThreadKind::Lifecycle => {
             let mut rules = on_vhost(VHOST_FROM_VCPU);
             rules.extend(on_vhost(VHOST_FROM_LIFECYCLE));
+            rules.extend(on(fds.vm, VM_FROM_LIFECYCLE));
             rules
         }
         ThreadKind::Vcpu => {
@@ -840,6 +906,17 @@ mod tests {
         assert_eq!(VHOST_VDPA_SUSPEND, 0xaf7d);
         assert_eq!(VHOST_VDPA_RESUME, 0xaf7e);
         assert_eq!(KVM_KVMCLOCK_CTRL, 0xaead);
+        // From the kernel's headers (a C build of each _IO* macro).
+        assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+        assert_eq!(KVM_GET_MSRS, 0xc008_ae88);
+        assert_eq!(KVM_GET_LAPIC, 0x8400_ae8e);
+        assert_eq!(KVM_GET_CPUID2, 0xc008_ae91);
+        assert_eq!(KVM_GET_MP_STATE, 0x8004_ae98);
+        assert_eq!(KVM_GET_VCPU_EVENTS, 0x8040_ae9f);
+        assert_eq!(KVM_GET_XSAVE, 0x9000_aea4);
+        assert_eq!(KVM_GET_XCRS, 0x8188_aea6);
+        assert_eq!(KVM_GET_IRQCHIP, 0xc208_ae62);
+        assert_eq!(KVM_GET_CLOCK, 0x8030_ae7c);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
         // The sizes encoded in them are those of the structs kvm-ioctls passes.

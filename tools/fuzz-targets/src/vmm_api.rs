@@ -58,6 +58,14 @@ impl VmControl for StillVm {
     fn set_run_state(&self, _target: RunState) -> Result<Transition, LifecycleError> {
         Err(LifecycleError::Gone)
     }
+
+    /// Nothing to save: every snapshot is refused.
+    fn snapshot(
+        &self,
+        _dir: std::path::PathBuf,
+    ) -> Result<vmm::api::control::SnapshotReport, LifecycleError> {
+        Err(LifecycleError::Gone)
+    }
 }
 
 fn state() -> &'static ApiState {

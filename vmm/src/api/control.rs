@@ -9,6 +9,8 @@ use devices::virtio::pci::TransportCounters;
 use devices::virtio::vdpa::{QueueReport, VdpaInfo};
 
 pub use crate::lifecycle::{LifecycleError, RunState, Transition};
+pub use crate::snapshot::SnapshotReport;
+use std::path::PathBuf;
 
 /// The VM as configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,4 +96,6 @@ pub trait VmControl: Send + Sync {
     fn run_state(&self) -> RunState;
     /// Pauses or resumes the VM (see [`crate::lifecycle`]).
     fn set_run_state(&self, target: RunState) -> Result<Transition, LifecycleError>;
+    /// Saves the paused VM into `dir`, which must not exist.
+    fn snapshot(&self, dir: PathBuf) -> Result<SnapshotReport, LifecycleError>;
 }

@@ -10,6 +10,7 @@ use super::control::{
 };
 use super::http::{Request, Response};
 use crate::config::parse_size;
+use crate::snapshot::SnapshotError;
 use devices::virtio::mem::ResizeError;
 use devices::virtio::vdpa::pause::Stopped;
 use devices::virtio::vdpa::DeviceKind;
@@ -43,7 +44,8 @@ pub fn handle(state: &ApiState, request: &Request) -> Outcome {
         ("PUT", "/memory") => return start_resize(state, &request.body),
         ("GET", "/vm") => Response::json(200, &json!({ "state": state.run_state().name() })),
         ("PUT", "/vm") => set_run_state(state, &request.body),
-        (_, "/info" | "/counters" | "/memory" | "/vm") => Response::error(
+        ("PUT", "/snapshot") => snapshot(state, &request.body),
+        (_, "/info" | "/counters" | "/memory" | "/vm" | "/snapshot") => Response::error(
             405,
             format!("{} is not allowed on {}", request.method, request.path),
         ),
@@ -397,6 +399,45 @@ fn set_run_state(state: &ApiState, body: &[u8]) -> Response {
     }
 }
 
+/// PUT /snapshot {"dir": PATH}: saves the paused VM into PATH, a directory
+/// the VMM creates (it must not exist). The VM stays paused either way.
+fn snapshot(state: &ApiState, body: &[u8]) -> Response {
+    let request: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return Response::error(400, format!("body is not JSON: {e}")),
+    };
+    let Some(dir) = request["dir"].as_str().filter(|d| !d.is_empty()) else {
+        return Response::error(400, "dir must be the path of a directory to create");
+    };
+    let started = std::time::Instant::now();
+    match state.snapshot(dir.into()) {
+        Ok(report) => Response::json(
+            200,
+            &json!({
+                "dir": report.dir.display().to_string(),
+                "state_bytes": report.state_bytes,
+                "memory_bytes": report.memory_bytes,
+                "took_us": u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            }),
+        ),
+        Err(error) => {
+            let status = match &error {
+                LifecycleError::Snapshot(SnapshotError::NotPaused) => 409,
+                LifecycleError::Snapshot(SnapshotError::DevicesNotSaved(_)) => 501,
+                LifecycleError::NoAnswer(_) => 504,
+                _ => 500,
+            };
+            Response::error(
+                status,
+                format!(
+                    "cannot save the VM: {error}; it is {}",
+                    state.run_state().name()
+                ),
+            )
+        }
+    }
+}
+
 fn transition(done: &Transition) -> Value {
     let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     let devices: Vec<Value> = done
@@ -658,6 +699,12 @@ mod tests {
             &self,
             _target: crate::lifecycle::RunState,
         ) -> Result<crate::lifecycle::Transition, crate::lifecycle::LifecycleError> {
+            Err(crate::lifecycle::LifecycleError::Gone)
+        }
+        fn snapshot(
+            &self,
+            _dir: std::path::PathBuf,
+        ) -> Result<crate::snapshot::SnapshotReport, crate::lifecycle::LifecycleError> {
             Err(crate::lifecycle::LifecycleError::Gone)
         }
     }

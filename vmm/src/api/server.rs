@@ -667,6 +667,12 @@ mod tests {
         ) -> Result<crate::lifecycle::Transition, crate::lifecycle::LifecycleError> {
             Err(crate::lifecycle::LifecycleError::Gone)
         }
+        fn snapshot(
+            &self,
+            _dir: std::path::PathBuf,
+        ) -> Result<crate::snapshot::SnapshotReport, crate::lifecycle::LifecycleError> {
+            Err(crate::lifecycle::LifecycleError::Gone)
+        }
     }
 
     #[test]

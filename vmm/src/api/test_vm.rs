@@ -111,4 +111,16 @@ impl VmControl for StillVm {
             device_methods: Vec::new(),
         })
     }
+
+    /// A fake VM has nothing to save: paused, it says so; running, it is
+    /// refused like a real one.
+    fn snapshot(
+        &self,
+        _dir: std::path::PathBuf,
+    ) -> Result<super::control::SnapshotReport, LifecycleError> {
+        match self.run_state() {
+            RunState::Paused => Err(LifecycleError::Gone),
+            RunState::Running => Err(crate::snapshot::SnapshotError::NotPaused.into()),
+        }
+    }
 }

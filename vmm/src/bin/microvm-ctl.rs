@@ -46,6 +46,9 @@ enum Command {
     Resume,
     /// Whether the VM runs or is paused.
     State,
+    /// Save the paused VM into DIR, a directory to create: its state file
+    /// and guest memory (restore it with microvm --restore DIR).
+    Snapshot { dir: PathBuf },
     /// Send the bytes on stdin as the request and print the raw answer
     /// (for debugging API clients).
     SendRaw,
@@ -128,6 +131,18 @@ fn main() -> ExitCode {
             ("PUT", "/vm", body.to_string(), vmm::lifecycle::ANSWER_BOUND)
         }
         Command::State => ("GET", "/vm", String::new(), Duration::ZERO),
+        Command::Snapshot { dir } => {
+            // The VMM resolves a relative path against its own directory,
+            // not ours: send an absolute one.
+            let dir = std::path::absolute(&dir).unwrap_or(dir);
+            let body = serde_json::json!({ "dir": dir });
+            (
+                "PUT",
+                "/snapshot",
+                body.to_string(),
+                vmm::lifecycle::SNAPSHOT_BOUND,
+            )
+        }
         Command::SendRaw => {
             let mut request = Vec::new();
             if let Err(e) = std::io::stdin().read_to_end(&mut request) {

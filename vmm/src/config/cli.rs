@@ -17,8 +17,17 @@ use crate::config::{
 )]
 pub struct Cli {
     /// Guest kernel: an uncompressed vmlinux (ELF, PVH entry preferred) or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
+
+    /// Restore the VM saved in DIR (microvm-ctl snapshot DIR) instead of
+    /// booting a kernel: its vCPUs, memory size and state come from there.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory"]
+    )]
+    pub restore: Option<PathBuf>,
 
     /// Initramfs (cpio, optionally compressed) handed to the kernel.
     #[arg(long, value_name = "PATH")]
@@ -69,7 +78,7 @@ impl Cli {
         };
         Ok(VmmConfig {
             kernel: KernelConfig {
-                path: self.kernel,
+                path: self.kernel.unwrap_or_default(),
                 initramfs: self.initramfs,
                 cmdline: self.cmdline,
             },
@@ -80,6 +89,7 @@ impl Cli {
             net: self.net,
             vdpa: self.vdpa,
             api_socket: self.api_socket,
+            restore: self.restore,
         })
     }
 }
@@ -122,6 +132,27 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("microvm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn restore_needs_no_kernel_and_takes_no_boot_options() {
+        let config = parse(&["--restore", "/snap", "--api-socket", "/a"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(config.restore, Some("/snap".into()));
+        assert!(parse(&[]).is_err(), "a kernel or a snapshot is needed");
+        for conflict in [
+            &["--kernel", "/k"][..],
+            &["--cpus", "2"],
+            &["--memory", "size=1G"],
+            &["--cmdline", "x"],
+            &["--initramfs", "/i"],
+        ] {
+            let mut args = vec!["--restore", "/snap"];
+            args.extend_from_slice(conflict);
+            assert!(parse(&args).is_err(), "{conflict:?} with --restore");
+        }
     }
 
     #[test]

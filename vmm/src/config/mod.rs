@@ -405,6 +405,10 @@ pub struct VmmConfig {
     /// `--vdpa` devices, after the `--net` ones on the PCI bus.
     pub vdpa: Vec<VdpaDeviceConfig>,
     pub api_socket: Option<PathBuf>,
+    /// Restore the VM saved in this snapshot directory instead of booting
+    /// `kernel` (whose fields are then unused); its vCPU count and memory
+    /// size come from the snapshot.
+    pub restore: Option<PathBuf>,
 }
 
 /// What the host offers, gathered once so validation stays a pure function.
@@ -530,6 +534,10 @@ impl VmmConfig {
             }
         }
         check_layout(size, self.memory.hotplug.unwrap_or(Size(0)))?;
+        if self.restore.is_some() {
+            // The kernel and its command line are in the saved memory.
+            return Ok(());
+        }
         if self.kernel.cmdline.len() > MAX_CMDLINE_LEN {
             return Err(ConfigError::CmdlineTooLong {
                 len: self.kernel.cmdline.len(),
@@ -798,6 +806,7 @@ mod tests {
             net: vec![],
             vdpa: vec![],
             api_socket: None,
+            restore: None,
         }
     }
 

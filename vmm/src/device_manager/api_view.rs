@@ -11,8 +11,8 @@ use super::lock;
 use super::vdpa::VdpaHandle;
 use super::virtio_mem::MemHandle;
 use crate::api::control::{
-    IommuStatus, LifecycleError, MemoryRequestError, MemoryStatus, RunState, Transition,
-    VdpaStatus, VmControl, VmSummary,
+    IommuStatus, LifecycleError, MemoryRequestError, MemoryStatus, RunState, SnapshotReport,
+    Transition, VdpaStatus, VmControl, VmSummary,
 };
 use crate::lifecycle::Lifecycle;
 
@@ -164,5 +164,9 @@ impl VmControl for ApiView {
 
     fn set_run_state(&self, target: RunState) -> Result<Transition, LifecycleError> {
         self.lifecycle.set(target)
+    }
+
+    fn snapshot(&self, dir: std::path::PathBuf) -> Result<SnapshotReport, LifecycleError> {
+        self.lifecycle.snapshot(dir)
     }
 }

@@ -25,7 +25,7 @@ use devices::virtio::vdpa::DeviceKind;
 use seccompiler::BpfProgram;
 
 use crate::api::control::VmSummary;
-use crate::lifecycle::{Lifecycle, PauseTargets};
+use crate::lifecycle::{Lifecycle, PauseTargets, SnapshotSources};
 use crate::seccomp::{self, FilterFds, SeccompError, ThreadKind};
 use crate::vstate::interrupts::{KvmIoEvents, KvmMsiRouter};
 use crate::vstate::memory::GuestRam;
@@ -34,6 +34,7 @@ use crate::vstate::vcpu_gate::VcpuGate;
 use crate::vstate::vm::Vm;
 use api_view::ApiView;
 use device_query::DeviceQueries;
+use devices::serial::SerialDevice;
 use iommu::{IommuDevice, IommuSetupError};
 use memlock::MemlockStatus;
 use pci::{PciSegment, PciSetupError, PciWiring};
@@ -256,8 +257,14 @@ impl DeviceManager {
     }
 
     /// What a pause stops, besides the vCPUs at `gate`: every device
-    /// worker (the guest's requests to the VMM) and every vDPA device.
-    pub fn pause_targets(&self, gate: Arc<VcpuGate<SavedVcpu>>) -> PauseTargets {
+    /// worker (the guest's requests to the VMM) and every vDPA device; and
+    /// what a snapshot saves (the VM, guest RAM, `serial`), or which devices
+    /// it cannot save yet.
+    pub fn pause_targets(
+        &self,
+        gate: Arc<VcpuGate<SavedVcpu>>,
+        serial: Arc<std::sync::Mutex<SerialDevice>>,
+    ) -> PauseTargets {
         let control = self.vdpa.iter().filter_map(|d| {
             let pci = d.pci.lock().unwrap_or_else(|p| p.into_inner());
             pci.device().control_parker()
@@ -274,6 +281,15 @@ impl DeviceManager {
                 .iter()
                 .map(|d| (d.id.clone(), d.pci.clone()))
                 .collect(),
+            saved: SnapshotSources {
+                vm: self.vm.clone(),
+                ram: self.ram.clone(),
+                serial,
+                unsaved: (self.vdpa.iter().map(|d| d.id.clone()))
+                    .chain(self.hotplug.iter().map(|_| "virtio-mem".to_string()))
+                    .chain(self.iommu.iter().map(|_| "virtio-iommu".to_string()))
+                    .collect(),
+            },
         }
     }
 }

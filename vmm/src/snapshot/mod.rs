@@ -1,0 +1,281 @@
+//! Snapshots of a paused VM, and restoring one in a new process (issue 17).
+//!
+//! A snapshot is a directory the VMM creates (it must not exist):
+//! - `state`: the versioned, checksummed state file ([`file`]): every vCPU's
+//!   KVM state, the VM's (interrupt controllers, kvmclock), the serial port
+//!   and the memory layout;
+//! - `memory`: guest RAM, its ranges one after the other.
+//!
+//! What is built so far covers a VM whose only device is its serial console:
+//! a VM with vDPA devices, virtio-mem or a vIOMMU is refused at snapshot time
+//! with a clear message, because their state (PCI transport, rings, IOTLBs,
+//! plugged blocks, domains) is not saved yet. Live update is not built.
+
+pub mod file;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use devices::serial::SerialSnapshot;
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::vstate::memory::GuestRam;
+use crate::vstate::vcpu_state::VcpuState;
+use crate::vstate::vm_state::VmState;
+use file::StateFileError;
+
+/// The state file in a snapshot directory.
+pub const STATE_FILE: &str = "state";
+/// Guest RAM in a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+/// How much guest memory is copied at a time.
+const CHUNK: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("the VM must be paused first (microvm-ctl pause)")]
+    NotPaused,
+    #[error(
+        "{0}: snapshots of VMs with vDPA devices, virtio-mem or a vIOMMU are not built yet \
+         (their state is not saved); only a VM whose one device is its serial console can be saved"
+    )]
+    DevicesNotSaved(String),
+    #[error("{path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    StateFile(#[from] StateFileError),
+    #[error("{0}")]
+    Vcpu(String),
+    #[error("the VM's state: {0}")]
+    Vm(String),
+    #[error("{path}: the memory file is {found} bytes; the state says guest RAM is {expected}")]
+    MemorySize {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+    #[error("the snapshot holds {found} vCPU states for {vcpus} vCPUs")]
+    VcpuCount { vcpus: usize, found: usize },
+}
+
+/// Everything the state file holds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmSnapshot {
+    /// Boot RAM's size (the memory file's length): a VM of this size lays
+    /// out the same ranges.
+    pub memory_bytes: u64,
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub serial: SerialSnapshot,
+}
+
+/// What a snapshot wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotReport {
+    pub dir: PathBuf,
+    pub state_bytes: u64,
+    pub memory_bytes: u64,
+}
+
+fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        what,
+        source,
+    }
+}
+
+/// Creates `dir` (it must not exist) and writes `state` and guest RAM into
+/// it. On an error nothing in `dir` is to be trusted: the caller's VM is
+/// untouched and stays paused.
+pub fn write(
+    dir: &Path,
+    state: &VmSnapshot,
+    ram: &GuestRam,
+) -> Result<SnapshotReport, SnapshotError> {
+    std::fs::create_dir(dir).map_err(io(dir, "cannot create the snapshot directory"))?;
+    let memory = dir.join(MEMORY_FILE);
+    let memory_bytes = write_memory(&memory, ram)?;
+    let path = dir.join(STATE_FILE);
+    file::write(&path, state)?;
+    let state_bytes = std::fs::metadata(&path)
+        .map(|m| m.len())
+        .map_err(io(&path, "cannot read back the state file's size"))?;
+    Ok(SnapshotReport {
+        dir: dir.to_path_buf(),
+        state_bytes,
+        memory_bytes,
+    })
+}
+
+/// Boot RAM's ranges, one after the other, into a new file at `path`.
+fn write_memory(path: &Path, ram: &GuestRam) -> Result<u64, SnapshotError> {
+    let mut out = std::fs::File::create_new(path).map_err(io(path, "cannot create"))?;
+    let mut buffer = vec![0u8; CHUNK];
+    let mut written = 0u64;
+    for range in &ram.ranges {
+        let mut at = range.start;
+        let end = range.start.saturating_add(range.size);
+        while at < end {
+            let len = usize::try_from(end - at).map_or(CHUNK, |left| left.min(CHUNK));
+            let chunk = buffer.get_mut(..len).unwrap_or_default();
+            ram.memory
+                .read_slice(chunk, GuestAddress(at))
+                .map_err(|e| SnapshotError::Io {
+                    path: path.to_path_buf(),
+                    what: "cannot read guest memory",
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            out.write_all(chunk).map_err(io(path, "cannot write"))?;
+            at = at.saturating_add(len as u64);
+            written = written.saturating_add(len as u64);
+        }
+    }
+    out.sync_all().map_err(io(path, "cannot sync"))?;
+    Ok(written)
+}
+
+/// Reads a snapshot's state file (every check of [`file::read`]).
+pub fn read_state(dir: &Path) -> Result<VmSnapshot, SnapshotError> {
+    Ok(file::read(&dir.join(STATE_FILE))?)
+}
+
+/// Fills `ram` (laid out for the snapshot's memory size) from the memory
+/// file, which must be exactly as large as the state says.
+pub fn read_memory(dir: &Path, ram: &GuestRam, expected: u64) -> Result<(), SnapshotError> {
+    let path = dir.join(MEMORY_FILE);
+    let mut input = std::fs::File::open(&path).map_err(io(&path, "cannot open"))?;
+    let found = input
+        .metadata()
+        .map(|m| m.len())
+        .map_err(io(&path, "cannot read its size"))?;
+    if found != expected {
+        return Err(SnapshotError::MemorySize {
+            path,
+            expected,
+            found,
+        });
+    }
+    let mut buffer = vec![0u8; CHUNK];
+    for range in &ram.ranges {
+        let mut at = range.start;
+        let end = range.start.saturating_add(range.size);
+        while at < end {
+            let len = usize::try_from(end - at).map_or(CHUNK, |left| left.min(CHUNK));
+            let chunk = buffer.get_mut(..len).unwrap_or_default();
+            input.read_exact(chunk).map_err(io(&path, "cannot read"))?;
+            ram.memory
+                .write_slice(chunk, GuestAddress(at))
+                .map_err(|e| SnapshotError::Io {
+                    path: path.clone(),
+                    what: "cannot fill guest memory",
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            at = at.saturating_add(len as u64);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("microvm-snap-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn guest_memory_goes_to_the_file_and_back() {
+        let size = 64 << 20;
+        let ram = GuestRam::new(size).unwrap();
+        for range in &ram.ranges {
+            let end = range.start + range.size - 8;
+            ram.memory
+                .write_obj(range.start ^ 0x5a5a, GuestAddress(range.start))
+                .unwrap();
+            ram.memory
+                .write_obj(end ^ 0xa5a5, GuestAddress(end))
+                .unwrap();
+        }
+        let dir = dir("memory");
+        std::fs::create_dir(&dir).unwrap();
+        assert_eq!(write_memory(&dir.join(MEMORY_FILE), &ram).unwrap(), size);
+
+        let copy = GuestRam::new(size).unwrap();
+        read_memory(&dir, &copy, size).unwrap();
+        for range in &copy.ranges {
+            let end = range.start + range.size - 8;
+            assert_eq!(
+                copy.memory
+                    .read_obj::<u64>(GuestAddress(range.start))
+                    .unwrap(),
+                range.start ^ 0x5a5a
+            );
+            assert_eq!(
+                copy.memory.read_obj::<u64>(GuestAddress(end)).unwrap(),
+                end ^ 0xa5a5
+            );
+        }
+        // A memory file of another size is refused before anything is read.
+        let large = GuestRam::new(128 << 20).unwrap();
+        let error = read_memory(&dir, &large, 128 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(
+                "the memory file is 67108864 bytes; the state says guest RAM is 134217728"
+            ),
+            "{error}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_never_writes_into_a_directory_that_exists() {
+        let dir = dir("exists");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("keep"), b"mine").unwrap();
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let state = VmSnapshot {
+            memory_bytes: 64 << 20,
+            vcpus: Vec::new(),
+            vm: empty_vm_state(),
+            serial: devices::serial::SerialSnapshot {
+                baud_divisor_low: 12,
+                baud_divisor_high: 0,
+                interrupt_enable: 0,
+                interrupt_identification: 1,
+                line_control: 3,
+                line_status: 0x60,
+                modem_control: 8,
+                modem_status: 0xb0,
+                scratch: 0,
+                in_buffer: Vec::new(),
+            },
+        };
+        let error = write(&dir, &state, &ram).unwrap_err().to_string();
+        assert!(
+            error.contains("cannot create the snapshot directory"),
+            "{error}"
+        );
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn empty_vm_state() -> VmState {
+        VmState {
+            pic_master: Default::default(),
+            pic_slave: Default::default(),
+            ioapic: Default::default(),
+            clock: Default::default(),
+        }
+    }
+}
