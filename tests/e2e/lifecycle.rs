@@ -188,7 +188,8 @@ fn snapshot_scenario(script: &mut HostScript) {
         .section("snap-again", "h_ctl snapshot /tmp/snap 2>&1; echo \"exit=$?\"")
         .section("snap-files", "ls /tmp/snap; stat -c '%n %s' /tmp/snap/memory; head -n 1 /tmp/snap/state")
         .section("snap-before", "grep '^tick' /tmp/console.log | tail -n 1")
-        .sh("h_vmm_stop; mv /tmp/console.log /tmp/console-before.log")
+        .sh("h_vmm_stop; mv /tmp/console.log /tmp/console-before.log; mv /tmp/microvm.err /tmp/microvm-before.err")
+        .section("snap-stderr", "cat /tmp/microvm-before.err")
         .section(
             "restore-corrupt",
             "cp -r /tmp/snap /tmp/bad && printf x | dd of=/tmp/bad/state bs=1 seek=400 conv=notrunc 2>/dev/null
@@ -354,7 +355,7 @@ fn the_debug_build_pauses_and_resumes_a_two_pair_device_and_enables_both_pairs_a
     // Each of the four data queues stopped by the pause and the second one
     // and started again by the resume from where the guest's rings stood.
     let log = section("pairs-log");
-    for queue in ["queue 2 (rx) started", "queue 3 (tx) started"] {
+    for queue in ["queue 2 (rx1) started", "queue 3 (tx1) started"] {
         let starts = log.lines().filter(|l| l.contains(queue)).count();
         assert!(starts >= 3, "{queue}: {starts} times\n{log}");
     }

@@ -270,8 +270,9 @@ const DEVICE_QUERY_ONLY: &[Allowed] = &[];
 /// A net control-queue worker waits on its queue.
 const NET_CONTROL_WORKER_ONLY: &[Allowed] = &[(libc::SYS_poll, &[]), (libc::SYS_ppoll, &[])];
 
-/// A new file a snapshot writes: created, never opened if it exists
-/// (std's File::create_new).
+/// A new file a snapshot writes: created write-only, never opened if it
+/// exists (OpenOptions::new().write(true).create_new(true); std's
+/// File::create_new would ask for O_RDWR).
 const CREATE_NEW: u32 = (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC) as u32;
 
 /// The lifecycle thread waits on its channel (futex) and kicks vCPU
@@ -1139,6 +1140,91 @@ mod tests {
                 );
                 assert!(!allows(other, &fds, *vhost, VHOST_VDPA_RESUME), "{other:?}");
             }
+        }
+    }
+
+    #[test]
+    fn the_lifecycle_thread_may_write_a_snapshot_under_its_filter() {
+        use crate::snapshot::{self, VmSnapshot};
+        use crate::vstate::memory::GuestRam;
+        // Made before the filter: guest memory is a memfd, which no filtered
+        // thread may create.
+        let ram = GuestRam::new(8 << 20).unwrap();
+        let dir = std::env::temp_dir().join(format!("microvm-seccomp-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let state = VmSnapshot {
+            memory_bytes: 8 << 20,
+            vcpus: Vec::new(),
+            vm: crate::vstate::vm_state::VmState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                clock: Default::default(),
+            },
+            serial: devices::serial::SerialSnapshot {
+                baud_divisor_low: 12,
+                baud_divisor_high: 0,
+                interrupt_enable: 0,
+                interrupt_identification: 1,
+                line_control: 3,
+                line_status: 0x60,
+                modem_control: 8,
+                modem_status: 0xb0,
+                scratch: 0,
+                in_buffer: Vec::new(),
+            },
+        };
+        let (status, output) = in_filtered_child(ThreadKind::Lifecycle, |pipe| {
+            say_alive(pipe);
+            if snapshot::write(&dir, &state, &ram).is_ok() {
+                // SAFETY: writing a static buffer to the pipe we were given.
+                unsafe { libc::write(pipe, b" written".as_ptr() as *const libc::c_void, 8) };
+            }
+        });
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
+        assert_eq!(output, b"alive written");
+        assert_eq!(
+            std::fs::metadata(dir.join("memory")).unwrap().len(),
+            8 << 20
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_vcpu_may_read_its_own_state_and_the_lifecycle_thread_the_vms() {
+        use std::os::fd::AsRawFd;
+        // (A forked child cannot make real KVM requests, whose mm must be
+        // the VM creator's: the filter is checked on stand-ins, as above.)
+        let files = Files::open();
+        let fds = files.fds();
+        let (vcpu, other) = (files.vcpu.as_raw_fd(), files.other_vcpu.as_raw_fd());
+        for &request in &VCPU_OWN[3..] {
+            assert!(
+                allows(ThreadKind::Vcpu, &fds, vcpu, request),
+                "{request:#x}"
+            );
+            assert!(
+                !allows(ThreadKind::Vcpu, &fds, other, request),
+                "{request:#x}"
+            );
+            assert!(
+                !allows(ThreadKind::Lifecycle, &fds, vcpu, request),
+                "{request:#x}"
+            );
+        }
+        for &request in VM_FROM_LIFECYCLE {
+            assert!(
+                allows(ThreadKind::Lifecycle, &fds, fds.vm, request),
+                "{request:#x}"
+            );
+            assert!(
+                !allows(ThreadKind::Api, &fds, fds.vm, request),
+                "{request:#x}"
+            );
+            assert!(
+                !allows(ThreadKind::Vcpu, &fds, fds.vm, request),
+                "{request:#x}"
+            );
         }
     }
 

@@ -100,7 +100,11 @@ pub fn write<T: Serialize>(path: &Path, state: &T) -> Result<(), StateFileError>
         reason: e.to_string(),
     })?;
     line.push(b'\n');
-    let mut file = std::fs::File::create_new(path).map_err(io)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io)?;
     file.write_all(&line).map_err(io)?;
     file.write_all(&body).map_err(io)?;
     file.sync_all().map_err(io)

@@ -115,7 +115,11 @@ pub fn write(
 
 /// Boot RAM's ranges, one after the other, into a new file at `path`.
 fn write_memory(path: &Path, ram: &GuestRam) -> Result<u64, SnapshotError> {
-    let mut out = std::fs::File::create_new(path).map_err(io(path, "cannot create"))?;
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io(path, "cannot create"))?;
     let mut buffer = vec![0u8; CHUNK];
     let mut written = 0u64;
     for range in &ram.ranges {

@@ -131,6 +131,11 @@ impl Vcpu {
         self.id
     }
 
+    /// Reads this vCPU's state; only while it is outside KVM_RUN (parked).
+    pub fn save_state(&self) -> SavedVcpu {
+        VcpuState::save(self.id, &self.fd, &self.save_context)
+    }
+
     /// Gives this vCPU, which has not run, a saved state (a restore).
     pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuStateError> {
         state.restore(&self.fd, &self.save_context)
