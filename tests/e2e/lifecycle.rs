@@ -190,15 +190,17 @@ fn snapshot_scenario(script: &mut HostScript) {
         .section("snap-before", "grep '^tick' /tmp/console.log | tail -n 1")
         .sh("h_vmm_stop; mv /tmp/console.log /tmp/console-before.log; mv /tmp/microvm.err /tmp/microvm-before.err")
         .section("snap-stderr", "cat /tmp/microvm-before.err")
+        // Refused before any guest runs; bounded all the same.
         .section(
             "restore-corrupt",
-            "cp -r /tmp/snap /tmp/bad && printf x | dd of=/tmp/bad/state bs=1 seek=400 conv=notrunc 2>/dev/null
-             microvm --restore /tmp/bad 2>&1; echo \"exit=$?\"",
+            "mkdir /tmp/bad && cp /tmp/snap/memory /tmp/bad/ && sed 's/\"regs\"/\"regz\"/' /tmp/snap/state >/tmp/bad/state\n\
+             cmp -s /tmp/snap/state /tmp/bad/state && echo 'not corrupted'\n\
+             timeout 30 microvm --restore /tmp/bad 2>&1 </dev/null; echo \"exit=$?\"",
         )
         .section(
             "restore-short",
-            "cp -r /tmp/snap /tmp/short && truncate -s -4096 /tmp/short/memory
-             microvm --restore /tmp/short 2>&1; echo \"exit=$?\"",
+            "mkdir /tmp/short && cp /tmp/snap/state /tmp/short/ && head -c 268431360 /tmp/snap/memory >/tmp/short/memory\n\
+             timeout 30 microvm --restore /tmp/short 2>&1 </dev/null; echo \"exit=$?\"",
         )
         .sh(
             "rm -f \"$H_API\"\nH_CONSOLE=/tmp/console.log H_VMM_ERR=/tmp/microvm.err h_vmm_start microvm --restore /tmp/snap --api-socket \"$H_API\"",

@@ -281,7 +281,9 @@ impl Machine {
         if !saved.unsaved.is_empty() {
             return Err(SnapshotError::DevicesNotSaved(saved.unsaved.join(", ")).into());
         }
-        let vcpus = self
+        // By vCPU id: the gate keeps them in the order their threads
+        // started, which is not always the vCPUs' order.
+        let mut vcpus = self
             .targets
             .gate
             .collect(SAVE_BOUND)
@@ -289,6 +291,8 @@ impl Machine {
             .into_iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| SnapshotError::Vcpu(e.to_string()))?;
+        vcpus.sort_by_key(|v| v.id);
+        snapshot::check_vcpu_ids(&vcpus)?;
         let vm = VmState::save(&saved.vm).map_err(|e| SnapshotError::Vm(e.to_string()))?;
         let serial = saved
             .serial

@@ -61,6 +61,8 @@ pub enum SnapshotError {
     },
     #[error("the snapshot holds {found} vCPU states for {vcpus} vCPUs")]
     VcpuCount { vcpus: usize, found: usize },
+    #[error("the snapshot's vCPU states are for vCPUs {found:?}; they must be 0, 1, ... in order")]
+    VcpuIds { found: Vec<u8> },
 }
 
 /// Everything the state file holds.
@@ -144,9 +146,27 @@ fn write_memory(path: &Path, ram: &GuestRam) -> Result<u64, SnapshotError> {
     Ok(written)
 }
 
-/// Reads a snapshot's state file (every check of [`file::read`]).
+/// Reads a snapshot's state file (every check of [`file::read`]), whose
+/// vCPU states must be vCPU 0, 1, ... in order.
 pub fn read_state(dir: &Path) -> Result<VmSnapshot, SnapshotError> {
-    Ok(file::read(&dir.join(STATE_FILE))?)
+    let state: VmSnapshot = file::read(&dir.join(STATE_FILE))?;
+    check_vcpu_ids(&state.vcpus)?;
+    Ok(state)
+}
+
+/// The vCPU states are those of vCPUs 0, 1, ..., in that order (a vCPU's
+/// state holds its APIC ID: a state given to another vCPU is another CPU).
+pub fn check_vcpu_ids(vcpus: &[VcpuState]) -> Result<(), SnapshotError> {
+    let in_order = vcpus
+        .iter()
+        .enumerate()
+        .all(|(index, v)| usize::from(v.id) == index);
+    match in_order && !vcpus.is_empty() {
+        true => Ok(()),
+        false => Err(SnapshotError::VcpuIds {
+            found: vcpus.iter().map(|v| v.id).collect(),
+        }),
+    }
 }
 
 /// Fills `ram` (laid out for the snapshot's memory size) from the memory

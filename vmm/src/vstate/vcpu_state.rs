@@ -5,7 +5,10 @@
 //! What is saved, and the order it is put back in, follow what KVM needs:
 //! CPUID first (it decides which MSRs and XSAVE features exist), then the
 //! special registers, the registers, XSAVE and XCRs, the MSRs, the local
-//! APIC (after the APIC base MSR), the pending events and the MP state last.
+//! APIC (after the APIC base MSR), the TSC deadline (KVM drops a deadline
+//! written while the APIC timer is not in TSC-deadline mode, so only after
+//! the APIC: a restored guest whose timer was armed would otherwise wait
+//! forever), the pending events and the MP state last.
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
@@ -13,6 +16,9 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
+
+/// IA32_TSC_DEADLINE: put back after the local APIC.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 /// The most XSAVE state `kvm_xsave` holds; a host whose guests need more
 /// (AMX) needs KVM_GET_XSAVE2, which is not used here yet.
@@ -115,25 +121,43 @@ impl VcpuState {
         // above 4096, AMX), which is refused above.
         unsafe { fd.set_xsave(&self.xsave) }.map_err(fail("set XSAVE state"))?;
         fd.set_xcrs(&self.xcrs).map_err(fail("set XCRs"))?;
-        let msrs = Msrs::from_entries(&self.msrs).map_err(|_| VcpuStateError::PartialMsrs {
-            id,
-            set: 0,
-            wanted: self.msrs.len(),
-        })?;
-        let set = fd.set_msrs(&msrs).map_err(fail("set MSRs"))?;
-        if set != self.msrs.len() {
-            return Err(VcpuStateError::PartialMsrs {
-                id,
-                set,
-                wanted: self.msrs.len(),
-            });
-        }
+        let (deadline, msrs): (Vec<kvm_msr_entry>, Vec<kvm_msr_entry>) = self
+            .msrs
+            .iter()
+            .partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
+        set_msrs(id, fd, &msrs)?;
         fd.set_lapic(&self.lapic)
             .map_err(fail("set the local APIC"))?;
+        set_msrs(id, fd, &deadline)?;
         fd.set_vcpu_events(&self.events)
             .map_err(fail("set pending events"))?;
         fd.set_mp_state(self.mp_state)
             .map_err(fail("set the MP state"))
+    }
+}
+
+/// Sets every one of `entries`, or says how many KVM took.
+fn set_msrs(id: u8, fd: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), VcpuStateError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let msrs = Msrs::from_entries(entries).map_err(|_| VcpuStateError::PartialMsrs {
+        id,
+        set: 0,
+        wanted: entries.len(),
+    })?;
+    let set = fd.set_msrs(&msrs).map_err(|source| VcpuStateError::Ioctl {
+        id,
+        what: "set MSRs",
+        source,
+    })?;
+    match set == entries.len() {
+        true => Ok(()),
+        false => Err(VcpuStateError::PartialMsrs {
+            id,
+            set,
+            wanted: entries.len(),
+        }),
     }
 }
 
