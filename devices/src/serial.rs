@@ -45,6 +45,13 @@ pub struct SerialSnapshot {
     pub in_buffer: Vec<u8>,
 }
 
+/// A UART as it is at reset.
+impl Default for SerialSnapshot {
+    fn default() -> SerialSnapshot {
+        SerialState::default().into()
+    }
+}
+
 impl From<SerialState> for SerialSnapshot {
     fn from(s: SerialState) -> SerialSnapshot {
         SerialSnapshot {

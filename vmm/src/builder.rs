@@ -56,25 +56,11 @@ pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
     if let Some(dir) = &config.restore {
         return restore(config, dir);
     }
-    // Files, sizes and counts first, so bad input never waits on KVM.
-    config.validate(&HostLimits::probe(u64::from(config::MAX_VCPUS)))?;
-    // Bound before KVM is opened and any guest memory exists, so a bad
-    // path is reported at once; removed again if the build fails.
-    let api_socket = config
-        .api_socket
-        .as_deref()
-        .map(api::ApiSocket::bind)
-        .transpose()?;
-    let kvm = Vm::open_kvm()?;
-    // Only the vCPU count depends on KVM; the rest was checked above.
-    let kvm_limits = HostLimits {
-        max_vcpus: Vm::max_vcpus(&kvm),
-        memory_bytes: u64::MAX,
-    };
-    config::check_vcpus(u64::from(config.vcpus), &kvm_limits)?;
-    // Every hotplug block may need a KVM slot of its own.
-    let max_slots = Vm::max_memslots(&kvm);
-    config::check_memslots(&config.memory, max_slots)?;
+    let Checked {
+        api_socket,
+        kvm,
+        max_slots,
+    } = check(config)?;
 
     let ram = Arc::new(build_memory(config)?);
     let vm = Vm::new(kvm)?;
@@ -128,19 +114,11 @@ fn restore(config: &VmmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError> {
         })?;
     config.memory.size = config::Size(saved.memory_bytes);
     config.memory.hotplug = None;
-    config.validate(&HostLimits::probe(u64::from(config::MAX_VCPUS)))?;
-    let api_socket = config
-        .api_socket
-        .as_deref()
-        .map(api::ApiSocket::bind)
-        .transpose()?;
-    let kvm = Vm::open_kvm()?;
-    let kvm_limits = HostLimits {
-        max_vcpus: Vm::max_vcpus(&kvm),
-        memory_bytes: u64::MAX,
-    };
-    config::check_vcpus(u64::from(config.vcpus), &kvm_limits)?;
-    let max_slots = Vm::max_memslots(&kvm);
+    let Checked {
+        api_socket,
+        kvm,
+        max_slots,
+    } = check(&config)?;
 
     let ram = Arc::new(build_memory(&config)?);
     snapshot::read_memory(dir, &ram, saved.memory_bytes)?;
@@ -180,6 +158,41 @@ fn restore(config: &VmmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError> {
         exit,
         vcpus,
         api_socket,
+    })
+}
+
+/// What checking a configuration against the host leaves open.
+struct Checked {
+    api_socket: Option<api::ApiSocket>,
+    kvm: kvm_ioctls::Kvm,
+    max_slots: u64,
+}
+
+/// Checks `config` against the host, binds the API socket and opens KVM.
+fn check(config: &VmmConfig) -> Result<Checked, VmmError> {
+    // Files, sizes and counts first, so bad input never waits on KVM.
+    config.validate(&HostLimits::probe(u64::from(config::MAX_VCPUS)))?;
+    // Bound before KVM is opened and any guest memory exists, so a bad
+    // path is reported at once; removed again if the build fails.
+    let api_socket = config
+        .api_socket
+        .as_deref()
+        .map(api::ApiSocket::bind)
+        .transpose()?;
+    let kvm = Vm::open_kvm()?;
+    // Only the vCPU count depends on KVM; the rest was checked above.
+    let kvm_limits = HostLimits {
+        max_vcpus: Vm::max_vcpus(&kvm),
+        memory_bytes: u64::MAX,
+    };
+    config::check_vcpus(u64::from(config.vcpus), &kvm_limits)?;
+    // Every hotplug block may need a KVM slot of its own.
+    let max_slots = Vm::max_memslots(&kvm);
+    config::check_memslots(&config.memory, max_slots)?;
+    Ok(Checked {
+        api_socket,
+        kvm,
+        max_slots,
     })
 }
 

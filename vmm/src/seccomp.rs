@@ -1161,18 +1161,7 @@ mod tests {
                 ioapic: Default::default(),
                 clock: Default::default(),
             },
-            serial: devices::serial::SerialSnapshot {
-                baud_divisor_low: 12,
-                baud_divisor_high: 0,
-                interrupt_enable: 0,
-                interrupt_identification: 1,
-                line_control: 3,
-                line_status: 0x60,
-                modem_control: 8,
-                modem_status: 0xb0,
-                scratch: 0,
-                in_buffer: Vec::new(),
-            },
+            serial: Default::default(),
         };
         let (status, output) = in_filtered_child(ThreadKind::Lifecycle, |pipe| {
             say_alive(pipe);

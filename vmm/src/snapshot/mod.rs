@@ -122,28 +122,39 @@ fn write_memory(path: &Path, ram: &GuestRam) -> Result<u64, SnapshotError> {
         .create_new(true)
         .open(path)
         .map_err(io(path, "cannot create"))?;
+    let written = each_chunk(ram, |at, chunk| {
+        ram.memory
+            .read_slice(chunk, GuestAddress(at))
+            .map_err(|e| SnapshotError::Io {
+                path: path.to_path_buf(),
+                what: "cannot read guest memory",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        out.write_all(chunk).map_err(io(path, "cannot write"))
+    })?;
+    out.sync_all().map_err(io(path, "cannot sync"))?;
+    Ok(written)
+}
+
+/// Calls `f` on each [`CHUNK`] of boot RAM in order, with its guest
+/// address and a buffer of its length; returns the bytes covered.
+fn each_chunk(
+    ram: &GuestRam,
+    mut f: impl FnMut(u64, &mut [u8]) -> Result<(), SnapshotError>,
+) -> Result<u64, SnapshotError> {
     let mut buffer = vec![0u8; CHUNK];
-    let mut written = 0u64;
+    let mut covered = 0u64;
     for range in &ram.ranges {
         let mut at = range.start;
         let end = range.start.saturating_add(range.size);
         while at < end {
             let len = usize::try_from(end - at).map_or(CHUNK, |left| left.min(CHUNK));
-            let chunk = buffer.get_mut(..len).unwrap_or_default();
-            ram.memory
-                .read_slice(chunk, GuestAddress(at))
-                .map_err(|e| SnapshotError::Io {
-                    path: path.to_path_buf(),
-                    what: "cannot read guest memory",
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-            out.write_all(chunk).map_err(io(path, "cannot write"))?;
+            f(at, buffer.get_mut(..len).unwrap_or_default())?;
             at = at.saturating_add(len as u64);
-            written = written.saturating_add(len as u64);
+            covered = covered.saturating_add(len as u64);
         }
     }
-    out.sync_all().map_err(io(path, "cannot sync"))?;
-    Ok(written)
+    Ok(covered)
 }
 
 /// Reads a snapshot's state file (every check of [`file::read`]), whose
@@ -185,24 +196,16 @@ pub fn read_memory(dir: &Path, ram: &GuestRam, expected: u64) -> Result<(), Snap
             found,
         });
     }
-    let mut buffer = vec![0u8; CHUNK];
-    for range in &ram.ranges {
-        let mut at = range.start;
-        let end = range.start.saturating_add(range.size);
-        while at < end {
-            let len = usize::try_from(end - at).map_or(CHUNK, |left| left.min(CHUNK));
-            let chunk = buffer.get_mut(..len).unwrap_or_default();
-            input.read_exact(chunk).map_err(io(&path, "cannot read"))?;
-            ram.memory
-                .write_slice(chunk, GuestAddress(at))
-                .map_err(|e| SnapshotError::Io {
-                    path: path.clone(),
-                    what: "cannot fill guest memory",
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-            at = at.saturating_add(len as u64);
-        }
-    }
+    each_chunk(ram, |at, chunk| {
+        input.read_exact(chunk).map_err(io(&path, "cannot read"))?;
+        ram.memory
+            .write_slice(chunk, GuestAddress(at))
+            .map_err(|e| SnapshotError::Io {
+                path: path.clone(),
+                what: "cannot fill guest memory",
+                source: std::io::Error::other(e.to_string()),
+            })
+    })?;
     Ok(())
 }
 
@@ -272,18 +275,7 @@ mod tests {
             memory_bytes: 64 << 20,
             vcpus: Vec::new(),
             vm: empty_vm_state(),
-            serial: devices::serial::SerialSnapshot {
-                baud_divisor_low: 12,
-                baud_divisor_high: 0,
-                interrupt_enable: 0,
-                interrupt_identification: 1,
-                line_control: 3,
-                line_status: 0x60,
-                modem_control: 8,
-                modem_status: 0xb0,
-                scratch: 0,
-                in_buffer: Vec::new(),
-            },
+            serial: Default::default(),
         };
         let error = write(&dir, &state, &ram).unwrap_err().to_string();
         assert!(
@@ -292,6 +284,31 @@ mod tests {
         );
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn vcpu(id: u8) -> VcpuState {
+        VcpuState {
+            id,
+            cpuid: Vec::new(),
+            sregs: Default::default(),
+            regs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Default::default(),
+            msrs: Vec::new(),
+            lapic: Default::default(),
+            events: Default::default(),
+            mp_state: Default::default(),
+        }
+    }
+
+    #[test]
+    fn vcpu_states_must_be_those_of_vcpus_0_1_in_order() {
+        assert!(check_vcpu_ids(&[vcpu(0), vcpu(1), vcpu(2)]).is_ok());
+        for ids in [&[][..], &[1, 0], &[0, 0], &[0, 2], &[1]] {
+            let vcpus: Vec<VcpuState> = ids.iter().map(|&id| vcpu(id)).collect();
+            let error = check_vcpu_ids(&vcpus).unwrap_err().to_string();
+            assert!(error.contains(&format!("for vCPUs {ids:?}")), "{error}");
+        }
     }
 
     fn empty_vm_state() -> VmState {
