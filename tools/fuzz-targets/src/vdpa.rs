@@ -7,6 +7,7 @@ use devices::virtio::vdpa::net::{NetOptions, VIRTIO_NET_F_MAC};
 use devices::virtio::vdpa::{
     negotiate, DeviceKind, DeviceProbe, Layer, Translation, VdpaConfig, VHOST_BACKEND_F_IOTLB_ASID,
     VHOST_BACKEND_F_IOTLB_BATCH, VHOST_BACKEND_F_IOTLB_MSG_V2, VHOST_BACKEND_F_IOTLB_PERSIST,
+    VHOST_BACKEND_F_RESUME, VHOST_BACKEND_F_SUSPEND,
 };
 use devices::virtio::VIRTIO_F_ACCESS_PLATFORM;
 
@@ -65,14 +66,19 @@ pub fn vdpa_negotiate(data: &[u8]) {
         return;
     };
     // Nothing acked that the kernel did not offer or the VMM does not handle.
+    let suspend = VHOST_BACKEND_F_SUSPEND | VHOST_BACKEND_F_RESUME;
     let handled = VHOST_BACKEND_F_IOTLB_MSG_V2
         | VHOST_BACKEND_F_IOTLB_BATCH
         | VHOST_BACKEND_F_IOTLB_PERSIST
-        | VHOST_BACKEND_F_IOTLB_ASID;
+        | VHOST_BACKEND_F_IOTLB_ASID
+        | suspend;
     assert_eq!(
         state.backend_features & !(probe.backend_features & handled),
         0
     );
+    // SUSPEND and RESUME together or neither (a pause then resets).
+    let acked = state.backend_features & suspend;
+    assert!(acked == 0 || acked == suspend);
     assert!(state.queue_count >= 1);
     // The guest sees only what the device offers (and the VMM's own MAC);
     // ACCESS_PLATFORM only behind the vIOMMU.
