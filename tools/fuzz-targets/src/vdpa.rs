@@ -3,7 +3,8 @@
 //! negotiation and its net and block layers: device-controlled input.
 
 use devices::virtio::vdpa::block::BlockOptions;
-use devices::virtio::vdpa::net::{NetOptions, VIRTIO_NET_F_MAC};
+use devices::virtio::vdpa::net::ctrl::ControlMode;
+use devices::virtio::vdpa::net::{NetLayer, NetOptions, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC};
 use devices::virtio::vdpa::{
     negotiate, DeviceKind, DeviceProbe, Layer, Translation, VdpaConfig, VHOST_BACKEND_F_IOTLB_ASID,
     VHOST_BACKEND_F_IOTLB_BATCH, VHOST_BACKEND_F_IOTLB_MSG_V2, VHOST_BACKEND_F_IOTLB_PERSIST,
@@ -80,10 +81,19 @@ pub fn vdpa_negotiate(data: &[u8]) {
     let acked = state.backend_features & suspend;
     assert!(acked == 0 || acked == suspend);
     assert!(state.queue_count >= 1);
-    // The guest sees only what the device offers (and the VMM's own MAC);
-    // ACCESS_PLATFORM only behind the vIOMMU.
+    // The guest sees only what the device offers, the VMM's own MAC, and
+    // a control queue where the VMM serves it alone; ACCESS_PLATFORM only
+    // behind the vIOMMU.
     let guest = state.guest_features();
-    assert_eq!(guest & !(probe.device_features | VIRTIO_NET_F_MAC), 0);
+    let vmm_serves = matches!(
+        &state.layer,
+        Layer::Net(NetLayer {
+            control: Some(ControlMode::VmmOnly),
+            ..
+        })
+    );
+    let from_vmm = VIRTIO_NET_F_MAC | if vmm_serves { VIRTIO_NET_F_CTRL_VQ } else { 0 };
+    assert_eq!(guest & !(probe.device_features | from_vmm), 0);
     if config.translation == Translation::Identity {
         assert_eq!(guest & VIRTIO_F_ACCESS_PLATFORM, 0);
     }
