@@ -56,22 +56,17 @@ pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
     if let Some(dir) = &config.restore {
         return restore(config, dir);
     }
-    let Checked {
-        api_socket,
-        kvm,
-        max_slots,
-    } = check(config)?;
-
-    let ram = Arc::new(build_memory(config)?);
-    let vm = Vm::new(kvm)?;
-    let boot_slots = vm.register_memory(&ram)?;
-    let slots = (boot_slots, u32::try_from(max_slots).unwrap_or(u32::MAX));
-
-    let exit = ExitSignal::new().map_err(VmmError::EventFd)?;
-    let serial = build_serial(&vm, config)?;
-    let io_bus = legacy_io_bus(&serial, &exit)?;
-    let mmio_bus = Arc::new(Bus::new());
-    let devices = build_devices(config, &vm, &ram, slots, &io_bus, &mmio_bus)?;
+    let checked = check(config)?;
+    let api_socket = checked.api_socket;
+    let Platform {
+        ram,
+        vm,
+        exit,
+        serial,
+        io_bus,
+        mmio_bus,
+        devices,
+    } = build_platform(config, checked.kvm, checked.max_slots, None)?;
 
     let rsdp = acpi::write_tables(&ram.memory, config.vcpus, &devices.acpi_tables())?;
     let boot_entry = loader::load(&ram, &config.kernel, rsdp)?;
@@ -114,23 +109,18 @@ fn restore(config: &VmmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError> {
         })?;
     config.memory.size = config::Size(saved.memory_bytes);
     config.memory.hotplug = None;
-    let Checked {
-        api_socket,
-        kvm,
-        max_slots,
-    } = check(&config)?;
-
-    let ram = Arc::new(build_memory(&config)?);
+    let checked = check(&config)?;
+    let api_socket = checked.api_socket;
+    let Platform {
+        ram,
+        vm,
+        exit,
+        serial,
+        io_bus,
+        mmio_bus,
+        devices,
+    } = build_platform(&config, checked.kvm, checked.max_slots, Some(&saved.serial))?;
     snapshot::read_memory(dir, &ram, saved.memory_bytes)?;
-    let vm = Vm::new(kvm)?;
-    let boot_slots = vm.register_memory(&ram)?;
-    let slots = (boot_slots, u32::try_from(max_slots).unwrap_or(u32::MAX));
-
-    let exit = ExitSignal::new().map_err(VmmError::EventFd)?;
-    let serial = build_serial_from(&vm, &config, Some(&saved.serial))?;
-    let io_bus = legacy_io_bus(&serial, &exit)?;
-    let mmio_bus = Arc::new(Bus::new());
-    let devices = build_devices(&config, &vm, &ram, slots, &io_bus, &mmio_bus)?;
     let vcpus = saved
         .vcpus
         .iter()
@@ -196,6 +186,45 @@ fn check(config: &VmmConfig) -> Result<Checked, VmmError> {
     })
 }
 
+/// Everything of a VM but its guest contents and vCPUs.
+struct Platform {
+    ram: Arc<GuestRam>,
+    vm: Vm,
+    exit: ExitSignal,
+    serial: Arc<Mutex<SerialDevice>>,
+    io_bus: Bus,
+    mmio_bus: Arc<Bus>,
+    devices: DeviceManager,
+}
+
+/// Guest memory, the VM, the platform devices (the serial port new, or as
+/// `saved`) and the PCI devices, for a new VM and a restored one alike.
+fn build_platform(
+    config: &VmmConfig,
+    kvm: kvm_ioctls::Kvm,
+    max_slots: u64,
+    saved: Option<&SerialSnapshot>,
+) -> Result<Platform, VmmError> {
+    let ram = Arc::new(build_memory(config)?);
+    let vm = Vm::new(kvm)?;
+    let boot_slots = vm.register_memory(&ram)?;
+    let slots = (boot_slots, u32::try_from(max_slots).unwrap_or(u32::MAX));
+    let exit = ExitSignal::new().map_err(VmmError::EventFd)?;
+    let serial = build_serial(&vm, config, saved)?;
+    let io_bus = legacy_io_bus(&serial, &exit)?;
+    let mmio_bus = Arc::new(Bus::new());
+    let devices = build_devices(config, &vm, &ram, slots, &io_bus, &mmio_bus)?;
+    Ok(Platform {
+        ram,
+        vm,
+        exit,
+        serial,
+        io_bus,
+        mmio_bus,
+        devices,
+    })
+}
+
 fn build_memory(config: &VmmConfig) -> Result<GuestRam, VmmError> {
     let hotplug = config
         .memory
@@ -204,12 +233,8 @@ fn build_memory(config: &VmmConfig) -> Result<GuestRam, VmmError> {
     Ok(GuestRam::with_hotplug(config.memory.size.0, hotplug)?)
 }
 
-fn build_serial(vm: &Vm, config: &VmmConfig) -> Result<Arc<Mutex<SerialDevice>>, VmmError> {
-    build_serial_from(vm, config, None)
-}
-
 /// The serial port: new, or as a snapshot saved it.
-fn build_serial_from(
+fn build_serial(
     vm: &Vm,
     config: &VmmConfig,
     saved: Option<&SerialSnapshot>,
