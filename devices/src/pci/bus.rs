@@ -33,6 +33,24 @@ pub enum PciError {
     NoSlot,
     #[error("cannot map a BAR on the MMIO bus: {0}")]
     Bus(#[from] BusError),
+    #[error("no device in PCI slot {0}")]
+    EmptySlot(usize),
+    #[error(
+        "slot {slot}: the saved configuration space is {found} bytes, not {}",
+        config::CONFIG_SPACE_SIZE
+    )]
+    SavedConfigSize { slot: usize, found: usize },
+    #[error(
+        "slot {slot}: the saved configuration space differs from the device's at {offset:#x} \
+         ({saved:#010x}, the device has {current:#010x} in bits the guest cannot write): \
+         not the same kind of device"
+    )]
+    SavedConfigMismatch {
+        slot: usize,
+        offset: usize,
+        saved: u32,
+        current: u32,
+    },
 }
 
 fn lock(device: &SharedPciDevice) -> MutexGuard<'_, dyn PciDevice + 'static> {
@@ -163,6 +181,57 @@ impl PciBus {
         // The device lock is released: a vCPU inside one of its BARs may
         // hold a bus reference, and remapping must not wait on it.
         self.sync_bars(slot, &device, wanted);
+    }
+
+    /// Puts back the configuration space a snapshot saved for the device
+    /// in `slot`: each register the guest may write is written again as
+    /// the guest would (so BARs are mapped where it put them, and the
+    /// device hears of its MSI-X enable), the command register last so each
+    /// BAR is mapped once. Bits the guest cannot write must be what the
+    /// device has: otherwise it is another kind of device, and nothing is
+    /// written.
+    pub fn restore_config(&mut self, slot: usize, saved: &[u8]) -> Result<(), PciError> {
+        let device = self
+            .device_at(slot, 0)
+            .map(|s| s.device.clone())
+            .ok_or(PciError::EmptySlot(slot))?;
+        if saved.len() != config::CONFIG_SPACE_SIZE {
+            return Err(PciError::SavedConfigSize {
+                slot,
+                found: saved.len(),
+            });
+        }
+        let dword = |offset: usize| {
+            saved
+                .get(offset..offset + 4)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u32::from_le_bytes)
+        };
+        let mut writes = Vec::new();
+        {
+            let guard = lock(&device);
+            let config = guard.config();
+            for offset in (0..config::CONFIG_SPACE_SIZE).step_by(4) {
+                let mask = config.writable_mask(offset);
+                let (saved, current) = (dword(offset), config.u32_at(offset));
+                if saved & !mask != current & !mask {
+                    return Err(PciError::SavedConfigMismatch {
+                        slot,
+                        offset,
+                        saved,
+                        current,
+                    });
+                }
+                if mask != 0 && offset != config::COMMAND {
+                    writes.push((offset, saved));
+                }
+            }
+        }
+        writes.push((config::COMMAND, dword(config::COMMAND)));
+        for (offset, value) in writes {
+            self.write_config(slot, 0, offset, &value.to_le_bytes());
+        }
+        Ok(())
     }
 
     fn sync_bars(
@@ -417,5 +486,59 @@ mod tests {
             device.lock().unwrap().mapped,
             vec![(0, Some(0xc000_0000)), (0, None), (0, Some(0xd000_0000))]
         );
+    }
+
+    #[test]
+    fn a_saved_config_space_maps_bars_where_the_guest_put_them_in_a_new_bus() {
+        let (bus, _mmio, _device) = setup();
+        let mut ecam = PciConfigMmio::new(bus.clone());
+        let dev = 1 << 15;
+        ecam.write(dev + BAR0 as u64, &0xd000_0000u32.to_le_bytes());
+        ecam.write(dev + COMMAND as u64, &COMMAND_MEMORY_SPACE.to_le_bytes());
+        let saved = lock_bus(&bus).slots[1]
+            .as_ref()
+            .map(|s| lock(&s.device).config().bytes().to_vec())
+            .unwrap();
+
+        let (bus, mmio, device) = setup();
+        lock_bus(&bus).restore_config(1, &saved).unwrap();
+        let mut data = [0u8; 1];
+        assert!(
+            mmio.read(0xd000_0010, &mut data),
+            "mapped at the saved address"
+        );
+        assert!(!mmio.read(0xc000_0010, &mut data));
+        assert_eq!(
+            device.lock().unwrap().mapped,
+            vec![(0, Some(0xd000_0000))],
+            "mapped once, at the command register"
+        );
+    }
+
+    #[test]
+    fn a_saved_config_space_of_another_device_or_size_or_slot_is_refused() {
+        let (bus, mmio, device) = setup();
+        let mut saved = device.lock().unwrap().config().bytes().to_vec();
+        saved[COMMAND] = COMMAND_MEMORY_SPACE as u8;
+        let mut other = saved.clone();
+        other[2] ^= 1; // another device ID
+        let error = lock_bus(&bus).restore_config(1, &other).unwrap_err();
+        assert!(
+            matches!(error, PciError::SavedConfigMismatch { offset: 0, .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("not the same kind of device"));
+        let mut data = [0u8; 1];
+        assert!(!mmio.read(0xc000_0010, &mut data), "nothing was written");
+        assert!(matches!(
+            lock_bus(&bus).restore_config(1, &saved[..64]),
+            Err(PciError::SavedConfigSize { found: 64, .. })
+        ));
+        assert!(matches!(
+            lock_bus(&bus).restore_config(9, &saved),
+            Err(PciError::EmptySlot(9))
+        ));
+        lock_bus(&bus).restore_config(1, &saved).unwrap();
+        assert!(mmio.read(0xc000_0010, &mut data));
     }
 }

@@ -238,6 +238,17 @@ impl PciConfiguration {
         }
     }
 
+    /// The whole configuration space as it is now (what a snapshot keeps).
+    pub fn bytes(&self) -> &[u8; CONFIG_SPACE_SIZE] {
+        &self.bytes
+    }
+
+    /// The bits of the dword at `offset` (a multiple of 4) the guest may
+    /// write; none beyond the config space.
+    pub fn writable_mask(&self, offset: usize) -> u32 {
+        self.writable.get(offset / 4).copied().unwrap_or(0)
+    }
+
     /// The 16-bit register at `offset`; all ones beyond the config space.
     pub fn u16_at(&self, offset: usize) -> u16 {
         let mut b = [0u8; 2];

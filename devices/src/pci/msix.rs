@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::interrupt::{MsiMessage, MsiRouter, MsiVector};
 
 pub const CAPABILITY_ID: u8 = 0x11;
@@ -32,6 +34,25 @@ impl Entry {
             data: self.data,
         }
     }
+}
+
+/// The vector table and pending bits as the guest left them (plain data: a
+/// snapshot). The function's enable and mask bits live in config space.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixState {
+    /// Each entry's address low, address high, data and vector control.
+    pub entries: Vec<[u32; 4]>,
+    pub pending: Vec<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MsixRestoreError {
+    #[error("the saved MSI-X table has {saved} entries and {pending} pending bits; the device has {count} vectors")]
+    TableSize {
+        saved: usize,
+        pending: usize,
+        count: usize,
+    },
 }
 
 pub struct Msix {
@@ -85,6 +106,44 @@ impl Msix {
         let mut writable = vec![0u8; body.len()];
         writable[1] = ((CONTROL_ENABLE | CONTROL_FUNCTION_MASK) >> 8) as u8;
         (body, writable)
+    }
+
+    /// The table and pending bits (a snapshot).
+    pub fn state(&self) -> MsixState {
+        MsixState {
+            entries: self
+                .entries
+                .iter()
+                .map(|e| [e.address_low, e.address_high, e.data, e.control])
+                .collect(),
+            pending: self.pending.clone(),
+        }
+    }
+
+    /// Puts back a table and pending bits a snapshot saved, before the
+    /// function's enable bit is (by [`Msix::set_control`], from config
+    /// space): that routes each vector deliverable then. Refused, changing
+    /// nothing, when the table is not this function's size.
+    pub fn restore(&mut self, state: &MsixState) -> Result<(), MsixRestoreError> {
+        let count = self.entries.len();
+        if state.entries.len() != count || state.pending.len() != count {
+            return Err(MsixRestoreError::TableSize {
+                saved: state.entries.len(),
+                pending: state.pending.len(),
+                count,
+            });
+        }
+        for (entry, saved) in self.entries.iter_mut().zip(&state.entries) {
+            let [address_low, address_high, data, control] = *saved;
+            *entry = Entry {
+                address_low,
+                address_high,
+                data,
+                control: control & ENTRY_VECTOR_MASKED,
+            };
+        }
+        self.pending.clone_from(&state.pending);
+        Ok(())
     }
 
     /// Called after the guest wrote the capability's message control.
@@ -283,6 +342,34 @@ mod tests {
             })
         )));
         assert!(routes.contains(&(24, None)), "vector 0 stays masked");
+    }
+
+    #[test]
+    fn a_saved_table_is_routed_in_a_new_function_once_it_is_enabled() {
+        let (mut msix_a, _) = msix(2);
+        program(&mut msix_a, 1, 0xfee0_1000, 0x4042, false);
+        msix_a.notify(0);
+        let state = msix_a.state();
+        assert_eq!(state.pending, vec![true, false]);
+
+        let (mut copy, router) = msix(2);
+        copy.restore(&state).unwrap();
+        assert_eq!(copy.state(), state);
+        assert!(router.0.lock().unwrap().is_empty(), "nothing routed yet");
+        copy.set_control(CONTROL_ENABLE);
+        let routes = router.0.lock().unwrap().clone();
+        assert!(routes.contains(&(
+            25,
+            Some(MsiMessage {
+                address: 0xfee0_1000,
+                data: 0x4042
+            })
+        )));
+
+        let (mut small, _) = msix(1);
+        let error = small.restore(&state).unwrap_err().to_string();
+        assert!(error.contains("2 entries"), "{error}");
+        assert_eq!(small.state().entries.len(), 1);
     }
 
     #[test]

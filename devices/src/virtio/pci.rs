@@ -7,13 +7,14 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
 use crate::interrupt::{MsiRouter, MsiVector};
 use crate::pci::bus::PciDevice;
 use crate::pci::config::{Bar, PciConfiguration, PciIdentity};
-use crate::pci::msix::{self, Msix};
+use crate::pci::msix::{self, Msix, MsixRestoreError, MsixState};
 
 const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
 const VIRTIO_PCI_DEVICE_ID_BASE: u16 = 0x1040;
@@ -156,6 +157,67 @@ pub struct VirtioPciDevice<D: VirtioDevice> {
     counters: TransportCounters,
 }
 
+/// One queue's registers as the driver left them (a snapshot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    pub size: u16,
+    pub msix_vector: u16,
+    pub enabled: bool,
+    pub desc: u64,
+    pub driver: u64,
+    pub device: u64,
+}
+
+/// A virtio-pci function as the driver left it: plain data, apart from the
+/// device model behind it and the live handles (eventfds, routes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    /// The whole PCI configuration space: BARs where the guest put them,
+    /// the command register, MSI-X enable. The bus puts it back
+    /// (`PciBus::restore_config`), after [`VirtioPciDevice::restore`].
+    pub config_space: Vec<u8>,
+    pub msix: MsixState,
+    pub queues: Vec<QueueState>,
+    pub queue_select: u16,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
+    pub driver_features: u64,
+    pub status: u8,
+    pub config_generation: u8,
+    pub config_vector: u16,
+    pub isr: u8,
+    /// The device was started (DRIVER_OK accepted) and not reset since.
+    pub active: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportRestoreError {
+    #[error("the saved function is virtio device type {saved}; this one is {found}")]
+    DeviceType { saved: u32, found: u32 },
+    #[error("the saved function has {saved} queues; this device has {found}")]
+    QueueCount { saved: usize, found: usize },
+    #[error("queue {index}: saved size {size} is not a power of two up to the device's {max}")]
+    QueueSize { index: usize, size: u16, max: u16 },
+    #[error("MSI-X vector {vector} is beyond the function's {count}")]
+    Vector { vector: u16, count: usize },
+    #[error(
+        "the guest negotiated features {negotiated:#x}; this device offers {offered:#x} \
+         (missing {missing:#x})"
+    )]
+    FewerFeatures {
+        negotiated: u64,
+        offered: u64,
+        missing: u64,
+    },
+    #[error("the saved status {status:#x} does not match a {} device", if *active { "started" } else { "stopped" })]
+    Status { status: u8, active: bool },
+    #[error(transparent)]
+    Msix(#[from] MsixRestoreError),
+    #[error("starting the device where it was: {0}")]
+    Start(#[source] ActivateError),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("cannot set up the PCI function: {0}")]
@@ -271,6 +333,146 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// registers, and so what the driver sees, do not change).
     pub fn device_mut(&mut self) -> &mut D {
         &mut self.device
+    }
+
+    /// The function as the driver left it (a snapshot; the device model
+    /// keeps its own).
+    pub fn state(&self) -> TransportState {
+        let interrupt = &self.interrupt;
+        TransportState {
+            device_type: self.device.device_type(),
+            config_space: self.config.bytes().to_vec(),
+            msix: self.msix.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueState {
+                    size: q.size,
+                    msix_vector: q.msix_vector,
+                    enabled: q.enabled,
+                    desc: q.desc,
+                    driver: q.driver,
+                    device: q.device,
+                })
+                .collect(),
+            queue_select: self.queue_select,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            config_generation: self.config_generation,
+            config_vector: *interrupt
+                .config_vector
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+            isr: *interrupt.isr.lock().unwrap_or_else(|p| p.into_inner()),
+            active: self.active,
+        }
+    }
+
+    /// Puts back what a snapshot saved of a new, never-driven function:
+    /// every register, the MSI-X table, and, when the device was started,
+    /// `start` with what the driver had started it with (the device model
+    /// starts where its own saved state says). Everything is checked
+    /// before anything changes: a device type, queue count, size or vector
+    /// this function cannot have, or features the device does not offer,
+    /// is refused. Config space is the bus's to put back, after this.
+    pub fn restore(
+        &mut self,
+        state: &TransportState,
+        start: impl FnOnce(&mut D, Activation) -> Result<(), ActivateError>,
+    ) -> Result<(), TransportRestoreError> {
+        let found = self.device.device_type();
+        if state.device_type != found {
+            return Err(TransportRestoreError::DeviceType {
+                saved: state.device_type,
+                found,
+            });
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(TransportRestoreError::QueueCount {
+                saved: state.queues.len(),
+                found: self.queues.len(),
+            });
+        }
+        for (index, (saved, queue)) in state.queues.iter().zip(&self.queues).enumerate() {
+            if !saved.size.is_power_of_two() || saved.size > queue.max_size {
+                return Err(TransportRestoreError::QueueSize {
+                    index,
+                    size: saved.size,
+                    max: queue.max_size,
+                });
+            }
+        }
+        let count = self
+            .msix
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .vector_count();
+        let vectors = state.queues.iter().map(|q| q.msix_vector);
+        for vector in vectors.chain([state.config_vector]) {
+            if vector != NO_VECTOR && usize::from(vector) >= count {
+                return Err(TransportRestoreError::Vector { vector, count });
+            }
+        }
+        let offered = self.device.features();
+        let missing = state.driver_features & !offered;
+        if missing != 0 {
+            return Err(TransportRestoreError::FewerFeatures {
+                negotiated: state.driver_features,
+                offered,
+                missing,
+            });
+        }
+        let started = state.status & STATUS_DRIVER_OK != 0 && state.status & STATUS_FAILED == 0;
+        if state.active && !started {
+            return Err(TransportRestoreError::Status {
+                status: state.status,
+                active: state.active,
+            });
+        }
+        self.msix
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(&state.msix)?;
+        for (queue, saved) in self.queues.iter_mut().zip(&state.queues) {
+            queue.size = saved.size;
+            queue.msix_vector = saved.msix_vector;
+            queue.enabled = saved.enabled;
+            queue.desc = saved.desc;
+            queue.driver = saved.driver;
+            queue.device = saved.device;
+        }
+        *self
+            .interrupt
+            .queue_vectors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) =
+            self.queues.iter().map(|q| q.msix_vector).collect();
+        *self
+            .interrupt
+            .config_vector
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = state.config_vector;
+        *self.interrupt.isr.lock().unwrap_or_else(|p| p.into_inner()) = state.isr;
+        self.queue_select = state.queue_select;
+        self.device_feature_select = state.device_feature_select;
+        self.driver_feature_select = state.driver_feature_select;
+        self.driver_features = state.driver_features;
+        self.status = state.status;
+        self.config_generation = state.config_generation;
+        if state.status & STATUS_FEATURES_OK != 0 {
+            self.device.features_ok(self.driver_features);
+        }
+        if state.active {
+            let activation = self
+                .activation()
+                .map_err(|e| TransportRestoreError::Start(ActivateError::Backend(Box::new(e))))?;
+            start(&mut self.device, activation).map_err(TransportRestoreError::Start)?;
+            self.active = true;
+            self.counters.activations += 1;
+        }
+        Ok(())
     }
 
     /// Tells the driver the device configuration changed.
@@ -476,7 +678,9 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         self.driver_features & !offered == 0 && self.driver_features & VIRTIO_F_VERSION_1 != 0
     }
 
-    fn activate(&mut self) {
+    /// What the device starts with: the enabled queues, their kick fds,
+    /// the negotiated features and the interrupts.
+    fn activation(&self) -> io::Result<Activation> {
         let mut queues = Vec::new();
         let mut kicks = Vec::new();
         for (index, q) in self.queues.iter().enumerate().filter(|(_, q)| q.enabled) {
@@ -487,16 +691,23 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 driver: q.driver,
                 device: q.device,
             });
-            match self.notify_events[index].try_clone() {
-                Ok(kick) => kicks.push(kick),
-                Err(_) => return self.fail_activation(),
-            }
+            let kick = self
+                .notify_events
+                .get(index)
+                .ok_or_else(|| io::Error::other("no notify event for the queue"))?;
+            kicks.push(kick.try_clone()?);
         }
-        let activation = Activation {
+        Ok(Activation {
             features: self.driver_features,
             queues,
             kicks,
             interrupt: self.interrupt.clone(),
+        })
+    }
+
+    fn activate(&mut self) {
+        let Ok(activation) = self.activation() else {
+            return self.fail_activation();
         };
         match self.device.activate(activation) {
             Ok(()) => {
@@ -881,6 +1092,104 @@ mod tests {
             *kicks,
             2 + 100,
             "a kick fd per queue and an irqfd for queue 0"
+        );
+    }
+
+    #[test]
+    fn a_saved_transport_starts_a_new_device_on_the_same_rings_and_reads_back_equal() {
+        let (mut pci, _, _) = transport(false);
+        drive_to_ok(&mut pci, VIRTIO_F_VERSION_1 | 0b1);
+        write(&mut pci, 0x16, 1, 2); // queue_select left at 1
+        let saved = pci.state();
+        assert!(saved.active);
+
+        let (mut copy, recorded, _) = transport(false);
+        let mut started = None;
+        copy.restore(&saved, |_, activation| {
+            started = Some((activation.features, activation.queues.clone()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(copy.state(), saved);
+        let (features, queues) = started.expect("the device was started");
+        assert_eq!(features, VIRTIO_F_VERSION_1 | 0b1);
+        assert_eq!(queues[1].desc, 0x10_1000);
+        assert!(
+            recorded.lock().unwrap().activations.is_empty(),
+            "started by the restore's own path, not as a new activation"
+        );
+        assert_eq!(read(&mut copy, 0x18, 2), 128, "queue 1's size");
+        assert_eq!(copy.counters().activations, 1);
+    }
+
+    #[test]
+    fn a_saved_transport_the_device_cannot_take_changes_nothing() {
+        let (mut pci, _, _) = transport(false);
+        drive_to_ok(&mut pci, VIRTIO_F_VERSION_1 | 0b1);
+        let good = pci.state();
+        let never = |_: &mut FakeDevice, _: Activation| -> Result<(), ActivateError> {
+            panic!("started a device it refused")
+        };
+        let cases: Vec<(TransportState, &str)> = vec![
+            (
+                TransportState {
+                    driver_features: good.driver_features | 0b10,
+                    ..good.clone()
+                },
+                "missing 0x2",
+            ),
+            (
+                TransportState {
+                    device_type: 2,
+                    ..good.clone()
+                },
+                "virtio device type 2",
+            ),
+            (
+                TransportState {
+                    queues: good.queues[..1].to_vec(),
+                    ..good.clone()
+                },
+                "1 queues",
+            ),
+            (
+                TransportState {
+                    config_vector: 3,
+                    ..good.clone()
+                },
+                "vector 3",
+            ),
+            (
+                TransportState {
+                    status: STATUS_ACKNOWLEDGE,
+                    ..good.clone()
+                },
+                "does not match a started device",
+            ),
+        ];
+        for (state, expected) in cases {
+            let (mut copy, _, _) = transport(false);
+            let fresh = copy.state();
+            let error = copy.restore(&state, never).unwrap_err().to_string();
+            assert!(error.contains(expected), "{error}");
+            assert_eq!(copy.state(), fresh, "{expected}");
+        }
+        let mut big = good.clone();
+        big.queues[0].size = 512;
+        let (mut copy, _, _) = transport(false);
+        let error = copy.restore(&big, never).unwrap_err().to_string();
+        assert!(error.contains("saved size 512"), "{error}");
+        // A device that cannot start where it was fails the restore.
+        let (mut copy, _, _) = transport(false);
+        let error = copy
+            .restore(&good, |_, _| {
+                Err(ActivateError::QueueNotEnabled { index: 0 })
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("starting the device where it was"),
+            "{error}"
         );
     }
 

@@ -48,6 +48,7 @@
 pub mod block;
 pub mod net;
 pub mod pause;
+pub mod persist;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -214,6 +215,10 @@ pub enum VdpaError {
     Control(String),
     #[error("pause: {0}")]
     Pause(String),
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    #[error("restore: {0}")]
+    Restore(String),
     #[error("queues= above 1 needs a control queue the VMM serves, which is not built behind the vIOMMU yet: use iommu=off or queues=1")]
     ControlBehindIommu,
 }
@@ -961,7 +966,7 @@ impl VdpaDevice {
     fn start(&mut self, activation: &Activation) -> Result<(), VdpaError> {
         let control = self.bring_up(activation, &[], 1)?;
         if let Some((index, max_pairs)) = control {
-            self.serve_control(activation, index, max_pairs)?;
+            self.serve_control(activation, index, max_pairs, None)?;
         }
         Ok(())
     }
@@ -1125,12 +1130,15 @@ impl VdpaDevice {
             .map_err(|e| fail("VHOST_VDPA_SET_VRING_ENABLE", e))
     }
 
-    /// Hands the guest's control queue to the worker, once the device runs.
+    /// Hands the guest's control queue to the worker, once the device runs:
+    /// from the ring's start with the state reset, or (`restored`) from a
+    /// saved position with a saved state.
     fn serve_control(
         &mut self,
         activation: &Activation,
         index: u16,
         max_pairs: u16,
+        restored: Option<(u16, NetState)>,
     ) -> Result<(), VdpaError> {
         let Some(control) = &self.control else {
             return Ok(());
@@ -1145,7 +1153,7 @@ impl VdpaDevice {
             return Ok(());
         };
         let gone = |e: crate::virtio::queue_worker::WorkerError| VdpaError::Control(e.to_string());
-        let ring = queue
+        let mut ring = queue
             .to_queue(self.state.queue_max_size)
             .map_err(|e| VdpaError::Control(format!("queue {index}: {e}")))?;
         let kick = kick.try_clone().map_err(VdpaError::Dup)?;
@@ -1154,10 +1162,22 @@ impl VdpaDevice {
             max_pairs,
             mode: control.mode,
         };
-        control
-            .worker
-            .call(move |server| server.activate(limits))
-            .map_err(gone)?;
+        match restored {
+            None => control
+                .worker
+                .call(move |server| server.activate(limits))
+                .map_err(gone)?,
+            Some((position, state)) => {
+                // Every command the guest had made available up to the
+                // used index was answered: the worker goes on from there.
+                virtio_queue::QueueT::set_next_avail(&mut ring, position);
+                virtio_queue::QueueT::set_next_used(&mut ring, position);
+                control
+                    .worker
+                    .call(move |server| server.activate_restored(limits, state))
+                    .map_err(gone)?
+            }
+        }
         control
             .worker
             .serve(Serve {

@@ -25,8 +25,8 @@ use super::*;
 
 vmm_sys_util::ioctl_io_nr!(VHOST_VDPA_RESUME, 0xaf, 0x7e);
 
-/// Where a started queue stood when its device was stopped by a reset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where a started queue stood when its device was stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueuePosition {
     pub index: u16,
     /// The used index in the guest's ring, which is the next avail entry
@@ -57,7 +57,7 @@ impl Stopped {
 }
 
 /// The used ring's index lies 2 bytes in (virtio 1.2, 2.7.8).
-const USED_IDX_OFFSET: u64 = 2;
+pub(super) const USED_IDX_OFFSET: u64 = 2;
 
 impl VdpaDevice {
     /// Whether this device stops by SUSPEND (acked with RESUME) rather than
@@ -103,15 +103,9 @@ impl VdpaDevice {
                         what: "reset (set status 0)",
                         source,
                     })?;
-                let positions = used
-                    .into_iter()
-                    .map(|(index, at)| QueuePosition {
-                        index,
-                        // The address was checked to lie in guest memory.
-                        used_idx: u16::from_le(self.memory.read_obj::<u16>(at).unwrap_or(0)),
-                    })
-                    .collect();
-                Stopped::Reset { positions }
+                Stopped::Reset {
+                    positions: self.read_used(&used),
+                }
             }
         };
         self.state.stopped = Some(stopped);
@@ -163,9 +157,21 @@ impl VdpaDevice {
         Ok(())
     }
 
+    /// The used index at each of `used`, now: where each queue's device
+    /// stopped, once it no longer writes guest memory.
+    pub(super) fn read_used(&self, used: &[(u16, GuestAddress)]) -> Vec<QueuePosition> {
+        used.iter()
+            .map(|&(index, at)| QueuePosition {
+                index,
+                // The address was checked to lie in guest memory.
+                used_idx: u16::from_le(self.memory.read_obj::<u16>(at).unwrap_or(0)),
+            })
+            .collect()
+    }
+
     /// Where each started queue's used index lies in guest memory, found
     /// through the device's own IOTLB (its ring addresses are IOVAs).
-    fn used_indexes(&self) -> Result<Vec<(u16, GuestAddress)>, VdpaError> {
+    pub(super) fn used_indexes(&self) -> Result<Vec<(u16, GuestAddress)>, VdpaError> {
         let mappings = self.lock_mapper().mappings(DEVICE_ASID);
         self.state
             .active

@@ -114,6 +114,15 @@ impl<Q: DataQueues> ControlServer<Q> {
         self.limits = Some(limits);
     }
 
+    /// As [`ControlServer::activate`], for a device a snapshot saved as
+    /// started: the state is the saved one (its queue pairs are what the
+    /// caller enabled on the device).
+    pub fn activate_restored(&mut self, limits: ControlLimits, state: NetState) {
+        *lock_state(&self.state) = state;
+        self.queues.restart();
+        self.limits = Some(limits);
+    }
+
     /// Applies `command`'s effect to the device, then the state: the answer.
     fn answer(&mut self, bytes: Option<&[u8]>) -> u8 {
         let outcome = self.decide(bytes);

@@ -297,7 +297,7 @@ pub enum Effect {
 
 /// The receive filter as the driver set it (virtio's defaults after
 /// reset: promiscuous, everything else off).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RxFilter {
     pub promisc: bool,
     pub allmulti: bool,
@@ -321,7 +321,7 @@ impl Default for RxFilter {
 }
 
 /// The net device's state that the control queue sets: plain data.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetState {
     /// Data queue pairs in use (1 until the driver sets more).
     pub queue_pairs: u16,
