@@ -117,7 +117,7 @@ fn host_script() -> String {
     let pairs = VduseNet {
         name: "mq0",
         tap: Some(("tap1", "192.0.3.1/24")),
-        iotlb_dump: None,
+        iotlb_dump: Some("/tmp/iotlb-mq0"),
         extra_args: "--queues 2 --stats /tmp/mq-stats.json".to_string(),
     };
     let on_tap0 = |label, memory, net, plug, port| Case {
@@ -155,6 +155,7 @@ fn host_script() -> String {
             port: 5302,
         },
     );
+    device_snapshot_scenario(&mut script, &pairs);
     script
         .sh("kill -USR1 \"$(h_get dev_pid.net0)\"; sleep 0.5")
         .stop_devices()
@@ -162,6 +163,65 @@ fn host_script() -> String {
         .section("pairs-log", "cat /tmp/vduse-mq0.err");
     snapshot_scenario(&mut script);
     script.build()
+}
+
+/// A VM whose NIC is a two-pair vduse-net whose control queue the VMM
+/// serves, saved while its traffic runs: paused, snapshotted, its VMM
+/// killed, and restored by a new VMM onto the device (named again by its
+/// path), which opens it anew, starts its queues where the guest's rings
+/// stood with both pairs enabled, and serves the control queue on from
+/// where it was; the guest's traffic goes on.
+fn device_snapshot_scenario(script: &mut HostScript, device: &VduseNet) {
+    let case = Case {
+        label: "snapnet",
+        device,
+        guest_ip: "192.0.3.2",
+        host_ip: "192.0.3.1",
+        memory: "256M",
+        net: ",queues=2",
+        plug: false,
+        debug: false,
+        port: 5303,
+    };
+    let (label, port) = (case.label, case.port);
+    let vm = microvm_on(device, 2, case.memory, case.net, &guest_script(&case));
+    let iotlb = device.iotlb_dump.unwrap_or("/dev/null");
+    script
+        .sh(&format!(
+            "timeout 300 microvm-tcp-sink --port {port} --bytes {STREAM_BYTES} >/tmp/sink-{port}.out 2>/tmp/sink-{port}.err &"
+        ))
+        .microvm(&vm)
+        .wait_console(&format!("{label}-ready"), 240, "the guest to boot and ping")
+        .section(&format!("{label}-iotlb-before"), &format!("cat {iotlb}"))
+        .go(case.guest_ip)
+        .sh("sleep 3")
+        .section(&format!("{label}-pause"), "h_ctl pause 2>&1; echo \"exit=$?\"")
+        .section(&format!("{label}-take"), "h_ctl snapshot /tmp/snapnet 2>&1; echo \"exit=$?\"")
+        .sh("h_vmm_stop; mv /tmp/console.log /tmp/console-snapnet.log; mv /tmp/microvm.err /tmp/microvm-snapnet.err")
+        .section(&format!("{label}-stderr-before"), "cat /tmp/microvm-snapnet.err")
+        .section(
+            &format!("{label}-restore-extra"),
+            &format!(
+                "timeout 30 microvm --restore /tmp/snapnet --net vdpa={},mac=02:00:00:00:00:09 2>&1 </dev/null; echo \"exit=$?\"",
+                device.path_var()
+            ),
+        )
+        .sh(&format!(
+            "wc -l </tmp/vduse-{name}.err >/tmp/devlog-lines\nrm -f \"$H_API\"\nH_CONSOLE=/tmp/console.log H_VMM_ERR=/tmp/microvm.err h_vmm_start microvm --restore /tmp/snapnet --net vdpa={} --api-socket \"$H_API\"",
+            device.path_var(),
+            name = device.name,
+        ))
+        .wait_console(&format!("{label}-done"), 180, "the restored guest's traffic to end")
+        .section(&format!("{label}-sink"), &format!("cat /tmp/sink-{port}.out /tmp/sink-{port}.err"))
+        .section(&format!("{label}-iotlb-after"), &format!("cat {iotlb}"))
+        .ctl_section(&format!("{label}-info"), "info")
+        .section(
+            &format!("{label}-devlog"),
+            &format!("tail -n +$(( $(cat /tmp/devlog-lines) + 1 )) /tmp/vduse-{}.err", device.name),
+        )
+        .ctl_section(&format!("{label}-counters"), "counters")
+        .go(case.guest_ip)
+        .wait_exit(label, 90);
 }
 
 /// Ticks the guest prints, a quarter second apart, with its uptime.
@@ -449,4 +509,76 @@ fn the_device_was_reset_at_the_pause_and_started_again_where_the_rings_stood() {
         resumed_from >= 2,
         "no queue restarted past position 0:\n{log}"
     );
+}
+
+#[test]
+fn a_vm_with_a_vdpa_nic_saved_mid_stream_goes_on_in_a_new_vmm_with_its_traffic_whole() {
+    let take = section("snapnet-take");
+    assert!(section("snapnet-pause").contains("exit=0"));
+    assert!(take.contains("exit=0"), "{take}");
+    // Only the path may be given again; the rest is the snapshot's.
+    let extra = section("snapnet-restore-extra");
+    assert!(
+        extra.contains("with --restore only the device's path is taken")
+            && !extra.contains("exit=0"),
+        "{extra}"
+    );
+
+    // The stream opened before the snapshot arrived whole after the
+    // restore, and the pings went on: the guest was frozen while no VMM
+    // ran, so at most the ones in flight at the pause were lost.
+    let sink = section("snapnet-sink");
+    assert!(
+        sink.contains(&format!("\"bytes\":{STREAM_BYTES}")),
+        "stream cut by the snapshot and restore:\n{sink}"
+    );
+    let console = section("snapnet-console");
+    let (sent, received) = ping_counts(console_line(console, "snapnet-ping"));
+    assert_eq!(sent, PINGS);
+    assert!(
+        received + 2 >= PINGS,
+        "{received} of {PINGS} pings came back across the snapshot and restore"
+    );
+    assert_eq!(
+        section("snapnet-exit").trim(),
+        "0",
+        "{}",
+        section("snapnet-stderr")
+    );
+
+    // The new VMM's device reaches what the old one's did: its IOTLB (the
+    // device's own dump) after the restore equals the one before.
+    let before = iotlb_dump(section("snapnet-iotlb-before"));
+    assert!(!before.is_empty());
+    assert_eq!(before, iotlb_dump(section("snapnet-iotlb-after")));
+    // Started once, by the restore, not by a driver that started over,
+    // with both pairs the guest had in use enabled again, from where the
+    // guest's rings stood.
+    let info = json("snapnet-info");
+    assert_eq!(info["state"], "running", "{info}");
+    assert_eq!(
+        info["devices"][0]["control_queue"]["queue_pairs"], 2,
+        "{info}"
+    );
+    let log = section("snapnet-devlog");
+    for queue in ["queue 2 (rx1) started", "queue 3 (tx1) started"] {
+        assert!(
+            log.contains(queue),
+            "{queue} not started by the restore:\n{log}"
+        );
+    }
+    assert!(
+        log.lines()
+            .any(|l| l.contains("queue 1 (tx) started") && !l.ends_with("avail 0")),
+        "the restore started the first pair over from 0:\n{log}"
+    );
+    let counters = json("snapnet-counters");
+    let device = &counters["devices"][0];
+    assert_eq!(device["activations"], 1, "{counters}");
+    assert_eq!(device["resets"], 0, "{counters}");
+    // Its whole IOTLB went in one batch when it was attached, before any
+    // vCPU ran, and nothing was replayed.
+    assert_eq!(device["batch_begin"], 1, "{counters}");
+    assert_eq!(device["batch_end"], 1, "{counters}");
+    assert_eq!(device["iotlb_replays"], 0, "{counters}");
 }

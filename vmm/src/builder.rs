@@ -91,15 +91,22 @@ pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
 }
 
 /// Rebuilds the VM a snapshot saved: the same memory size and vCPU count,
-/// guest RAM from the memory file, the serial port, the VM's and each
-/// vCPU's KVM state, all before any vCPU runs; then it runs like a new VM.
-/// Anything the snapshot cannot hold yet (devices) is refused first.
+/// the same vDPA devices (opened anew, at the paths given if any, each
+/// attached with its IOTLB as one batch), guest RAM from the memory file,
+/// then each device started where its queues stood, the serial port, the
+/// VM's and each vCPU's KVM state, all before any vCPU runs; then it runs
+/// like a new VM.
 fn restore(config: &VmmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError> {
-    if !config.net.is_empty() || !config.vdpa.is_empty() {
-        return Err(SnapshotError::DevicesNotSaved("--net, --vdpa".into()).into());
-    }
     let saved = snapshot::read_state(dir)?;
     let mut config = config.clone();
+    config.net = saved
+        .devices
+        .net_at(&config.net)
+        .map_err(SnapshotError::from)?;
+    config.vdpa = saved
+        .devices
+        .vdpa_at(&config.vdpa)
+        .map_err(SnapshotError::from)?;
     config.vcpus = u8::try_from(saved.vcpus.len())
         .ok()
         .filter(|&n| n > 0)
@@ -121,6 +128,7 @@ fn restore(config: &VmmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError> {
         devices,
     } = build_platform(&config, checked.kvm, checked.max_slots, Some(&saved.serial))?;
     snapshot::read_memory(dir, &ram, saved.memory_bytes)?;
+    devices.restore_vdpa(&saved.devices.states)?;
     let vcpus = saved
         .vcpus
         .iter()
@@ -349,7 +357,7 @@ impl Vmm {
             )
             .map_err(crate::device_manager::DeviceError::from)?;
             let lifecycle = Lifecycle::spawn(
-                devices.pause_targets(gate.clone(), serial.clone()),
+                devices.pause_targets(gate.clone(), serial.clone(), (&config.net, &config.vdpa)),
                 filters.as_ref().map(|f| f.lifecycle.clone()),
                 lifecycle::ANSWER_BOUND,
             )

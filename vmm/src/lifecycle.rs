@@ -35,6 +35,7 @@ use seccompiler::BpfProgram;
 
 use crate::device_manager::vdpa::VdpaPciDevice;
 use crate::seccomp;
+use crate::snapshot::vdpa::{SavedDevices, VdpaDeviceState};
 use crate::snapshot::{self, SnapshotError, SnapshotReport, VmSnapshot};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::SavedVcpu;
@@ -127,9 +128,12 @@ pub struct SnapshotSources {
     pub vm: Arc<kvm_ioctls::VmFd>,
     pub ram: Arc<GuestRam>,
     pub serial: Arc<Mutex<SerialDevice>>,
-    /// Devices whose state is not saved yet, by id: a snapshot is refused
-    /// while there are any.
+    /// Devices whose state is not saved yet, by id and why: a snapshot is
+    /// refused while there are any.
     pub unsaved: Vec<String>,
+    /// The options the vDPA devices were added with (their states are
+    /// filled in at each snapshot).
+    pub devices: SavedDevices,
 }
 
 /// How long the vCPUs get to save their state.
@@ -299,13 +303,38 @@ impl Machine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .snapshot();
+        let mut devices = saved.devices.clone();
+        devices.states = self.device_states()?;
         let state = VmSnapshot {
             memory_bytes: saved.ram.ranges.iter().map(|r| r.size).sum(),
             vcpus,
             vm,
             serial,
+            devices,
         };
         Ok(snapshot::write(dir, &state, &saved.ram)?)
+    }
+}
+
+impl Machine {
+    /// Each paused vDPA device's transport and queue positions.
+    fn device_states(&self) -> Result<Vec<VdpaDeviceState>, SnapshotError> {
+        self.targets
+            .vdpa
+            .iter()
+            .map(|(id, device)| {
+                let pci = lock(device);
+                let device = pci.device().snapshot().map_err(|e| SnapshotError::Device {
+                    id: id.clone(),
+                    reason: e.to_string(),
+                })?;
+                Ok(VdpaDeviceState {
+                    id: id.clone(),
+                    transport: pci.state(),
+                    device,
+                })
+            })
+            .collect()
     }
 }
 
@@ -447,6 +476,7 @@ mod tests {
                 Box::new(std::io::sink()),
             ))),
             unsaved: Vec::new(),
+            devices: SavedDevices::default(),
         }
     }
 
@@ -550,7 +580,7 @@ mod tests {
         lifecycle.set(RunState::Paused).unwrap();
         let error = lifecycle.snapshot(dir.clone()).unwrap_err().to_string();
         assert!(
-            error.contains("net0, virtio-mem: snapshots of VMs with vDPA devices"),
+            error.contains("net0, virtio-mem: not saved by snapshots yet"),
             "{error}"
         );
         assert!(!dir.exists(), "a refused snapshot writes nothing");

@@ -1162,6 +1162,7 @@ mod tests {
                 clock: Default::default(),
             },
             serial: Default::default(),
+            devices: Default::default(),
         };
         let (status, output) = in_filtered_child(ThreadKind::Lifecycle, |pipe| {
             say_alive(pipe);

@@ -283,7 +283,7 @@ pub fn parse_on_off(text: &str) -> Result<bool, ConfigError> {
 }
 
 /// A virtio-net device whose data path is a vhost-vdpa device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     pub vdpa_path: PathBuf,
     pub mac: Option<[u8; 6]>,
@@ -298,7 +298,7 @@ pub struct NetConfig {
 
 /// A vhost-vdpa device presented as whatever type it reports (`--vdpa`,
 /// Cloud Hypervisor's shape): net or block.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VdpaDeviceConfig {
     pub path: PathBuf,
     /// Put the device behind the vIOMMU.

@@ -25,8 +25,11 @@ use devices::virtio::vdpa::DeviceKind;
 use seccompiler::BpfProgram;
 
 use crate::api::control::VmSummary;
+use crate::config::{NetConfig, VdpaDeviceConfig};
 use crate::lifecycle::{Lifecycle, PauseTargets, SnapshotSources};
 use crate::seccomp::{self, FilterFds, SeccompError, ThreadKind};
+use crate::snapshot::vdpa::{SavedDevices, VdpaDeviceState};
+use crate::snapshot::SnapshotError;
 use crate::vstate::interrupts::{KvmIoEvents, KvmMsiRouter};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::SavedVcpu;
@@ -35,6 +38,7 @@ use crate::vstate::vm::Vm;
 use api_view::ApiView;
 use device_query::DeviceQueries;
 use devices::serial::SerialDevice;
+use devices::virtio::ActivateError;
 use iommu::{IommuDevice, IommuSetupError};
 use memlock::MemlockStatus;
 use pci::{PciSegment, PciSetupError, PciWiring};
@@ -259,11 +263,13 @@ impl DeviceManager {
     /// What a pause stops, besides the vCPUs at `gate`: every device
     /// worker (the guest's requests to the VMM) and every vDPA device; and
     /// what a snapshot saves (the VM, guest RAM, `serial`), or which devices
-    /// it cannot save yet.
+    /// it cannot save yet. `net` and `vdpa` are the options the vDPA
+    /// devices were added with.
     pub fn pause_targets(
         &self,
         gate: Arc<VcpuGate<SavedVcpu>>,
         serial: Arc<std::sync::Mutex<SerialDevice>>,
+        (net, vdpa): (&[NetConfig], &[VdpaDeviceConfig]),
     ) -> PauseTargets {
         let control = self.vdpa.iter().filter_map(|d| {
             let pci = d.pci.lock().unwrap_or_else(|p| p.into_inner());
@@ -285,12 +291,79 @@ impl DeviceManager {
                 vm: self.vm.clone(),
                 ram: self.ram.clone(),
                 serial,
-                unsaved: (self.vdpa.iter().map(|d| d.id.clone()))
-                    .chain(self.hotplug.iter().map(|_| "virtio-mem".to_string()))
-                    .chain(self.iommu.iter().map(|_| "virtio-iommu".to_string()))
-                    .collect(),
+                unsaved: self.unsaved(),
+                devices: SavedDevices {
+                    net: net.to_vec(),
+                    vdpa: vdpa.to_vec(),
+                    states: Vec::new(),
+                },
             },
         }
+    }
+}
+
+impl DeviceManager {
+    /// The devices a snapshot cannot save yet, each with why.
+    fn unsaved(&self) -> Vec<String> {
+        let vdpa = self.vdpa.iter().filter_map(|d| {
+            let pci = d.pci.lock().unwrap_or_else(|p| p.into_inner());
+            let reason = match d.behind_iommu {
+                true => Some("it is behind the vIOMMU"),
+                false => pci.device().snapshot_refusal(),
+            };
+            reason.map(|r| format!("{} ({r})", d.id))
+        });
+        vdpa.chain(self.hotplug.iter().map(|_| "virtio-mem".to_string()))
+            .chain(self.iommu.iter().map(|_| "virtio-iommu".to_string()))
+            .collect()
+    }
+
+    /// Puts each vDPA device back as a snapshot saved it, once guest memory
+    /// holds what it did: its transport's registers and MSI-X table, the
+    /// device started on the driver's rings where its queues stood, then
+    /// its config space (BARs where the guest put them, MSI-X enabled).
+    /// Each device was opened and attached anew (its IOTLB sent as one
+    /// batch) when it was added.
+    pub fn restore_vdpa(&self, states: &[VdpaDeviceState]) -> Result<(), SnapshotError> {
+        if states.len() != self.vdpa.len() {
+            return Err(SnapshotError::Device {
+                id: "vDPA devices".into(),
+                reason: format!(
+                    "the snapshot has {} device states for {} devices",
+                    states.len(),
+                    self.vdpa.len()
+                ),
+            });
+        }
+        for (handle, saved) in self.vdpa.iter().zip(states) {
+            let failed = |reason: String| SnapshotError::Device {
+                id: handle.id.clone(),
+                reason,
+            };
+            if handle.id != saved.id {
+                return Err(failed(format!(
+                    "the snapshot's device here is {}: not the same kind of device",
+                    saved.id
+                )));
+            }
+            handle
+                .pci
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore(&saved.transport, |device, activation| {
+                    device
+                        .restore_started(activation, &saved.device)
+                        .map_err(|e| ActivateError::Backend(Box::new(e)))
+                })
+                .map_err(|e| failed(e.to_string()))?;
+            self.segment
+                .bus
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore_config(usize::from(handle.slot), &saved.transport.config_space)
+                .map_err(|e| failed(e.to_string()))?;
+        }
+        Ok(())
     }
 }
 

@@ -6,12 +6,14 @@
 //!   and the memory layout;
 //! - `memory`: guest RAM, its ranges one after the other.
 //!
-//! What is built so far covers a VM whose only device is its serial console:
-//! a VM with vDPA devices, virtio-mem or a vIOMMU is refused at snapshot time
-//! with a clear message, because their state (PCI transport, rings, IOTLBs,
-//! plugged blocks, domains) is not saved yet. Live update is not built.
+//! What is built so far covers the serial console and identity-mapped vDPA
+//! devices without a control queue ([`vdpa`]): a VM with virtio-mem, a
+//! vIOMMU, or a device with a control queue is refused at snapshot time with
+//! a clear message, because their state (plugged blocks, domains, the
+//! control queue's worker) is not saved yet. Live update is not built.
 
 pub mod file;
+pub mod vdpa;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -37,10 +39,14 @@ pub enum SnapshotError {
     #[error("the VM must be paused first (microvm-ctl pause)")]
     NotPaused,
     #[error(
-        "{0}: snapshots of VMs with vDPA devices, virtio-mem or a vIOMMU are not built yet \
-         (their state is not saved); only a VM whose one device is its serial console can be saved"
+        "{0}: not saved by snapshots yet (what is: the console, and vDPA devices mapped \
+         without a vIOMMU and without a control queue)"
     )]
     DevicesNotSaved(String),
+    #[error("{id}: {reason}")]
+    Device { id: String, reason: String },
+    #[error(transparent)]
+    DeviceOptions(#[from] vdpa::DeviceOptionsError),
     #[error("{path}: {what}: {source}")]
     Io {
         path: PathBuf,
@@ -74,6 +80,10 @@ pub struct VmSnapshot {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub serial: SerialSnapshot,
+    /// The vDPA devices: the options they were added with and their state
+    /// (none in a snapshot of a VM without devices).
+    #[serde(default)]
+    pub devices: vdpa::SavedDevices,
 }
 
 /// What a snapshot wrote.
@@ -276,6 +286,7 @@ mod tests {
             vcpus: Vec::new(),
             vm: empty_vm_state(),
             serial: Default::default(),
+            devices: Default::default(),
         };
         let error = write(&dir, &state, &ram).unwrap_err().to_string();
         assert!(
