@@ -12,6 +12,9 @@ pub enum ExitReason {
     Reset,
     /// Something failed; the text is a one-line reason for the user.
     Error(String),
+    /// A new VMM process took the VM (live update): this one ends without
+    /// touching it.
+    HandedOver,
 }
 
 /// Shared by everyone who may end the VM. The first reason wins: a vCPU

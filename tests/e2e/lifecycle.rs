@@ -1,14 +1,16 @@
-//! Pause and resume of a running microVM whose NIC is a vDPA device, end to
-//! end in the test host: vduse-net (a VDUSE device, which has no SUSPEND, so
-//! a pause resets it and the resume starts it again where the guest's used
-//! rings say) on a TAP, the VM pinging the test host and sending a paced TCP
-//! stream across the pause. Three VMs in one test host: an identity-mapped
-//! device with 256 MiB plugged through virtio-mem, a device behind the
-//! vIOMMU, and the debug build (its seccomp filters too) on a two-pair device
-//! whose control queue the VMM serves, so the resume must enable both pairs
-//! again. Then snapshot and restore of a VM whose only device is its
-//! serial console (what snapshots cover so far): saved while paused, the
-//! VMM killed, restored in a new process that goes on where the guest was.
+//! Pause and resume, snapshot and restore, and live update of a running
+//! microVM whose NIC is a vDPA device, end to end in the test host:
+//! vduse-net (a VDUSE device, which has no SUSPEND, so a pause resets it and
+//! the resume starts it again where the guest's used rings say) on a TAP,
+//! the VM pinging the test host and sending a paced TCP stream across each
+//! step. In one test host: pause and resume of an identity-mapped device
+//! with 256 MiB plugged through virtio-mem, of a device behind the vIOMMU,
+//! and (the debug build, its seccomp filters too) of a two-pair device whose
+//! control queue the VMM serves; a snapshot of that two-pair VM, its VMM
+//! killed and the VM restored onto the device by a new one; live updates of
+//! a 256 MiB and a 2 GiB VM to a new VMM that maps the same memory; and a
+//! snapshot and restore of a VM whose only device is its serial console,
+//! with the refusals of bad snapshots.
 
 use e2e::host_script::guest_cmd_arg;
 use e2e::host_script::microvm_on;
@@ -156,6 +158,8 @@ fn host_script() -> String {
         },
     );
     device_snapshot_scenario(&mut script, &pairs);
+    update_scenario(&mut script, &device, "upd256", "256M", 5304);
+    update_scenario(&mut script, &device, "upd2g", "2G", 5305);
     script
         .sh("kill -USR1 \"$(h_get dev_pid.net0)\"; sleep 0.5")
         .stop_devices()
@@ -219,6 +223,77 @@ fn device_snapshot_scenario(script: &mut HostScript, device: &VduseNet) {
             &format!("{label}-devlog"),
             &format!("tail -n +$(( $(cat /tmp/devlog-lines) + 1 )) /tmp/vduse-{}.err", device.name),
         )
+        .ctl_section(&format!("{label}-counters"), "counters")
+        .go(case.guest_ip)
+        .wait_exit(label, 90);
+}
+
+/// The inode of the running VMM's guest-RAM memfd.
+const MEMFD_INODE: &str = "for f in /proc/$(h_get vmm_pid)/fd/*; do case \"$(readlink \"$f\")\" in *microvm-guest-ram*) stat -L -c %i \"$f\"; break;; esac; done";
+
+/// Live update of a VM whose NIC is vduse-net, with its traffic running: a
+/// new VMM started with `--take-over` on the same API socket path, the old
+/// one told `update`; the old one exits, the new one maps the same memfd,
+/// opens the device anew and runs the VM on.
+fn update_scenario(
+    script: &mut HostScript,
+    device: &VduseNet,
+    label: &'static str,
+    memory: &'static str,
+    port: u32,
+) {
+    let case = Case {
+        label,
+        device,
+        guest_ip: "192.0.2.2",
+        host_ip: "192.0.2.1",
+        memory,
+        net: "",
+        plug: false,
+        debug: false,
+        port,
+    };
+    let vm = microvm_on(device, 2, memory, "", &guest_script(&case));
+    let iotlb = device.iotlb_dump.unwrap_or("/dev/null");
+    script
+        .sh(&format!(
+            "timeout 300 microvm-tcp-sink --port {port} --bytes {STREAM_BYTES} >/tmp/sink-{port}.out 2>/tmp/sink-{port}.err &"
+        ))
+        .microvm(&vm)
+        .wait_console(&format!("{label}-ready"), 240, "the guest to boot and ping")
+        .section(&format!("{label}-iotlb-before"), &format!("cat {iotlb}"))
+        .section(&format!("{label}-memfd-before"), MEMFD_INODE)
+        .go(case.guest_ip)
+        .sh("sleep 3")
+        .sh(&format!(
+            "old=$(h_get vmm_pid); mv /tmp/console.log /tmp/console-{label}-old.log; mv /tmp/microvm.err /tmp/microvm-{label}-old.err; rm -f /tmp/up.sock\n\
+             H_CONSOLE=/tmp/console.log H_VMM_ERR=/tmp/microvm.err h_vmm_start microvm --take-over /tmp/up.sock --api-socket \"$H_API\""
+        ))
+        .wait_true("test -S /tmp/up.sock", 30, "the new VMM to listen for the handover")
+        .section(&format!("{label}-update"), "h_ctl update /tmp/up.sock 2>&1; echo \"exit=$?\"")
+        .wait_gone("\"$old\"", 15, "the old VMM to exit after the handover")
+        .wait_true(
+            "test -s \"$H_DIR/vmm_status\"",
+            5,
+            "the old VMM's exit status",
+        )
+        .section(
+            &format!("{label}-old"),
+            &format!(
+                "echo \"old-status=$(cat \"$H_DIR/vmm_status\")\"; rm -f \"$H_DIR/vmm_status\"\n\
+                 cat /tmp/microvm-{label}-old.err"
+            ),
+        )
+        .wait_true(
+            "grep -q 'took over the VM' /tmp/microvm.err",
+            60,
+            "the new VMM to take the VM over",
+        )
+        .section(&format!("{label}-took-over"), "cat /tmp/microvm.err")
+        .section(&format!("{label}-memfd-after"), MEMFD_INODE)
+        .wait_console(&format!("{label}-done"), 180, "the guest's traffic to end after the live update")
+        .section(&format!("{label}-sink"), &format!("cat /tmp/sink-{port}.out /tmp/sink-{port}.err"))
+        .section(&format!("{label}-iotlb-after"), &format!("cat {iotlb}"))
         .ctl_section(&format!("{label}-counters"), "counters")
         .go(case.guest_ip)
         .wait_exit(label, 90);
@@ -581,4 +656,77 @@ fn a_vm_with_a_vdpa_nic_saved_mid_stream_goes_on_in_a_new_vmm_with_its_traffic_w
     assert_eq!(device["batch_begin"], 1, "{counters}");
     assert_eq!(device["batch_end"], 1, "{counters}");
     assert_eq!(device["iotlb_replays"], 0, "{counters}");
+}
+
+/// The downtime the new VMM reported, in ms.
+fn check_live_update(label: &str) -> u64 {
+    let update = section(&format!("{label}-update"));
+    assert!(
+        update.contains("exit=0") && update.contains("\"handed_over\": true"),
+        "{update}"
+    );
+    let old = section(&format!("{label}-old"));
+    assert!(old.contains("old-status=0"), "{old}");
+    assert!(old.contains("the VM was handed over to a new VMM"), "{old}");
+    // The new VMM maps the very memfd the old one had: nothing was copied.
+    let before = section(&format!("{label}-memfd-before")).trim();
+    assert!(!before.is_empty(), "no guest-RAM memfd in the old VMM");
+    assert_eq!(before, section(&format!("{label}-memfd-after")).trim());
+
+    let took = section(&format!("{label}-took-over"));
+    let line = took
+        .lines()
+        .find(|l| l.contains("took over the VM"))
+        .unwrap_or_else(|| panic!("the new VMM did not take over:\n{took}"));
+    let downtime: u64 = line
+        .split("downtime ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no downtime in: {line}"));
+
+    // The traffic went on: the stream whole, the pings but for those in
+    // flight at the pause.
+    let sink = section(&format!("{label}-sink"));
+    assert!(
+        sink.contains(&format!("\"bytes\":{STREAM_BYTES}")),
+        "stream cut by the live update:\n{sink}"
+    );
+    let console = section(&format!("{label}-console"));
+    let (sent, received) = ping_counts(console_line(console, &format!("{label}-ping")));
+    assert_eq!(sent, PINGS);
+    assert!(
+        received + 2 >= PINGS,
+        "{received} of {PINGS} pings came back"
+    );
+    assert_eq!(
+        section(&format!("{label}-exit")).trim(),
+        "0",
+        "{}",
+        section(&format!("{label}-stderr"))
+    );
+    // The device reaches what it did, sent once as one batch by the new VMM.
+    assert_eq!(
+        iotlb_dump(section(&format!("{label}-iotlb-before"))),
+        iotlb_dump(section(&format!("{label}-iotlb-after")))
+    );
+    let counters = json(&format!("{label}-counters"));
+    let device = &counters["devices"][0];
+    assert_eq!(device["activations"], 1, "{counters}");
+    assert_eq!(device["resets"], 0, "{counters}");
+    assert_eq!(device["batch_begin"], 1, "{counters}");
+    eprintln!("{label}: {line}");
+    downtime
+}
+
+#[test]
+fn a_live_update_hands_the_vm_to_a_new_vmm_without_copying_memory_or_cutting_its_traffic() {
+    let small = check_live_update("upd256");
+    let large = check_live_update("upd2g");
+    eprintln!("live update downtime: 256 MiB {small} ms, 2 GiB {large} ms");
+    // Copying 2 GiB would take seconds here; mapping it does not.
+    assert!(
+        large <= 4 * small.max(250),
+        "downtime grew with memory: 256 MiB {small} ms, 2 GiB {large} ms"
+    );
 }

@@ -98,6 +98,24 @@ impl HostScript {
         self.sh(&format!("{command} || h_step_failed {what}"))
     }
 
+    /// Waits up to `secs` for the shell command `command` to succeed while
+    /// the VMM runs (`h_wait_true`).
+    pub fn wait_true(&mut self, command: &str, secs: u32, what: &str) -> &mut Self {
+        self.step(
+            &format!("h_wait_true {secs} {} {command}", shell_quote(what)),
+            what,
+        )
+    }
+
+    /// Waits up to `secs` for the process whose pid `pid` (a shell word)
+    /// names to exit.
+    pub fn wait_gone(&mut self, pid: &str, secs: u32, what: &str) -> &mut Self {
+        self.step(
+            &format!("h_wait_on '' '' {secs} {} h_gone {pid}", shell_quote(what)),
+            what,
+        )
+    }
+
     /// Starts vduse-net and waits until its vhost-vdpa node exists; its path
     /// is then in `device.path_var()`.
     pub fn vduse_net(&mut self, device: &VduseNet) -> &mut Self {

@@ -61,6 +61,9 @@ h_alive() {
 	[ -n "$1" ] && kill -0 "$1" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null
 }
 
+# h_gone PID: the process has exited (or never was).
+h_gone() { ! h_alive "$1"; }
+
 h_tail() {
 	# h_tail TITLE FILE [LINES]
 	[ -n "$2" ] || return 0

@@ -4,7 +4,9 @@
 //! filters (once every descriptor they bind exists) → vCPU threads → API
 //! thread → event loop.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use devices::bus::{Bus, BusError};
 use devices::exit::{ExitReason, ExitSignal};
@@ -25,7 +27,7 @@ use crate::device_manager::vdpa::VdpaRequest;
 use crate::device_manager::DeviceManager;
 use crate::lifecycle::{self, Lifecycle};
 use crate::seccomp::{self, FilterFds, SeccompError, ThreadKind};
-use crate::snapshot::{self, SnapshotError};
+use crate::snapshot::{self, handoff, SnapshotError, VmSnapshot};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{SavedVcpu, Vcpu};
 use crate::vstate::vcpu_gate::{install_kick_handler, VcpuGate};
@@ -56,6 +58,9 @@ pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
     if let Some(dir) = &config.restore {
         return restore(config, dir);
     }
+    if let Some(socket) = &config.take_over {
+        return take_over(config, socket);
+    }
     let checked = check(config)?;
     let api_socket = checked.api_socket;
     let Platform {
@@ -66,7 +71,13 @@ pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
         io_bus,
         mmio_bus,
         devices,
-    } = build_platform(config, checked.kvm, checked.max_slots, None)?;
+    } = build_platform(
+        config,
+        checked.kvm,
+        checked.max_slots,
+        None,
+        build_memory(config)?,
+    )?;
 
     let rsdp = acpi::write_tables(&ram.memory, config.vcpus, &devices.acpi_tables())?;
     let boot_entry = loader::load(&ram, &config.kernel, rsdp)?;
@@ -96,8 +107,111 @@ pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
 /// then each device started where its queues stood, the serial port, the
 /// VM's and each vCPU's KVM state, all before any vCPU runs; then it runs
 /// like a new VM.
-fn restore(config: &VmmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError> {
+fn restore(config: &VmmConfig, dir: &Path) -> Result<Vmm, VmmError> {
     let saved = snapshot::read_state(dir)?;
+    let config = saved_config(config, &saved)?;
+    let checked = check(&config)?;
+    rebuild(&config, checked, &saved, SavedMemory::File(dir))
+}
+
+/// How long a take-over waits for the old VMM to hand its VM over, and
+/// then for it to exit.
+const HANDOVER_BOUND: Duration = Duration::from_secs(120);
+const OLD_VMM_EXIT_BOUND: Duration = Duration::from_secs(10);
+
+/// Takes over the VM another microvm process hands over on `socket` (live
+/// update): its state and its guest memory's file, mapped, not copied.
+/// Everything that can be checked is checked before the old VMM is told
+/// to let go; it then exits (closing its devices, which only one process
+/// may hold), and the VM is rebuilt as a restore does, over the same memory.
+fn take_over(config: &VmmConfig, socket: &Path) -> Result<Vmm, VmmError> {
+    let listener = handoff::listen(socket).map_err(|e| VmmError::TakeOver(e.to_string()))?;
+    let _socket_file = RemoveOnDrop(socket);
+    eprintln!(
+        "microvm: waiting up to {}s on {} for a VMM to hand over its VM \
+         (microvm-ctl --socket OLD-API-SOCKET update {})",
+        HANDOVER_BOUND.as_secs(),
+        socket.display(),
+        socket.display()
+    );
+    let failed = |e: &dyn std::fmt::Display| VmmError::TakeOver(e.to_string());
+    let mut incoming =
+        handoff::receive(&listener, socket, HANDOVER_BOUND).map_err(|e| failed(&e))?;
+    let received = Instant::now();
+    // The API socket may be the old VMM's own: bound once it has gone.
+    let checked = saved_config(config, &incoming.state).and_then(|config| {
+        let without_api = VmmConfig {
+            api_socket: None,
+            ..config.clone()
+        };
+        Ok((check(&without_api)?, config))
+    });
+    let (mut checked, config) = match checked {
+        Ok(checked) => checked,
+        Err(error) => {
+            incoming.refuse(&error.to_string());
+            return Err(error);
+        }
+    };
+    incoming.ready().map_err(|e| failed(&e))?;
+    let pid = incoming.sender_pid;
+    match handoff::wait_for_exit(pid, OLD_VMM_EXIT_BOUND) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(failed(&format!(
+                "the old VMM (pid {pid}) did not exit within {OLD_VMM_EXIT_BOUND:?} of handing \
+                 the VM over; its devices cannot be opened while it holds them"
+            )))
+        }
+        Err(e) => {
+            return Err(failed(&format!(
+                "cannot watch the old VMM (pid {pid}): {e}"
+            )))
+        }
+    }
+    let old_gone = received.elapsed();
+    checked.api_socket = config
+        .api_socket
+        .as_deref()
+        .map(api::ApiSocket::bind)
+        .transpose()?;
+    let memory = incoming.memory.try_clone().map_err(VmmError::EventFd)?;
+    let vmm = rebuild(
+        &config,
+        checked,
+        &incoming.state,
+        SavedMemory::Memfd(memory),
+    )?;
+    let paused_at = std::time::UNIX_EPOCH + Duration::from_micros(incoming.paused_at_us);
+    let downtime = std::time::SystemTime::now()
+        .duration_since(paused_at)
+        .unwrap_or_default();
+    eprintln!(
+        "microvm: took over the VM: {} MiB of guest memory mapped, not copied; {} bytes of \
+         state; the old VMM was gone {} ms after the handover, the VM rebuilt {} ms after it; \
+         downtime {} ms (paused there to running here)",
+        incoming.state.memory_bytes >> 20,
+        incoming.state_bytes,
+        old_gone.as_millis(),
+        received.elapsed().as_millis(),
+        downtime.as_millis()
+    );
+    Ok(vmm)
+}
+
+/// Removes a socket file when dropped.
+struct RemoveOnDrop<'a>(&'a Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
+}
+
+/// The configuration of a saved VM: its vCPU count, memory size and
+/// devices (at the paths given, if any) from the state; the rest (API
+/// socket, serial, seccomp) from `config`.
+fn saved_config(config: &VmmConfig, saved: &VmSnapshot) -> Result<VmmConfig, VmmError> {
     let mut config = config.clone();
     config.net = saved
         .devices
@@ -116,8 +230,31 @@ fn restore(config: &VmmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError> {
         })?;
     config.memory.size = config::Size(saved.memory_bytes);
     config.memory.hotplug = None;
-    let checked = check(&config)?;
+    Ok(config)
+}
+
+/// Where a saved VM's guest memory is.
+enum SavedMemory<'a> {
+    /// In a snapshot directory's memory file: copied into new memory.
+    File(&'a Path),
+    /// In the memfd a live update handed over: mapped as it is.
+    Memfd(std::fs::File),
+}
+
+/// Builds a VM as `saved` describes it, before any vCPU runs: the
+/// platform and devices (each device's IOTLB one batch), guest memory, each
+/// device started where its queues stood, the vCPUs' and the VM's state.
+fn rebuild(
+    config: &VmmConfig,
+    checked: Checked,
+    saved: &VmSnapshot,
+    memory: SavedMemory<'_>,
+) -> Result<Vmm, VmmError> {
     let api_socket = checked.api_socket;
+    let (ram, from_file) = match memory {
+        SavedMemory::File(dir) => (build_memory(config)?, Some(dir)),
+        SavedMemory::Memfd(file) => (GuestRam::from_file(file, saved.memory_bytes)?, None),
+    };
     let Platform {
         ram,
         vm,
@@ -126,8 +263,16 @@ fn restore(config: &VmmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError> {
         io_bus,
         mmio_bus,
         devices,
-    } = build_platform(&config, checked.kvm, checked.max_slots, Some(&saved.serial))?;
-    snapshot::read_memory(dir, &ram, saved.memory_bytes)?;
+    } = build_platform(
+        config,
+        checked.kvm,
+        checked.max_slots,
+        Some(&saved.serial),
+        ram,
+    )?;
+    if let Some(dir) = from_file {
+        snapshot::read_memory(dir, &ram, saved.memory_bytes)?;
+    }
     devices.restore_vdpa(&saved.devices.states)?;
     let vcpus = saved
         .vcpus
@@ -146,7 +291,7 @@ fn restore(config: &VmmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError> {
         .restore(&vm.fd)
         .map_err(|e| SnapshotError::Vm(e.to_string()))?;
     Ok(Vmm {
-        config,
+        config: config.clone(),
         vm,
         ram,
         devices,
@@ -205,15 +350,17 @@ struct Platform {
     devices: DeviceManager,
 }
 
-/// Guest memory, the VM, the platform devices (the serial port new, or as
-/// `saved`) and the PCI devices, for a new VM and a restored one alike.
+/// The VM over guest memory `ram`, the platform devices (the serial port
+/// new, or as `saved`) and the PCI devices, for a new VM and a restored one
+/// alike.
 fn build_platform(
     config: &VmmConfig,
     kvm: kvm_ioctls::Kvm,
     max_slots: u64,
     saved: Option<&SerialSnapshot>,
+    ram: GuestRam,
 ) -> Result<Platform, VmmError> {
-    let ram = Arc::new(build_memory(config)?);
+    let ram = Arc::new(ram);
     let vm = Vm::new(kvm)?;
     let boot_slots = vm.register_memory(&ram)?;
     let slots = (boot_slots, u32::try_from(max_slots).unwrap_or(u32::MAX));
@@ -360,6 +507,7 @@ impl Vmm {
                 devices.pause_targets(gate.clone(), serial.clone(), (&config.net, &config.vdpa)),
                 filters.as_ref().map(|f| f.lifecycle.clone()),
                 lifecycle::ANSWER_BOUND,
+                exit.clone(),
             )
             .map_err(VmmError::Lifecycle)?;
             let filter = filters.as_ref().map(|f| f.api.clone());
@@ -399,6 +547,7 @@ impl Vmm {
             ExitReason::PowerOff => Ok(GuestExit::PowerOff),
             ExitReason::Reset => Ok(GuestExit::Reset),
             ExitReason::Error(message) => Err(VmmError::Guest(message)),
+            ExitReason::HandedOver => Ok(GuestExit::HandedOver),
         }
     }
 }

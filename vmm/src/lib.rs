@@ -56,6 +56,8 @@ pub enum VmmError {
     Lifecycle(std::io::Error),
     #[error("restore: {0}")]
     Restore(#[from] snapshot::SnapshotError),
+    #[error("take over: {0}")]
+    TakeOver(String),
     #[error("cannot start a thread for vCPU {id}: {source}")]
     Thread { id: u8, source: std::io::Error },
     #[error("{0}")]
@@ -67,6 +69,8 @@ pub enum VmmError {
 pub enum GuestExit {
     PowerOff,
     Reset,
+    /// A new VMM took the VM (live update).
+    HandedOver,
 }
 
 /// Builds the VM described by `config` and runs it to the end.

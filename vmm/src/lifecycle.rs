@@ -27,6 +27,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use devices::exit::{ExitReason, ExitSignal};
 use devices::serial::SerialDevice;
 
 use devices::virtio::queue_worker::{Parked, Parker, WorkerError};
@@ -92,6 +93,10 @@ pub enum LifecycleError {
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("the lifecycle thread is gone")]
     Gone,
+    #[error("live update: {0}")]
+    Update(#[from] crate::snapshot::handoff::HandoffError),
+    #[error("the VM was handed over to a new VMM; this one is ending")]
+    HandedOver,
 }
 
 /// What one pause or resume did, and how long each step took.
@@ -143,7 +148,24 @@ const SAVE_BOUND: Duration = Duration::from_secs(5);
 struct Machine {
     targets: PauseTargets,
     parked: Option<Vec<Parked>>,
+    /// A new VMM took the VM: nothing may run it here again.
+    handed_over: bool,
 }
+
+/// What a live update did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpdateReport {
+    pub socket: PathBuf,
+    pub state_bytes: u64,
+    /// From the pause to the new VMM's "ready" (it then starts the VM).
+    pub took: Duration,
+}
+
+/// How long the new VMM gets for each step of a live update.
+const UPDATE_BOUND: Duration = Duration::from_secs(30);
+/// How long the API waits for a live update: the pause, then each of the
+/// new VMM's steps.
+pub const UPDATE_ANSWER_BOUND: Duration = Duration::from_secs(60 + 3 * 30);
 
 fn lock(device: &Mutex<VdpaPciDevice>) -> MutexGuard<'_, VdpaPciDevice> {
     device.lock().unwrap_or_else(|p| p.into_inner())
@@ -278,6 +300,52 @@ impl Machine {
 impl Machine {
     /// Saves the paused VM into `dir`, which must not exist.
     fn snapshot(&self, dir: &Path) -> Result<SnapshotReport, LifecycleError> {
+        let state = self.saved_state()?;
+        Ok(snapshot::write(dir, &state, &self.targets.saved.ram)?)
+    }
+
+    /// Hands the VM to the VMM listening on `socket`: pauses it (if it
+    /// runs), sends its state and its memory file, and waits for the new
+    /// VMM to say it is ready. Then the VM is the new VMM's: this one must
+    /// end without touching it. On an error the VM runs here as before.
+    fn update(&mut self, socket: &Path) -> Result<UpdateReport, LifecycleError> {
+        let started = Instant::now();
+        let paused_at_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let was_running = self.parked.is_none();
+        self.pause()?;
+        let sent = self.saved_state().and_then(|state| {
+            let memory = &self.targets.saved.ram.boot_file;
+            Ok(snapshot::handoff::send(
+                socket,
+                &state,
+                memory,
+                paused_at_us,
+                UPDATE_BOUND,
+            )?)
+        });
+        match sent {
+            Ok(state_bytes) => {
+                self.handed_over = true;
+                Ok(UpdateReport {
+                    socket: socket.to_path_buf(),
+                    state_bytes,
+                    took: started.elapsed(),
+                })
+            }
+            Err(error) => {
+                if was_running {
+                    let _ = self.resume();
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// The paused VM's whole state: each vCPU's (saved at its gate), the
+    /// VM's, the serial port's, each device's.
+    fn saved_state(&self) -> Result<VmSnapshot, LifecycleError> {
         if self.parked.is_none() {
             return Err(SnapshotError::NotPaused.into());
         }
@@ -312,7 +380,7 @@ impl Machine {
             serial,
             devices,
         };
-        Ok(snapshot::write(dir, &state, &saved.ram)?)
+        Ok(state)
     }
 }
 
@@ -340,18 +408,23 @@ impl Machine {
 
 type Answer = Result<Transition, LifecycleError>;
 type SnapshotAnswer = Result<SnapshotReport, LifecycleError>;
+type UpdateAnswer = Result<UpdateReport, LifecycleError>;
 
 /// What the API asks of the lifecycle thread.
 enum Request {
     Set(RunState, Sender<Answer>),
     Snapshot(PathBuf, Sender<SnapshotAnswer>),
+    Update(PathBuf, Sender<UpdateAnswer>),
 }
 
 /// The API's handle on the lifecycle thread.
 pub struct Lifecycle {
     requests: Mutex<Sender<Request>>,
     paused: Arc<AtomicBool>,
+    handed_over: Arc<AtomicBool>,
     bound: Duration,
+    /// Ends this VMM once the VM is handed over.
+    exit: ExitSignal,
 }
 
 impl Lifecycle {
@@ -360,10 +433,12 @@ impl Lifecycle {
         targets: PauseTargets,
         filter: Option<BpfProgram>,
         bound: Duration,
+        exit: ExitSignal,
     ) -> std::io::Result<Lifecycle> {
         let (requests, received) = channel();
         let paused = Arc::new(AtomicBool::new(false));
-        let flag = paused.clone();
+        let handed_over = Arc::new(AtomicBool::new(false));
+        let flags = (paused.clone(), handed_over.clone());
         std::thread::Builder::new()
             .name("lifecycle".into())
             .spawn(move || {
@@ -377,16 +452,34 @@ impl Lifecycle {
                     Machine {
                         targets,
                         parked: None,
+                        handed_over: false,
                     },
                     received,
-                    &flag,
+                    &flags,
                 );
             })?;
         Ok(Lifecycle {
             requests: Mutex::new(requests),
             paused,
+            handed_over,
             bound,
+            exit,
         })
+    }
+
+    /// Ends this VMM if a new one took the VM. Called by the API once no
+    /// answer is left to send, so the client of the update hears of it.
+    pub fn end_if_handed_over(&self) {
+        if self.handed_over.load(Ordering::Acquire) {
+            self.exit.request(ExitReason::HandedOver);
+        }
+    }
+
+    /// Hands the VM to the new VMM listening on `socket` (live update).
+    /// Waits up to [`UPDATE_ANSWER_BOUND`].
+    pub fn update(&self, socket: PathBuf) -> UpdateAnswer {
+        let (reply, answer) = channel();
+        self.ask(Request::Update(socket, reply), answer, UPDATE_ANSWER_BOUND)
     }
 
     pub fn state(&self) -> RunState {
@@ -428,8 +521,20 @@ impl Lifecycle {
     }
 }
 
-fn serve(mut machine: Machine, requests: Receiver<Request>, paused: &AtomicBool) {
+fn serve(
+    mut machine: Machine,
+    requests: Receiver<Request>,
+    (paused, handed_over): &(Arc<AtomicBool>, Arc<AtomicBool>),
+) {
     while let Ok(request) = requests.recv() {
+        if machine.handed_over {
+            match request {
+                Request::Set(_, reply) => drop(reply.send(Err(LifecycleError::HandedOver))),
+                Request::Snapshot(_, reply) => drop(reply.send(Err(LifecycleError::HandedOver))),
+                Request::Update(_, reply) => drop(reply.send(Err(LifecycleError::HandedOver))),
+            }
+            continue;
+        }
         match request {
             Request::Set(target, reply) => {
                 let answer = match target {
@@ -441,6 +546,12 @@ fn serve(mut machine: Machine, requests: Receiver<Request>, paused: &AtomicBool)
             }
             Request::Snapshot(dir, reply) => {
                 let _ = reply.send(machine.snapshot(&dir));
+            }
+            Request::Update(socket, reply) => {
+                let answer = machine.update(&socket);
+                paused.store(machine.state() == RunState::Paused, Ordering::Release);
+                handed_over.store(machine.handed_over, Ordering::Release);
+                let _ = reply.send(answer);
             }
         }
     }
@@ -522,6 +633,7 @@ mod tests {
             },
             None,
             ANSWER_BOUND,
+            ExitSignal::new().unwrap(),
         )
         .unwrap();
         assert_eq!(lifecycle.state(), RunState::Running);
@@ -569,6 +681,7 @@ mod tests {
             },
             None,
             ANSWER_BOUND,
+            ExitSignal::new().unwrap(),
         )
         .unwrap();
         let dir = std::env::temp_dir().join(format!("microvm-lifecycle-{}", std::process::id()));
@@ -624,6 +737,7 @@ mod tests {
             },
             None,
             ANSWER_BOUND,
+            ExitSignal::new().unwrap(),
         )
         .unwrap();
         let error = lifecycle.set(RunState::Paused).unwrap_err();

@@ -31,6 +31,10 @@ fn main() -> ExitCode {
             eprintln!("microvm: guest requested a reset; the microVM ends");
             ExitCode::SUCCESS
         }
+        Ok(GuestExit::HandedOver) => {
+            eprintln!("microvm: the VM was handed over to a new VMM; this one ends");
+            ExitCode::SUCCESS
+        }
         Err(vmm::VmmError::Config(e)) => {
             eprintln!("microvm: {e}");
             ExitCode::from(EXIT_BAD_INPUT)

@@ -283,6 +283,26 @@ const CREATE_NEW: u32 = (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O
 /// reading one), syncs them and reads back their size.
 const LIFECYCLE_ONLY: &[Allowed] = &[
     (libc::SYS_fcntl, &[&[eq(1, libc::F_DUPFD_CLOEXEC as u32)]]),
+    // A live update: connect to the new VMM's unix socket, send the state
+    // and the memory file, read its answer, each step with a timeout.
+    (libc::SYS_socket, &[&[eq(0, libc::AF_UNIX as u32)]]),
+    (libc::SYS_connect, &[]),
+    (libc::SYS_sendmsg, &[]),
+    (libc::SYS_sendto, &[]),
+    (libc::SYS_recvfrom, &[]),
+    (
+        libc::SYS_setsockopt,
+        &[
+            &[
+                eq(1, libc::SOL_SOCKET as u32),
+                eq(2, libc::SO_RCVTIMEO as u32),
+            ],
+            &[
+                eq(1, libc::SOL_SOCKET as u32),
+                eq(2, libc::SO_SNDTIMEO as u32),
+            ],
+        ],
+    ),
     (libc::SYS_mkdir, &[]),
     (libc::SYS_mkdirat, &[]),
     (libc::SYS_openat, &[&[eq(2, CREATE_NEW)]]),
@@ -1178,6 +1198,51 @@ mod tests {
             8 << 20
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_lifecycle_thread_may_hand_the_vm_over_under_its_filter() {
+        use crate::snapshot::{handoff, VmSnapshot};
+        use crate::vstate::memory::GuestRam;
+        use std::time::Duration;
+        let ram = GuestRam::new(8 << 20).unwrap();
+        let socket =
+            std::env::temp_dir().join(format!("microvm-seccomp-update-{}", std::process::id()));
+        let _ = std::fs::remove_file(&socket);
+        let listener = handoff::listen(&socket).unwrap();
+        let state = VmSnapshot {
+            memory_bytes: 8 << 20,
+            vcpus: vec![crate::snapshot::tests::vcpu(0)],
+            vm: crate::vstate::vm_state::VmState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                clock: Default::default(),
+            },
+            serial: Default::default(),
+            devices: Default::default(),
+        };
+        let taker = {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut incoming =
+                    handoff::receive(&listener, &socket, Duration::from_secs(10)).unwrap();
+                incoming.ready().unwrap();
+                incoming.memory.metadata().unwrap().len()
+            })
+        };
+        let (status, output) = in_filtered_child(ThreadKind::Lifecycle, |pipe| {
+            say_alive(pipe);
+            let sent = handoff::send(&socket, &state, &ram.boot_file, 1, Duration::from_secs(10));
+            if sent.is_ok() {
+                // SAFETY: writing a static buffer to the pipe we were given.
+                unsafe { libc::write(pipe, b" sent".as_ptr() as *const libc::c_void, 5) };
+            }
+        });
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
+        assert_eq!(output, b"alive sent");
+        assert_eq!(taker.join().unwrap(), 8 << 20);
+        std::fs::remove_file(&socket).unwrap();
     }
 
     #[test]

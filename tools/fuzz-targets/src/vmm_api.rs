@@ -66,6 +66,14 @@ impl VmControl for StillVm {
     ) -> Result<vmm::api::control::SnapshotReport, LifecycleError> {
         Err(LifecycleError::Gone)
     }
+
+    /// Nobody takes it: every live update is refused.
+    fn update(
+        &self,
+        _socket: std::path::PathBuf,
+    ) -> Result<vmm::api::control::UpdateReport, LifecycleError> {
+        Err(LifecycleError::Gone)
+    }
 }
 
 fn state() -> &'static ApiState {

@@ -8,6 +8,7 @@ use devices::virtio::mem::{RequestRecord, ResizeError};
 use devices::virtio::pci::TransportCounters;
 use devices::virtio::vdpa::{QueueReport, VdpaInfo};
 
+pub use crate::lifecycle::UpdateReport;
 pub use crate::lifecycle::{LifecycleError, RunState, Transition};
 pub use crate::snapshot::SnapshotReport;
 use std::path::PathBuf;
@@ -98,4 +99,9 @@ pub trait VmControl: Send + Sync {
     fn set_run_state(&self, target: RunState) -> Result<Transition, LifecycleError>;
     /// Saves the paused VM into `dir`, which must not exist.
     fn snapshot(&self, dir: PathBuf) -> Result<SnapshotReport, LifecycleError>;
+    /// Hands the VM to the new VMM listening on `socket` (live update).
+    fn update(&self, socket: PathBuf) -> Result<UpdateReport, LifecycleError>;
+    /// Called whenever no answer is left to send: a VMM that handed its VM
+    /// over ends then.
+    fn after_answers(&self) {}
 }

@@ -70,9 +70,12 @@ pub fn spawn(
                     return;
                 }
             }
-            let mut server = server::Server::new(listener, state);
+            let mut server = server::Server::new(listener, state.clone());
             loop {
                 server.turn();
+                if !server.writing() {
+                    state.after_answers();
+                }
             }
         })
         .map(|_| ())

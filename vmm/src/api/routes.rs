@@ -45,13 +45,58 @@ pub fn handle(state: &ApiState, request: &Request) -> Outcome {
         ("GET", "/vm") => Response::json(200, &json!({ "state": state.run_state().name() })),
         ("PUT", "/vm") => set_run_state(state, &request.body),
         ("PUT", "/snapshot") => snapshot(state, &request.body),
-        (_, "/info" | "/counters" | "/memory" | "/vm" | "/snapshot") => Response::error(
-            405,
-            format!("{} is not allowed on {}", request.method, request.path),
-        ),
+        ("PUT", "/update") => update(state, &request.body),
+        (_, "/info" | "/counters" | "/memory" | "/vm" | "/snapshot" | "/update") => {
+            Response::error(
+                405,
+                format!("{} is not allowed on {}", request.method, request.path),
+            )
+        }
         (_, path) => Response::error(404, format!("no such resource: {path}")),
     };
     Outcome::Answer(answer)
+}
+
+/// PUT /update {"socket": PATH}: hands the VM to the new VMM listening on
+/// PATH (`microvm --take-over PATH`), which maps the same guest memory; this
+/// VMM ends once the answer is sent. On a refusal the VM runs on here.
+fn update(state: &ApiState, body: &[u8]) -> Response {
+    let request: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return Response::error(400, format!("body is not JSON: {e}")),
+    };
+    let Some(socket) = request["socket"].as_str().filter(|s| !s.is_empty()) else {
+        return Response::error(
+            400,
+            "socket must be the path where the new VMM (microvm --take-over PATH) listens",
+        );
+    };
+    match state.update(socket.into()) {
+        Ok(report) => Response::json(
+            200,
+            &json!({
+                "handed_over": true,
+                "socket": report.socket.display().to_string(),
+                "state_bytes": report.state_bytes,
+                "took_us": u64::try_from(report.took.as_micros()).unwrap_or(u64::MAX),
+            }),
+        ),
+        Err(error) => {
+            let status = match &error {
+                LifecycleError::Snapshot(SnapshotError::DevicesNotSaved(_)) => 501,
+                LifecycleError::HandedOver => 409,
+                LifecycleError::NoAnswer(_) => 504,
+                _ => 500,
+            };
+            Response::error(
+                status,
+                format!(
+                    "cannot hand the VM over: {error}; it is {} here",
+                    state.run_state().name()
+                ),
+            )
+        }
+    }
 }
 
 fn hex(value: u64) -> String {
@@ -705,6 +750,12 @@ mod tests {
             &self,
             _dir: std::path::PathBuf,
         ) -> Result<crate::snapshot::SnapshotReport, crate::lifecycle::LifecycleError> {
+            Err(crate::lifecycle::LifecycleError::Gone)
+        }
+        fn update(
+            &self,
+            _socket: std::path::PathBuf,
+        ) -> Result<crate::lifecycle::UpdateReport, crate::lifecycle::LifecycleError> {
             Err(crate::lifecycle::LifecycleError::Gone)
         }
     }

@@ -151,6 +151,13 @@ impl Server {
         }
     }
 
+    /// Whether an answer is still being sent.
+    pub fn writing(&self) -> bool {
+        self.clients
+            .iter()
+            .any(|c| matches!(c.phase, Phase::Writing { .. }))
+    }
+
     /// Milliseconds until the nearest deadline (-1: none).
     fn poll_timeout(&self, now: Instant) -> libc::c_int {
         let nearest = self
@@ -671,6 +678,12 @@ mod tests {
             &self,
             _dir: std::path::PathBuf,
         ) -> Result<crate::snapshot::SnapshotReport, crate::lifecycle::LifecycleError> {
+            Err(crate::lifecycle::LifecycleError::Gone)
+        }
+        fn update(
+            &self,
+            _socket: std::path::PathBuf,
+        ) -> Result<crate::lifecycle::UpdateReport, crate::lifecycle::LifecycleError> {
             Err(crate::lifecycle::LifecycleError::Gone)
         }
     }

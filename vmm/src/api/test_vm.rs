@@ -123,4 +123,12 @@ impl VmControl for StillVm {
             RunState::Running => Err(crate::snapshot::SnapshotError::NotPaused.into()),
         }
     }
+
+    /// Nobody takes a fake VM.
+    fn update(
+        &self,
+        socket: std::path::PathBuf,
+    ) -> Result<super::control::UpdateReport, LifecycleError> {
+        Err(crate::snapshot::handoff::HandoffError::Gone(socket).into())
+    }
 }

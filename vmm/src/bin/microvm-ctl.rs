@@ -49,6 +49,10 @@ enum Command {
     /// Save the paused VM into DIR, a directory to create: its state file
     /// and guest memory (restore it with microvm --restore DIR).
     Snapshot { dir: PathBuf },
+    /// Hand the running VM to a new VMM that waits on SOCKET (started with
+    /// microvm --take-over SOCKET): live update. Guest memory is not
+    /// copied; this VMM ends once the new one is ready.
+    Update { socket: PathBuf },
     /// Send the bytes on stdin as the request and print the raw answer
     /// (for debugging API clients).
     SendRaw,
@@ -141,6 +145,16 @@ fn main() -> ExitCode {
                 "/snapshot",
                 body.to_string(),
                 vmm::lifecycle::SNAPSHOT_BOUND,
+            )
+        }
+        Command::Update { socket } => {
+            let socket = std::path::absolute(&socket).unwrap_or(socket);
+            let body = serde_json::json!({ "socket": socket });
+            (
+                "PUT",
+                "/update",
+                body.to_string(),
+                vmm::lifecycle::UPDATE_ANSWER_BOUND,
             )
         }
         Command::SendRaw => {

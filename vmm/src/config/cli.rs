@@ -17,7 +17,7 @@ use crate::config::{
 )]
 pub struct Cli {
     /// Guest kernel: an uncompressed vmlinux (ELF, PVH entry preferred) or a bzImage.
-    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["restore", "take_over"])]
     pub kernel: Option<PathBuf>,
 
     /// Restore the VM saved in DIR (microvm-ctl snapshot DIR) instead of
@@ -28,6 +28,16 @@ pub struct Cli {
         conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory"]
     )]
     pub restore: Option<PathBuf>,
+
+    /// Take over the running VM of another microvm process (live update):
+    /// listen on SOCKET until it is handed over (microvm-ctl update SOCKET
+    /// on the old VMM's API), map the same guest memory, and run the VM on.
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "restore"]
+    )]
+    pub take_over: Option<PathBuf>,
 
     /// Initramfs (cpio, optionally compressed) handed to the kernel.
     #[arg(long, value_name = "PATH")]
@@ -90,6 +100,7 @@ impl Cli {
             vdpa: self.vdpa,
             api_socket: self.api_socket,
             restore: self.restore,
+            take_over: self.take_over,
         })
     }
 }
@@ -152,7 +163,16 @@ mod tests {
             let mut args = vec!["--restore", "/snap"];
             args.extend_from_slice(conflict);
             assert!(parse(&args).is_err(), "{conflict:?} with --restore");
+            let mut args = vec!["--take-over", "/up.sock"];
+            args.extend_from_slice(conflict);
+            assert!(parse(&args).is_err(), "{conflict:?} with --take-over");
         }
+        let config = parse(&["--take-over", "/up.sock"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(config.take_over, Some("/up.sock".into()));
+        assert!(parse(&["--take-over", "/up.sock", "--restore", "/snap"]).is_err());
     }
 
     #[test]

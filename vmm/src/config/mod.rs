@@ -409,6 +409,9 @@ pub struct VmmConfig {
     /// `kernel` (whose fields are then unused); its vCPU count and memory
     /// size come from the snapshot.
     pub restore: Option<PathBuf>,
+    /// Take over the VM another microvm process hands over on this socket
+    /// (live update); like `restore`, the VM comes from there.
+    pub take_over: Option<PathBuf>,
 }
 
 /// What the host offers, gathered once so validation stays a pure function.
@@ -534,7 +537,7 @@ impl VmmConfig {
             }
         }
         check_layout(size, self.memory.hotplug.unwrap_or(Size(0)))?;
-        if self.restore.is_some() {
+        if self.restore.is_some() || self.take_over.is_some() {
             // The kernel and its command line are in the saved memory.
             return Ok(());
         }
@@ -807,6 +810,7 @@ mod tests {
             vdpa: vec![],
             api_socket: None,
             restore: None,
+            take_over: None,
         }
     }
 

@@ -12,7 +12,7 @@ use super::vdpa::VdpaHandle;
 use super::virtio_mem::MemHandle;
 use crate::api::control::{
     IommuStatus, LifecycleError, MemoryRequestError, MemoryStatus, RunState, SnapshotReport,
-    Transition, VdpaStatus, VmControl, VmSummary,
+    Transition, UpdateReport, VdpaStatus, VmControl, VmSummary,
 };
 use crate::lifecycle::Lifecycle;
 
@@ -168,5 +168,13 @@ impl VmControl for ApiView {
 
     fn snapshot(&self, dir: std::path::PathBuf) -> Result<SnapshotReport, LifecycleError> {
         self.lifecycle.snapshot(dir)
+    }
+
+    fn update(&self, socket: std::path::PathBuf) -> Result<UpdateReport, LifecycleError> {
+        self.lifecycle.update(socket)
+    }
+
+    fn after_answers(&self) {
+        self.lifecycle.end_if_handed_over();
     }
 }

@@ -77,17 +77,14 @@ struct Header {
     crc32: u32,
 }
 
-/// Writes `state` to a new file at `path` (an existing file is refused,
-/// never overwritten), and syncs it.
-pub fn write<T: Serialize>(path: &Path, state: &T) -> Result<(), StateFileError> {
-    let io = |source| StateFileError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let body = serde_json::to_vec(state).map_err(|e| StateFileError::BadState {
+/// The header line and the state, as a state file holds them (also what a
+/// live update sends).
+pub fn encode<T: Serialize>(state: &T, path: &Path) -> Result<Vec<u8>, StateFileError> {
+    let bad = |e: serde_json::Error| StateFileError::BadState {
         path: path.to_path_buf(),
         reason: e.to_string(),
-    })?;
+    };
+    let body = serde_json::to_vec(state).map_err(bad)?;
     let header = Header {
         magic: MAGIC.to_string(),
         version: VERSION,
@@ -95,24 +92,48 @@ pub fn write<T: Serialize>(path: &Path, state: &T) -> Result<(), StateFileError>
         length: u64::try_from(body.len()).unwrap_or(u64::MAX),
         crc32: crc32fast::hash(&body),
     };
-    let mut line = serde_json::to_vec(&header).map_err(|e| StateFileError::BadState {
+    let mut bytes = serde_json::to_vec(&header).map_err(bad)?;
+    bytes.push(b'\n');
+    bytes.extend_from_slice(&body);
+    Ok(bytes)
+}
+
+/// Writes `state` to a new file at `path` (an existing file is refused,
+/// never overwritten), and syncs it.
+pub fn write<T: Serialize>(path: &Path, state: &T) -> Result<(), StateFileError> {
+    let io = |source| StateFileError::Io {
         path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    line.push(b'\n');
+        source,
+    };
+    let bytes = encode(state, path)?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
         .map_err(io)?;
-    file.write_all(&line).map_err(io)?;
-    file.write_all(&body).map_err(io)?;
+    file.write_all(&bytes).map_err(io)?;
     file.sync_all().map_err(io)
 }
 
 /// Reads the state a snapshot's state file holds, checking everything the
 /// header promises before the state is parsed.
 pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, StateFileError> {
+    let file = std::fs::File::open(path).map_err(|source| StateFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let size = file.metadata().map(|m| m.len()).ok();
+    decode(file, path, size)
+}
+
+/// Reads a header line and the state it promises from `input` (named
+/// `path` in messages; `size`, if known, its whole length), with every
+/// check of [`read`].
+pub fn decode<T: DeserializeOwned>(
+    input: impl Read,
+    path: &Path,
+    size: Option<u64>,
+) -> Result<T, StateFileError> {
     let owned = || path.to_path_buf();
     let io = |source| StateFileError::Io {
         path: owned(),
@@ -122,8 +143,7 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, StateFileError> {
         path: owned(),
         why: why.to_string(),
     };
-    let file = std::fs::File::open(path).map_err(io)?;
-    let mut reader = BufReader::new(file);
+    let mut reader = BufReader::new(input);
     let mut line = Vec::new();
     let limit = u64::try_from(MAX_HEADER).unwrap_or(u64::MAX);
     (&mut reader)
@@ -171,10 +191,10 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, StateFileError> {
         });
     }
     if found > header.length {
-        let extra = std::fs::metadata(path)
-            .map(|m| m.len())
+        let extra = size
             .unwrap_or(0)
-            .saturating_sub(u64::try_from(line.len()).unwrap_or(0) + 1 + header.length);
+            .saturating_sub(u64::try_from(line.len()).unwrap_or(0) + 1 + header.length)
+            .max(1);
         return Err(StateFileError::TrailingBytes {
             path: owned(),
             extra,

@@ -13,6 +13,7 @@
 //! control queue's worker) is not saved yet. Live update is not built.
 
 pub mod file;
+pub mod handoff;
 pub mod vdpa;
 
 use std::io::{Read, Write};
@@ -220,7 +221,7 @@ pub fn read_memory(dir: &Path, ram: &GuestRam, expected: u64) -> Result<(), Snap
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn dir(name: &str) -> PathBuf {
@@ -297,7 +298,7 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    fn vcpu(id: u8) -> VcpuState {
+    pub(crate) fn vcpu(id: u8) -> VcpuState {
         VcpuState {
             id,
             cpuid: Vec::new(),

@@ -143,6 +143,9 @@ pub struct GuestRam {
     pub memory: GuestMemoryMmap,
     /// Boot RAM only (the e820 map and the boot DMA mapping).
     pub ranges: Vec<RamRange>,
+    /// The memfd behind boot RAM, its ranges one after the other (what a
+    /// live update hands over).
+    pub boot_file: File,
     pub hotplug: Option<HotplugRegion>,
     /// Plugged parts of the hotplug region: start -> end (exclusive),
     /// disjoint and merged.
@@ -195,6 +198,20 @@ impl GuestRam {
         let file = create_memfd("microvm-guest-ram")?;
         file.set_len(size)
             .map_err(|source| MemoryError::Resize { size, source })?;
+        GuestRam::from_file(file, size)
+    }
+
+    /// Guest RAM of `size` bytes over `file`, which holds it already (a
+    /// live update hands the memfd over: nothing is copied). The file must
+    /// be at least `size` bytes long.
+    pub fn from_file(file: File, size: u64) -> Result<GuestRam, MemoryError> {
+        let length = file.metadata().map_err(MemoryError::Memfd)?.len();
+        if length < size {
+            return Err(MemoryError::Resize {
+                size,
+                source: std::io::Error::other(format!("the file holds only {length} bytes")),
+            });
+        }
         let ranges = ram_ranges(size);
         let mut offset = 0;
         let mut regions = Vec::with_capacity(ranges.len());
@@ -211,6 +228,7 @@ impl GuestRam {
         Ok(GuestRam {
             memory,
             ranges,
+            boot_file: file,
             hotplug: None,
             plugged: Mutex::new(BTreeMap::new()),
         })
