@@ -6,9 +6,10 @@
 //! step. In one test host: pause and resume of an identity-mapped device
 //! with 256 MiB plugged through virtio-mem, of a device behind the vIOMMU,
 //! and (the debug build, its seccomp filters too) of a two-pair device whose
-//! control queue the VMM serves; a snapshot of that two-pair VM, its VMM
-//! killed and the VM restored onto the device by a new one; live updates of
-//! a 256 MiB and a 2 GiB VM to a new VMM that maps the same memory; and a
+//! control queue the VMM serves; a snapshot of that two-pair VM with 256 MiB
+//! plugged, its VMM killed and the VM restored onto the device by a new one;
+//! live updates of a VM with 256 MiB plugged and of a 2 GiB one to a new VMM
+//! that maps the same memory; and a
 //! snapshot and restore of a VM whose only device is its serial console,
 //! with the refusals of bad snapshots.
 
@@ -158,8 +159,15 @@ fn host_script() -> String {
         },
     );
     device_snapshot_scenario(&mut script, &pairs);
-    update_scenario(&mut script, &device, "upd256", "256M", 5304);
-    update_scenario(&mut script, &device, "upd2g", "2G", 5305);
+    update_scenario(
+        &mut script,
+        &device,
+        "upd256",
+        "256M,hotplug=512M",
+        5304,
+        true,
+    );
+    update_scenario(&mut script, &device, "upd2g", "2G", 5305, false);
     script
         .sh("kill -USR1 \"$(h_get dev_pid.net0)\"; sleep 0.5")
         .stop_devices()
@@ -181,7 +189,7 @@ fn device_snapshot_scenario(script: &mut HostScript, device: &VduseNet) {
         device,
         guest_ip: "192.0.3.2",
         host_ip: "192.0.3.1",
-        memory: "256M",
+        memory: "256M,hotplug=512M",
         net: ",queues=2",
         plug: false,
         debug: false,
@@ -196,6 +204,7 @@ fn device_snapshot_scenario(script: &mut HostScript, device: &VduseNet) {
         ))
         .microvm(&vm)
         .wait_console(&format!("{label}-ready"), 240, "the guest to boot and ping")
+        .ctl_section(&format!("{label}-plug"), "memory-resize 256M --timeout 120")
         .section(&format!("{label}-iotlb-before"), &format!("cat {iotlb}"))
         .go(case.guest_ip)
         .sh("sleep 3")
@@ -215,15 +224,21 @@ fn device_snapshot_scenario(script: &mut HostScript, device: &VduseNet) {
             device.path_var(),
             name = device.name,
         ))
-        .wait_console(&format!("{label}-done"), 180, "the restored guest's traffic to end")
-        .section(&format!("{label}-sink"), &format!("cat /tmp/sink-{port}.out /tmp/sink-{port}.err"))
+        .wait_true(
+            "microvm-ctl --socket \"$H_API\" state >/dev/null 2>&1",
+            120,
+            "the restored VMM's API",
+        )
         .section(&format!("{label}-iotlb-after"), &format!("cat {iotlb}"))
         .ctl_section(&format!("{label}-info"), "info")
+        .ctl_section(&format!("{label}-counters"), "counters")
+        .wait_console(&format!("{label}-done"), 180, "the restored guest's traffic to end")
+        .section(&format!("{label}-sink"), &format!("cat /tmp/sink-{port}.out /tmp/sink-{port}.err"))
+        .ctl_section(&format!("{label}-plug-after"), "memory-resize 512M --timeout 120")
         .section(
             &format!("{label}-devlog"),
             &format!("tail -n +$(( $(cat /tmp/devlog-lines) + 1 )) /tmp/vduse-{}.err", device.name),
         )
-        .ctl_section(&format!("{label}-counters"), "counters")
         .go(case.guest_ip)
         .wait_exit(label, 90);
 }
@@ -241,6 +256,7 @@ fn update_scenario(
     label: &'static str,
     memory: &'static str,
     port: u32,
+    plug: bool,
 ) {
     let case = Case {
         label,
@@ -260,7 +276,11 @@ fn update_scenario(
             "timeout 300 microvm-tcp-sink --port {port} --bytes {STREAM_BYTES} >/tmp/sink-{port}.out 2>/tmp/sink-{port}.err &"
         ))
         .microvm(&vm)
-        .wait_console(&format!("{label}-ready"), 240, "the guest to boot and ping")
+        .wait_console(&format!("{label}-ready"), 240, "the guest to boot and ping");
+    if plug {
+        script.ctl_section(&format!("{label}-plug"), "memory-resize 256M --timeout 120");
+    }
+    script
         .section(&format!("{label}-iotlb-before"), &format!("cat {iotlb}"))
         .section(&format!("{label}-memfd-before"), MEMFD_INODE)
         .go(case.guest_ip)
@@ -295,8 +315,14 @@ fn update_scenario(
         .section(&format!("{label}-sink"), &format!("cat /tmp/sink-{port}.out /tmp/sink-{port}.err"))
         .section(&format!("{label}-iotlb-after"), &format!("cat {iotlb}"))
         .ctl_section(&format!("{label}-counters"), "counters")
-        .go(case.guest_ip)
-        .wait_exit(label, 90);
+        .ctl_section(&format!("{label}-info"), "info");
+    if plug {
+        script.ctl_section(
+            &format!("{label}-plug-after"),
+            "memory-resize 512M --timeout 120",
+        );
+    }
+    script.go(case.guest_ip).wait_exit(label, 90);
 }
 
 /// Ticks the guest prints, a quarter second apart, with its uptime.
@@ -623,14 +649,15 @@ fn a_vm_with_a_vdpa_nic_saved_mid_stream_goes_on_in_a_new_vmm_with_its_traffic_w
 
     // The new VMM's device reaches what the old one's did: its IOTLB (the
     // device's own dump) after the restore equals the one before.
-    let before = iotlb_dump(section("snapnet-iotlb-before"));
+    let before = reach(section("snapnet-iotlb-before"));
     assert!(!before.is_empty());
-    assert_eq!(before, iotlb_dump(section("snapnet-iotlb-after")));
+    assert_eq!(before, reach(section("snapnet-iotlb-after")));
     // Started once, by the restore, not by a driver that started over,
     // with both pairs the guest had in use enabled again, from where the
     // guest's rings stood.
     let info = json("snapnet-info");
     assert_eq!(info["state"], "running", "{info}");
+    check_plugged_memory_went_along("snapnet");
     assert_eq!(
         info["devices"][0]["control_queue"]["queue_pairs"], 2,
         "{info}"
@@ -656,6 +683,46 @@ fn a_vm_with_a_vdpa_nic_saved_mid_stream_goes_on_in_a_new_vmm_with_its_traffic_w
     assert_eq!(device["batch_begin"], 1, "{counters}");
     assert_eq!(device["batch_end"], 1, "{counters}");
     assert_eq!(device["iotlb_replays"], 0, "{counters}");
+}
+
+/// What a device's IOTLB dump lets it reach: merged ranges, each with its
+/// permissions. (A new VMM sends plugged blocks with boot RAM, merged,
+/// where the old one sent one entry per plug.)
+fn reach(dump: &str) -> Vec<((u64, u64), String)> {
+    let entries = iotlb_dump(dump);
+    let mut perms: Vec<String> = entries.iter().map(|(_, p)| p.clone()).collect();
+    perms.sort();
+    perms.dedup();
+    perms
+        .into_iter()
+        .flat_map(|perm| {
+            let ranges = entries
+                .iter()
+                .filter(|(_, p)| *p == perm)
+                .map(|(r, _)| *r)
+                .collect();
+            merged(ranges).into_iter().map(move |r| (r, perm.clone()))
+        })
+        .collect()
+}
+
+/// The 256 MiB plugged through virtio-mem before the snapshot or update
+/// are plugged in the new VMM, and its device serves the guest on: a
+/// second resize to 512 MiB is done by the guest.
+fn check_plugged_memory_went_along(label: &str) {
+    let plug = section(&format!("{label}-plug"));
+    assert!(plug.contains("\"plugged_size\": 268435456"), "{plug}");
+    let info = json(&format!("{label}-info"));
+    assert_eq!(
+        info["memory"]["hotplug"]["plugged_size"], 268435456u64,
+        "{info}"
+    );
+    assert_eq!(info["memory"]["hotplug"]["driver_active"], true, "{info}");
+    let after = section(&format!("{label}-plug-after"));
+    assert!(
+        after.contains("\"plugged_size\": 536870912") && after.contains("\"done\": true"),
+        "the restored virtio-mem did not serve a new resize:\n{after}"
+    );
 }
 
 /// The downtime the new VMM reported, in ms.
@@ -707,8 +774,8 @@ fn check_live_update(label: &str) -> u64 {
     );
     // The device reaches what it did, sent once as one batch by the new VMM.
     assert_eq!(
-        iotlb_dump(section(&format!("{label}-iotlb-before"))),
-        iotlb_dump(section(&format!("{label}-iotlb-after")))
+        reach(section(&format!("{label}-iotlb-before"))),
+        reach(section(&format!("{label}-iotlb-after")))
     );
     let counters = json(&format!("{label}-counters"));
     let device = &counters["devices"][0];
@@ -722,6 +789,7 @@ fn check_live_update(label: &str) -> u64 {
 #[test]
 fn a_live_update_hands_the_vm_to_a_new_vmm_without_copying_memory_or_cutting_its_traffic() {
     let small = check_live_update("upd256");
+    check_plugged_memory_went_along("upd256");
     let large = check_live_update("upd2g");
     eprintln!("live update downtime: 256 MiB {small} ms, 2 GiB {large} ms");
     // Copying 2 GiB would take seconds here; mapping it does not.

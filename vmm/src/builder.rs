@@ -77,6 +77,7 @@ pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
         checked.max_slots,
         None,
         build_memory(config)?,
+        &[],
     )?;
 
     let rsdp = acpi::write_tables(&ram.memory, config.vcpus, &devices.acpi_tables())?;
@@ -108,10 +109,21 @@ pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
 /// VM's and each vCPU's KVM state, all before any vCPU runs; then it runs
 /// like a new VM.
 fn restore(config: &VmmConfig, dir: &Path) -> Result<Vmm, VmmError> {
+    let started = Instant::now();
     let saved = snapshot::read_state(dir)?;
     let config = saved_config(config, &saved)?;
     let checked = check(&config)?;
-    rebuild(&config, checked, &saved, SavedMemory::File(dir))
+    let vmm = rebuild(&config, checked, &saved, SavedMemory::File(dir))?;
+    let plugged: u64 = saved.plugged().iter().map(|&(_, size)| size).sum();
+    eprintln!(
+        "microvm: restored the VM saved in {}: {} MiB of guest memory read, {} device(s) \
+         started where they stood, in {} ms",
+        dir.display(),
+        saved.memory_bytes.saturating_add(plugged) >> 20,
+        saved.devices.states.len() + usize::from(saved.hotplug.is_some()),
+        started.elapsed().as_millis()
+    );
+    Ok(vmm)
 }
 
 /// How long a take-over waits for the old VMM to hand its VM over, and
@@ -175,22 +187,26 @@ fn take_over(config: &VmmConfig, socket: &Path) -> Result<Vmm, VmmError> {
         .as_deref()
         .map(api::ApiSocket::bind)
         .transpose()?;
-    let memory = incoming.memory.try_clone().map_err(VmmError::EventFd)?;
-    let vmm = rebuild(
-        &config,
-        checked,
-        &incoming.state,
-        SavedMemory::Memfd(memory),
-    )?;
+    let memory = SavedMemory::Memfd {
+        boot: incoming.memory.try_clone().map_err(VmmError::EventFd)?,
+        hotplug: incoming
+            .hotplug_memory
+            .as_ref()
+            .map(std::fs::File::try_clone)
+            .transpose()
+            .map_err(VmmError::EventFd)?,
+    };
+    let vmm = rebuild(&config, checked, &incoming.state, memory)?;
     let paused_at = std::time::UNIX_EPOCH + Duration::from_micros(incoming.paused_at_us);
     let downtime = std::time::SystemTime::now()
         .duration_since(paused_at)
         .unwrap_or_default();
+    let plugged: u64 = incoming.state.plugged().iter().map(|&(_, size)| size).sum();
     eprintln!(
         "microvm: took over the VM: {} MiB of guest memory mapped, not copied; {} bytes of \
          state; the old VMM was gone {} ms after the handover, the VM rebuilt {} ms after it; \
          downtime {} ms (paused there to running here)",
-        incoming.state.memory_bytes >> 20,
+        incoming.state.memory_bytes.saturating_add(plugged) >> 20,
         incoming.state_bytes,
         old_gone.as_millis(),
         received.elapsed().as_millis(),
@@ -229,7 +245,10 @@ fn saved_config(config: &VmmConfig, saved: &VmSnapshot) -> Result<VmmConfig, Vmm
             found: saved.vcpus.len(),
         })?;
     config.memory.size = config::Size(saved.memory_bytes);
-    config.memory.hotplug = None;
+    config.memory.hotplug = saved.hotplug.as_ref().map(|h| config::Size(h.size));
+    if let Some(hotplug) = &saved.hotplug {
+        config.memory.block = config::Size(hotplug.block_size);
+    }
     Ok(config)
 }
 
@@ -237,8 +256,12 @@ fn saved_config(config: &VmmConfig, saved: &VmSnapshot) -> Result<VmmConfig, Vmm
 enum SavedMemory<'a> {
     /// In a snapshot directory's memory file: copied into new memory.
     File(&'a Path),
-    /// In the memfd a live update handed over: mapped as it is.
-    Memfd(std::fs::File),
+    /// In the memfds a live update handed over (boot RAM, the hotplug
+    /// region): mapped as they are.
+    Memfd {
+        boot: std::fs::File,
+        hotplug: Option<std::fs::File>,
+    },
 }
 
 /// Builds a VM as `saved` describes it, before any vCPU runs: the
@@ -253,7 +276,21 @@ fn rebuild(
     let api_socket = checked.api_socket;
     let (ram, from_file) = match memory {
         SavedMemory::File(dir) => (build_memory(config)?, Some(dir)),
-        SavedMemory::Memfd(file) => (GuestRam::from_file(file, saved.memory_bytes)?, None),
+        SavedMemory::Memfd { boot, hotplug } => {
+            let ram = GuestRam::from_file(boot, saved.memory_bytes)?;
+            let ram = match (hotplug, &saved.hotplug) {
+                (Some(file), Some(region)) => {
+                    ram.with_hotplug_file(region.size, region.block_size, file)?
+                }
+                (None, None) => ram,
+                _ => {
+                    return Err(VmmError::TakeOver(
+                        "the hotplug memory file and the state disagree".into(),
+                    ))
+                }
+            };
+            (ram, None)
+        }
     };
     let Platform {
         ram,
@@ -269,10 +306,12 @@ fn rebuild(
         checked.max_slots,
         Some(&saved.serial),
         ram,
+        saved.plugged(),
     )?;
     if let Some(dir) = from_file {
-        snapshot::read_memory(dir, &ram, saved.memory_bytes)?;
+        snapshot::read_memory(dir, &ram, saved.plugged())?;
     }
+    devices.restore_virtio_mem(saved.hotplug.as_ref())?;
     devices.restore_vdpa(&saved.devices.states)?;
     let vcpus = saved
         .vcpus
@@ -359,6 +398,7 @@ fn build_platform(
     max_slots: u64,
     saved: Option<&SerialSnapshot>,
     ram: GuestRam,
+    plugged: &[(u64, u64)],
 ) -> Result<Platform, VmmError> {
     let ram = Arc::new(ram);
     let vm = Vm::new(kvm)?;
@@ -368,7 +408,7 @@ fn build_platform(
     let serial = build_serial(&vm, config, saved)?;
     let io_bus = legacy_io_bus(&serial, &exit)?;
     let mmio_bus = Arc::new(Bus::new());
-    let devices = build_devices(config, &vm, &ram, slots, &io_bus, &mmio_bus)?;
+    let devices = build_devices(config, &vm, &ram, slots, (&io_bus, &mmio_bus), plugged)?;
     Ok(Platform {
         ram,
         vm,
@@ -431,10 +471,18 @@ fn build_devices(
     vm: &Vm,
     ram: &Arc<GuestRam>,
     slots: (u32, u32),
-    io_bus: &Bus,
-    mmio_bus: &Arc<Bus>,
+    (io_bus, mmio_bus): (&Bus, &Arc<Bus>),
+    plugged: &[(u64, u64)],
 ) -> Result<DeviceManager, VmmError> {
-    let mut devices = DeviceManager::new(io_bus, mmio_bus, vm, ram.clone(), slots, config.seccomp)?;
+    let mut devices = DeviceManager::new(
+        io_bus,
+        mmio_bus,
+        vm,
+        ram.clone(),
+        slots,
+        config.seccomp,
+        plugged,
+    )?;
     let end = devices.identity_end();
     let requests: Vec<VdpaRequest> = (config.net.iter())
         .map(|net| VdpaRequest::from_net(net, end))

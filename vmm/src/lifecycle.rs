@@ -35,9 +35,10 @@ use devices::virtio::vdpa::VdpaError;
 use seccompiler::BpfProgram;
 
 use crate::device_manager::vdpa::VdpaPciDevice;
+use crate::device_manager::virtio_mem::MemPciDevice;
 use crate::seccomp;
 use crate::snapshot::vdpa::{SavedDevices, VdpaDeviceState};
-use crate::snapshot::{self, SnapshotError, SnapshotReport, VmSnapshot};
+use crate::snapshot::{self, SavedHotplug, SnapshotError, SnapshotReport, VmSnapshot};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::SavedVcpu;
 use crate::vstate::vcpu_gate::{GateError, VcpuGate};
@@ -139,6 +140,8 @@ pub struct SnapshotSources {
     /// The options the vDPA devices were added with (their states are
     /// filled in at each snapshot).
     pub devices: SavedDevices,
+    /// The hotplug region's size and block size, and its virtio-mem device.
+    pub hotplug: Option<(u64, u64, Arc<Mutex<MemPciDevice>>)>,
 }
 
 /// How long the vCPUs get to save their state.
@@ -316,11 +319,12 @@ impl Machine {
         let was_running = self.parked.is_none();
         self.pause()?;
         let sent = self.saved_state().and_then(|state| {
-            let memory = &self.targets.saved.ram.boot_file;
+            let ram = &self.targets.saved.ram;
+            let files = (&ram.boot_file, ram.hotplug.as_ref().map(|h| &h.file));
             Ok(snapshot::handoff::send(
                 socket,
                 &state,
-                memory,
+                files,
                 paused_at_us,
                 UPDATE_BOUND,
             )?)
@@ -373,12 +377,22 @@ impl Machine {
             .snapshot();
         let mut devices = saved.devices.clone();
         devices.states = self.device_states()?;
+        let hotplug = saved.hotplug.as_ref().map(|(size, block_size, device)| {
+            let pci = device.lock().unwrap_or_else(|p| p.into_inner());
+            SavedHotplug {
+                size: *size,
+                block_size: *block_size,
+                transport: pci.state(),
+                device: pci.device().snapshot(),
+            }
+        });
         let state = VmSnapshot {
             memory_bytes: saved.ram.ranges.iter().map(|r| r.size).sum(),
             vcpus,
             vm,
             serial,
             devices,
+            hotplug,
         };
         Ok(state)
     }
@@ -588,6 +602,7 @@ mod tests {
             ))),
             unsaved: Vec::new(),
             devices: SavedDevices::default(),
+            hotplug: None,
         }
     }
 

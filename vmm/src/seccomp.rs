@@ -1183,6 +1183,7 @@ mod tests {
             },
             serial: Default::default(),
             devices: Default::default(),
+            hotplug: None,
         };
         let (status, output) = in_filtered_child(ThreadKind::Lifecycle, |pipe| {
             say_alive(pipe);
@@ -1221,6 +1222,7 @@ mod tests {
             },
             serial: Default::default(),
             devices: Default::default(),
+            hotplug: None,
         };
         let taker = {
             let socket = socket.clone();
@@ -1233,7 +1235,13 @@ mod tests {
         };
         let (status, output) = in_filtered_child(ThreadKind::Lifecycle, |pipe| {
             say_alive(pipe);
-            let sent = handoff::send(&socket, &state, &ram.boot_file, 1, Duration::from_secs(10));
+            let sent = handoff::send(
+                &socket,
+                &state,
+                (&ram.boot_file, None),
+                1,
+                Duration::from_secs(10),
+            );
             if sent.is_ok() {
                 // SAFETY: writing a static buffer to the pipe we were given.
                 unsafe { libc::write(pipe, b" sent".as_ptr() as *const libc::c_void, 5) };

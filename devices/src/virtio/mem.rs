@@ -269,6 +269,81 @@ pub struct VirtioMem {
     state: Arc<Mutex<MemState>>,
     /// Serves the request queue (see `queue_worker`).
     worker: QueueWorker<RequestHandler>,
+    /// The request queue the driver started (until its reset), and guest
+    /// memory, where a snapshot reads how far the worker got.
+    started: Option<QueueConfig>,
+    memory: Arc<GuestMemoryMmap>,
+}
+
+/// What a snapshot keeps of virtio-mem besides its transport (plain data).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemSnapshot {
+    /// Plugged blocks, as (guest address, size) ranges.
+    pub plugged: Vec<(u64, u64)>,
+    pub requested_size: u64,
+    /// Where the request queue stands (its used index: the worker, parked
+    /// between requests, has answered every request before it), if the
+    /// driver started it.
+    pub queue_position: Option<u16>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemRestoreError {
+    #[error(
+        "plugged range {gpa:#x}+{size:#x} is not whole blocks of {block:#x} inside the region \
+         {addr:#x}+{region:#x}"
+    )]
+    Range {
+        gpa: u64,
+        size: u64,
+        addr: u64,
+        region: u64,
+        block: u64,
+    },
+    #[error("requested size {size:#x} is not whole blocks inside the {region:#x}-byte region")]
+    RequestedSize { size: u64, region: u64 },
+    #[error("the request queue was started but the snapshot has no position for it")]
+    NoPosition,
+}
+
+impl MemState {
+    /// Puts back the plugged blocks and the requested size a snapshot
+    /// saved; nothing changes if any is outside this region.
+    pub fn restore(&mut self, saved: &MemSnapshot) -> Result<(), MemRestoreError> {
+        let region = self.region;
+        let mut blocks = Vec::new();
+        for &(gpa, size) in &saved.plugged {
+            let count = u16::try_from(size / region.block_size.max(1)).unwrap_or(0);
+            let whole = size.is_multiple_of(region.block_size.max(1));
+            match self.blocks(gpa, count).filter(|_| whole) {
+                Some(range) => blocks.push(range),
+                None => {
+                    return Err(MemRestoreError::Range {
+                        gpa,
+                        size,
+                        addr: region.addr,
+                        region: region.size,
+                        block: region.block_size,
+                    })
+                }
+            }
+        }
+        let size = saved.requested_size;
+        if size > region.size || !size.is_multiple_of(region.block_size.max(1)) {
+            return Err(MemRestoreError::RequestedSize {
+                size,
+                region: region.size,
+            });
+        }
+        self.plugged.fill(false);
+        for range in blocks {
+            if let Some(bits) = self.plugged.get_mut(range) {
+                bits.fill(true);
+            }
+        }
+        self.requested_size = size;
+        Ok(())
+    }
 }
 
 impl VirtioMem {
@@ -284,8 +359,82 @@ impl VirtioMem {
     ) -> io::Result<VirtioMem> {
         let state = Arc::new(Mutex::new(MemState::new(region)));
         let handler = RequestHandler::new(state.clone(), backend);
-        let worker = QueueWorker::spawn("virtio-mem", memory, handler, on_start)?;
-        Ok(VirtioMem { state, worker })
+        let worker = QueueWorker::spawn("virtio-mem", memory.clone(), handler, on_start)?;
+        Ok(VirtioMem {
+            state,
+            worker,
+            started: None,
+            memory,
+        })
+    }
+
+    /// The device's state while the VM is paused (its worker parked).
+    pub fn snapshot(&self) -> MemSnapshot {
+        let queue_position = self.started.and_then(|queue| {
+            let at = queue.device.checked_add(2)?;
+            let used: u16 = self.memory.read_obj(vm_memory::GuestAddress(at)).ok()?;
+            Some(u16::from_le(used))
+        });
+        let state = self.lock();
+        MemSnapshot {
+            plugged: state.plugged_ranges(),
+            requested_size: state.requested_size,
+            queue_position,
+        }
+    }
+
+    /// Puts back the plugged blocks and requested size a snapshot saved
+    /// (the caller gave them their memory slots).
+    pub fn restore(&self, saved: &MemSnapshot) -> Result<(), MemRestoreError> {
+        self.lock().restore(saved)
+    }
+
+    /// Starts serving the request queue a snapshot saved as started, from
+    /// where it stood.
+    pub fn restore_started(
+        &mut self,
+        activation: Activation,
+        saved: &MemSnapshot,
+    ) -> Result<(), ActivateError> {
+        let position = saved
+            .queue_position
+            .ok_or_else(|| ActivateError::Backend(Box::new(MemRestoreError::NoPosition)))?;
+        self.start(activation, Some(position))
+    }
+
+    fn start(
+        &mut self,
+        activation: Activation,
+        position: Option<u16>,
+    ) -> Result<(), ActivateError> {
+        let (Some(config), Some(kick)) = (
+            activation.queues.first().copied(),
+            activation.kicks.into_iter().next(),
+        ) else {
+            return Err(ActivateError::QueueNotEnabled { index: 0 });
+        };
+        let queue_error = |source| ActivateError::Queue { index: 0, source };
+        let mut queue = config.to_queue(QUEUE_SIZE).map_err(queue_error)?;
+        if let Some(position) = position {
+            virtio_queue::QueueT::set_next_avail(&mut queue, position);
+            virtio_queue::QueueT::set_next_used(&mut queue, position);
+        }
+        // Active before the worker starts: its first drain holds the state
+        // lock for as long as a plug takes, and this thread (a vCPU) must
+        // not wait for that.
+        self.lock().driver_active = true;
+        let served = self.worker.serve(Serve {
+            queue,
+            index: 0,
+            kick,
+            interrupt: activation.interrupt,
+        });
+        if let Err(e) = served {
+            self.lock().driver_active = false;
+            return Err(ActivateError::Backend(Box::new(e)));
+        }
+        self.started = Some(config);
+        Ok(())
     }
 
     /// Shared with the control API.
@@ -424,29 +573,7 @@ impl VirtioDevice for VirtioMem {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let (Some(config), Some(kick)) = (
-            activation.queues.first(),
-            activation.kicks.into_iter().next(),
-        ) else {
-            return Err(ActivateError::QueueNotEnabled { index: 0 });
-        };
-        let queue_error = |source| ActivateError::Queue { index: 0, source };
-        let queue = config.to_queue(QUEUE_SIZE).map_err(queue_error)?;
-        // Active before the worker starts: its first drain holds the state
-        // lock for as long as a plug takes, and this thread (a vCPU) must
-        // not wait for that.
-        self.lock().driver_active = true;
-        let served = self.worker.serve(Serve {
-            queue,
-            index: 0,
-            kick,
-            interrupt: activation.interrupt,
-        });
-        if let Err(e) = served {
-            self.lock().driver_active = false;
-            return Err(ActivateError::Backend(Box::new(e)));
-        }
-        Ok(())
+        self.start(activation, None)
     }
 
     fn reset(&mut self) {
@@ -457,6 +584,7 @@ impl VirtioDevice for VirtioMem {
         // Plugged memory stays plugged across a driver reset; the driver
         // finds it with STATE or releases it with UNPLUG_ALL.
         self.lock().driver_active = false;
+        self.started = None;
     }
 }
 
@@ -506,6 +634,50 @@ mod tests {
         });
         state.requested_size = 16 * BLOCK;
         state
+    }
+
+    #[test]
+    fn plugged_blocks_and_the_requested_size_go_to_a_new_device_and_foreign_ones_are_refused() {
+        let mut saved_from = state();
+        saved_from.plugged[1..4].fill(true);
+        saved_from.plugged[9] = true;
+        let saved = MemSnapshot {
+            plugged: saved_from.plugged_ranges(),
+            requested_size: saved_from.requested_size,
+            queue_position: Some(7),
+        };
+        assert_eq!(
+            saved.plugged,
+            vec![(BASE + BLOCK, 3 * BLOCK), (BASE + 9 * BLOCK, BLOCK)]
+        );
+        let mut copy = state();
+        copy.requested_size = 0;
+        copy.restore(&saved).unwrap();
+        assert_eq!(copy.plugged_ranges(), saved.plugged);
+        assert_eq!(copy.requested_size, 16 * BLOCK);
+
+        let bad = [
+            (vec![(BASE + 1, BLOCK)], 0, "not whole blocks"),
+            (vec![(BASE - BLOCK, BLOCK)], 0, "not whole blocks"),
+            (vec![(BASE + 63 * BLOCK, 2 * BLOCK)], 0, "not whole blocks"),
+            (vec![(BASE, BLOCK + 1)], 0, "not whole blocks"),
+            (vec![], 65 * BLOCK, "requested size"),
+            (vec![], BLOCK + 1, "requested size"),
+        ];
+        for (plugged, requested_size, expected) in bad {
+            let mut fresh = state();
+            let error = fresh
+                .restore(&MemSnapshot {
+                    plugged,
+                    requested_size,
+                    queue_position: None,
+                })
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(expected), "{error}");
+            assert!(fresh.plugged_ranges().is_empty(), "nothing changed");
+            assert_eq!(fresh.requested_size, 16 * BLOCK);
+        }
     }
 
     fn req(kind: u16, addr: u64, nb_blocks: u16) -> [u8; REQ_SIZE] {

@@ -19,7 +19,8 @@ use std::sync::Arc;
 
 use devices::bus::Bus;
 use devices::dma::{
-    Change, ChangeKind, DmaSpaces, Plan, SharedSpaces, SpaceError, SpaceId, TranslateError,
+    Change, ChangeKind, DmaSpaces, GuestTranslate, Plan, SharedSpaces, SpaceError, SpaceId,
+    TranslateError,
 };
 use devices::virtio::vdpa::DeviceKind;
 use seccompiler::BpfProgram;
@@ -29,7 +30,7 @@ use crate::config::{NetConfig, VdpaDeviceConfig};
 use crate::lifecycle::{Lifecycle, PauseTargets, SnapshotSources};
 use crate::seccomp::{self, FilterFds, SeccompError, ThreadKind};
 use crate::snapshot::vdpa::{SavedDevices, VdpaDeviceState};
-use crate::snapshot::SnapshotError;
+use crate::snapshot::{SavedHotplug, SnapshotError};
 use crate::vstate::interrupts::{KvmIoEvents, KvmMsiRouter};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::SavedVcpu;
@@ -87,7 +88,8 @@ pub struct DeviceManager {
 
 impl DeviceManager {
     /// Puts the PCI segment on the buses and fills the identity address
-    /// space with boot RAM (no device is attached yet: nothing is sent).
+    /// space with boot RAM and `plugged` hotplug blocks (a restored VM's;
+    /// no device is attached yet: nothing is sent).
     pub fn new(
         io_bus: &Bus,
         mmio_bus: &Arc<Bus>,
@@ -95,6 +97,7 @@ impl DeviceManager {
         ram: Arc<GuestRam>,
         (boot_slots, max_slots): (u32, u32),
         use_seccomp: bool,
+        plugged: &[(u64, u64)],
     ) -> Result<DeviceManager, DeviceError> {
         let segment = PciSegment::new(io_bus, mmio_bus)?;
         let router = KvmMsiRouter::new(vm.fd.clone())?;
@@ -103,6 +106,15 @@ impl DeviceManager {
         let mut boot = Change::new();
         for range in ram.boot_dma_ranges()? {
             boot.add(range);
+        }
+        // A restored VM's plugged blocks are RAM from the start, and in the
+        // identity space with boot RAM: a device attached later gets both
+        // in one batch. (Their memory slots come with virtio-mem.)
+        for &(gpa, size) in plugged {
+            ram.set_plugged(gpa, size, true);
+            for range in ram.translate(gpa, gpa, size, devices::dma::Perm::ReadWrite)? {
+                boot.add(range);
+            }
         }
         let mut plan = Plan::new(ChangeKind::BootMemory);
         plan.change(SpaceId::IDENTITY, boot);
@@ -297,6 +309,10 @@ impl DeviceManager {
                     vdpa: vdpa.to_vec(),
                     states: Vec::new(),
                 },
+                hotplug: self
+                    .hotplug
+                    .as_ref()
+                    .map(|m| (m.region.size, m.region.block_size, m.pci.clone())),
             },
         }
     }
@@ -313,8 +329,7 @@ impl DeviceManager {
             };
             reason.map(|r| format!("{} ({r})", d.id))
         });
-        vdpa.chain(self.hotplug.iter().map(|_| "virtio-mem".to_string()))
-            .chain(self.iommu.iter().map(|_| "virtio-iommu".to_string()))
+        vdpa.chain(self.iommu.iter().map(|_| "virtio-iommu".to_string()))
             .collect()
     }
 
@@ -364,6 +379,48 @@ impl DeviceManager {
                 .map_err(|e| failed(e.to_string()))?;
         }
         Ok(())
+    }
+}
+
+impl DeviceManager {
+    /// Puts virtio-mem back as a snapshot saved it, once guest memory holds
+    /// what it did: each plugged block's memory slot (the blocks are RAM
+    /// and in the identity space since [`DeviceManager::new`]), the
+    /// plugged bitmap and requested size, the transport, and the request
+    /// queue served on from where it stood.
+    pub fn restore_virtio_mem(&self, saved: Option<&SavedHotplug>) -> Result<(), SnapshotError> {
+        let failed = |reason: String| SnapshotError::Device {
+            id: "virtio-mem".into(),
+            reason,
+        };
+        let (saved, handle) = match (saved, &self.hotplug) {
+            (None, None) => return Ok(()),
+            (Some(saved), Some(handle)) => (saved, handle),
+            _ => {
+                return Err(failed(
+                    "the snapshot and the VM disagree on a hotplug region".into(),
+                ))
+            }
+        };
+        handle
+            .backend
+            .restore_slots(&saved.device.plugged)
+            .map_err(|e| failed(e.to_string()))?;
+        let mut pci = handle.pci.lock().unwrap_or_else(|p| p.into_inner());
+        pci.device()
+            .restore(&saved.device)
+            .map_err(|e| failed(e.to_string()))?;
+        pci.restore(&saved.transport, |device, activation| {
+            device.restore_started(activation, &saved.device)
+        })
+        .map_err(|e| failed(e.to_string()))?;
+        drop(pci);
+        self.segment
+            .bus
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore_config(usize::from(handle.slot), &saved.transport.config_space)
+            .map_err(|e| failed(e.to_string()))
     }
 }
 

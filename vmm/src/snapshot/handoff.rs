@@ -44,7 +44,7 @@ pub enum HandoffError {
     },
     #[error("{0}: no VMM handed over a VM within {1:?}")]
     NoVmm(PathBuf, Duration),
-    #[error("{0}: the other side sent no memory file with the state")]
+    #[error("{0}: the other side did not send the memory files the state needs")]
     NoMemory(PathBuf),
     #[error("{0}: the other side closed the connection before it said it was ready")]
     Gone(PathBuf),
@@ -66,14 +66,15 @@ fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
-/// Sends the paused VM's `state` and its boot RAM file to the VMM
+/// Sends the paused VM's `state`, its boot RAM file and its hotplug
+/// region's file (if it has one) to the VMM
 /// listening on `socket`, and waits (at most `bound` for each step) until
 /// it says it is ready to take the VM. Returns the state's size. On an
 /// error the new VMM has not taken the VM: the caller still has it.
 pub fn send(
     socket: &Path,
     state: &VmSnapshot,
-    memory: &File,
+    (memory, hotplug): (&File, Option<&File>),
     paused_at_us: u64,
     bound: Duration,
 ) -> Result<u64, HandoffError> {
@@ -87,8 +88,11 @@ pub fn send(
     let mut frame = [0u8; FRAME];
     frame[..8].copy_from_slice(&length.to_le_bytes());
     frame[8..].copy_from_slice(&paused_at_us.to_le_bytes());
+    let fds: Vec<std::os::fd::RawFd> = std::iter::once(memory.as_raw_fd())
+        .chain(hotplug.map(AsRawFd::as_raw_fd))
+        .collect();
     let sent = stream
-        .send_with_fd(&frame[..], memory.as_raw_fd())
+        .send_with_fds(&[&frame[..]], &fds)
         .map_err(|e| HandoffError::Io {
             path: socket.to_path_buf(),
             what: "cannot send the memory file",
@@ -124,6 +128,8 @@ pub fn send(
 pub struct Incoming {
     pub state: VmSnapshot,
     pub memory: File,
+    /// The hotplug region's memory file, if the VM has one.
+    pub hotplug_memory: Option<File>,
     pub paused_at_us: u64,
     /// The state's size.
     pub state_bytes: u64,
@@ -155,17 +161,16 @@ pub fn receive(
         .and_then(|()| stream.set_write_timeout(Some(bound)))
         .map_err(io(socket, "cannot bound the connection"))?;
     let mut frame = [0u8; FRAME];
-    let (read, memory) = stream
-        .recv_with_fd(&mut frame)
-        .map_err(|e| HandoffError::Io {
-            path: socket.to_path_buf(),
-            what: "cannot receive the memory file",
-            source: std::io::Error::from_raw_os_error(e.errno()),
-        })?;
+    let (read, mut files) = receive_files(&stream, &mut frame)
+        .map_err(io(socket, "cannot receive the memory files"))?;
     if read != FRAME {
         return Err(HandoffError::Gone(socket.to_path_buf()));
     }
-    let memory = memory.ok_or_else(|| HandoffError::NoMemory(socket.to_path_buf()))?;
+    let hotplug_memory = (files.len() > 1).then(|| files.remove(1));
+    let memory = files
+        .into_iter()
+        .next()
+        .ok_or_else(|| HandoffError::NoMemory(socket.to_path_buf()))?;
     let word = |range: std::ops::Range<usize>| {
         frame
             .get(range)
@@ -187,10 +192,14 @@ pub fn receive(
         })
         .into());
     }
+    if state.hotplug.is_some() != hotplug_memory.is_some() {
+        return Err(HandoffError::NoMemory(socket.to_path_buf()));
+    }
     let sender_pid = peer_pid(&stream).map_err(io(socket, "cannot tell who connected"))?;
     Ok(Incoming {
         state,
         memory,
+        hotplug_memory,
         paused_at_us,
         state_bytes,
         sender_pid,
@@ -212,6 +221,29 @@ impl Incoming {
         let line: String = reason.chars().filter(|c| *c != '\n').collect();
         let _ = (&self.stream).write_all(format!("refused: {line}\n").as_bytes());
     }
+}
+
+/// Receives `frame` and up to two descriptors with it, each owned by the
+/// returned files.
+fn receive_files(stream: &UnixStream, frame: &mut [u8]) -> std::io::Result<(usize, Vec<File>)> {
+    let mut fds = [-1; 2];
+    let mut iovecs = [libc::iovec {
+        iov_base: frame.as_mut_ptr().cast(),
+        iov_len: frame.len(),
+    }];
+    // SAFETY: `iovecs` describes `frame`, which is exclusively borrowed
+    // and outlives the call; `fds` has room for the two descriptors asked
+    // for, and each one the call reports is a new descriptor we own.
+    let (read, count) = unsafe { stream.recv_with_fds(&mut iovecs, &mut fds) }
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    let files = fds
+        .iter()
+        .take(count)
+        .filter(|&&fd| fd >= 0)
+        // SAFETY: see above: each received descriptor is ours alone.
+        .map(|&fd| unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+        .collect();
+    Ok((read, files))
 }
 
 /// The process at the other end of `stream` (SO_PEERCRED).
@@ -342,6 +374,7 @@ mod tests {
             },
             serial: Default::default(),
             devices: Default::default(),
+            hotplug: None,
         }
     }
 
@@ -365,7 +398,7 @@ mod tests {
                 send(
                     &path,
                     &state(8 << 20),
-                    &ram.boot_file,
+                    (&ram.boot_file, None),
                     42,
                     Duration::from_secs(5),
                 )
@@ -399,7 +432,7 @@ mod tests {
                 send(
                     &path,
                     &state(8 << 20),
-                    &ram.boot_file,
+                    (&ram.boot_file, None),
                     1,
                     Duration::from_secs(5),
                 )
@@ -417,7 +450,7 @@ mod tests {
         let error = send(
             &path,
             &state(8 << 20),
-            &ram.boot_file,
+            (&ram.boot_file, None),
             1,
             Duration::from_secs(1),
         )
@@ -436,7 +469,7 @@ mod tests {
                 send(
                     &path,
                     &state(16 << 20),
-                    &ram.boot_file,
+                    (&ram.boot_file, None),
                     1,
                     Duration::from_secs(2),
                 )

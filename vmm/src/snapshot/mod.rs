@@ -4,13 +4,16 @@
 //! - `state`: the versioned, checksummed state file ([`file`]): every vCPU's
 //!   KVM state, the VM's (interrupt controllers, kvmclock), the serial port
 //!   and the memory layout;
-//! - `memory`: guest RAM, its ranges one after the other.
+//! - `memory`: guest RAM, its boot ranges then the plugged hotplug blocks,
+//!   one after the other.
 //!
-//! What is built so far covers the serial console and identity-mapped vDPA
-//! devices without a control queue ([`vdpa`]): a VM with virtio-mem, a
-//! vIOMMU, or a device with a control queue is refused at snapshot time with
-//! a clear message, because their state (plugged blocks, domains, the
-//! control queue's worker) is not saved yet. Live update is not built.
+//! What is built so far covers the serial console, virtio-mem (its plugged
+//! blocks' memory follows boot RAM in the memory file) and identity-mapped
+//! vDPA devices ([`vdpa`]), the control queue the VMM serves included: a VM
+//! with a vIOMMU, or a device whose own control queue the VMM shadows, is
+//! refused at snapshot time with a clear message, because their state
+//! (domains, the device's filters) is not saved yet. Live update
+//! ([`handoff`]) hands the same state and the memory files to a new VMM.
 
 pub mod file;
 pub mod handoff;
@@ -20,6 +23,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use devices::serial::SerialSnapshot;
+use devices::virtio::mem::MemSnapshot;
+use devices::virtio::pci::TransportState;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -40,8 +45,8 @@ pub enum SnapshotError {
     #[error("the VM must be paused first (microvm-ctl pause)")]
     NotPaused,
     #[error(
-        "{0}: not saved by snapshots yet (what is: the console, and vDPA devices mapped \
-         without a vIOMMU and without a control queue)"
+        "{0}: not saved by snapshots yet (what is: the console, virtio-mem, and vDPA \
+         devices without a vIOMMU whose control queue, if any, the VMM serves alone)"
     )]
     DevicesNotSaved(String),
     #[error("{id}: {reason}")]
@@ -85,6 +90,26 @@ pub struct VmSnapshot {
     /// (none in a snapshot of a VM without devices).
     #[serde(default)]
     pub devices: vdpa::SavedDevices,
+    /// The hotplug region and its virtio-mem device, if the VM had one.
+    #[serde(default)]
+    pub hotplug: Option<SavedHotplug>,
+}
+
+/// The hotplug region and its virtio-mem device's state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedHotplug {
+    pub size: u64,
+    pub block_size: u64,
+    pub transport: TransportState,
+    pub device: MemSnapshot,
+}
+
+impl VmSnapshot {
+    /// The plugged hotplug blocks: their memory follows boot RAM in the
+    /// memory file.
+    pub fn plugged(&self) -> &[(u64, u64)] {
+        self.hotplug.as_ref().map_or(&[], |h| &h.device.plugged)
+    }
 }
 
 /// What a snapshot wrote.
@@ -113,7 +138,7 @@ pub fn write(
 ) -> Result<SnapshotReport, SnapshotError> {
     std::fs::create_dir(dir).map_err(io(dir, "cannot create the snapshot directory"))?;
     let memory = dir.join(MEMORY_FILE);
-    let memory_bytes = write_memory(&memory, ram)?;
+    let memory_bytes = write_memory(&memory, ram, state.plugged())?;
     let path = dir.join(STATE_FILE);
     file::write(&path, state)?;
     let state_bytes = std::fs::metadata(&path)
@@ -126,14 +151,22 @@ pub fn write(
     })
 }
 
-/// Boot RAM's ranges, one after the other, into a new file at `path`.
-fn write_memory(path: &Path, ram: &GuestRam) -> Result<u64, SnapshotError> {
+/// Boot RAM's ranges, then the plugged hotplug blocks, one after the
+/// other.
+fn saved_ranges(ram: &GuestRam, plugged: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let boot = ram.ranges.iter().map(|r| (r.start, r.size));
+    boot.chain(plugged.iter().copied()).collect()
+}
+
+/// Guest memory ([`saved_ranges`]), one range after the other, into a new
+/// file at `path`.
+fn write_memory(path: &Path, ram: &GuestRam, plugged: &[(u64, u64)]) -> Result<u64, SnapshotError> {
     let mut out = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
         .map_err(io(path, "cannot create"))?;
-    let written = each_chunk(ram, |at, chunk| {
+    let written = each_chunk(&saved_ranges(ram, plugged), |at, chunk| {
         ram.memory
             .read_slice(chunk, GuestAddress(at))
             .map_err(|e| SnapshotError::Io {
@@ -147,17 +180,18 @@ fn write_memory(path: &Path, ram: &GuestRam) -> Result<u64, SnapshotError> {
     Ok(written)
 }
 
-/// Calls `f` on each [`CHUNK`] of boot RAM in order, with its guest
-/// address and a buffer of its length; returns the bytes covered.
+/// Calls `f` on each [`CHUNK`] of `ranges` (guest address, size) in
+/// order, with its guest address and a buffer of its length; returns the
+/// bytes covered.
 fn each_chunk(
-    ram: &GuestRam,
+    ranges: &[(u64, u64)],
     mut f: impl FnMut(u64, &mut [u8]) -> Result<(), SnapshotError>,
 ) -> Result<u64, SnapshotError> {
     let mut buffer = vec![0u8; CHUNK];
     let mut covered = 0u64;
-    for range in &ram.ranges {
-        let mut at = range.start;
-        let end = range.start.saturating_add(range.size);
+    for &(start, size) in ranges {
+        let mut at = start;
+        let end = start.saturating_add(size);
         while at < end {
             let len = usize::try_from(end - at).map_or(CHUNK, |left| left.min(CHUNK));
             f(at, buffer.get_mut(..len).unwrap_or_default())?;
@@ -192,8 +226,17 @@ pub fn check_vcpu_ids(vcpus: &[VcpuState]) -> Result<(), SnapshotError> {
 }
 
 /// Fills `ram` (laid out for the snapshot's memory size) from the memory
-/// file, which must be exactly as large as the state says.
-pub fn read_memory(dir: &Path, ram: &GuestRam, expected: u64) -> Result<(), SnapshotError> {
+/// file: boot RAM, then the `plugged` blocks; the file must be exactly as
+/// large as they are.
+pub fn read_memory(
+    dir: &Path,
+    ram: &GuestRam,
+    plugged: &[(u64, u64)],
+) -> Result<(), SnapshotError> {
+    let ranges = saved_ranges(ram, plugged);
+    let expected = ranges
+        .iter()
+        .fold(0u64, |total, &(_, size)| total.saturating_add(size));
     let path = dir.join(MEMORY_FILE);
     let mut input = std::fs::File::open(&path).map_err(io(&path, "cannot open"))?;
     let found = input
@@ -207,7 +250,7 @@ pub fn read_memory(dir: &Path, ram: &GuestRam, expected: u64) -> Result<(), Snap
             found,
         });
     }
-    each_chunk(ram, |at, chunk| {
+    each_chunk(&ranges, |at, chunk| {
         input.read_exact(chunk).map_err(io(&path, "cannot read"))?;
         ram.memory
             .write_slice(chunk, GuestAddress(at))
@@ -245,10 +288,13 @@ pub(crate) mod tests {
         }
         let dir = dir("memory");
         std::fs::create_dir(&dir).unwrap();
-        assert_eq!(write_memory(&dir.join(MEMORY_FILE), &ram).unwrap(), size);
+        assert_eq!(
+            write_memory(&dir.join(MEMORY_FILE), &ram, &[]).unwrap(),
+            size
+        );
 
         let copy = GuestRam::new(size).unwrap();
-        read_memory(&dir, &copy, size).unwrap();
+        read_memory(&dir, &copy, &[]).unwrap();
         for range in &copy.ranges {
             let end = range.start + range.size - 8;
             assert_eq!(
@@ -264,9 +310,7 @@ pub(crate) mod tests {
         }
         // A memory file of another size is refused before anything is read.
         let large = GuestRam::new(128 << 20).unwrap();
-        let error = read_memory(&dir, &large, 128 << 20)
-            .unwrap_err()
-            .to_string();
+        let error = read_memory(&dir, &large, &[]).unwrap_err().to_string();
         assert!(
             error.contains(
                 "the memory file is 67108864 bytes; the state says guest RAM is 134217728"
@@ -288,6 +332,7 @@ pub(crate) mod tests {
             vm: empty_vm_state(),
             serial: Default::default(),
             devices: Default::default(),
+            hotplug: None,
         };
         let error = write(&dir, &state, &ram).unwrap_err().to_string();
         assert!(

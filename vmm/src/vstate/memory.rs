@@ -156,19 +156,40 @@ impl GuestRam {
     /// Creates `size` bytes of guest RAM, backed by one shared memfd, and,
     /// with `hotplug` = (size, block), an empty region for virtio-mem.
     pub fn with_hotplug(size: u64, hotplug: Option<(u64, u64)>) -> Result<GuestRam, MemoryError> {
-        let mut ram = GuestRam::new(size)?;
-        let Some((hotplug_size, block_size)) = hotplug else {
-            return Ok(ram);
-        };
+        let ram = GuestRam::new(size)?;
+        match hotplug {
+            None => Ok(ram),
+            Some((hotplug_size, block_size)) => {
+                let file = create_memfd("microvm-hotplug-ram")?;
+                file.set_len(hotplug_size)
+                    .map_err(|source| MemoryError::Resize {
+                        size: hotplug_size,
+                        source,
+                    })?;
+                ram.with_hotplug_file(hotplug_size, block_size, file)
+            }
+        }
+    }
+
+    /// Adds a hotplug region of `hotplug_size` bytes in blocks of
+    /// `block_size` over `file`, which holds it (a new memfd, or the one a
+    /// live update handed over).
+    pub fn with_hotplug_file(
+        mut self,
+        hotplug_size: u64,
+        block_size: u64,
+        file: File,
+    ) -> Result<GuestRam, MemoryError> {
+        let ram = &mut self;
+        let length = file.metadata().map_err(MemoryError::Memfd)?.len();
+        if length < hotplug_size {
+            return Err(MemoryError::Resize {
+                size: hotplug_size,
+                source: std::io::Error::other(format!("the file holds only {length} bytes")),
+            });
+        }
         let top = ram.ranges.iter().map(RamRange::end).max().unwrap_or(0);
         let addr = top.max(MMIO_HOLE_END).next_multiple_of(HOTPLUG_ALIGN);
-        debug_assert_eq!(Some(addr), hotplug_start(size));
-        let file = create_memfd("microvm-hotplug-ram")?;
-        file.set_len(hotplug_size)
-            .map_err(|source| MemoryError::Resize {
-                size: hotplug_size,
-                source,
-            })?;
         let region = GuestRegionMmap::from_range(
             GuestAddress(addr),
             hotplug_size as usize,
@@ -190,7 +211,7 @@ impl GuestRam {
             file,
             host_addr,
         });
-        Ok(ram)
+        Ok(self)
     }
 
     /// Creates `size` bytes of guest RAM, backed by one shared memfd.

@@ -68,6 +68,14 @@ impl DmaHotplug {
         }
     }
 
+    /// Gives blocks a snapshot saved as plugged their memory slots again,
+    /// in a new VM before it runs: they are RAM and in the identity space
+    /// already (both are set up with boot RAM, so each device's IOTLB goes
+    /// out in one batch), so no plan is made here.
+    pub fn restore_slots(&self, ranges: &[(u64, u64)]) -> Result<(), HotplugError> {
+        self.host.add_slots(ranges)
+    }
+
     /// Unplugs whose memory could not be given back to the host.
     pub fn release_failures(&self) -> u64 {
         self.release_failures.load(Ordering::Relaxed)
