@@ -75,9 +75,8 @@ pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
         config,
         checked.kvm,
         checked.max_slots,
-        None,
         build_memory(config)?,
-        &[],
+        None,
     )?;
 
     let rsdp = acpi::write_tables(&ram.memory, config.vcpus, &devices.acpi_tables())?;
@@ -116,11 +115,11 @@ fn restore(config: &VmmConfig, dir: &Path) -> Result<Vmm, VmmError> {
     let vmm = rebuild(&config, checked, &saved, SavedMemory::File(dir))?;
     let plugged: u64 = saved.plugged().iter().map(|&(_, size)| size).sum();
     eprintln!(
-        "microvm: restored the VM saved in {}: {} MiB of guest memory read, {} device(s) \
-         started where they stood, in {} ms",
+        "microvm: restored the VM saved in {}: {} MiB of guest memory read, IOTLBs sent \
+         ({}), in {} ms",
         dir.display(),
         saved.memory_bytes.saturating_add(plugged) >> 20,
-        saved.devices.states.len() + usize::from(saved.hotplug.is_some()),
+        vmm.devices.iotlb_summary(),
         started.elapsed().as_millis()
     );
     Ok(vmm)
@@ -204,10 +203,11 @@ fn take_over(config: &VmmConfig, socket: &Path) -> Result<Vmm, VmmError> {
     let plugged: u64 = incoming.state.plugged().iter().map(|&(_, size)| size).sum();
     eprintln!(
         "microvm: took over the VM: {} MiB of guest memory mapped, not copied; {} bytes of \
-         state; the old VMM was gone {} ms after the handover, the VM rebuilt {} ms after it; \
-         downtime {} ms (paused there to running here)",
+         state; IOTLBs sent ({}); the old VMM was gone {} ms after the handover, the VM \
+         rebuilt {} ms after it; downtime {} ms (paused there to running here)",
         incoming.state.memory_bytes.saturating_add(plugged) >> 20,
         incoming.state_bytes,
+        vmm.devices.iotlb_summary(),
         old_gone.as_millis(),
         received.elapsed().as_millis(),
         downtime.as_millis()
@@ -300,17 +300,11 @@ fn rebuild(
         io_bus,
         mmio_bus,
         devices,
-    } = build_platform(
-        config,
-        checked.kvm,
-        checked.max_slots,
-        Some(&saved.serial),
-        ram,
-        saved.plugged(),
-    )?;
+    } = build_platform(config, checked.kvm, checked.max_slots, ram, Some(saved))?;
     if let Some(dir) = from_file {
         snapshot::read_memory(dir, &ram, saved.plugged())?;
     }
+    devices.restore_virtio_iommu(saved.iommu.as_ref())?;
     devices.restore_virtio_mem(saved.hotplug.as_ref())?;
     devices.restore_vdpa(&saved.devices.states)?;
     let vcpus = saved
@@ -389,26 +383,26 @@ struct Platform {
     devices: DeviceManager,
 }
 
-/// The VM over guest memory `ram`, the platform devices (the serial port
-/// new, or as `saved`) and the PCI devices, for a new VM and a restored one
-/// alike.
+/// The VM over guest memory `ram`, the platform devices and the PCI
+/// devices, for a new VM and a restored one alike (`saved`: the serial
+/// port, the plugged blocks and the vIOMMU's domains as a snapshot saved
+/// them).
 fn build_platform(
     config: &VmmConfig,
     kvm: kvm_ioctls::Kvm,
     max_slots: u64,
-    saved: Option<&SerialSnapshot>,
     ram: GuestRam,
-    plugged: &[(u64, u64)],
+    saved: Option<&VmSnapshot>,
 ) -> Result<Platform, VmmError> {
     let ram = Arc::new(ram);
     let vm = Vm::new(kvm)?;
     let boot_slots = vm.register_memory(&ram)?;
     let slots = (boot_slots, u32::try_from(max_slots).unwrap_or(u32::MAX));
     let exit = ExitSignal::new().map_err(VmmError::EventFd)?;
-    let serial = build_serial(&vm, config, saved)?;
+    let serial = build_serial(&vm, config, saved.map(|s| &s.serial))?;
     let io_bus = legacy_io_bus(&serial, &exit)?;
     let mmio_bus = Arc::new(Bus::new());
-    let devices = build_devices(config, &vm, &ram, slots, (&io_bus, &mmio_bus), plugged)?;
+    let devices = build_devices(config, &vm, &ram, slots, (&io_bus, &mmio_bus), saved)?;
     Ok(Platform {
         ram,
         vm,
@@ -472,7 +466,7 @@ fn build_devices(
     ram: &Arc<GuestRam>,
     slots: (u32, u32),
     (io_bus, mmio_bus): (&Bus, &Arc<Bus>),
-    plugged: &[(u64, u64)],
+    saved: Option<&VmSnapshot>,
 ) -> Result<DeviceManager, VmmError> {
     let mut devices = DeviceManager::new(
         io_bus,
@@ -481,7 +475,7 @@ fn build_devices(
         ram.clone(),
         slots,
         config.seccomp,
-        plugged,
+        saved.map_or(&[], |s| s.plugged()),
     )?;
     let end = devices.identity_end();
     let requests: Vec<VdpaRequest> = (config.net.iter())
@@ -492,7 +486,7 @@ fn build_devices(
     for request in &requests {
         devices.add_vdpa(request, &memlock)?;
     }
-    devices.add_virtio_iommu()?;
+    devices.add_virtio_iommu(saved.and_then(|s| s.iommu.as_ref().map(|i| &i.device)))?;
     devices.add_virtio_mem()?;
     Ok(devices)
 }

@@ -34,11 +34,12 @@ use devices::virtio::queue_worker::{Parked, Parker, WorkerError};
 use devices::virtio::vdpa::VdpaError;
 use seccompiler::BpfProgram;
 
+use crate::device_manager::iommu::IommuPciDevice;
 use crate::device_manager::vdpa::VdpaPciDevice;
 use crate::device_manager::virtio_mem::MemPciDevice;
 use crate::seccomp;
 use crate::snapshot::vdpa::{SavedDevices, VdpaDeviceState};
-use crate::snapshot::{self, SavedHotplug, SnapshotError, SnapshotReport, VmSnapshot};
+use crate::snapshot::{self, SavedHotplug, SavedIommu, SnapshotError, SnapshotReport, VmSnapshot};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::SavedVcpu;
 use crate::vstate::vcpu_gate::{GateError, VcpuGate};
@@ -142,6 +143,8 @@ pub struct SnapshotSources {
     pub devices: SavedDevices,
     /// The hotplug region's size and block size, and its virtio-mem device.
     pub hotplug: Option<(u64, u64, Arc<Mutex<MemPciDevice>>)>,
+    /// The virtio-iommu.
+    pub iommu: Option<Arc<Mutex<IommuPciDevice>>>,
 }
 
 /// How long the vCPUs get to save their state.
@@ -386,6 +389,13 @@ impl Machine {
                 device: pci.device().snapshot(),
             }
         });
+        let iommu = saved.iommu.as_ref().map(|device| {
+            let pci = device.lock().unwrap_or_else(|p| p.into_inner());
+            SavedIommu {
+                transport: pci.state(),
+                device: pci.device().snapshot(),
+            }
+        });
         let state = VmSnapshot {
             memory_bytes: saved.ram.ranges.iter().map(|r| r.size).sum(),
             vcpus,
@@ -393,6 +403,7 @@ impl Machine {
             serial,
             devices,
             hotplug,
+            iommu,
         };
         Ok(state)
     }
@@ -603,6 +614,7 @@ mod tests {
             unsaved: Vec::new(),
             devices: SavedDevices::default(),
             hotplug: None,
+            iommu: None,
         }
     }
 

@@ -1184,6 +1184,7 @@ mod tests {
             serial: Default::default(),
             devices: Default::default(),
             hotplug: None,
+            iommu: None,
         };
         let (status, output) = in_filtered_child(ThreadKind::Lifecycle, |pipe| {
             say_alive(pipe);
@@ -1223,6 +1224,7 @@ mod tests {
             serial: Default::default(),
             devices: Default::default(),
             hotplug: None,
+            iommu: None,
         };
         let taker = {
             let socket = socket.clone();

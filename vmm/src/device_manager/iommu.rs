@@ -3,10 +3,13 @@
 //! input range fits every endpoint's IOVA range, and its worker commits one
 //! DMA plan per drain of the request queue.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use devices::dma::{GuestTranslate, SharedSpaces};
-use devices::virtio::iommu::{IommuConfig, IommuEndpoint, IommuError, IommuHandle, VirtioIommu};
+use devices::virtio::iommu::{
+    IommuConfig, IommuEndpoint, IommuError, IommuHandle, IommuPersisted, VirtioIommu,
+};
+use devices::virtio::pci::VirtioPciDevice;
 use devices::virtio::queue_worker::Parker;
 
 use super::pci::{plug_virtio, PciWiring, PlugError, Plugged};
@@ -31,10 +34,13 @@ const DOMAIN_RANGE: std::ops::RangeInclusive<u32> = 1..=0xffff;
 /// guest asks for it (bypass, identity domain).
 const BYPASS_AT_RESET: bool = false;
 
+pub type IommuPciDevice = VirtioPciDevice<VirtioIommu>;
+
 /// The running virtio-iommu, as the device manager keeps it.
 #[derive(Clone)]
 pub struct IommuDevice {
     pub slot: u8,
+    pub pci: Arc<Mutex<IommuPciDevice>>,
     pub handle: IommuHandle,
     /// PCI BDFs of its endpoints, for the VIOT table.
     pub endpoints: Vec<u16>,
@@ -54,13 +60,15 @@ pub fn bdf(slot: u8) -> u16 {
 }
 
 /// `endpoints` are the vDPA devices behind the IOMMU (registered in
-/// `spaces`, attached nowhere yet).
+/// `spaces`, attached nowhere yet). `saved`: the domain model a snapshot
+/// saved, put back (each endpoint's device gets its domain in one batch).
 pub fn add_virtio_iommu(
     endpoints: &[&VdpaHandle],
     ram: &Arc<GuestRam>,
     spaces: SharedSpaces,
     filter: Option<BpfProgram>,
     wiring: PciWiring<'_>,
+    saved: Option<&IommuPersisted>,
 ) -> Result<IommuDevice, IommuSetupError> {
     // What every endpoint's device can address.
     let (mut first, mut last) = (0u64, u64::MAX);
@@ -86,19 +94,18 @@ pub fn add_virtio_iommu(
         None => Ok(()),
     });
     let translate: Arc<dyn GuestTranslate> = ram.clone();
-    let device = VirtioIommu::new(
-        config,
-        spaces,
-        translate,
-        Arc::new(ram.memory.clone()),
-        install,
-    )?;
+    let memory = Arc::new(ram.memory.clone());
+    let device = match saved {
+        None => VirtioIommu::new(config, spaces, translate, memory, install)?,
+        Some(saved) => VirtioIommu::restored(config, spaces, translate, memory, install, saved)?,
+    };
     let handle = device.handle();
     let parker = device.parker();
     // One vector per queue (request, event), one for configuration changes.
-    let Plugged { slot, .. } = plug_virtio(device, 3, wiring)?;
+    let Plugged { slot, pci } = plug_virtio(device, 3, wiring)?;
     Ok(IommuDevice {
         slot,
+        pci,
         handle,
         endpoints: endpoints.iter().map(|n| bdf(n.slot)).collect(),
         parker,

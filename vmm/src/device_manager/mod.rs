@@ -11,6 +11,7 @@ pub mod iommu;
 pub mod memlock;
 pub mod memory_hotplug;
 pub mod pci;
+pub mod restore;
 pub mod vdpa;
 pub mod virtio_mem;
 
@@ -29,8 +30,7 @@ use crate::api::control::VmSummary;
 use crate::config::{NetConfig, VdpaDeviceConfig};
 use crate::lifecycle::{Lifecycle, PauseTargets, SnapshotSources};
 use crate::seccomp::{self, FilterFds, SeccompError, ThreadKind};
-use crate::snapshot::vdpa::{SavedDevices, VdpaDeviceState};
-use crate::snapshot::{SavedHotplug, SnapshotError};
+use crate::snapshot::vdpa::SavedDevices;
 use crate::vstate::interrupts::{KvmIoEvents, KvmMsiRouter};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::SavedVcpu;
@@ -39,7 +39,7 @@ use crate::vstate::vm::Vm;
 use api_view::ApiView;
 use device_query::DeviceQueries;
 use devices::serial::SerialDevice;
-use devices::virtio::ActivateError;
+use devices::virtio::iommu::IommuPersisted;
 use iommu::{IommuDevice, IommuSetupError};
 use memlock::MemlockStatus;
 use pci::{PciSegment, PciSetupError, PciWiring};
@@ -205,8 +205,9 @@ impl DeviceManager {
     }
 
     /// The virtio-iommu in front of the vDPA devices that asked for one,
-    /// if any did. Call after every vDPA device was added.
-    pub fn add_virtio_iommu(&mut self) -> Result<(), DeviceError> {
+    /// if any did, with the domain model a snapshot `saved`, if any. Call
+    /// after every vDPA device was added.
+    pub fn add_virtio_iommu(&mut self, saved: Option<&IommuPersisted>) -> Result<(), DeviceError> {
         let devices = self.vdpa.clone();
         let endpoints: Vec<&VdpaHandle> = devices.iter().filter(|n| n.behind_iommu).collect();
         if endpoints.is_empty() {
@@ -214,7 +215,8 @@ impl DeviceManager {
         }
         let filter = self.worker_filter(ThreadKind::IommuWorker)?;
         let (ram, spaces) = (self.ram.clone(), self.spaces.clone());
-        let device = iommu::add_virtio_iommu(&endpoints, &ram, spaces, filter, self.wiring())?;
+        let device =
+            iommu::add_virtio_iommu(&endpoints, &ram, spaces, filter, self.wiring(), saved)?;
         self.iommu = Some(device);
         Ok(())
     }
@@ -313,6 +315,7 @@ impl DeviceManager {
                     .hotplug
                     .as_ref()
                     .map(|m| (m.region.size, m.region.block_size, m.pci.clone())),
+                iommu: self.iommu.as_ref().map(|i| i.pci.clone()),
             },
         }
     }
@@ -321,106 +324,14 @@ impl DeviceManager {
 impl DeviceManager {
     /// The devices a snapshot cannot save yet, each with why.
     fn unsaved(&self) -> Vec<String> {
-        let vdpa = self.vdpa.iter().filter_map(|d| {
-            let pci = d.pci.lock().unwrap_or_else(|p| p.into_inner());
-            let reason = match d.behind_iommu {
-                true => Some("it is behind the vIOMMU"),
-                false => pci.device().snapshot_refusal(),
-            };
-            reason.map(|r| format!("{} ({r})", d.id))
-        });
-        vdpa.chain(self.iommu.iter().map(|_| "virtio-iommu".to_string()))
+        self.vdpa
+            .iter()
+            .filter_map(|d| {
+                let pci = d.pci.lock().unwrap_or_else(|p| p.into_inner());
+                let reason = pci.device().snapshot_refusal();
+                reason.map(|r| format!("{} ({r})", d.id))
+            })
             .collect()
-    }
-
-    /// Puts each vDPA device back as a snapshot saved it, once guest memory
-    /// holds what it did: its transport's registers and MSI-X table, the
-    /// device started on the driver's rings where its queues stood, then
-    /// its config space (BARs where the guest put them, MSI-X enabled).
-    /// Each device was opened and attached anew (its IOTLB sent as one
-    /// batch) when it was added.
-    pub fn restore_vdpa(&self, states: &[VdpaDeviceState]) -> Result<(), SnapshotError> {
-        if states.len() != self.vdpa.len() {
-            return Err(SnapshotError::Device {
-                id: "vDPA devices".into(),
-                reason: format!(
-                    "the snapshot has {} device states for {} devices",
-                    states.len(),
-                    self.vdpa.len()
-                ),
-            });
-        }
-        for (handle, saved) in self.vdpa.iter().zip(states) {
-            let failed = |reason: String| SnapshotError::Device {
-                id: handle.id.clone(),
-                reason,
-            };
-            if handle.id != saved.id {
-                return Err(failed(format!(
-                    "the snapshot's device here is {}: not the same kind of device",
-                    saved.id
-                )));
-            }
-            handle
-                .pci
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .restore(&saved.transport, |device, activation| {
-                    device
-                        .restore_started(activation, &saved.device)
-                        .map_err(|e| ActivateError::Backend(Box::new(e)))
-                })
-                .map_err(|e| failed(e.to_string()))?;
-            self.segment
-                .bus
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .restore_config(usize::from(handle.slot), &saved.transport.config_space)
-                .map_err(|e| failed(e.to_string()))?;
-        }
-        Ok(())
-    }
-}
-
-impl DeviceManager {
-    /// Puts virtio-mem back as a snapshot saved it, once guest memory holds
-    /// what it did: each plugged block's memory slot (the blocks are RAM
-    /// and in the identity space since [`DeviceManager::new`]), the
-    /// plugged bitmap and requested size, the transport, and the request
-    /// queue served on from where it stood.
-    pub fn restore_virtio_mem(&self, saved: Option<&SavedHotplug>) -> Result<(), SnapshotError> {
-        let failed = |reason: String| SnapshotError::Device {
-            id: "virtio-mem".into(),
-            reason,
-        };
-        let (saved, handle) = match (saved, &self.hotplug) {
-            (None, None) => return Ok(()),
-            (Some(saved), Some(handle)) => (saved, handle),
-            _ => {
-                return Err(failed(
-                    "the snapshot and the VM disagree on a hotplug region".into(),
-                ))
-            }
-        };
-        handle
-            .backend
-            .restore_slots(&saved.device.plugged)
-            .map_err(|e| failed(e.to_string()))?;
-        let mut pci = handle.pci.lock().unwrap_or_else(|p| p.into_inner());
-        pci.device()
-            .restore(&saved.device)
-            .map_err(|e| failed(e.to_string()))?;
-        pci.restore(&saved.transport, |device, activation| {
-            device.restore_started(activation, &saved.device)
-        })
-        .map_err(|e| failed(e.to_string()))?;
-        drop(pci);
-        self.segment
-            .bus
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .restore_config(usize::from(handle.slot), &saved.transport.config_space)
-            .map_err(|e| failed(e.to_string()))
     }
 }
 

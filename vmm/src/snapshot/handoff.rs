@@ -375,6 +375,7 @@ mod tests {
             serial: Default::default(),
             devices: Default::default(),
             hotplug: None,
+            iommu: None,
         }
     }
 

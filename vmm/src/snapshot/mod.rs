@@ -23,6 +23,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use devices::serial::SerialSnapshot;
+use devices::virtio::iommu::IommuPersisted;
 use devices::virtio::mem::MemSnapshot;
 use devices::virtio::pci::TransportState;
 use serde::{Deserialize, Serialize};
@@ -93,6 +94,17 @@ pub struct VmSnapshot {
     /// The hotplug region and its virtio-mem device, if the VM had one.
     #[serde(default)]
     pub hotplug: Option<SavedHotplug>,
+    /// The virtio-iommu, if the VM had one: its transport and the guest's
+    /// domain model.
+    #[serde(default)]
+    pub iommu: Option<SavedIommu>,
+}
+
+/// The virtio-iommu's state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedIommu {
+    pub transport: TransportState,
+    pub device: IommuPersisted,
 }
 
 /// The hotplug region and its virtio-mem device's state.
@@ -333,6 +345,7 @@ pub(crate) mod tests {
             serial: Default::default(),
             devices: Default::default(),
             hotplug: None,
+            iommu: None,
         };
         let error = write(&dir, &state, &ram).unwrap_err().to_string();
         assert!(

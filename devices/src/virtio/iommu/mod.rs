@@ -16,6 +16,7 @@
 //! endpoints in no domain with bypass off are attached to nothing.
 
 mod domains;
+pub mod persist;
 mod request;
 mod state;
 #[cfg(test)]
@@ -33,6 +34,7 @@ use super::*;
 use crate::dma::{DeviceReport, DmaSpaces, GuestTranslate, Plan, SharedSpaces, SpaceError};
 
 pub use domains::{DomainInfo, DomainKind, EndpointInfo, Mapping, GRANULE};
+pub use persist::IommuPersisted;
 pub use request::RequestKind;
 pub use state::{IommuCounters, IommuSnapshot};
 
@@ -109,6 +111,8 @@ pub enum IommuError {
     Attach(#[source] SpaceError),
     #[error("cannot start the virtio-iommu worker: {0}")]
     Io(#[source] io::Error),
+    #[error("cannot put back the saved domains: {0}")]
+    Restore(#[source] persist::IommuRestoreError),
 }
 
 fn limits(config: &IommuConfig) -> Result<Limits, IommuError> {
@@ -243,6 +247,10 @@ pub struct VirtioIommu {
     config: [u8; CFG_LEN],
     /// The thread serving the request queue.
     worker: QueueWorker<Context>,
+    /// The request queue the driver started (until its reset), and guest
+    /// memory, where a snapshot reads how far the worker got.
+    started: Option<QueueConfig>,
+    memory: Arc<GuestMemoryMmap>,
 }
 
 impl VirtioIommu {
@@ -258,20 +266,73 @@ impl VirtioIommu {
         memory: Arc<GuestMemoryMmap>,
         on_start: Box<dyn FnOnce() -> Result<(), String> + Send>,
     ) -> Result<VirtioIommu, IommuError> {
-        let (state, config_bytes) = new_state(&config, &spaces)?;
+        VirtioIommu::build(config, spaces, translate, memory, on_start, None)
+    }
+
+    /// As [`VirtioIommu::new`], with the domain model a snapshot saved put
+    /// back instead of the endpoints' first placement: one plan, which
+    /// sends each endpoint's device its whole domain as one batch.
+    pub fn restored(
+        config: IommuConfig,
+        spaces: SharedSpaces,
+        translate: Arc<dyn GuestTranslate>,
+        memory: Arc<GuestMemoryMmap>,
+        on_start: Box<dyn FnOnce() -> Result<(), String> + Send>,
+        saved: &IommuPersisted,
+    ) -> Result<VirtioIommu, IommuError> {
+        VirtioIommu::build(config, spaces, translate, memory, on_start, Some(saved))
+    }
+
+    fn build(
+        config: IommuConfig,
+        spaces: SharedSpaces,
+        translate: Arc<dyn GuestTranslate>,
+        memory: Arc<GuestMemoryMmap>,
+        on_start: Box<dyn FnOnce() -> Result<(), String> + Send>,
+        saved: Option<&IommuPersisted>,
+    ) -> Result<VirtioIommu, IommuError> {
+        let (state, config_bytes) = new_state(&config, &spaces, translate.as_ref(), saved)?;
         let context = Context {
             memory: memory.clone(),
             spaces,
             translate,
             state: state.clone(),
         };
-        let worker = QueueWorker::spawn("virtio-iommu", memory, context, on_start)
+        let worker = QueueWorker::spawn("virtio-iommu", memory.clone(), context, on_start)
             .map_err(IommuError::Io)?;
         Ok(VirtioIommu {
             handle: IommuHandle { state },
             config: config_bytes,
             worker,
+            started: None,
+            memory,
         })
+    }
+
+    /// The device's state while the VM is paused (its worker parked).
+    pub fn snapshot(&self) -> IommuPersisted {
+        let queue_position = self.started.and_then(|queue| {
+            let at = queue.device.checked_add(2)?;
+            let used: u16 = self.memory.read_obj(GuestAddress(at)).ok()?;
+            Some(u16::from_le(used))
+        });
+        IommuPersisted {
+            queue_position,
+            ..self.handle.lock().persisted()
+        }
+    }
+
+    /// Starts serving the request queue a snapshot saved as started, from
+    /// where it stood.
+    pub fn restore_started(
+        &mut self,
+        activation: Activation,
+        saved: &IommuPersisted,
+    ) -> Result<(), ActivateError> {
+        let position = saved.queue_position.ok_or(ActivateError::QueueNotEnabled {
+            index: REQUEST_QUEUE,
+        })?;
+        self.start(activation, Some(position))
     }
 
     /// Shared with the VMM (memory unplug) and the control API.
@@ -290,6 +351,8 @@ impl VirtioIommu {
 fn new_state(
     config: &IommuConfig,
     spaces: &SharedSpaces,
+    translate: &dyn GuestTranslate,
+    saved: Option<&IommuPersisted>,
 ) -> Result<(Arc<Mutex<IommuState>>, [u8; CFG_LEN]), IommuError> {
     let limits = limits(config)?;
     let mut endpoints: Vec<(u32, String)> = Vec::new();
@@ -303,9 +366,14 @@ fn new_state(
     let mut state = IommuState::new(&endpoints, config.bypass, limits, PROBE_SIZE);
     {
         let mut spaces = spaces.lock().unwrap_or_else(|p| p.into_inner());
-        state
-            .place_endpoints(&mut spaces)
-            .map_err(IommuError::Attach)?;
+        match saved {
+            None => state
+                .place_endpoints(&mut spaces)
+                .map_err(IommuError::Attach)?,
+            Some(saved) => state
+                .restore(saved, &mut spaces, translate)
+                .map_err(IommuError::Restore)?,
+        }
     }
     Ok((Arc::new(Mutex::new(state)), config_bytes))
 }
@@ -324,7 +392,7 @@ impl RequestServer {
         translate: Arc<dyn GuestTranslate>,
         memory: Arc<GuestMemoryMmap>,
     ) -> Result<(RequestServer, IommuHandle), IommuError> {
-        let (state, _) = new_state(config, &spaces)?;
+        let (state, _) = new_state(config, &spaces, translate.as_ref(), None)?;
         let handle = IommuHandle { state };
         handle.lock().set_acked(true, true, true);
         let context = Context {
@@ -432,13 +500,37 @@ impl VirtioDevice for VirtioIommu {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let position = activation
+        self.start(activation, None)
+    }
+
+    fn reset(&mut self) {
+        // Returns once the worker let go of the old ring and every domain
+        // is gone. Both fail only if the worker never started.
+        let _ = self.worker.stop();
+        self.started = None;
+        let _ = self.worker.call(|context: &mut Context| {
+            let _ = context.with_state(|spaces, state| state.reset(spaces));
+        });
+    }
+}
+
+impl VirtioIommu {
+    /// Serves the request queue the driver started: from its start, or
+    /// (`position`) from where a snapshot saw it.
+    fn start(
+        &mut self,
+        activation: Activation,
+        position: Option<u16>,
+    ) -> Result<(), ActivateError> {
+        let request_queue = activation
             .queues
             .iter()
             .position(|q| q.index == REQUEST_QUEUE);
         let (Some(config), Some(kick)) = (
-            position.and_then(|p| activation.queues.get(p)).copied(),
-            position.and_then(|p| activation.kicks.into_iter().nth(p)),
+            request_queue
+                .and_then(|p| activation.queues.get(p))
+                .copied(),
+            request_queue.and_then(|p| activation.kicks.into_iter().nth(p)),
         ) else {
             return Err(ActivateError::QueueNotEnabled {
                 index: REQUEST_QUEUE,
@@ -448,7 +540,11 @@ impl VirtioDevice for VirtioIommu {
             index: REQUEST_QUEUE,
             source,
         };
-        let queue = config.to_queue(QUEUE_SIZE).map_err(queue_error)?;
+        let mut queue = config.to_queue(QUEUE_SIZE).map_err(queue_error)?;
+        if let Some(position) = position {
+            virtio_queue::QueueT::set_next_avail(&mut queue, position);
+            virtio_queue::QueueT::set_next_used(&mut queue, position);
+        }
         self.features_ok(activation.features);
         self.worker
             .serve(Serve {
@@ -457,16 +553,9 @@ impl VirtioDevice for VirtioIommu {
                 kick,
                 interrupt: activation.interrupt,
             })
-            .map_err(|e| ActivateError::Backend(Box::new(e)))
-    }
-
-    fn reset(&mut self) {
-        // Returns once the worker let go of the old ring and every domain
-        // is gone. Both fail only if the worker never started.
-        let _ = self.worker.stop();
-        let _ = self.worker.call(|context: &mut Context| {
-            let _ = context.with_state(|spaces, state| state.reset(spaces));
-        });
+            .map_err(|e| ActivateError::Backend(Box::new(e)))?;
+        self.started = Some(config);
+        Ok(())
     }
 }
 

@@ -165,6 +165,27 @@ impl IommuState {
         self.counters.clone()
     }
 
+    /// The features the driver acked: MAP_UNMAP, BYPASS_CONFIG, PROBE.
+    pub(super) fn acked(&self) -> (bool, bool, bool) {
+        (
+            self.limits.map_unmap,
+            self.limits.bypass_config,
+            self.limits.probe,
+        )
+    }
+
+    pub(super) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub(super) fn domains(&self) -> &Domains {
+        &self.domains
+    }
+
+    pub(super) fn replace_domains(&mut self, domains: Domains) {
+        self.domains = domains;
+    }
+
     pub fn snapshot(&self) -> IommuSnapshot {
         IommuSnapshot {
             bypass: self.domains.bypass(),

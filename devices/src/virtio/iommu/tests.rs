@@ -2126,3 +2126,58 @@ fn a_refused_drain_of_changing_requests_over_many_mappings_takes_bounded_time() 
     assert!(statuses.iter().all(|s| *s == Some(S_DEVERR)));
     assert_eq!(f.mapping_count(1), HELD as usize);
 }
+
+/// A domain model saved from one IOMMU and put back in a fresh one (a
+/// restore in a new process): the same domains, endpoints and mappings, and
+/// each device gets its whole domain as one batch.
+#[test]
+fn a_saved_domain_model_is_replayed_into_a_new_iommu_as_one_batch_per_device() {
+    let mut old = fixture(false);
+    let statuses = old.drain(&[
+        attach(1, EP0, 0),
+        map_pages(1, 0x10, 4, 0x20_0000, RW),
+        map_pages(1, 0x40, 1, GIB + 0x1000, MAP_F_READ),
+        attach(2, EP1, ATTACH_F_BYPASS),
+    ]);
+    assert_eq!(statuses, vec![OK; 4]);
+    let saved = old.state.persisted();
+    assert_eq!(saved.domains.len(), 2);
+    assert!(saved.domains[1].identity);
+    assert_eq!(saved.domains[0].mappings.len(), 2);
+
+    let mut new = fixture(false);
+    new.state
+        .restore(&saved, &mut new.spaces, &fake_ram())
+        .unwrap();
+    assert_eq!(new.state.persisted(), saved);
+    for device in 0..2 {
+        assert_one_batch(&new.take(device));
+        assert_eq!(new.held_merged(device), old.held_merged(device));
+    }
+    assert_eq!(new.space_of(1), Some(SpaceId::IDENTITY));
+
+    // A saved state the guest could not have made is refused whole: the
+    // new IOMMU is as it was, its devices untouched.
+    let mut bad = saved.clone();
+    bad.domains[0].mappings[1].phys_start = 3 * GIB; // not RAM
+    let mut fresh = fixture(false);
+    let error = fresh
+        .state
+        .restore(&bad, &mut fresh.spaces, &fake_ram())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("mapping 0x40000..=0x40fff of domain 1"),
+        "{error}"
+    );
+    assert!(fresh.state.persisted().domains.is_empty());
+    assert!(fresh.take(0).is_empty() && fresh.take(1).is_empty());
+    let mut empty = saved.clone();
+    empty.domains[0].endpoints.clear();
+    let error = fresh
+        .state
+        .restore(&empty, &mut fresh.spaces, &fake_ram())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("domain 1 has no endpoint"), "{error}");
+}
