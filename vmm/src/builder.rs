@@ -63,42 +63,23 @@ pub fn build(config: &VmmConfig) -> Result<Vmm, VmmError> {
     }
     let checked = check(config)?;
     let api_socket = checked.api_socket;
-    let Platform {
-        ram,
-        vm,
-        exit,
-        serial,
-        io_bus,
-        mmio_bus,
-        devices,
-    } = build_platform(
+    let platform = build_platform(
         config,
         checked.kvm,
         checked.max_slots,
         build_memory(config)?,
         None,
     )?;
-
-    let rsdp = acpi::write_tables(&ram.memory, config.vcpus, &devices.acpi_tables())?;
-    let boot_entry = loader::load(&ram, &config.kernel, rsdp)?;
+    let Platform { ram, vm, .. } = &platform;
+    let rsdp = acpi::write_tables(&ram.memory, config.vcpus, &platform.devices.acpi_tables())?;
+    let boot_entry = loader::load(ram, &config.kernel, rsdp)?;
     let vcpus = (0..config.vcpus)
         .map(|id| {
             let boot = (id == 0).then_some(&boot_entry);
-            Vcpu::new(&vm, &ram.memory, id, config.vcpus, boot)
+            Vcpu::new(vm, &ram.memory, id, config.vcpus, boot)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Vmm {
-        config: config.clone(),
-        vm,
-        ram,
-        devices,
-        serial,
-        io_bus: Arc::new(io_bus),
-        mmio_bus,
-        exit,
-        vcpus,
-        api_socket,
-    })
+    Ok(platform.into_vmm(config, vcpus, api_socket))
 }
 
 /// Rebuilds the VM a snapshot saved: the same memory size and vCPU count,
@@ -292,17 +273,12 @@ fn rebuild(
             (ram, None)
         }
     };
+    let platform = build_platform(config, checked.kvm, checked.max_slots, ram, Some(saved))?;
     let Platform {
-        ram,
-        vm,
-        exit,
-        serial,
-        io_bus,
-        mmio_bus,
-        devices,
-    } = build_platform(config, checked.kvm, checked.max_slots, ram, Some(saved))?;
+        ram, vm, devices, ..
+    } = &platform;
     if let Some(dir) = from_file {
-        snapshot::read_memory(dir, &ram, saved.plugged())?;
+        snapshot::read_memory(dir, ram, saved.plugged())?;
     }
     devices.restore_virtio_iommu(saved.iommu.as_ref())?;
     devices.restore_virtio_mem(saved.hotplug.as_ref())?;
@@ -313,7 +289,7 @@ fn rebuild(
         .enumerate()
         .map(|(index, state)| {
             let id = u8::try_from(index).unwrap_or(u8::MAX);
-            let vcpu = Vcpu::new(&vm, &ram.memory, id, config.vcpus, None)?;
+            let vcpu = Vcpu::new(vm, &ram.memory, id, config.vcpus, None)?;
             vcpu.restore(state)
                 .map_err(|e| SnapshotError::Vcpu(e.to_string()))?;
             Ok(vcpu)
@@ -323,18 +299,7 @@ fn rebuild(
         .vm
         .restore(&vm.fd)
         .map_err(|e| SnapshotError::Vm(e.to_string()))?;
-    Ok(Vmm {
-        config: config.clone(),
-        vm,
-        ram,
-        devices,
-        serial,
-        io_bus: Arc::new(io_bus),
-        mmio_bus,
-        exit,
-        vcpus,
-        api_socket,
-    })
+    Ok(platform.into_vmm(config, vcpus, api_socket))
 }
 
 /// What checking a configuration against the host leaves open.
@@ -381,6 +346,38 @@ struct Platform {
     io_bus: Bus,
     mmio_bus: Arc<Bus>,
     devices: DeviceManager,
+}
+
+impl Platform {
+    /// The VM ready to run, once its vCPUs exist.
+    fn into_vmm(
+        self,
+        config: &VmmConfig,
+        vcpus: Vec<Vcpu>,
+        api_socket: Option<api::ApiSocket>,
+    ) -> Vmm {
+        let Platform {
+            ram,
+            vm,
+            exit,
+            serial,
+            io_bus,
+            mmio_bus,
+            devices,
+        } = self;
+        Vmm {
+            config: config.clone(),
+            vm,
+            ram,
+            devices,
+            serial,
+            io_bus: Arc::new(io_bus),
+            mmio_bus,
+            exit,
+            vcpus,
+            api_socket,
+        }
+    }
 }
 
 /// The VM over guest memory `ram`, the platform devices and the PCI

@@ -1165,27 +1165,14 @@ mod tests {
 
     #[test]
     fn the_lifecycle_thread_may_write_a_snapshot_under_its_filter() {
-        use crate::snapshot::{self, VmSnapshot};
+        use crate::snapshot;
         use crate::vstate::memory::GuestRam;
         // Made before the filter: guest memory is a memfd, which no filtered
         // thread may create.
         let ram = GuestRam::new(8 << 20).unwrap();
         let dir = std::env::temp_dir().join(format!("microvm-seccomp-snap-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let state = VmSnapshot {
-            memory_bytes: 8 << 20,
-            vcpus: Vec::new(),
-            vm: crate::vstate::vm_state::VmState {
-                pic_master: Default::default(),
-                pic_slave: Default::default(),
-                ioapic: Default::default(),
-                clock: Default::default(),
-            },
-            serial: Default::default(),
-            devices: Default::default(),
-            hotplug: None,
-            iommu: None,
-        };
+        let state = crate::snapshot::tests::state(8 << 20, Vec::new());
         let (status, output) = in_filtered_child(ThreadKind::Lifecycle, |pipe| {
             say_alive(pipe);
             if snapshot::write(&dir, &state, &ram).is_ok() {
@@ -1204,7 +1191,7 @@ mod tests {
 
     #[test]
     fn the_lifecycle_thread_may_hand_the_vm_over_under_its_filter() {
-        use crate::snapshot::{handoff, VmSnapshot};
+        use crate::snapshot::handoff;
         use crate::vstate::memory::GuestRam;
         use std::time::Duration;
         let ram = GuestRam::new(8 << 20).unwrap();
@@ -1212,20 +1199,7 @@ mod tests {
             std::env::temp_dir().join(format!("microvm-seccomp-update-{}", std::process::id()));
         let _ = std::fs::remove_file(&socket);
         let listener = handoff::listen(&socket).unwrap();
-        let state = VmSnapshot {
-            memory_bytes: 8 << 20,
-            vcpus: vec![crate::snapshot::tests::vcpu(0)],
-            vm: crate::vstate::vm_state::VmState {
-                pic_master: Default::default(),
-                pic_slave: Default::default(),
-                ioapic: Default::default(),
-                clock: Default::default(),
-            },
-            serial: Default::default(),
-            devices: Default::default(),
-            hotplug: None,
-            iommu: None,
-        };
+        let state = crate::snapshot::tests::state(8 << 20, vec![crate::snapshot::tests::vcpu(0)]);
         let taker = {
             let socket = socket.clone();
             std::thread::spawn(move || {

@@ -370,11 +370,7 @@ impl VirtioMem {
 
     /// The device's state while the VM is paused (its worker parked).
     pub fn snapshot(&self) -> MemSnapshot {
-        let queue_position = self.started.and_then(|queue| {
-            let at = queue.device.checked_add(2)?;
-            let used: u16 = self.memory.read_obj(vm_memory::GuestAddress(at)).ok()?;
-            Some(u16::from_le(used))
-        });
+        let queue_position = self.started.and_then(|queue| queue.used_idx(&self.memory));
         let state = self.lock();
         MemSnapshot {
             plugged: state.plugged_ranges(),

@@ -41,7 +41,19 @@ pub struct QueueConfig {
     pub device: u64,
 }
 
+/// The used ring's index lies 2 bytes in (virtio 1.2, 2.7.8).
+pub const USED_IDX_OFFSET: u64 = 2;
+
 impl QueueConfig {
+    /// The used index the device last published, read from guest memory:
+    /// for a ring at guest physical addresses (no IOMMU in between).
+    /// `None` where the ring is not in `memory`.
+    pub fn used_idx(&self, memory: &vm_memory::GuestMemoryMmap) -> Option<u16> {
+        let at = self.device.checked_add(USED_IDX_OFFSET)?;
+        let used: u16 = vm_memory::Bytes::read_obj(memory, GuestAddress(at)).ok()?;
+        Some(u16::from_le(used))
+    }
+
     /// A ready split queue of at most `max_size` entries on the rings the
     /// driver configured, for a device that serves the queue itself.
     pub fn to_queue(&self, max_size: u16) -> Result<Queue, virtio_queue::Error> {

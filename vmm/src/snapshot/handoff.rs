@@ -152,7 +152,8 @@ pub fn receive(
     socket: &Path,
     bound: Duration,
 ) -> Result<Incoming, HandoffError> {
-    wait_readable(listener, bound).map_err(io(socket, "cannot wait for the old VMM"))?;
+    wait_readable(listener.as_raw_fd(), bound)
+        .map_err(io(socket, "cannot wait for the old VMM"))?;
     let Some(stream) = accept_ready(listener, socket)? else {
         return Err(HandoffError::NoVmm(socket.to_path_buf(), bound));
     };
@@ -289,32 +290,13 @@ pub fn wait_for_exit(pid: libc::pid_t, bound: Duration) -> std::io::Result<bool>
     let fd = libc::c_int::try_from(fd).map_err(|_| std::io::Error::other("pidfd out of range"))?;
     // SAFETY: `fd` is the new pidfd, owned by nobody else.
     let pidfd = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let mut fds = [libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    }];
-    let timeout = libc::c_int::try_from(bound.as_millis()).unwrap_or(libc::c_int::MAX);
-    loop {
-        // SAFETY: `fds` is one valid, exclusively borrowed pollfd.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout) };
-        match ready {
-            0 => return Ok(false),
-            1.. => return Ok(true),
-            _ => {
-                let error = std::io::Error::last_os_error();
-                if error.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(error);
-                }
-            }
-        }
-    }
+    wait_readable(pidfd.as_raw_fd(), bound)
 }
 
-/// Waits until `listener` has a connection or `bound` passes.
-fn wait_readable(listener: &UnixListener, bound: Duration) -> std::io::Result<()> {
+/// Waits until `fd` is readable (true) or `bound` passes (false).
+fn wait_readable(fd: std::os::fd::RawFd, bound: Duration) -> std::io::Result<bool> {
     let mut fds = [libc::pollfd {
-        fd: listener.as_raw_fd(),
+        fd,
         events: libc::POLLIN,
         revents: 0,
     }];
@@ -324,7 +306,8 @@ fn wait_readable(listener: &UnixListener, bound: Duration) -> std::io::Result<()
         // length is passed along.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout) };
         match ready {
-            0.. => return Ok(()),
+            0 => return Ok(false),
+            1.. => return Ok(true),
             _ => {
                 let error = std::io::Error::last_os_error();
                 if error.kind() != std::io::ErrorKind::Interrupted {
@@ -359,24 +342,10 @@ fn accept_ready(
 mod tests {
     use super::*;
     use crate::vstate::memory::GuestRam;
-    use crate::vstate::vm_state::VmState;
     use vm_memory::{Bytes, GuestAddress};
 
     fn state(memory_bytes: u64) -> VmSnapshot {
-        VmSnapshot {
-            memory_bytes,
-            vcpus: vec![crate::snapshot::tests::vcpu(0)],
-            vm: VmState {
-                pic_master: Default::default(),
-                pic_slave: Default::default(),
-                ioapic: Default::default(),
-                clock: Default::default(),
-            },
-            serial: Default::default(),
-            devices: Default::default(),
-            hotplug: None,
-            iommu: None,
-        }
+        crate::snapshot::tests::state(memory_bytes, vec![crate::snapshot::tests::vcpu(0)])
     }
 
     fn socket(name: &str) -> PathBuf {

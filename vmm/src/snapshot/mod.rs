@@ -338,15 +338,7 @@ pub(crate) mod tests {
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(dir.join("keep"), b"mine").unwrap();
         let ram = GuestRam::new(64 << 20).unwrap();
-        let state = VmSnapshot {
-            memory_bytes: 64 << 20,
-            vcpus: Vec::new(),
-            vm: empty_vm_state(),
-            serial: Default::default(),
-            devices: Default::default(),
-            hotplug: None,
-            iommu: None,
-        };
+        let state = state(64 << 20, Vec::new());
         let error = write(&dir, &state, &ram).unwrap_err().to_string();
         assert!(
             error.contains("cannot create the snapshot directory"),
@@ -381,12 +373,22 @@ pub(crate) mod tests {
         }
     }
 
-    fn empty_vm_state() -> VmState {
-        VmState {
-            pic_master: Default::default(),
-            pic_slave: Default::default(),
-            ioapic: Default::default(),
-            clock: Default::default(),
+    /// A VM of `memory_bytes` and `vcpus` with nothing else in its state
+    /// (for tests that write or send one).
+    pub(crate) fn state(memory_bytes: u64, vcpus: Vec<VcpuState>) -> VmSnapshot {
+        VmSnapshot {
+            memory_bytes,
+            vcpus,
+            vm: VmState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                clock: Default::default(),
+            },
+            serial: Default::default(),
+            devices: Default::default(),
+            hotplug: None,
+            iommu: None,
         }
     }
 }

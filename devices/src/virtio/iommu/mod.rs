@@ -311,11 +311,7 @@ impl VirtioIommu {
 
     /// The device's state while the VM is paused (its worker parked).
     pub fn snapshot(&self) -> IommuPersisted {
-        let queue_position = self.started.and_then(|queue| {
-            let at = queue.device.checked_add(2)?;
-            let used: u16 = self.memory.read_obj(GuestAddress(at)).ok()?;
-            Some(u16::from_le(used))
-        });
+        let queue_position = self.started.and_then(|queue| queue.used_idx(&self.memory));
         IommuPersisted {
             queue_position,
             ..self.handle.lock().persisted()

@@ -56,9 +56,6 @@ impl Stopped {
     }
 }
 
-/// The used ring's index lies 2 bytes in (virtio 1.2, 2.7.8).
-pub(super) const USED_IDX_OFFSET: u64 = 2;
-
 impl VdpaDevice {
     /// Whether this device stops by SUSPEND (acked with RESUME) rather than
     /// by a reset.

@@ -12,9 +12,7 @@
 //! the driver's rings from those positions before any vCPU runs.
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress};
 
-use super::pause::USED_IDX_OFFSET;
 use super::*;
 
 /// A device's own state in a snapshot (plain data).
@@ -77,19 +75,15 @@ impl VdpaDevice {
     /// memory (the VMM serves it only without a vIOMMU, at guest physical
     /// addresses).
     fn control_position(&self, queue: &QueueConfig) -> Result<QueuePosition, VdpaError> {
-        let used_idx = queue
-            .device
-            .checked_add(USED_IDX_OFFSET)
-            .and_then(|at| self.memory.read_obj::<u16>(GuestAddress(at)).ok())
-            .ok_or_else(|| {
-                VdpaError::Snapshot(format!(
-                    "the control queue's used ring at {:#x} is not in guest memory",
-                    queue.device
-                ))
-            })?;
+        let used_idx = queue.used_idx(&self.memory).ok_or_else(|| {
+            VdpaError::Snapshot(format!(
+                "the control queue's used ring at {:#x} is not in guest memory",
+                queue.device
+            ))
+        })?;
         Ok(QueuePosition {
             index: queue.index,
-            used_idx: u16::from_le(used_idx),
+            used_idx,
         })
     }
 
